@@ -1,0 +1,247 @@
+//! The wasmtime engine, its limits, compiled components and live instances.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use mxrelay_policy_core as core;
+use wasmtime::component::{Component, Linker, ResourceAny};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+
+use crate::bindings::{Policy, PolicyPre};
+use crate::convert;
+use crate::error::{PolicyError, check_plan};
+use crate::{BUILTIN_COMPONENT, Message};
+
+/// How long one epoch tick lasts; deadlines are whole ticks.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Limits applied to every policy call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest a single call may run before it is interrupted.
+    pub call_deadline: Duration,
+    /// Largest linear memory an instance may grow to.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { call_deadline: Duration::from_millis(50), max_memory_bytes: 16 << 20 }
+    }
+}
+
+struct EngineInner {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    limits: Limits,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A wasmtime engine configured for policies: epoch interruption driven by a 1 ms ticker
+/// thread, and memory caps. Cheap to clone; the ticker stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct PolicyEngine {
+    inner: Arc<EngineInner>,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine").field("limits", &self.inner.limits).finish_non_exhaustive()
+    }
+}
+
+impl PolicyEngine {
+    /// Creates an engine and starts its epoch ticker.
+    pub fn new(limits: Limits) -> Result<Self, PolicyError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(512 << 10);
+        let engine = Engine::new(&config).map_err(|e| load_error("engine", &e))?;
+        // The world imports nothing, so the linker stays empty: a policy gets no capabilities.
+        let linker = Linker::new(&engine);
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (ticking, stop) = (engine.weak(), stop_ticker.clone());
+        thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    thread::sleep(TICK);
+                    match ticking.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })
+            .map_err(|e| PolicyError::Load { name: "engine".into(), reason: format!("cannot start epoch ticker: {e}") })?;
+        Ok(PolicyEngine { inner: Arc::new(EngineInner { engine, linker, limits, stop_ticker }) })
+    }
+
+    /// The limits every call runs under.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// Compiles the built-in policy.
+    pub fn builtin(&self) -> Result<PolicyComponent, PolicyError> {
+        self.load("builtin", BUILTIN_COMPONENT)
+    }
+
+    /// Compiles and pre-instantiates a policy component; fails unless it implements the world.
+    pub fn load(&self, name: &str, bytes: &[u8]) -> Result<PolicyComponent, PolicyError> {
+        let component = Component::new(&self.inner.engine, bytes).map_err(|e| load_error(name, &e))?;
+        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| load_error(name, &e))?;
+        let pre = PolicyPre::new(instance_pre).map_err(|e| load_error(name, &e))?;
+        Ok(PolicyComponent { engine: self.clone(), pre, name: name.into() })
+    }
+}
+
+fn load_error(name: &str, e: &wasmtime::Error) -> PolicyError {
+    PolicyError::Load { name: name.into(), reason: format!("{e:#}") }
+}
+
+/// Per-store data: only the resource limiter.
+struct StoreState {
+    limits: StoreLimits,
+}
+
+/// A compiled, pre-instantiated policy. Cheap to clone; instantiate once per worker.
+#[derive(Clone)]
+pub struct PolicyComponent {
+    engine: PolicyEngine,
+    pre: PolicyPre<StoreState>,
+    name: String,
+}
+
+impl std::fmt::Debug for PolicyComponent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyComponent").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl PolicyComponent {
+    /// The policy's name (`builtin` or the module's path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A fresh instance in its own store, with the engine's limits applied.
+    pub fn instantiate(&self) -> Result<PolicyInstance, PolicyError> {
+        let limits = self.engine.inner.limits;
+        let state = StoreState {
+            limits: StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).trap_on_grow_failure(true).instances(16).build(),
+        };
+        let mut store = Store::new(&self.engine.inner.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(limits.call_deadline));
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| classify(&self.name, limits, e))?;
+        Ok(PolicyInstance { store, bindings, name: self.name.clone(), limits, poisoned: false })
+    }
+}
+
+fn deadline_ticks(deadline: Duration) -> u64 {
+    (deadline.as_micros() / TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// Turns a failed call into the error a caller can act on.
+fn classify(name: &str, limits: Limits, e: wasmtime::Error) -> PolicyError {
+    let name = name.to_string();
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => PolicyError::Timeout { name, deadline_ms: limits.call_deadline.as_millis() as u64 },
+        _ if format!("{e:#}").contains("forcing a memory growth failure") => {
+            PolicyError::MemoryLimit { name, limit_bytes: limits.max_memory_bytes }
+        }
+        _ => PolicyError::Trap { name, reason: format!("{e:?}") },
+    }
+}
+
+/// A domain's router resource inside one instance.
+#[derive(Debug)]
+pub struct RouterHandle {
+    resource: ResourceAny,
+    servers: usize,
+}
+
+impl RouterHandle {
+    /// How many servers the router was built with.
+    pub fn servers(&self) -> usize {
+        self.servers
+    }
+}
+
+/// A live instance of a policy. After any trap it is poisoned and must be replaced.
+pub struct PolicyInstance {
+    store: Store<StoreState>,
+    bindings: Policy,
+    name: String,
+    limits: Limits,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for PolicyInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyInstance").field("name", &self.name).field("poisoned", &self.poisoned).finish_non_exhaustive()
+    }
+}
+
+impl PolicyInstance {
+    /// Runs `call` under a fresh deadline, poisoning the instance when it fails.
+    fn guarded<T>(
+        &mut self,
+        call: impl FnOnce(&Policy, &mut Store<StoreState>) -> wasmtime::Result<T>,
+    ) -> Result<T, PolicyError> {
+        if self.poisoned {
+            return Err(PolicyError::Poisoned { name: self.name.clone() });
+        }
+        self.store.set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
+        call(&self.bindings, &mut self.store).map_err(|e| {
+            self.poisoned = true;
+            classify(&self.name, self.limits, e)
+        })
+    }
+
+    /// Whether an earlier failure left this instance unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Asks the policy to validate a server list as typed.
+    pub fn validate(&mut self, raw: &[core::RawServer]) -> Result<Vec<core::Problem>, PolicyError> {
+        let wit: Vec<_> = raw.iter().map(convert::raw_to_wit).collect();
+        let problems = self.guarded(|b, store| b.mxrelay_policy_routing().call_validate(store, &wit))?;
+        Ok(problems.into_iter().map(convert::problem_from_wit).collect())
+    }
+
+    /// Builds the policy's router for a validated server list and the domain's settings (JSON).
+    pub fn router(&mut self, servers: &[core::Server], settings_json: &str) -> Result<RouterHandle, PolicyError> {
+        let wit: Vec<_> = servers.iter().map(convert::server_to_wit).collect();
+        let created = self.guarded(|b, store| b.mxrelay_policy_routing().router().call_create(store, &wit, settings_json))?;
+        match created {
+            Ok(resource) => Ok(RouterHandle { resource, servers: servers.len() }),
+            Err(problems) => Err(PolicyError::Settings {
+                name: self.name.clone(),
+                problems: problems.into_iter().map(convert::problem_from_wit).collect(),
+            }),
+        }
+    }
+
+    /// Asks for one message's plan and checks that it names every server exactly once.
+    pub fn plan(&mut self, router: &RouterHandle, msg: &Message) -> Result<Vec<u32>, PolicyError> {
+        let plan = self.guarded(|b, store| b.mxrelay_policy_routing().router().call_plan(store, router.resource, msg))?;
+        check_plan(&plan, router.servers).map_err(|reason| PolicyError::InvalidPlan { name: self.name.clone(), reason })?;
+        Ok(plan)
+    }
+
+    /// Releases a router inside the instance.
+    pub fn drop_router(&mut self, router: RouterHandle) -> Result<(), PolicyError> {
+        self.guarded(|_, store| router.resource.resource_drop(store))
+    }
+}

@@ -1,0 +1,550 @@
+//! The relay's TOML configuration: parsing, defaults and validation.
+//!
+//! Every error names where it is: the domain, the server entry (number and host) and the
+//! field, so `mxrelay check` can print one actionable line per problem.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mxrelay_policy_core::{Problem, RawNumber, RawServer, Server, Severity, parse_host, validate_servers};
+use serde::Deserialize;
+
+use crate::duration::parse_duration;
+
+/// A problem in the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Where: `relay.listen`, `domain example.com`, ...
+    pub location: String,
+    /// Error or warning.
+    pub severity: Severity,
+    /// What is wrong and what would be right.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has unknown keys or wrong types.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The file parses, but some values are unusable.
+    #[error("{} error(s) in the configuration", problems.iter().filter(|p| p.severity == Severity::Error).count())]
+    Invalid {
+        /// Every problem found, errors and warnings.
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+// ---- the file as written ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    relay: FileRelay,
+    #[serde(default)]
+    delivery: FileDelivery,
+    #[serde(default)]
+    domain: Vec<FileDomain>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    hostname: String,
+    listen: Vec<String>,
+    queue: PathBuf,
+    #[serde(default)]
+    accept_from: Option<Vec<String>>,
+    #[serde(default)]
+    max_message_size: Option<u64>,
+    #[serde(default)]
+    max_recipients: Option<u32>,
+    #[serde(default)]
+    max_connections_per_client: Option<u32>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    admin_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDelivery {
+    resolver: Option<String>,
+    retry: Option<Vec<String>>,
+    max_queue_lifetime: Option<String>,
+    connect_timeout: Option<String>,
+    command_timeout: Option<String>,
+    data_timeout: Option<String>,
+    probe_interval: Option<String>,
+    concurrency_per_server: Option<u32>,
+    workers: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDomain {
+    name: String,
+    #[serde(default)]
+    policy: Option<String>,
+    #[serde(default)]
+    policy_config: Option<toml::Table>,
+    #[serde(default)]
+    server: Vec<FileServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    host: String,
+    #[serde(default)]
+    port: Option<toml::Value>,
+    #[serde(default)]
+    preference: Option<toml::Value>,
+    #[serde(default)]
+    weight: Option<toml::Value>,
+}
+
+// ---- the validated configuration ----
+
+/// Which policy plans a domain's deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The built-in policy component.
+    Builtin,
+    /// A custom policy component at this path.
+    Module(PathBuf),
+}
+
+impl PolicySource {
+    /// `builtin` or the module's path, as written in the config.
+    pub fn label(&self) -> String {
+        match self {
+            PolicySource::Builtin => "builtin".into(),
+            PolicySource::Module(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// One customer domain.
+#[derive(Debug, Clone)]
+pub struct DomainConfig {
+    /// Lower-case domain name.
+    pub name: String,
+    /// Which policy plans its deliveries.
+    pub policy: PolicySource,
+    /// The policy's settings as a JSON object.
+    pub policy_settings_json: String,
+    /// Its inbound servers, validated.
+    pub servers: Vec<Server>,
+}
+
+/// An address range from `accept_from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `192.0.2.0/24`, `::1/128` or a bare address.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("{text:?} is not an IP address or CIDR range like 192.0.2.0/24"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{text:?}: prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside the range (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            IpAddr::V4(_) => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            (IpAddr::V4(_), IpAddr::V6(_)) | (IpAddr::V6(_), IpAddr::V4(_)) => false,
+        }
+    }
+}
+
+/// `[relay]`: receiving.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Name used in the greeting, EHLO and Received headers.
+    pub hostname: String,
+    /// SMTP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Directory of the embedded queue.
+    pub queue: PathBuf,
+    /// Clients allowed to send; default loopback only.
+    pub accept_from: Vec<Cidr>,
+    /// Largest message accepted, bytes (default 25 MiB).
+    pub max_message_size: u64,
+    /// Most recipients per message (default 100).
+    pub max_recipients: u32,
+    /// Most simultaneous connections from one client address (default 100).
+    pub max_connections_per_client: u32,
+    /// A client silent for this long is disconnected with 421 (default 5 min, RFC 5321 §4.5.3.2).
+    pub idle_timeout: Duration,
+    /// Admin HTTP listener (metrics, API), off when unset.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// `[delivery]`: sending.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// DNS server to use instead of the system resolver.
+    pub resolver: Option<SocketAddr>,
+    /// Delay before each retry of a deferred message; the last repeats.
+    pub retry: Vec<Duration>,
+    /// Give up (and bounce) after this long in the queue.
+    pub max_queue_lifetime: Duration,
+    /// TCP connect timeout per address.
+    pub connect_timeout: Duration,
+    /// Timeout for the greeting and each command reply.
+    pub command_timeout: Duration,
+    /// Timeout for the reply to the final `.`.
+    pub data_timeout: Duration,
+    /// How often a server marked down is probed.
+    pub probe_interval: Duration,
+    /// Most simultaneous deliveries to one server.
+    pub concurrency_per_server: u32,
+    /// Delivery workers.
+    pub workers: u32,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from; relative paths resolve against its directory.
+    pub path: PathBuf,
+    /// Receiving.
+    pub relay: RelayConfig,
+    /// Sending.
+    pub delivery: DeliveryConfig,
+    /// Customer domains, in file order.
+    pub domains: Vec<DomainConfig>,
+    /// Warnings found while validating.
+    pub warnings: Vec<ConfigProblem>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates configuration text read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string().trim_end().to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut problems = Vec::new();
+        let relay = relay_config(file.relay, base, &mut problems);
+        let delivery = delivery_config(file.delivery, &mut problems);
+        let domains = domain_configs(file.domain, base, &mut problems);
+        if problems.iter().any(|p| p.severity == Severity::Error) {
+            return Err(ConfigError::Invalid { problems });
+        }
+        Ok(Config { path: path.into(), relay, delivery, domains, warnings: problems })
+    }
+
+    /// The domain named `name` (case-insensitive).
+    pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.domains.iter().find(|d| d.name == name)
+    }
+}
+
+fn error(location: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
+    ConfigProblem { location: location.into(), severity: Severity::Error, message: message.into() }
+}
+
+fn duration_field(location: &str, value: Option<String>, default: Duration, problems: &mut Vec<ConfigProblem>) -> Duration {
+    match value.map(|v| parse_duration(&v)) {
+        None => default,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            problems.push(error(location, e));
+            default
+        }
+    }
+}
+
+fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>) -> RelayConfig {
+    if let Err(e) = parse_host(&file.hostname) {
+        problems.push(error("relay.hostname", e));
+    }
+    let mut listen = Vec::new();
+    for (i, text) in file.listen.iter().enumerate() {
+        match text.parse::<SocketAddr>() {
+            Ok(a) => listen.push(a),
+            Err(_) => problems.push(error(format!("relay.listen[{i}]"), format!("{text:?} is not an address:port like 127.0.0.1:2525 or [::1]:2525"))),
+        }
+    }
+    if file.listen.is_empty() {
+        problems.push(error("relay.listen", "no listen address: add one like \"127.0.0.1:2525\""));
+    }
+    let accept_from = match file.accept_from {
+        None => vec![Cidr::parse("127.0.0.0/8").expect("literal"), Cidr::parse("::1/128").expect("literal")],
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| Cidr::parse(text).map_err(|e| problems.push(error(format!("relay.accept_from[{i}]"), e))).ok())
+            .collect(),
+    };
+    let admin_listen = file.admin_listen.and_then(|text| {
+        text.parse::<SocketAddr>()
+            .map_err(|_| problems.push(error("relay.admin_listen", format!("{text:?} is not an address:port like 127.0.0.1:8025"))))
+            .ok()
+    });
+    let max_message_size = file.max_message_size.unwrap_or(25 << 20);
+    if max_message_size < 1024 {
+        problems.push(error("relay.max_message_size", format!("{max_message_size} bytes is too small for any real message; use at least 1024")));
+    }
+    let max_recipients = file.max_recipients.unwrap_or(100);
+    if max_recipients == 0 {
+        problems.push(error("relay.max_recipients", "0 would refuse every message; RFC 5321 requires at least 100"));
+    }
+    let max_connections_per_client = file.max_connections_per_client.unwrap_or(100);
+    if max_connections_per_client == 0 {
+        problems.push(error("relay.max_connections_per_client", "0 would refuse every client; use at least 1"));
+    }
+    RelayConfig {
+        hostname: file.hostname.trim_end_matches('.').to_ascii_lowercase(),
+        listen,
+        queue: base.join(file.queue),
+        accept_from,
+        max_message_size,
+        max_recipients,
+        max_connections_per_client,
+        idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
+        admin_listen,
+    }
+}
+
+/// Default retry schedule: quick first retries for short outages, then backing off to RFC
+/// 5321's "one every two or three hours". Recovery of a dead server retries at once anyway.
+pub const DEFAULT_RETRY: [Duration; 7] = [
+    Duration::from_secs(60),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(15 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(60 * 60),
+    Duration::from_secs(2 * 60 * 60),
+    Duration::from_secs(3 * 60 * 60),
+];
+
+fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> DeliveryConfig {
+    let resolver = file.resolver.and_then(|text| {
+        text.parse::<SocketAddr>()
+            .map_err(|_| problems.push(error("delivery.resolver", format!("{text:?} is not an IP:port like 127.0.53.53:53"))))
+            .ok()
+    });
+    let retry = match file.retry {
+        None => DEFAULT_RETRY.to_vec(),
+        Some(list) if list.is_empty() => {
+            problems.push(error("delivery.retry", "empty retry schedule: give at least one delay, like [\"1m\"]"));
+            DEFAULT_RETRY.to_vec()
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| parse_duration(text).map_err(|e| problems.push(error(format!("delivery.retry[{i}]"), e))).ok())
+            .collect(),
+    };
+    let concurrency_per_server = file.concurrency_per_server.unwrap_or(20);
+    if concurrency_per_server == 0 {
+        problems.push(error("delivery.concurrency_per_server", "0 would never deliver; use at least 1"));
+    }
+    let workers = file.workers.unwrap_or(64);
+    if workers == 0 {
+        problems.push(error("delivery.workers", "0 would never deliver; use at least 1"));
+    }
+    DeliveryConfig {
+        resolver,
+        retry,
+        max_queue_lifetime: duration_field("delivery.max_queue_lifetime", file.max_queue_lifetime, Duration::from_secs(5 * 86400), problems),
+        connect_timeout: duration_field("delivery.connect_timeout", file.connect_timeout, Duration::from_secs(30), problems),
+        command_timeout: duration_field("delivery.command_timeout", file.command_timeout, Duration::from_secs(300), problems),
+        data_timeout: duration_field("delivery.data_timeout", file.data_timeout, Duration::from_secs(600), problems),
+        probe_interval: duration_field("delivery.probe_interval", file.probe_interval, Duration::from_secs(5), problems),
+        concurrency_per_server,
+        workers,
+    }
+}
+
+fn raw_number(value: Option<toml::Value>) -> Option<RawNumber> {
+    value.map(|v| match v {
+        toml::Value::Integer(i) => RawNumber::Int(i),
+        toml::Value::String(s) => RawNumber::Text(s),
+        other => RawNumber::Text(other.to_string()),
+    })
+}
+
+fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<ConfigProblem>) -> Vec<DomainConfig> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, d) in files.into_iter().enumerate() {
+        let name = d.name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let location = if name.is_empty() { format!("domain #{}", i + 1) } else { format!("domain {name}") };
+        if let Err(e) = parse_host(&name) {
+            problems.push(error(format!("{location}: name"), e));
+        }
+        if !seen.insert(name.clone()) {
+            problems.push(error(format!("{location}: name"), "this domain is configured twice; merge the two [[domain]] blocks"));
+        }
+        let policy = match d.policy.as_deref().map(str::trim) {
+            None | Some("builtin") => PolicySource::Builtin,
+            Some(p) => PolicySource::Module(base.join(p)),
+        };
+        if let PolicySource::Module(path) = &policy
+            && !path.is_file()
+        {
+            problems.push(error(format!("{location}: policy"), format!("{} is not a file; use \"builtin\" or the path of a .wasm policy component", path.display())));
+        }
+        let policy_settings_json = serde_json::to_string(&d.policy_config.unwrap_or_default()).unwrap_or_else(|_| "{}".into());
+        let raw: Vec<RawServer> = d
+            .server
+            .into_iter()
+            .map(|s| RawServer { host: s.host, port: raw_number(s.port), preference: raw_number(s.preference), weight: raw_number(s.weight) })
+            .collect();
+        let as_config = |p: Problem| ConfigProblem { location: location.clone(), severity: p.severity, message: p.to_string() };
+        match validate_servers(&raw) {
+            Ok((servers, warnings)) => {
+                problems.extend(warnings.into_iter().map(as_config));
+                out.push(DomainConfig { name, policy, policy_settings_json, servers });
+            }
+            Err(found) => problems.extend(found.into_iter().map(as_config)),
+        }
+    }
+    if out.is_empty() && !problems.iter().any(|p| p.severity == Severity::Error) {
+        problems.push(error("domain", "no [[domain]] configured: the relay would refuse every recipient"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+[relay]
+hostname = "relay.example.net"
+listen = ["127.0.0.1:2525"]
+queue = "var/queue"
+
+[[domain]]
+name = "mailroutedemo.com"
+policy = "builtin"
+[[domain.server]]
+host = "mail.mailroutedemo.com"
+preference = 10
+[[domain.server]]
+host = "192.0.2.20"
+port = 2526
+preference = 20
+"#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(Path::new("/etc/mxrelay/test.toml"), text) {
+            Ok(c) => c.warnings.iter().map(ToString::to_string).collect(),
+            Err(ConfigError::Invalid { problems }) => problems.iter().map(ToString::to_string).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn issue_example_parses_with_defaults() {
+        let c = Config::parse(Path::new("/etc/mxrelay/test.toml"), SEED).expect("valid");
+        assert_eq!(c.relay.queue, Path::new("/etc/mxrelay/var/queue"));
+        assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(5 * 86400));
+        assert_eq!(c.domains[0].servers[1], Server { host: "192.0.2.20".into(), port: 2526, preference: 20, weight: 1 });
+        assert!(c.relay.accept_from.iter().any(|r| r.contains("127.0.0.1".parse().expect("ip"))));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let p = problems(&SEED.replace("preference = 20", "prefrence = 20"));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("unknown field `prefrence`"), "{p:?}");
+        let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nspeed = 3"));
+        assert!(p[0].contains("unknown field `speed`"), "{p:?}");
+    }
+
+    #[test]
+    fn server_errors_name_domain_entry_and_field() {
+        let p = problems(&SEED.replace("\"192.0.2.20\"", "\"999.1.1.1\"").replace("preference = 10", "preference = 10.5"));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("domain mailroutedemo.com: server #1 (mail.mailroutedemo.com) preference: preference \"10.5\" is not a whole number"), "{p:?}");
+        assert!(p[1].starts_with("domain mailroutedemo.com: server #2 (999.1.1.1) host:"), "{p:?}");
+    }
+
+    #[test]
+    fn relay_errors_name_the_key() {
+        let bad = SEED.replace("listen = [\"127.0.0.1:2525\"]", "listen = [\"localhost\"]\naccept_from = [\"10.0.0.0/33\"]");
+        let p = problems(&bad);
+        assert!(p.iter().any(|l| l.starts_with("relay.listen[0]:")), "{p:?}");
+        assert!(p.iter().any(|l| l.starts_with("relay.accept_from[0]:")), "{p:?}");
+        let p = problems(&SEED.replace("[[domain]]", "[delivery]\nretry = [\"5 parsecs\"]\n\n[[domain]]"));
+        assert!(p.iter().any(|l| l.starts_with("delivery.retry[0]:")), "{p:?}");
+    }
+
+    #[test]
+    fn duplicate_domains_and_missing_policy_files() {
+        let twice = format!("{SEED}\n[[domain]]\nname = \"MailRouteDemo.com\"\npolicy = \"nope.wasm\"\n[[domain.server]]\nhost = \"mx.example.com\"\n");
+        let p = problems(&twice);
+        assert!(p.iter().any(|l| l.contains("configured twice")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("policy: /etc/mxrelay/nope.wasm is not a file")), "{p:?}");
+    }
+
+    #[test]
+    fn cidr_ranges() {
+        let net = Cidr::parse("192.0.2.0/24").expect("cidr");
+        assert!(net.contains("192.0.2.200".parse().expect("ip")));
+        assert!(!net.contains("192.0.3.1".parse().expect("ip")));
+        assert!(net.contains("::ffff:192.0.2.1".parse().expect("ip")));
+        assert!(Cidr::parse("::/0").expect("cidr").contains("2001:db8::1".parse().expect("ip")));
+        assert!(Cidr::parse("300.0.0.0/8").is_err());
+    }
+}
