@@ -276,8 +276,7 @@ impl Config {
 
     /// Validates configuration text read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let file: FileConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string().trim_end().to_string() })?;
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: syntax_message(text, &e) })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
         let relay = relay_config(file.relay, base, &mut problems);
@@ -294,6 +293,36 @@ impl Config {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         self.domains.iter().find(|d| d.name == name)
     }
+}
+
+/// One line for a TOML error: line and column, the domain and server entry it is in, the message.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end().replace('\n', " ");
+    let Some(span) = e.span() else { return message };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    // Name the [[domain]] (and its [[domain.server]]) the error sits in, when there is one.
+    let mut context = String::new();
+    let (mut domain, mut server) = (None::<String>, 0);
+    for l in before.lines() {
+        let l = l.trim();
+        if l == "[[domain]]" {
+            (domain, server) = (Some(String::new()), 0);
+        } else if l == "[[domain.server]]" {
+            server += 1;
+        } else if l.starts_with('[') {
+            (domain, server) = (None, 0);
+        } else if let (Some(d), Some(v)) = (domain.as_mut(), l.strip_prefix("name").map(str::trim_start).and_then(|r| r.strip_prefix('='))) {
+            if server == 0 {
+                *d = v.trim().trim_matches('"').to_string();
+            }
+        }
+    }
+    if let Some(d) = domain {
+        context = if server > 0 { format!("domain {d}: server #{server}: ") } else { format!("domain {d}: ") };
+    }
+    format!("line {line}, column {column}: {context}{message}")
 }
 
 fn error(location: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
@@ -507,7 +536,8 @@ preference = 20
     fn unknown_keys_are_errors_naming_the_key() {
         let p = problems(&SEED.replace("preference = 20", "prefrence = 20"));
         assert_eq!(p.len(), 1);
-        assert!(p[0].contains("unknown field `prefrence`"), "{p:?}");
+        assert!(p[0].contains("line 16, column 1: domain mailroutedemo.com: server #2: unknown field `prefrence`"), "{p:?}");
+        assert!(!p[0].contains('\n'), "one line per error: {p:?}");
         let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nspeed = 3"));
         assert!(p[0].contains("unknown field `speed`"), "{p:?}");
     }

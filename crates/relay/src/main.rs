@@ -1,1 +1,134 @@
-fn main() {}
+//! The `mxrelay` command: `run`, `check`, `plan`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mxrelay::config::{Config, ConfigError, ConfigProblem};
+use mxrelay::policies::Policies;
+use mxrelay::simulate;
+use mxrelay_policy_core::Severity;
+
+#[derive(Debug, Parser)]
+#[command(name = "mxrelay", version, about = "Delivers filtered inbound mail to each customer's own mail servers, MX-style.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration file: exit 0 when usable (warnings printed), 1 with one line per error.
+    Check {
+        /// The configuration file.
+        config: PathBuf,
+    },
+    /// Show how a domain's mail flows: tiers, shares and failover, for simulated messages.
+    Plan {
+        /// The configuration file.
+        config: PathBuf,
+        /// The domain to plan for.
+        #[arg(long)]
+        domain: String,
+        /// How many messages to simulate (seeds 0..N).
+        #[arg(long, default_value_t = 1000)]
+        messages: u64,
+        /// A server to treat as down (HOST:PORT); repeat for more.
+        #[arg(long = "down", value_name = "HOST:PORT")]
+        down: Vec<String>,
+        /// The clock to hand the policy, in ms since the epoch (default: now).
+        #[arg(long)]
+        now_ms: Option<u64>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Plan { config, domain, messages, down, now_ms, json } => plan(&config, &domain, messages, &down, now_ms, json),
+    }
+}
+
+/// Loads the config and its policies; prints problems one per line to stderr.
+fn load(path: &PathBuf) -> Option<(Config, Policies)> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(ConfigError::Invalid { problems }) => {
+            print_problems(&problems);
+            return None;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return None;
+        }
+    };
+    print_problems(&config.warnings);
+    match Policies::load(&config) {
+        Ok(p) => Some((config, p)),
+        Err(problems) => {
+            print_problems(&problems);
+            None
+        }
+    }
+}
+
+fn print_problems(problems: &[ConfigProblem]) {
+    for p in problems {
+        let level = match p.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        eprintln!("{level}: {p}");
+    }
+}
+
+fn check(path: &PathBuf) -> ExitCode {
+    match load(path) {
+        Some((config, _)) => {
+            let servers: usize = config.domains.iter().map(|d| d.servers.len()).sum();
+            println!("{}: ok ({} domains, {servers} servers)", path.display(), config.domains.len());
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+fn plan(path: &PathBuf, domain: &str, messages: u64, down: &[String], now_ms: Option<u64>, json: bool) -> ExitCode {
+    let Some((config, policies)) = load(path) else { return ExitCode::FAILURE };
+    let Some(domain_config) = config.domain(domain) else {
+        let known: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
+        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
+        return ExitCode::FAILURE;
+    };
+    let Some(policy) = policies.domain(&domain_config.name) else {
+        eprintln!("error: domain {}: policy not loaded", domain_config.name);
+        return ExitCode::FAILURE;
+    };
+    let down = match simulate::down_indices(policy.servers(), &domain_config.name, down) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now_ms = now_ms.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    });
+    let sim = simulate::simulate(&domain_config.name, policy, messages, &down, now_ms);
+    if json {
+        match serde_json::to_string(&sim) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", simulate::render_table(&sim, policy.router(), &down));
+    }
+    ExitCode::SUCCESS
+}
