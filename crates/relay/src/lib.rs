@@ -4,10 +4,20 @@
 //!
 //! * [`config`]: the TOML configuration and its validation;
 //! * [`policies`]: each domain's policy component, loaded once;
-//! * [`simulate`]: `mxrelay plan`, the policy run on simulated messages.
+//! * [`simulate`]: `mxrelay plan`, the policy run on simulated messages;
+//! * [`inbound`] → [`queue`] → [`scheduler`] → [`delivery`] → [`outbound`]: the relay's path
+//!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod data;
+pub mod delivery;
 pub mod duration;
+pub mod health;
+pub mod inbound;
+pub mod outbound;
 pub mod policies;
+pub mod queue;
+pub mod relay;
+pub mod scheduler;
 pub mod simulate;

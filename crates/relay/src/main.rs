@@ -18,6 +18,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the relay: receive mail over SMTP, queue it durably and deliver it.
+    Run {
+        /// The configuration file.
+        config: PathBuf,
+    },
     /// Validate a configuration file: exit 0 when usable (warnings printed), 1 with one line per error.
     Check {
         /// The configuration file.
@@ -48,6 +53,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
         Command::Plan { config, domain, messages, down, now_ms, json } => plan(&config, &domain, messages, &down, now_ms, json),
     }
@@ -84,6 +90,54 @@ fn print_problems(problems: &[ConfigProblem]) {
         };
         eprintln!("{level}: {p}");
     }
+}
+
+fn run(path: &PathBuf) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MXRELAY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let Some((config, policies)) = load(path) else { return ExitCode::FAILURE };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let relay = match mxrelay::relay::start(&config, policies).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let addrs: Vec<String> = relay.listening.iter().map(ToString::to_string).collect();
+        tracing::info!(listen = %addrs.join(","), queue = %config.relay.queue.display(), domains = config.domains.len(), "mxrelay ready");
+        wait_for_shutdown().await;
+        tracing::info!("shutting down; queued mail stays queued");
+        let _ = relay.queue.flush().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn check(path: &PathBuf) -> ExitCode {

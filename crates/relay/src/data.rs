@@ -1,0 +1,210 @@
+//! The message data path: reading DATA canonically, and writing it out dot-stuffed.
+//!
+//! Inbound, the only end of data is `<CR><LF>.<CR><LF>`. A bare LF ends a line as if it were
+//! CRLF (Postfix 3.9's `smtpd_forbid_bare_newline = normalize`), and a stray CR is replaced
+//! by a space (Postfix's `cleanup_replace_stray_cr_lf`). What is queued therefore holds only
+//! CRLF line ends, so nothing a client sends can end the message early downstream: outbound
+//! data is that canonical text, dot-stuffed, followed by `.<CR><LF>`.
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+/// How reading DATA ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataEnd {
+    /// `<CR><LF>.<CR><LF>` was read; the message is complete.
+    Complete,
+    /// Complete, but larger than the limit; the content was discarded.
+    TooLarge,
+    /// The connection closed before the end of data.
+    Eof,
+}
+
+/// What was changed while canonicalising, for logging.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Normalised {
+    /// Lines that ended in a bare LF.
+    pub bare_lf: u32,
+    /// Stray CR characters replaced by spaces.
+    pub stray_cr: u32,
+}
+
+/// Reads DATA up to the end marker into `out` (canonical, unstuffed). Bytes after `max_size`
+/// are discarded but still read, so the session stays in sync.
+pub async fn read_data<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    out: &mut Vec<u8>,
+    max_size: u64,
+) -> std::io::Result<(DataEnd, Normalised)> {
+    let mut line = Vec::with_capacity(1024);
+    let mut fixed = Normalised::default();
+    let mut too_large = false;
+    // The end marker counts only after a real CRLF: `<LF>.<CR><LF>` is not an end of data.
+    let mut after_crlf = true;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).await?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok((DataEnd::Eof, fixed));
+        }
+        if after_crlf && line == b".\r\n" {
+            return Ok((if too_large { DataEnd::TooLarge } else { DataEnd::Complete }, fixed));
+        }
+        after_crlf = line.ends_with(b"\r\n");
+        let content = match line.strip_suffix(b"\r\n") {
+            Some(c) => c,
+            None => {
+                fixed.bare_lf += 1;
+                &line[..line.len() - 1]
+            }
+        };
+        // RFC 5321 §4.5.2: a leading period on a line with more on it was added by the sender.
+        let content = match content {
+            [b'.', rest @ ..] if !rest.is_empty() => rest,
+            other => other,
+        };
+        if too_large || (out.len() + content.len() + 2) as u64 > max_size {
+            too_large = true;
+            out.clear();
+            continue;
+        }
+        for &b in content {
+            if b == b'\r' {
+                fixed.stray_cr += 1;
+                out.push(b' ');
+            } else {
+                out.push(b);
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends `data` (canonical CRLF text) to `wire`, dot-stuffed and terminated by `.<CR><LF>`.
+pub fn dot_stuff(data: &[u8], wire: &mut Vec<u8>) {
+    wire.reserve(data.len() + data.len() / 64 + 5);
+    let mut at_line_start = true;
+    for &b in data {
+        if at_line_start && b == b'.' {
+            wire.push(b'.');
+        }
+        wire.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !at_line_start {
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b".\r\n");
+}
+
+/// RFC 5322 date-time in UTC, e.g. `Sat, 28 Nov 2026 18:48:20 +0000`.
+pub fn rfc5322_date(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let secs = unix_secs % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read(input: &[u8], max: u64) -> (DataEnd, Normalised, Vec<u8>, Vec<u8>) {
+        let mut reader = tokio::io::BufReader::new(input);
+        let mut out = Vec::new();
+        let (end, fixed) = read_data(&mut reader, &mut out, max).await.expect("read");
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest).await.expect("rest");
+        (end, fixed, out, rest)
+    }
+
+    #[tokio::test]
+    async fn canonical_data_and_unstuffing() {
+        let (end, fixed, out, rest) = read(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n", 1 << 20).await;
+        assert_eq!((end, fixed), (DataEnd::Complete, Normalised::default()));
+        assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\n");
+        assert_eq!(rest, b"QUIT\r\n");
+    }
+
+    /// Every known SMTP smuggling end-of-data variant must stay inside the one message.
+    #[tokio::test]
+    async fn smuggling_variants_never_end_the_message() {
+        for sep in [&b"\n.\n"[..], b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r\n.\n", b"\r.\r\n", b"\r\r\n.\r\r\n", b"\r\n.\r\r\n"] {
+            let mut input = b"Subject: one\r\n\r\nbody".to_vec();
+            input.extend_from_slice(sep);
+            input.extend_from_slice(b"MAIL FROM:<evil@example.com>\r\n.\r\n");
+            let (end, _, out, rest) = read(&input, 1 << 20).await;
+            assert_eq!(end, DataEnd::Complete, "{sep:?}");
+            assert!(rest.is_empty(), "{sep:?} ended the message early: rest {rest:?}");
+            assert!(out.windows(20).any(|w| w == b"MAIL FROM:<evil@exam"), "{sep:?}");
+            // Canonical: no CR or LF outside CRLF pairs.
+            for (i, &b) in out.iter().enumerate() {
+                match b {
+                    b'\r' => assert_eq!(out.get(i + 1), Some(&b'\n'), "{sep:?}: stray CR in {out:?}"),
+                    b'\n' => assert_eq!(out.get(i.wrapping_sub(1)), Some(&b'\r'), "{sep:?}: bare LF in {out:?}"),
+                    _ => {}
+                }
+            }
+            // And written out again, it holds exactly one end-of-data marker, at the end.
+            let mut wire = Vec::new();
+            dot_stuff(&out, &mut wire);
+            let marker = b"\r\n.\r\n";
+            let count = wire.windows(marker.len()).filter(|w| *w == marker).count();
+            assert_eq!(count, 1, "{sep:?}: {wire:?}");
+            assert!(wire.ends_with(marker));
+        }
+    }
+
+    #[tokio::test]
+    async fn oversize_is_read_to_the_end_and_discarded() {
+        let mut input = Vec::new();
+        for _ in 0..100 {
+            input.extend_from_slice(b"0123456789012345678901234567890123456789\r\n");
+        }
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        let (end, _, out, rest) = read(&input, 1000).await;
+        assert_eq!(end, DataEnd::TooLarge);
+        assert!(out.is_empty());
+        assert_eq!(rest, b"QUIT\r\n");
+    }
+
+    #[tokio::test]
+    async fn eof_before_the_end_is_not_a_message() {
+        assert_eq!(read(b"Subject: x\r\n\r\nbody\r\n", 1 << 20).await.0, DataEnd::Eof);
+        assert_eq!(read(b"Subject: x\r\n.", 1 << 20).await.0, DataEnd::Eof);
+    }
+
+    #[test]
+    fn dot_stuffing() {
+        let mut wire = Vec::new();
+        dot_stuff(b".a\r\nb\r\n.\r\n", &mut wire);
+        assert_eq!(wire, b"..a\r\nb\r\n..\r\n.\r\n");
+        wire.clear();
+        dot_stuff(b"no final newline", &mut wire);
+        assert_eq!(wire, b"no final newline\r\n.\r\n");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(1_795_891_700), "Sat, 28 Nov 2026 18:48:20 +0000");
+        assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+}

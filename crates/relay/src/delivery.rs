@@ -1,0 +1,228 @@
+//! Delivering one queued envelope: ask the domain's policy for a plan, walk it, and turn the
+//! servers' verdicts into an outcome for every recipient.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mxrelay_policy_core::mix64;
+use mxrelay_policy_host::{Message, PlanSource};
+use tokio::sync::Semaphore;
+
+use crate::health::{self, Health};
+use crate::outbound::{Outgoing, RcptVerdict, ServerVerdict, Transport};
+use crate::policies::Policies;
+use crate::queue::{Envelope, now_ms};
+
+/// Why an envelope stays queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeferReason {
+    /// Every server of the domain is marked down; nothing was tried. Retried as soon as one
+    /// comes back up.
+    AllServersDown,
+    /// Servers were tried and none took the remaining recipients.
+    Failed(String),
+    /// The server did not answer the final `.`: it may have the message.
+    MaybeDelivered(String),
+    /// The domain is no longer configured (kept until it is, or the lifetime ends).
+    UnknownDomain,
+}
+
+impl std::fmt::Display for DeferReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeferReason::AllServersDown => f.write_str("every server of the domain is down"),
+            DeferReason::Failed(why) => f.write_str(why),
+            DeferReason::MaybeDelivered(why) => write!(f, "{why} (the message may be delivered twice)"),
+            DeferReason::UnknownDomain => f.write_str("the domain is not configured"),
+        }
+    }
+}
+
+/// What became of an envelope after one delivery run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every recipient was delivered or failed permanently.
+    Done {
+        /// Recipients delivered, with the server that took them.
+        delivered: Vec<(String, String)>,
+        /// Recipients that failed permanently, with the reason.
+        failed: Vec<(String, String)>,
+    },
+    /// Some recipients remain.
+    Deferred {
+        /// Recipients delivered in this run.
+        delivered: Vec<(String, String)>,
+        /// Recipients that failed permanently in this run.
+        failed: Vec<(String, String)>,
+        /// Recipients still to deliver.
+        remaining: Vec<String>,
+        /// Why.
+        reason: DeferReason,
+    },
+}
+
+/// Everything a delivery needs, shared by all deliveries.
+pub struct Deliverer {
+    policies: Arc<std::sync::RwLock<Arc<Policies>>>,
+    transport: Arc<Transport>,
+    health: Health,
+    concurrency_per_server: u32,
+    per_server: Mutex<HashMap<String, Arc<Semaphore>>>,
+    seeds: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl std::fmt::Debug for Deliverer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliverer").finish_non_exhaustive()
+    }
+}
+
+impl Deliverer {
+    /// A deliverer over the given policies, transport and health memory.
+    pub fn new(policies: Arc<std::sync::RwLock<Arc<Policies>>>, transport: Arc<Transport>, health: Health, concurrency_per_server: u32) -> Deliverer {
+        Deliverer { policies, transport, health, concurrency_per_server, per_server: Mutex::default(), seeds: Mutex::default() }
+    }
+
+    /// The health memory.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The current policies.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn limit(&self, server_key: &str) -> Arc<Semaphore> {
+        let mut map = self.per_server.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(server_key.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.concurrency_per_server as usize))).clone()
+    }
+
+    /// Consecutive seeds per domain: the core's Weyl sequence then gives each server of a tier
+    /// its exact share per message, however deliveries interleave. The start is random so
+    /// restarts do not always favour the same server.
+    fn next_seed(&self, domain: &str) -> u64 {
+        let mut map = self.seeds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let counter = map.entry(domain.to_string()).or_insert_with(|| Arc::new(AtomicU64::new(mix64(now_ms() ^ mix64(domain.len() as u64))))).clone();
+        drop(map);
+        counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs one delivery of `env` with its `data`.
+    pub async fn deliver(&self, env: &Envelope, data: &[u8]) -> Outcome {
+        let policies = self.policies();
+        let Some(policy) = policies.domain(&env.domain).cloned() else {
+            return Outcome::Deferred { delivered: vec![], failed: vec![], remaining: env.recipients.clone(), reason: DeferReason::UnknownDomain };
+        };
+        let servers = policy.servers();
+        let down = self.health.down_indices(servers);
+        if down.len() == servers.len() {
+            return Outcome::Deferred { delivered: vec![], failed: vec![], remaining: env.recipients.clone(), reason: DeferReason::AllServersDown };
+        }
+        let msg = Message {
+            seed: self.next_seed(&env.domain),
+            attempt: env.attempts + 1,
+            now_ms: now_ms(),
+            down,
+            domain: env.domain.clone(),
+            recipients: env.recipients.clone(),
+            sender: env.sender.clone(),
+            size: env.size,
+        };
+        let started = std::time::Instant::now();
+        let plan = policy.plan(&msg);
+        metrics::histogram!("mxrelay_policy_call_seconds").record(started.elapsed().as_secs_f64());
+        match &plan.source {
+            PlanSource::Component => {}
+            PlanSource::Fallback(e) => {
+                metrics::counter!("mxrelay_policy_fallbacks_total", "domain" => env.domain.clone()).increment(1);
+                tracing::warn!(queue_id = %env.queue_id(), error = %e, "planned by the built-in fail-safe");
+            }
+        }
+
+        let mut pending = env.recipients.clone();
+        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
+        let mut last_reason = DeferReason::AllServersDown;
+        for &index in &plan.order {
+            if pending.is_empty() {
+                break;
+            }
+            let server = &servers[index as usize];
+            let server_key = health::key(server);
+            if self.health.is_down(server) {
+                continue;
+            }
+            let addrs = match self.transport.addresses(server).await {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
+                    self.health.mark_down(server, &why, &self.transport);
+                    last_reason = DeferReason::Failed(why);
+                    continue;
+                }
+            };
+            let _permit = self.limit(&server_key).acquire_owned().await;
+            let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data };
+            let mut verdict = ServerVerdict::Unreachable(format!("{server_key}: no address"));
+            for addr in &addrs {
+                verdict = self.transport.send(*addr, &outgoing).await;
+                match verdict {
+                    ServerVerdict::Unreachable(_) => continue,
+                    ServerVerdict::Completed { .. }
+                    | ServerVerdict::SessionFailed(_)
+                    | ServerVerdict::TempFailed(_)
+                    | ServerVerdict::PermFailed(_)
+                    | ServerVerdict::Unknown(_) => break,
+                }
+            }
+            match verdict {
+                ServerVerdict::Completed { rcpts, reply } => {
+                    let mut still = Vec::new();
+                    for (rcpt, v) in pending.drain(..).zip(rcpts) {
+                        match v {
+                            RcptVerdict::Delivered => {
+                                tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "delivered", reply = %reply, "delivery attempt");
+                                metrics::counter!("mxrelay_delivered_total", "server" => server_key.clone()).increment(1);
+                                delivered.push((rcpt, server_key.clone()));
+                            }
+                            RcptVerdict::PermRejected(why) => {
+                                tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "rejected", reply = %why, "delivery attempt");
+                                failed.push((rcpt, why));
+                            }
+                            RcptVerdict::TempRejected(why) => {
+                                tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "rcpt-deferred", reply = %why, "delivery attempt");
+                                last_reason = DeferReason::Failed(why);
+                                still.push(rcpt);
+                            }
+                        }
+                    }
+                    pending = still;
+                }
+                ServerVerdict::Unreachable(why) => {
+                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
+                    self.transport.forget(&addrs);
+                    self.health.mark_down(server, &why, &self.transport);
+                    last_reason = DeferReason::Failed(why);
+                }
+                ServerVerdict::SessionFailed(why) | ServerVerdict::TempFailed(why) => {
+                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "next-server", reply = %why, "delivery attempt");
+                    last_reason = DeferReason::Failed(why);
+                }
+                ServerVerdict::PermFailed(why) => {
+                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "failed", reply = %why, "delivery attempt");
+                    failed.extend(pending.drain(..).map(|r| (r, why.clone())));
+                }
+                ServerVerdict::Unknown(why) => {
+                    tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no reply to the final dot; deferring, the message may be delivered twice");
+                    return Outcome::Deferred { delivered, failed, remaining: pending, reason: DeferReason::MaybeDelivered(why) };
+                }
+            }
+        }
+        if pending.is_empty() {
+            Outcome::Done { delivered, failed }
+        } else {
+            Outcome::Deferred { delivered, failed, remaining: pending, reason: last_reason }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Server health memory: a circuit breaker per server.
+//!
+//! A server that cannot be reached is marked down at once and reported to the policy as
+//! down, so later messages go straight to the next server or tier without a connection
+//! attempt (Postfix probes the dead server again for every new connection). A background
+//! probe checks it every `probe_interval`; when it answers with `220` it is marked up and the
+//! relay retries the queued mail of its domains at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mxrelay_policy_core::Server;
+use tokio::sync::mpsc;
+
+use crate::outbound::Transport;
+
+#[derive(Debug, Clone)]
+struct DownState {
+    since: Instant,
+    reason: String,
+}
+
+/// Which servers are down, shared by every delivery.
+#[derive(Debug, Clone)]
+pub struct Health {
+    down: Arc<Mutex<HashMap<String, DownState>>>,
+    recovered: mpsc::UnboundedSender<String>,
+    probe_interval: Duration,
+}
+
+/// The key health is kept under: `host:port`.
+pub fn key(server: &Server) -> String {
+    server.address()
+}
+
+impl Health {
+    /// Health memory that reports recovered servers (by key) on `recovered`.
+    pub fn new(probe_interval: Duration, recovered: mpsc::UnboundedSender<String>) -> Health {
+        Health { down: Arc::default(), recovered, probe_interval }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, DownState>> {
+        self.down.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the server is currently marked down.
+    pub fn is_down(&self, server: &Server) -> bool {
+        self.lock().contains_key(&key(server))
+    }
+
+    /// Indices of the servers in `servers` that are marked down.
+    pub fn down_indices(&self, servers: &[Server]) -> Vec<u32> {
+        let down = self.lock();
+        (0..servers.len() as u32).filter(|&i| down.contains_key(&key(&servers[i as usize]))).collect()
+    }
+
+    /// Marks a server down and starts probing it, unless it already is.
+    pub fn mark_down(&self, server: &Server, reason: &str, transport: &Arc<Transport>) {
+        let newly = {
+            let mut down = self.lock();
+            if down.contains_key(&key(server)) {
+                false
+            } else {
+                down.insert(key(server), DownState { since: Instant::now(), reason: reason.to_string() });
+                true
+            }
+        };
+        if newly {
+            tracing::warn!(server = %key(server), reason, "server marked down; probing it in the background");
+            metrics::gauge!("mxrelay_server_up", "server" => key(server)).set(0.0);
+            let (health, server, transport) = (self.clone(), server.clone(), transport.clone());
+            tokio::spawn(async move { health.probe_until_up(&server, &transport).await });
+        }
+    }
+
+    /// Marks a server up (a delivery to it succeeded).
+    pub fn mark_up(&self, server: &Server) {
+        let was = self.lock().remove(&key(server));
+        if let Some(state) = was {
+            tracing::info!(server = %key(server), down_for = ?state.since.elapsed(), "server is up again");
+            metrics::gauge!("mxrelay_server_up", "server" => key(server)).set(1.0);
+            let _ = self.recovered.send(key(server));
+        }
+    }
+
+    async fn probe_until_up(&self, server: &Server, transport: &Transport) {
+        loop {
+            tokio::time::sleep(self.probe_interval).await;
+            if !self.is_down(server) {
+                return; // a delivery found it up first
+            }
+            let answered = match transport.addresses(server).await {
+                Ok(addrs) => {
+                    let mut ok = false;
+                    for addr in addrs {
+                        if transport.probe(addr).await.is_ok() {
+                            ok = true;
+                            break;
+                        }
+                    }
+                    ok
+                }
+                Err(_) => false,
+            };
+            if answered {
+                self.mark_up(server);
+                return;
+            }
+        }
+    }
+
+    /// Servers currently down with the reason, for status output.
+    pub fn snapshot(&self) -> Vec<(String, Duration, String)> {
+        self.lock().iter().map(|(k, s)| (k.clone(), s.since.elapsed(), s.reason.clone())).collect()
+    }
+}

@@ -1,0 +1,353 @@
+//! Receiving mail from the filtering tier over ESMTP.
+//!
+//! Only clients in `accept_from` may connect, only recipients in configured domains are
+//! accepted (no relaying), and `250` after DATA is sent only once the message is durable in
+//! the queue.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smtp_proto::Request;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::config::{Cidr, RelayConfig};
+use crate::data::{DataEnd, read_data, rfc5322_date};
+use crate::queue::{Envelope, Queue, format_id, now_ms};
+use crate::scheduler::Event;
+
+/// Longest command line accepted (RFC 5321 §4.5.3.1.4 says 512; extensions make it longer).
+const MAX_COMMAND_LINE: usize = 4096;
+/// Bad commands tolerated before the session is closed.
+const MAX_ERRORS: u32 = 20;
+
+/// What every session needs.
+#[derive(Debug)]
+pub struct Inbound {
+    /// `[relay]` settings.
+    pub relay: RelayConfig,
+    /// Domains we accept mail for (lower case).
+    pub domains: std::sync::RwLock<Arc<HashSet<String>>>,
+    /// The durable queue.
+    pub queue: Queue,
+    /// Where accepted envelopes are announced.
+    pub events: mpsc::UnboundedSender<Event>,
+    connections: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Inbound {
+    /// Session settings over `queue`.
+    pub fn new(relay: RelayConfig, domains: HashSet<String>, queue: Queue, events: mpsc::UnboundedSender<Event>) -> Inbound {
+        Inbound { relay, domains: std::sync::RwLock::new(Arc::new(domains)), queue, events, connections: Mutex::default() }
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        self.relay.accept_from.iter().any(|c: &Cidr| c.contains(ip))
+    }
+
+    fn accepts_domain(&self, domain: &str) -> bool {
+        self.domains.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(domain)
+    }
+
+    /// Counts a connection from `ip`; `None` when the client is over its limit.
+    fn open_connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let mut map = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = map.entry(ip).or_insert(0);
+        if *count >= self.relay.max_connections_per_client {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot { inbound: self.clone(), ip })
+    }
+}
+
+struct ConnectionSlot {
+    inbound: Arc<Inbound>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut map = self.inbound.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = map.get_mut(&self.ip) {
+            *c -= 1;
+            if *c == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts connections on `listener` forever.
+pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            if let Err(e) = session(stream, peer, inbound).await {
+                tracing::debug!(%peer, error = %e, "session ended with an I/O error");
+            }
+        });
+    }
+}
+
+async fn reply<W: AsyncWrite + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {
+    w.write_all(text.as_bytes()).await?;
+    w.write_all(b"\r\n").await
+}
+
+#[derive(Default)]
+struct Transaction {
+    sender: Option<String>,
+    recipients: Vec<String>,
+}
+
+async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let mut writer = BufWriter::with_capacity(16 * 1024, write);
+    let hostname = inbound.relay.hostname.clone();
+    let ip = peer.ip();
+    if !inbound.allowed(ip) {
+        tracing::warn!(%peer, "client not in accept_from; refused");
+        reply(&mut writer, &format!("554 5.7.1 {ip} is not allowed to send mail through {hostname}")).await?;
+        return writer.flush().await;
+    }
+    let Some(_slot) = inbound.open_connection(ip) else {
+        reply(&mut writer, &format!("421 4.7.0 {hostname} too many connections from {ip}, try again later")).await?;
+        return writer.flush().await;
+    };
+    reply(&mut writer, &format!("220 {hostname} ESMTP mxrelay")).await?;
+    writer.flush().await?;
+
+    let idle = inbound.relay.idle_timeout;
+    let mut helo: Option<String> = None;
+    let mut txn = Transaction::default();
+    let mut errors = 0u32;
+    let mut line = Vec::with_capacity(512);
+    loop {
+        line.clear();
+        let read = tokio::time::timeout(idle, (&mut reader).take(MAX_COMMAND_LINE as u64 + 1).read_until(b'\n', &mut line)).await;
+        let n = match read {
+            Err(_) => {
+                reply(&mut writer, &format!("421 4.4.2 {hostname} idle for {}s, closing", idle.as_secs())).await?;
+                return writer.flush().await;
+            }
+            Ok(r) => r?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            reply(&mut writer, "500 5.5.6 command line too long; closing").await?;
+            return writer.flush().await;
+        }
+        let parsed = Request::parse(&mut line.iter());
+        let mut quit = false;
+        match parsed {
+            Ok(Request::Ehlo { host }) => {
+                helo = Some(host.to_string());
+                txn = Transaction::default();
+                let max = inbound.relay.max_message_size;
+                reply(
+                    &mut writer,
+                    &format!("250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"),
+                )
+                .await?;
+            }
+            Ok(Request::Helo { host }) => {
+                helo = Some(host.to_string());
+                txn = Transaction::default();
+                reply(&mut writer, &format!("250 {hostname}")).await?;
+            }
+            Ok(Request::Mail { from }) => {
+                if helo.is_none() {
+                    reply(&mut writer, "503 5.5.1 say EHLO first").await?;
+                } else if txn.sender.is_some() {
+                    reply(&mut writer, "503 5.5.1 nested MAIL command").await?;
+                } else if from.size as u64 > inbound.relay.max_message_size {
+                    reply(&mut writer, &format!("552 5.3.4 message size {} exceeds the limit of {} bytes", from.size, inbound.relay.max_message_size)).await?;
+                } else {
+                    txn.sender = Some(from.address.to_string());
+                    reply(&mut writer, "250 2.1.0 sender ok").await?;
+                }
+            }
+            Ok(Request::Rcpt { to }) => {
+                let address = to.address.to_string();
+                let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
+                if txn.sender.is_none() {
+                    reply(&mut writer, "503 5.5.1 need MAIL before RCPT").await?;
+                } else if txn.recipients.len() >= inbound.relay.max_recipients as usize {
+                    reply(&mut writer, &format!("452 4.5.3 too many recipients (limit {})", inbound.relay.max_recipients)).await?;
+                } else {
+                    match domain {
+                        Some(d) if inbound.accepts_domain(&d) => {
+                            let local = address.rsplit_once('@').map_or("", |(l, _)| l);
+                            txn.recipients.push(format!("{local}@{d}"));
+                            reply(&mut writer, "250 2.1.5 recipient ok").await?;
+                        }
+                        Some(d) => {
+                            tracing::info!(%peer, rcpt = %address, "relaying denied");
+                            reply(&mut writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}")).await?;
+                        }
+                        None => reply(&mut writer, "550 5.1.3 recipient address needs a domain").await?,
+                    }
+                }
+            }
+            Ok(Request::Data) => {
+                if txn.sender.is_none() {
+                    reply(&mut writer, "503 5.5.1 need MAIL before DATA").await?;
+                } else if txn.recipients.is_empty() {
+                    reply(&mut writer, "554 5.5.1 no valid recipients").await?;
+                } else {
+                    reply(&mut writer, "354 end data with <CR><LF>.<CR><LF>").await?;
+                    writer.flush().await?;
+                    let answer = receive_message(&mut reader, &inbound, peer, helo.as_deref().unwrap_or(""), &txn).await?;
+                    txn = Transaction::default();
+                    match answer {
+                        Some(text) => reply(&mut writer, &text).await?,
+                        None => return Ok(()),
+                    }
+                }
+            }
+            Ok(Request::Rset) => {
+                txn = Transaction::default();
+                reply(&mut writer, "250 2.0.0 reset").await?;
+            }
+            Ok(Request::Noop { .. }) => reply(&mut writer, "250 2.0.0 ok").await?,
+            Ok(Request::Quit) => {
+                reply(&mut writer, &format!("221 2.0.0 {hostname} closing")).await?;
+                quit = true;
+            }
+            Ok(Request::Vrfy { .. }) => reply(&mut writer, "252 2.5.0 cannot verify, but will accept and attempt delivery").await?,
+            Ok(Request::Bdat { .. }) => reply(&mut writer, "502 5.5.1 CHUNKING is not offered; use DATA").await?,
+            Ok(Request::StartTls) => reply(&mut writer, "502 5.5.1 STARTTLS is not configured").await?,
+            Ok(
+                Request::Lhlo { .. }
+                | Request::Auth { .. }
+                | Request::Expn { .. }
+                | Request::Help { .. }
+                | Request::Etrn { .. }
+                | Request::Atrn { .. }
+                | Request::Burl { .. },
+            ) => {
+                errors += 1;
+                reply(&mut writer, "502 5.5.1 command not implemented").await?;
+            }
+            Err(e) => {
+                errors += 1;
+                let text = match e {
+                    smtp_proto::Error::UnknownCommand => "500 5.5.2 unknown command".to_string(),
+                    smtp_proto::Error::SyntaxError { syntax } => format!("501 5.5.4 syntax: {syntax}"),
+                    smtp_proto::Error::InvalidSenderAddress => "501 5.1.7 bad sender address syntax".to_string(),
+                    smtp_proto::Error::InvalidRecipientAddress => "501 5.1.3 bad recipient address syntax".to_string(),
+                    smtp_proto::Error::InvalidParameter { param } => format!("501 5.5.4 invalid parameter {param}"),
+                    smtp_proto::Error::UnsupportedParameter { param } => format!("555 5.5.4 unsupported parameter {param}"),
+                    smtp_proto::Error::NeedsMoreData { .. }
+                    | smtp_proto::Error::ResponseTooLong
+                    | smtp_proto::Error::InvalidResponse { .. } => "500 5.5.2 syntax error".to_string(),
+                };
+                reply(&mut writer, &text).await?;
+            }
+        }
+        if errors >= MAX_ERRORS {
+            reply(&mut writer, "421 4.7.0 too many errors, closing").await?;
+            quit = true;
+        }
+        // PIPELINING: answer in one write once the client's pipelined commands are consumed.
+        if quit || reader.buffer().is_empty() {
+            writer.flush().await?;
+        }
+        if quit {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads the data, queues one envelope per recipient domain, and returns the reply (or
+/// `None` when the client went away mid-data).
+async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    inbound: &Inbound,
+    peer: SocketAddr,
+    helo: &str,
+    txn: &Transaction,
+) -> std::io::Result<Option<String>> {
+    let received_ms = now_ms();
+    let first_id = inbound.queue.next_id();
+    let for_clause = match txn.recipients.as_slice() {
+        [one] => format!("\r\n\tfor <{one}>"),
+        _ => String::new(),
+    };
+    let header = format!(
+        "Received: from {helo} ({ip})\r\n\tby {host} (mxrelay) with ESMTP id {id}{for_clause};\r\n\t{date}\r\n",
+        ip = peer.ip(),
+        host = inbound.relay.hostname,
+        id = format_id(first_id),
+        date = rfc5322_date(received_ms / 1000),
+    );
+    let mut data = Vec::with_capacity(8 * 1024);
+    data.extend_from_slice(header.as_bytes());
+    let timeout = inbound.relay.idle_timeout.max(Duration::from_secs(60));
+    let read = tokio::time::timeout(timeout, read_data(reader, &mut data, inbound.relay.max_message_size + header.len() as u64)).await;
+    let (end, fixed) = match read {
+        Err(_) => return Ok(None),
+        Ok(r) => r?,
+    };
+    match end {
+        DataEnd::Eof => return Ok(None),
+        DataEnd::TooLarge => return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", inbound.relay.max_message_size))),
+        DataEnd::Complete => {}
+    }
+    if fixed.bare_lf > 0 || fixed.stray_cr > 0 {
+        tracing::info!(%peer, bare_lf = fixed.bare_lf, stray_cr = fixed.stray_cr, "normalised non-CRLF line ends");
+    }
+    let data = Arc::new(data);
+    let sender = txn.sender.clone().unwrap_or_default();
+    let mut by_domain: Vec<(String, Vec<String>)> = Vec::new();
+    for rcpt in &txn.recipients {
+        let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d).to_string();
+        match by_domain.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, list)) => list.push(rcpt.clone()),
+            None => by_domain.push((domain, vec![rcpt.clone()])),
+        }
+    }
+    let envelopes: Vec<Envelope> = by_domain
+        .into_iter()
+        .enumerate()
+        .map(|(i, (domain, recipients))| Envelope {
+            id: if i == 0 { first_id } else { inbound.queue.next_id() },
+            sender: sender.clone(),
+            domain,
+            recipients,
+            received_ms,
+            attempts: 0,
+            next_attempt_ms: received_ms,
+            last_error: None,
+            size: data.len() as u64,
+        })
+        .collect();
+    let items = envelopes.iter().map(|e| (e.clone(), data.clone())).collect();
+    match inbound.queue.insert(items).await {
+        Ok(()) => {
+            metrics::counter!("mxrelay_accepted_total").increment(1);
+            tracing::info!(queue_id = %format_id(first_id), %peer, sender, rcpts = txn.recipients.len(), size = data.len(), "accepted");
+            let _ = inbound.events.send(Event::Accepted(envelopes));
+            Ok(Some(format!("250 2.0.0 queued as {}", format_id(first_id))))
+        }
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "could not queue message; answered 452");
+            Ok(Some("452 4.3.1 insufficient system storage, try again later".into()))
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! One SMTP transaction with one customer server, and what its outcome means.
+//!
+//! The taxonomy follows Exim's "Errors in outgoing SMTP" and Postfix's `smtp_trouble.c`:
+//! * connection refused or timed out, greeting or EHLO failure, `421`, connection lost before
+//!   the final `.` → [`ServerVerdict::SessionFailed`] / [`ServerVerdict::Unreachable`]: try the
+//!   next server now;
+//! * `4xx` to MAIL or DATA → [`ServerVerdict::TempFailed`]: next server, then defer;
+//! * `5xx` to MAIL or DATA → [`ServerVerdict::PermFailed`]: the message fails;
+//! * a `RCPT` reply decides for that recipient alone ([`RcptVerdict`] in [`ServerVerdict::Completed`]);
+//! * no reply to the final `.` → [`ServerVerdict::Unknown`]: defer, possibly delivered twice.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use mail_send::SmtpClient;
+use mxrelay_policy_core::{HostKind, Server};
+use smtp_proto::{EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, Response};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::config::DeliveryConfig;
+use crate::data::dot_stuff;
+
+/// How long an idle connection is kept for reuse.
+const IDLE_REUSE: Duration = Duration::from_secs(5);
+/// Most messages sent over one connection before it is closed.
+const MAX_REUSE: u32 = 500;
+/// Most addresses tried for one host name (Postfix `smtp_mx_address_limit` counts per MX).
+const MAX_ADDRESSES: usize = 10;
+
+/// What a server said to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptVerdict {
+    /// Accepted (and the data was accepted after it).
+    Delivered,
+    /// `4xx`: try again, elsewhere or later.
+    TempRejected(String),
+    /// `5xx`: this recipient fails.
+    PermRejected(String),
+}
+
+/// What one server did with one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerVerdict {
+    /// The transaction ended with an answer per recipient (the data was accepted for those
+    /// marked delivered; when none was accepted no data was sent).
+    Completed {
+        /// One verdict per recipient offered.
+        rcpts: Vec<RcptVerdict>,
+        /// The reply to the final `.`.
+        reply: String,
+    },
+    /// No connection could be made to any of its addresses: next server; mark it down.
+    Unreachable(String),
+    /// A session was open but failed before the final `.`: next server.
+    SessionFailed(String),
+    /// `4xx` to MAIL or DATA (or every RCPT `4xx`): next server, then defer.
+    TempFailed(String),
+    /// `5xx` to MAIL or DATA (or every RCPT `5xx`): the message fails.
+    PermFailed(String),
+    /// No reply to the final `.` in time: defer; the server may have the message.
+    Unknown(String),
+}
+
+/// A message as handed to a server.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// Envelope sender (empty for `<>`).
+    pub sender: &'a str,
+    /// Recipients to offer.
+    pub recipients: &'a [String],
+    /// Canonical message data (CRLF line ends, not dot-stuffed).
+    pub data: &'a [u8],
+}
+
+/// A transaction's result, or a reused connection that turned out to be closed.
+enum Attempt {
+    Verdict(ServerVerdict),
+    Stale(String),
+}
+
+struct Session {
+    client: SmtpClient<TcpStream>,
+    capabilities: u32,
+    sent: u32,
+}
+
+/// Resolves servers, keeps idle connections and runs transactions.
+pub struct Transport {
+    hostname: String,
+    resolver: Option<TokioResolver>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    data_timeout: Duration,
+    idle: Mutex<HashMap<SocketAddr, Vec<(Session, Instant)>>>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport").field("hostname", &self.hostname).finish_non_exhaustive()
+    }
+}
+
+fn reply_text(r: &Response<String>) -> String {
+    format!("{} {}", r.code, r.message.replace(['\r', '\n'], " "))
+}
+
+fn error_text(e: &mail_send::Error) -> String {
+    match e {
+        mail_send::Error::Io(io) => io.to_string(),
+        mail_send::Error::Timeout => "timed out".into(),
+        mail_send::Error::UnparseableReply => "connection lost or unparseable reply".into(),
+        mail_send::Error::UnexpectedReply(r) => reply_text(r),
+        other => other.to_string(),
+    }
+}
+
+impl Transport {
+    /// A transport with the configured timeouts and resolver.
+    pub fn new(hostname: &str, delivery: &DeliveryConfig) -> Transport {
+        let resolver = match delivery.resolver {
+            Some(addr) => {
+                let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
+                let config = ResolverConfig::from_parts(None, vec![], group);
+                Some(TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).build())
+            }
+            None => match TokioResolver::builder_tokio() {
+                Ok(b) => Some(b.build()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no system DNS resolver; only IP-literal servers can be reached");
+                    None
+                }
+            },
+        };
+        Transport {
+            hostname: hostname.to_string(),
+            resolver,
+            connect_timeout: delivery.connect_timeout,
+            command_timeout: delivery.command_timeout,
+            data_timeout: delivery.data_timeout,
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The addresses to try for a server, in resolver order.
+    pub async fn addresses(&self, server: &Server) -> Result<Vec<SocketAddr>, String> {
+        match server.kind() {
+            HostKind::Ipv4 | HostKind::Ipv6 => {
+                let ip: IpAddr = server.host.parse().map_err(|_| format!("bad IP literal {}", server.host))?;
+                Ok(vec![SocketAddr::new(ip, server.port)])
+            }
+            HostKind::Name => {
+                let resolver = self.resolver.as_ref().ok_or("no DNS resolver configured")?;
+                let lookup = resolver.lookup_ip(format!("{}.", server.host)).await.map_err(|e| format!("DNS lookup of {} failed: {e}", server.host))?;
+                let addrs: Vec<SocketAddr> = lookup.iter().take(MAX_ADDRESSES).map(|ip| SocketAddr::new(ip, server.port)).collect();
+                if addrs.is_empty() {
+                    return Err(format!("{} has no A or AAAA record", server.host));
+                }
+                Ok(addrs)
+            }
+        }
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<Session> {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.get_mut(&addr)?;
+        while let Some((session, since)) = list.pop() {
+            if since.elapsed() < IDLE_REUSE {
+                return Some(session);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, addr: SocketAddr, session: Session) {
+        if session.sent >= MAX_REUSE {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.entry(addr).or_default().push((session, Instant::now()));
+    }
+
+    /// Drops every idle connection to `addrs` (the server was found down).
+    pub fn forget(&self, addrs: &[SocketAddr]) {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for a in addrs {
+            idle.remove(a);
+        }
+    }
+
+    async fn open(&self, addr: SocketAddr) -> Result<Session, ServerVerdict> {
+        let mut client = SmtpClient::connect(addr, self.connect_timeout)
+            .await
+            .map_err(|e| ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e))))?;
+        let _ = client.stream.set_nodelay(true);
+        client.timeout = self.command_timeout;
+        let greeting = tokio::time::timeout(self.command_timeout, client.read())
+            .await
+            .map_err(|_| ServerVerdict::SessionFailed(format!("{addr}: no greeting within {:?}", self.command_timeout)))?
+            .map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: greeting: {}", error_text(&e))))?;
+        if greeting.code != 220 {
+            return Err(ServerVerdict::SessionFailed(format!("{addr}: greeting {}", reply_text(&greeting))));
+        }
+        let ehlo = client.ehlo(&self.hostname).await.map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e))))?;
+        Ok(Session { client, capabilities: ehlo.capabilities, sent: 0 })
+    }
+
+    /// Offers `msg` to one address: a reused connection when one is idle, else a new one.
+    pub async fn send(&self, addr: SocketAddr, msg: &Outgoing<'_>) -> ServerVerdict {
+        if let Some(session) = self.take_idle(addr) {
+            match self.transaction(addr, session, msg).await {
+                Attempt::Verdict(verdict) => return verdict,
+                // A cached connection the server has since closed: not the server's fault.
+                Attempt::Stale(why) => tracing::debug!(%addr, why, "cached connection went stale; reconnecting"),
+            }
+        }
+        match self.open(addr).await {
+            Ok(session) => match self.transaction(addr, session, msg).await {
+                Attempt::Verdict(verdict) => verdict,
+                Attempt::Stale(why) => ServerVerdict::SessionFailed(format!("{addr}: {why}")),
+            },
+            Err(verdict) => verdict,
+        }
+    }
+
+    async fn transaction(&self, addr: SocketAddr, s: Session, msg: &Outgoing<'_>) -> Attempt {
+        let reused = s.sent > 0;
+        let mut failed_before_reply = None;
+        let verdict = self.transaction_inner(addr, s, msg, &mut failed_before_reply).await;
+        match failed_before_reply {
+            Some(why) if reused => Attempt::Stale(why),
+            _ => Attempt::Verdict(verdict),
+        }
+    }
+
+    async fn transaction_inner(&self, addr: SocketAddr, mut s: Session, msg: &Outgoing<'_>, failed_before_reply: &mut Option<String>) -> ServerVerdict {
+        let mut mail = format!("MAIL FROM:<{}>", msg.sender);
+        if s.capabilities & EXT_SIZE != 0 {
+            mail.push_str(&format!(" SIZE={}", msg.data.len()));
+        }
+        let eight_bit = msg.data.iter().any(|b| *b >= 0x80);
+        if eight_bit && s.capabilities & EXT_8BIT_MIME != 0 {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        let utf8_envelope = !msg.sender.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
+        if utf8_envelope {
+            if s.capabilities & EXT_SMTP_UTF8 == 0 {
+                return ServerVerdict::PermFailed(format!("{addr}: the address needs SMTPUTF8, which the server does not offer"));
+            }
+            mail.push_str(" SMTPUTF8");
+        }
+        mail.push_str("\r\n");
+        let mut commands = vec![mail];
+        commands.extend(msg.recipients.iter().map(|r| format!("RCPT TO:<{r}>\r\n")));
+        commands.push("DATA\r\n".into());
+
+        let replies = if s.capabilities & EXT_PIPELINING != 0 {
+            match s.client.cmds(&commands).await {
+                Ok(r) => r,
+                Err(e) => {
+                    *failed_before_reply = Some(error_text(&e));
+                    return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
+                }
+            }
+        } else {
+            let mut replies = Vec::with_capacity(commands.len());
+            for (i, c) in commands.iter().enumerate() {
+                match s.client.cmd(c).await {
+                    Ok(r) => {
+                        let stop = (i == 0 && r.code >= 400) || (i + 1 == commands.len());
+                        replies.push(r);
+                        if stop {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        if i == 0 {
+                            *failed_before_reply = Some(error_text(&e));
+                        }
+                        return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
+                    }
+                }
+            }
+            replies
+        };
+        if let Some(r) = replies.iter().find(|r| r.code == 421) {
+            return ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r)));
+        }
+        let mail_reply = &replies[0];
+        if mail_reply.code >= 400 {
+            self.reset(addr, s).await;
+            let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
+            return if mail_reply.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
+        }
+        let rcpts: Vec<RcptVerdict> = msg
+            .recipients
+            .iter()
+            .enumerate()
+            .map(|(i, _)| match replies.get(i + 1) {
+                Some(r) if r.code / 100 == 2 => RcptVerdict::Delivered,
+                Some(r) if r.code >= 500 => RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r))),
+                Some(r) => RcptVerdict::TempRejected(format!("{addr}: RCPT: {}", reply_text(r))),
+                None => RcptVerdict::TempRejected(format!("{addr}: no RCPT reply")),
+            })
+            .collect();
+        let data_reply = replies.get(msg.recipients.len() + 1);
+        if !rcpts.contains(&RcptVerdict::Delivered) {
+            // Nobody accepted: the DATA command (if sent) was refused too. Report the recipients.
+            if data_reply.is_some_and(|r| r.code == 354) {
+                // A server that says 354 with no recipients: end the empty transaction cleanly.
+                let _ = s.client.stream.write_all(b".\r\n").await;
+                let _ = s.client.read().await;
+            }
+            self.reset(addr, s).await;
+            return ServerVerdict::Completed { rcpts, reply: String::new() };
+        }
+        match data_reply {
+            Some(r) if r.code == 354 => {}
+            Some(r) => {
+                self.reset(addr, s).await;
+                let text = format!("{addr}: DATA: {}", reply_text(r));
+                return if r.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
+            }
+            None => return ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")),
+        }
+        let mut wire = Vec::new();
+        dot_stuff(msg.data, &mut wire);
+        if let Err(e) = tokio::time::timeout(self.data_timeout, s.client.stream.write_all(&wire)).await.unwrap_or(Err(std::io::ErrorKind::TimedOut.into())) {
+            return ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}"));
+        }
+        let final_reply = match tokio::time::timeout(self.data_timeout, s.client.read()).await {
+            Err(_) => return ServerVerdict::Unknown(format!("{addr}: no reply to the final dot within {:?}", self.data_timeout)),
+            Ok(Err(e)) => return ServerVerdict::Unknown(format!("{addr}: after the final dot: {}", error_text(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let text = format!("{addr}: {}", reply_text(&final_reply));
+        match final_reply.code {
+            200..=299 => {
+                s.sent += 1;
+                self.put_idle(addr, s);
+                ServerVerdict::Completed { rcpts, reply: text }
+            }
+            421 => ServerVerdict::SessionFailed(text),
+            400..=499 => {
+                self.put_idle(addr, s);
+                ServerVerdict::TempFailed(text)
+            }
+            _ => {
+                self.put_idle(addr, s);
+                ServerVerdict::PermFailed(text)
+            }
+        }
+    }
+
+    /// Ends a failed transaction and keeps the connection if the server agrees.
+    async fn reset(&self, addr: SocketAddr, mut s: Session) {
+        if s.client.rset().await.is_ok() {
+            self.put_idle(addr, s);
+        }
+    }
+
+    /// Whether `addr` answers with a `220` greeting (used to probe servers marked down).
+    pub async fn probe(&self, addr: SocketAddr) -> Result<(), String> {
+        let mut client = SmtpClient::connect(addr, self.connect_timeout).await.map_err(|e| error_text(&e))?;
+        let greeting = tokio::time::timeout(self.command_timeout, client.read()).await.map_err(|_| "no greeting".to_string())?.map_err(|e| error_text(&e))?;
+        let _ = client.stream.write_all(b"QUIT\r\n").await;
+        if greeting.code == 220 { Ok(()) } else { Err(reply_text(&greeting)) }
+    }
+}

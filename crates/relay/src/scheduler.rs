@@ -1,0 +1,267 @@
+//! The in-memory view of the queue: which envelope to deliver when.
+//!
+//! One task owns the schedule. Accepted mail is ready at once; a deferred envelope waits for
+//! its retry delay, unless one of its domain's servers comes back up, which makes every
+//! waiting envelope of that domain ready at once.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::delivery::{DeferReason, Deliverer, Outcome};
+use crate::health;
+use crate::queue::{Envelope, Queue, now_ms};
+
+/// Events the scheduler reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// Newly accepted envelopes (already durable).
+    Accepted(Vec<Envelope>),
+    /// A delivery run ended.
+    Finished(Box<Envelope>, Outcome),
+    /// A server (by health key) answers again.
+    Recovered(String),
+    /// Retry now: one envelope, or every envelope of a domain, or everything.
+    RetryNow(RetryScope),
+    /// Report the envelopes held (for status and tests).
+    Snapshot(oneshot::Sender<Vec<Envelope>>),
+}
+
+/// What `RetryNow` applies to.
+#[derive(Debug, Clone)]
+pub enum RetryScope {
+    /// One envelope by ID.
+    Id(u64),
+    /// Every envelope of a domain.
+    Domain(String),
+    /// Everything.
+    All,
+}
+
+/// Retry policy from the config.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Delays after the 1st, 2nd, ... failed attempt; the last repeats.
+    pub schedule: Vec<Duration>,
+    /// Give up after this long in the queue.
+    pub max_lifetime: Duration,
+}
+
+impl RetryPolicy {
+    fn delay(&self, attempts: u32) -> Duration {
+        let i = (attempts.max(1) as usize - 1).min(self.schedule.len().saturating_sub(1));
+        self.schedule.get(i).copied().unwrap_or(Duration::from_secs(300))
+    }
+}
+
+/// The scheduler's state and loop.
+pub struct Scheduler {
+    entries: HashMap<u64, Envelope>,
+    in_flight: HashSet<u64>,
+    timers: BinaryHeap<Reverse<(u64, u64)>>,
+    ready: VecDeque<u64>,
+    workers: Arc<Semaphore>,
+    deliverer: Arc<Deliverer>,
+    queue: Queue,
+    retry: RetryPolicy,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("entries", &self.entries.len()).finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// A scheduler holding `existing` (all ready now) that sends its own events to `events`.
+    pub fn new(
+        existing: Vec<Envelope>,
+        workers: u32,
+        deliverer: Arc<Deliverer>,
+        queue: Queue,
+        retry: RetryPolicy,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Scheduler {
+        let mut s = Scheduler {
+            entries: HashMap::new(),
+            in_flight: HashSet::new(),
+            timers: BinaryHeap::new(),
+            ready: VecDeque::new(),
+            workers: Arc::new(Semaphore::new(workers as usize)),
+            deliverer,
+            queue,
+            retry,
+            events,
+        };
+        // After a restart everything queued is retried at once.
+        s.accept(existing);
+        s
+    }
+
+    fn accept(&mut self, envelopes: Vec<Envelope>) {
+        for env in envelopes {
+            self.ready.push_back(env.id);
+            self.entries.insert(env.id, env);
+        }
+        metrics::gauge!("mxrelay_queue_size").set(self.entries.len() as f64);
+    }
+
+    /// Runs until `rx` closes.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        loop {
+            self.dispatch();
+            let next = self.timers.peek().map(|Reverse((at, _))| *at);
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => return,
+                },
+                () = sleep => self.fire_timers(),
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while let Some(&id) = self.ready.front() {
+            if self.in_flight.contains(&id) || !self.entries.contains_key(&id) {
+                self.ready.pop_front();
+                continue;
+            }
+            let Ok(permit) = self.workers.clone().try_acquire_owned() else { return };
+            self.ready.pop_front();
+            let Some(env) = self.entries.get(&id).cloned() else { continue };
+            self.in_flight.insert(id);
+            let (deliverer, queue, events) = (self.deliverer.clone(), self.queue.clone(), self.events.clone());
+            tokio::spawn(async move {
+                let outcome = match queue.read_data(env.id) {
+                    Ok(data) => deliverer.deliver(&env, &data).await,
+                    Err(e) => Outcome::Deferred {
+                        delivered: vec![],
+                        failed: vec![],
+                        remaining: env.recipients.clone(),
+                        reason: DeferReason::Failed(e.to_string()),
+                    },
+                };
+                drop(permit);
+                let _ = events.send(Event::Finished(Box::new(env), outcome));
+            });
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = now_ms();
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if self.entries.get(&id).is_some_and(|e| e.next_attempt_ms <= now) {
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Accepted(envs) => self.accept(envs),
+            Event::Finished(env, outcome) => self.finished(*env, outcome),
+            Event::Recovered(server_key) => {
+                let policies = self.deliverer.policies();
+                let ids: Vec<u64> = self
+                    .entries
+                    .values()
+                    .filter(|e| policies.domain(&e.domain).is_some_and(|p| p.servers().iter().any(|s| health::key(s) == server_key)))
+                    .map(|e| e.id)
+                    .collect();
+                tracing::info!(server = %server_key, queued = ids.len(), "server recovered; retrying its domains' queued mail now");
+                self.retry_now(ids);
+            }
+            Event::RetryNow(scope) => {
+                let ids: Vec<u64> = self
+                    .entries
+                    .values()
+                    .filter(|e| match &scope {
+                        RetryScope::Id(id) => e.id == *id,
+                        RetryScope::Domain(d) => &e.domain == d,
+                        RetryScope::All => true,
+                    })
+                    .map(|e| e.id)
+                    .collect();
+                self.retry_now(ids);
+            }
+            Event::Snapshot(reply) => {
+                let _ = reply.send(self.entries.values().cloned().collect());
+            }
+        }
+    }
+
+    fn retry_now(&mut self, ids: Vec<u64>) {
+        let now = now_ms();
+        for id in ids {
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.next_attempt_ms = now;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn finished(&mut self, mut env: Envelope, outcome: Outcome) {
+        self.in_flight.remove(&env.id);
+        match outcome {
+            Outcome::Done { delivered, failed } => {
+                for (rcpt, why) in &failed {
+                    tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
+                    metrics::counter!("mxrelay_failed_total").increment(1);
+                }
+                tracing::debug!(queue_id = %env.queue_id(), delivered = delivered.len(), failed = failed.len(), "done");
+                self.entries.remove(&env.id);
+                self.queue.remove(env.id);
+            }
+            Outcome::Deferred { failed, remaining, reason, .. } => {
+                for (rcpt, why) in &failed {
+                    tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
+                    metrics::counter!("mxrelay_failed_total").increment(1);
+                }
+                env.recipients = remaining;
+                env.attempts += 1;
+                env.last_error = Some(reason.to_string());
+                let now = now_ms();
+                if now.saturating_sub(env.received_ms) >= self.retry.max_lifetime.as_millis() as u64 {
+                    tracing::warn!(queue_id = %env.queue_id(), rcpts = ?env.recipients, reason = %reason, "expired after max_queue_lifetime; giving up");
+                    metrics::counter!("mxrelay_expired_total").increment(1);
+                    self.entries.remove(&env.id);
+                    self.queue.remove(env.id);
+                } else {
+                    // A server may have come back while this run found them all down.
+                    let recovered = reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
+                    let delay = if recovered { Duration::ZERO } else { self.retry.delay(env.attempts) };
+                    env.next_attempt_ms = now + delay.as_millis() as u64;
+                    tracing::info!(queue_id = %env.queue_id(), attempts = env.attempts, retry_in = ?delay, reason = %reason, "deferred");
+                    metrics::counter!("mxrelay_deferred_total").increment(1);
+                    self.queue.update(env.clone());
+                    self.timers.push(Reverse((env.next_attempt_ms, env.id)));
+                    if recovered {
+                        self.ready.push_back(env.id);
+                    }
+                    self.entries.insert(env.id, env);
+                }
+            }
+        }
+        metrics::gauge!("mxrelay_queue_size").set(self.entries.len() as f64);
+    }
+
+    fn any_server_up(&self, domain: &str) -> bool {
+        let policies = self.deliverer.policies();
+        policies.domain(domain).is_some_and(|p| p.servers().iter().any(|s| !self.deliverer.health().is_down(s)))
+    }
+}
