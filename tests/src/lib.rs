@@ -1,0 +1,307 @@
+//! Harness for end-to-end tests with real SMTP peers.
+//!
+//! * [`Sink`]: Postfix's `smtp-sink` as a customer server on `127.0.1.N`, dumping every
+//!   message to a file so tests can check which messages arrived, and how often.
+//! * [`Relay`]: the real `mxrelay` binary with a generated config, its log captured.
+//! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
+//!   returns the sequence numbers that got a `250`.
+//!
+//! The relay binary is `target/<profile>/mxrelay`; build it first (`cargo build --release`,
+//! as the README's test command does). A missing binary or a missing `smtp-sink` fails the
+//! test with a message saying what to install; nothing is skipped silently.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mail_send::SmtpClient;
+use tokio::sync::Semaphore;
+
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `cond` until it holds or `limit` passes; returns whether it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Awaits `cond` (polled every 20 ms) for at most [`PATIENCE`]; panics with `what` if it never holds.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free TCP port on `ip`.
+pub fn free_port(ip: &str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
+    l.local_addr().expect("local addr").port()
+}
+
+fn listening(addr: &str) -> bool {
+    TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200)).is_ok()
+}
+
+/// `smtp-sink` as one customer server.
+#[derive(Debug)]
+pub struct Sink {
+    /// `IP:PORT` it listens on.
+    pub addr: String,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Sink {
+    /// Starts a sink on `ip` (a free port) with extra smtp-sink options such as `-f mail`.
+    pub fn start(ip: &str, args: &[&str]) -> Sink {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // smtp-sink drops privileges to `nobody` when run as root; it must be able to write.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        let mut sink =
+            Sink { addr: format!("{ip}:{}", free_port(ip)), args: args.iter().map(ToString::to_string).collect(), dir, child: None };
+        sink.restart();
+        sink
+    }
+
+    /// Host and port for the relay config.
+    pub fn host_port(&self) -> (&str, u16) {
+        let (h, p) = self.addr.rsplit_once(':').expect("ip:port");
+        (h, p.parse().expect("port"))
+    }
+
+    /// (Re)starts the sink on the same address, keeping what it received.
+    pub fn restart(&mut self) {
+        let template = format!("{}/%H%M%S.", self.dir.path().display());
+        let child = Command::new("smtp-sink")
+            .args(["-u", "nobody", "-d", &template])
+            .args(&self.args)
+            .args([&self.addr, "256"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start smtp-sink ({e}); install Debian's postfix package (the README's test command does)"));
+        self.child = Some(child);
+        assert!(wait_until(PATIENCE, || listening(&self.addr)), "smtp-sink on {} did not start listening", self.addr);
+    }
+
+    /// Kills the sink at once (SIGKILL), mid-transaction if it is in one.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sequence numbers of the complete messages received, with how often each arrived.
+    pub fn received(&self) -> BTreeMap<u64, u32> {
+        let mut out = BTreeMap::new();
+        for entry in std::fs::read_dir(self.dir.path()).expect("read dump dir").flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+            if let Some(seq) = complete_seq(&text) {
+                *out.entry(seq).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// How many complete messages it received.
+    pub fn count(&self) -> usize {
+        self.received().values().map(|&n| n as usize).sum()
+    }
+
+    /// The raw dumps (headers and body) of everything received.
+    pub fn dumps(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.path()).expect("dir").flatten().filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `X-Seq` of a dumped message, if its trailer shows it arrived whole.
+fn complete_seq(text: &str) -> Option<u64> {
+    let seq: u64 = text.lines().find_map(|l| l.strip_prefix("X-Seq: "))?.trim().parse().ok()?;
+    text.contains(&format!("END-OF-MESSAGE {seq}")).then_some(seq)
+}
+
+/// Merges the receipts of several sinks.
+pub fn received_by_all(sinks: &[&Sink]) -> BTreeMap<u64, u32> {
+    let mut all = BTreeMap::new();
+    for s in sinks {
+        for (seq, n) in s.received() {
+            *all.entry(seq).or_insert(0) += n;
+        }
+    }
+    all
+}
+
+/// The `mxrelay` binary built next to this test.
+pub fn relay_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("mxrelay");
+    assert!(bin.is_file(), "{} is missing: build it first with `cargo build --release -p mxrelay`", bin.display());
+    bin
+}
+
+/// A running `mxrelay run` process.
+#[derive(Debug)]
+pub struct Relay {
+    /// `127.0.0.1:PORT` it accepts mail on.
+    pub addr: String,
+    /// Its working directory (config and queue).
+    pub dir: tempfile::TempDir,
+    log: Arc<Mutex<Vec<String>>>,
+    child: Option<Child>,
+}
+
+impl Relay {
+    /// Starts the relay with `[[domain]]` blocks and extra `[delivery]` lines.
+    pub fn start(domains: &str, delivery: &str) -> Relay {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        let config = format!(
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n\n[delivery]\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ndata_timeout = \"5s\"\nprobe_interval = \"100ms\"\n{delivery}\n\n{domains}\n"
+        );
+        std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
+        let mut relay = Relay { addr, dir, log: Arc::default(), child: None };
+        relay.restart();
+        relay
+    }
+
+    /// (Re)starts the process on the same config and queue; returns once it is ready.
+    pub fn restart(&mut self) {
+        let mut child = Command::new(relay_binary())
+            .arg("run")
+            .arg(self.dir.path().join("relay.toml"))
+            .env("MXRELAY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mxrelay");
+        let stderr = child.stderr.take().expect("stderr");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("mxrelay ready") {
+                    let _ = ready_tx.send(());
+                }
+                log.lock().expect("log").push(line);
+            }
+        });
+        self.child = Some(child);
+        if ready_rx.recv_timeout(PATIENCE).is_err() {
+            panic!("mxrelay did not become ready; log:\n{}", self.log_text());
+        }
+    }
+
+    /// Kills the relay with SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Everything the relay logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+
+    /// Log lines containing every one of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.log.lock().expect("log").iter().filter(|l| needles.iter().all(|n| l.contains(n))).cloned().collect()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `[[domain]]` block for `name` with `(sink, preference)` servers.
+pub fn domain_block(name: &str, servers: &[(&Sink, u16)]) -> String {
+    let mut out = format!("[[domain]]\nname = \"{name}\"\n");
+    for (sink, pref) in servers {
+        let (host, port) = sink.host_port();
+        out.push_str(&format!("[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = {pref}\n"));
+    }
+    out
+}
+
+/// The text of test message `seq`.
+pub fn message(seq: u64, to: &str) -> String {
+    format!(
+        "From: sender@src.test\r\nTo: {to}\r\nSubject: test {seq}\r\nX-Seq: {seq}\r\n\r\nLine one of message {seq}.\r\n.A line that starts with a dot.\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n",
+        "x".repeat(1500)
+    )
+}
+
+/// Sends messages `seqs` to `rcpt` through the relay at `addr` over `sessions` parallel
+/// connections (one message per connection, as smtp-source does); returns the sequence
+/// numbers that got a `250`.
+pub async fn send(addr: &str, rcpt: &str, seqs: std::ops::Range<u64>, sessions: usize) -> Vec<u64> {
+    let gate = Arc::new(Semaphore::new(sessions));
+    let mut tasks = Vec::new();
+    for seq in seqs {
+        let (gate, addr, rcpt) = (gate.clone(), addr.to_string(), rcpt.to_string());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("semaphore");
+            send_one(&addr, &rcpt, seq).await.then_some(seq)
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        if let Ok(Some(seq)) = t.await {
+            acked.push(seq);
+        }
+    }
+    acked
+}
+
+/// Sends one message; true when the relay answered `250` to the final dot.
+pub async fn send_one(addr: &str, rcpt: &str, seq: u64) -> bool {
+    let addr: SocketAddr = addr.parse().expect("addr");
+    let Ok(mut client) = SmtpClient::connect(addr, Duration::from_secs(10)).await else { return false };
+    if client.read().await.map(|r| r.code).ok() != Some(220) || client.ehlo("sender.test").await.is_err() {
+        return false;
+    }
+    let params = mail_send::smtp::message::Parameters::default();
+    if client.mail_from("sender@src.test", &params).await.is_err() || client.rcpt_to(rcpt, &params).await.is_err() {
+        return false;
+    }
+    let ok = client.data(message(seq, rcpt).trim_end_matches("\r\n")).await.is_ok();
+    let _ = client.quit().await;
+    ok
+}
+
+/// Asserts every message in `expected` arrived exactly once across `sinks`, and nothing else.
+pub fn assert_exactly_once(sinks: &[&Sink], expected: &[u64]) {
+    let got = received_by_all(sinks);
+    let dup: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dup.is_empty(), "delivered more than once: {dup:?}");
+    let missing: Vec<_> = expected.iter().filter(|s| !got.contains_key(s)).collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    assert_eq!(got.len(), expected.len(), "unexpected messages arrived");
+}
