@@ -177,10 +177,15 @@ pub struct Relay {
 impl Relay {
     /// Starts the relay with `[[domain]]` blocks and extra `[delivery]` lines.
     pub fn start(domains: &str, delivery: &str) -> Relay {
+        Relay::start_with("", domains, delivery)
+    }
+
+    /// Starts the relay with extra `[relay]` lines too.
+    pub fn start_with(relay: &str, domains: &str, delivery: &str) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
         let config = format!(
-            "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n\n[delivery]\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ndata_timeout = \"5s\"\nprobe_interval = \"100ms\"\n{delivery}\n\n{domains}\n"
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ndata_timeout = \"5s\"\nprobe_interval = \"100ms\"\n{delivery}\n\n{domains}\n"
         );
         std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
         let mut relay = Relay { addr, dir, log: Arc::default(), child: None };

@@ -1,0 +1,65 @@
+//! The delivery outcome taxonomy against a sink that answers chosen codes: which failures
+//! move on to the next server, which fail the message, which defer it.
+
+use mxrelay_e2e::{Relay, Sink, eventually, send_one};
+
+/// What must happen to a message whose primary server misbehaves in one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Delivered by the backup server (preference 20) in the same run.
+    Backup,
+    /// Fails permanently: never offered to the backup.
+    Fails,
+    /// Deferred without trying the backup: the primary may already have it.
+    Deferred,
+}
+
+const CASES: [(&str, Expect); 13] = [
+    ("-f connect", Expect::Backup), // 5xx greeting
+    ("-r connect", Expect::Backup), // 4xx greeting
+    ("-f ehlo", Expect::Backup),
+    ("-r mail", Expect::Backup),
+    ("-f mail", Expect::Fails),
+    ("-r rcpt", Expect::Backup),
+    ("-f rcpt", Expect::Fails),
+    ("-r data", Expect::Backup),
+    ("-f data", Expect::Fails),
+    ("-r .", Expect::Backup),
+    ("-f .", Expect::Fails),
+    ("-q mail", Expect::Backup),  // connection lost before the final dot
+    ("-q .", Expect::Deferred),   // no reply to the final dot
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
+    let primaries: Vec<Sink> = CASES
+        .iter()
+        .map(|(args, _)| Sink::start("127.0.1.20", &args.split(' ').collect::<Vec<_>>()))
+        .collect();
+    let backup = Sink::start("127.0.1.21", &[]);
+    let (bhost, bport) = backup.host_port();
+    let mut domains = String::new();
+    for (i, p) in primaries.iter().enumerate() {
+        let (host, port) = p.host_port();
+        domains.push_str(&format!(
+            "[[domain]]\nname = \"case{i}.test\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = 10\n[[domain.server]]\nhost = \"{bhost}\"\nport = {bport}\npreference = 20\n"
+        ));
+    }
+    let relay = Relay::start(&domains, "retry = [\"1h\"]");
+    for i in 0..CASES.len() {
+        assert!(send_one(&relay.addr, &format!("u@case{i}.test"), i as u64).await, "relay refused case {i}");
+    }
+    for (i, (args, expect)) in CASES.iter().enumerate() {
+        let rcpt = format!("u@case{i}.test");
+        match expect {
+            Expect::Backup => eventually(&format!("case {args:?} delivered by the backup"), || backup.received().contains_key(&(i as u64))).await,
+            Expect::Fails => eventually(&format!("case {args:?} failed permanently"), || !relay.log_lines(&["permanent failure", &rcpt]).is_empty()).await,
+            Expect::Deferred => eventually(&format!("case {args:?} deferred"), || !relay.log_lines(&["deferred", "may be delivered twice"]).is_empty()).await,
+        }
+    }
+    // Only now is it safe to say what did not happen: every run has finished.
+    for (i, (args, expect)) in CASES.iter().enumerate() {
+        let at_backup = backup.received().contains_key(&(i as u64));
+        assert_eq!(at_backup, *expect == Expect::Backup, "case {args:?}: at backup = {at_backup}\n{}", relay.log_text());
+    }
+}
