@@ -26,8 +26,8 @@ const CASES: [(&str, Expect); 13] = [
     ("-f data", Expect::Fails),
     ("-r .", Expect::Backup),
     ("-f .", Expect::Fails),
-    ("-q mail", Expect::Backup),  // connection lost before the final dot
-    ("-q .", Expect::Deferred),   // no reply to the final dot
+    ("-q mail", Expect::Backup), // connection lost before the final dot
+    ("-q .", Expect::Deferred),  // no reply to the final dot
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,19 +47,44 @@ async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
     }
     let relay = Relay::start(&domains, "retry = [\"1h\"]");
     for i in 0..CASES.len() {
-        assert!(send_one(&relay.addr, &format!("u@case{i}.test"), i as u64).await, "relay refused case {i}");
+        assert!(
+            send_one(&relay.addr, &format!("u@case{i}.test"), i as u64).await,
+            "relay refused case {i}"
+        );
     }
     for (i, (args, expect)) in CASES.iter().enumerate() {
         let rcpt = format!("u@case{i}.test");
         match expect {
-            Expect::Backup => eventually(&format!("case {args:?} delivered by the backup"), || backup.received().contains_key(&(i as u64))).await,
-            Expect::Fails => eventually(&format!("case {args:?} failed permanently"), || !relay.log_lines(&["permanent failure", &rcpt]).is_empty()).await,
-            Expect::Deferred => eventually(&format!("case {args:?} deferred"), || !relay.log_lines(&["deferred", "may be delivered twice"]).is_empty()).await,
+            Expect::Backup => {
+                eventually(&format!("case {args:?} delivered by the backup"), || {
+                    backup.received().contains_key(&(i as u64))
+                })
+                .await
+            }
+            Expect::Fails => {
+                eventually(&format!("case {args:?} failed permanently"), || {
+                    !relay.log_lines(&["permanent failure", &rcpt]).is_empty()
+                })
+                .await
+            }
+            Expect::Deferred => {
+                eventually(&format!("case {args:?} deferred"), || {
+                    !relay
+                        .log_lines(&["deferred", "may be delivered twice"])
+                        .is_empty()
+                })
+                .await
+            }
         }
     }
     // Only now is it safe to say what did not happen: every run has finished.
     for (i, (args, expect)) in CASES.iter().enumerate() {
         let at_backup = backup.received().contains_key(&(i as u64));
-        assert_eq!(at_backup, *expect == Expect::Backup, "case {args:?}: at backup = {at_backup}\n{}", relay.log_text());
+        assert_eq!(
+            at_backup,
+            *expect == Expect::Backup,
+            "case {args:?}: at backup = {at_backup}\n{}",
+            relay.log_text()
+        );
     }
 }

@@ -23,7 +23,10 @@ impl Guest for Builtin {
 
     fn validate(servers: Vec<RawServer>) -> Vec<Problem> {
         let raw: Vec<core::RawServer> = servers.into_iter().map(raw_from_wit).collect();
-        core::validate(&raw).into_iter().map(problem_to_wit).collect()
+        core::validate(&raw)
+            .into_iter()
+            .map(problem_to_wit)
+            .collect()
     }
 }
 
@@ -32,13 +35,23 @@ impl GuestRouter for BuiltinRouter {
         // The built-in policy has no settings; anything given is ignored, as documented.
         let servers = servers
             .into_iter()
-            .map(|s| core::Server { host: s.host, port: s.port, preference: s.preference, weight: s.weight.max(1) })
+            .map(|s| core::Server {
+                host: s.host,
+                port: s.port,
+                preference: s.preference,
+                weight: s.weight.max(1),
+            })
             .collect();
         Ok(Router::new(BuiltinRouter(core::Router::new(servers))))
     }
 
     fn plan(&self, msg: Message) -> Vec<u32> {
-        self.0.plan(&core::PlanInput { seed: msg.seed, attempt: msg.attempt, now_ms: msg.now_ms, down: &msg.down })
+        self.0.plan(&core::PlanInput {
+            seed: msg.seed,
+            attempt: msg.attempt,
+            now_ms: msg.now_ms,
+            down: &msg.down,
+        })
     }
 }
 

@@ -1,1 +1,83 @@
-fn main() {}
+//! Plan latency for the seed page's 8-server list, native core and built-in component side
+//! by side in one run, plus component compile and instantiation times.
+//! Run: `cargo bench -p mxrelay-policy-host --bench component`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mxrelay_policy_core::{PlanInput, Router, Server};
+use mxrelay_policy_host::{Limits, Message, PolicyEngine};
+
+fn seed_servers() -> Vec<Server> {
+    [
+        ("mail.mailroutedemo.com", 10),
+        ("mail2.mailroutedemo.com", 10),
+        ("mail3.mailroutedemo.com", 10),
+        ("backup1.mailroutedemo.com", 20),
+        ("backup2.mailroutedemo.com", 20),
+        ("lastresort1.mailroutedemo.com", 30),
+        ("lastresort2.mailroutedemo.com", 30),
+        ("lastresort3.mailroutedemo.com", 30),
+    ]
+    .iter()
+    .map(|(h, p)| Server::new(*h, *p))
+    .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let servers = seed_servers();
+    let router = Router::new(servers.clone());
+    let mut out = Vec::with_capacity(8);
+    let mut seed = 0u64;
+    let mut group = c.benchmark_group("plan 8 servers");
+    group.bench_function("native core", |b| {
+        b.iter(|| {
+            seed += 1;
+            router.plan_into(
+                &PlanInput {
+                    seed: black_box(seed),
+                    attempt: 1,
+                    now_ms: 0,
+                    down: &[],
+                },
+                &mut out,
+            );
+            black_box(&out);
+        })
+    });
+
+    let engine = PolicyEngine::new(Limits::default()).expect("engine");
+    let component = engine.builtin().expect("builtin");
+    let mut instance = component.instantiate().expect("instance");
+    let handle = instance.router(&servers, "{}").expect("router");
+    let mut msg = Message {
+        seed: 0,
+        attempt: 1,
+        now_ms: 0,
+        down: vec![],
+        domain: "mailroutedemo.com".into(),
+        recipients: vec!["user@mailroutedemo.com".into()],
+        sender: "sender@example.net".into(),
+        size: 2048,
+    };
+    group.bench_function("component (host call included)", |b| {
+        b.iter(|| {
+            msg.seed += 1;
+            black_box(instance.plan(&handle, &msg).expect("plan"));
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("component setup");
+    group.sample_size(10);
+    group.bench_function("compile built-in component", |b| {
+        b.iter(|| black_box(engine.builtin().expect("builtin")))
+    });
+    group.bench_function("instantiate (pre-instantiated)", |b| {
+        b.iter(|| black_box(component.instantiate().expect("instance")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -28,7 +28,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { call_deadline: Duration::from_millis(50), max_memory_bytes: 16 << 20 }
+        Limits {
+            call_deadline: Duration::from_millis(50),
+            max_memory_bytes: 16 << 20,
+        }
     }
 }
 
@@ -54,7 +57,9 @@ pub struct PolicyEngine {
 
 impl std::fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyEngine").field("limits", &self.inner.limits).finish_non_exhaustive()
+        f.debug_struct("PolicyEngine")
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,8 +85,18 @@ impl PolicyEngine {
                     }
                 }
             })
-            .map_err(|e| PolicyError::Load { name: "engine".into(), reason: format!("cannot start epoch ticker: {e}") })?;
-        Ok(PolicyEngine { inner: Arc::new(EngineInner { engine, linker, limits, stop_ticker }) })
+            .map_err(|e| PolicyError::Load {
+                name: "engine".into(),
+                reason: format!("cannot start epoch ticker: {e}"),
+            })?;
+        Ok(PolicyEngine {
+            inner: Arc::new(EngineInner {
+                engine,
+                linker,
+                limits,
+                stop_ticker,
+            }),
+        })
     }
 
     /// The limits every call runs under.
@@ -96,15 +111,27 @@ impl PolicyEngine {
 
     /// Compiles and pre-instantiates a policy component; fails unless it implements the world.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<PolicyComponent, PolicyError> {
-        let component = Component::new(&self.inner.engine, bytes).map_err(|e| load_error(name, &e))?;
-        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| load_error(name, &e))?;
+        let component =
+            Component::new(&self.inner.engine, bytes).map_err(|e| load_error(name, &e))?;
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| load_error(name, &e))?;
         let pre = PolicyPre::new(instance_pre).map_err(|e| load_error(name, &e))?;
-        Ok(PolicyComponent { engine: self.clone(), pre, name: name.into() })
+        Ok(PolicyComponent {
+            engine: self.clone(),
+            pre,
+            name: name.into(),
+        })
     }
 }
 
 fn load_error(name: &str, e: &wasmtime::Error) -> PolicyError {
-    PolicyError::Load { name: name.into(), reason: format!("{e:#}") }
+    PolicyError::Load {
+        name: name.into(),
+        reason: format!("{e:#}"),
+    }
 }
 
 /// Per-store data: only the resource limiter.
@@ -122,7 +149,9 @@ pub struct PolicyComponent {
 
 impl std::fmt::Debug for PolicyComponent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyComponent").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("PolicyComponent")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,14 +165,27 @@ impl PolicyComponent {
     pub fn instantiate(&self) -> Result<PolicyInstance, PolicyError> {
         let limits = self.engine.inner.limits;
         let state = StoreState {
-            limits: StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).trap_on_grow_failure(true).instances(16).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.max_memory_bytes)
+                .trap_on_grow_failure(true)
+                .instances(16)
+                .build(),
         };
         let mut store = Store::new(&self.engine.inner.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(limits.call_deadline));
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| classify(&self.name, limits, e))?;
-        Ok(PolicyInstance { store, bindings, name: self.name.clone(), limits, poisoned: false })
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&self.name, limits, e))?;
+        Ok(PolicyInstance {
+            store,
+            bindings,
+            name: self.name.clone(),
+            limits,
+            poisoned: false,
+        })
     }
 }
 
@@ -155,11 +197,20 @@ fn deadline_ticks(deadline: Duration) -> u64 {
 fn classify(name: &str, limits: Limits, e: wasmtime::Error) -> PolicyError {
     let name = name.to_string();
     match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PolicyError::Timeout { name, deadline_ms: limits.call_deadline.as_millis() as u64 },
+        Some(Trap::Interrupt) => PolicyError::Timeout {
+            name,
+            deadline_ms: limits.call_deadline.as_millis() as u64,
+        },
         _ if format!("{e:#}").contains("forcing a memory growth failure") => {
-            PolicyError::MemoryLimit { name, limit_bytes: limits.max_memory_bytes }
+            PolicyError::MemoryLimit {
+                name,
+                limit_bytes: limits.max_memory_bytes,
+            }
         }
-        _ => PolicyError::Trap { name, reason: format!("{e:?}") },
+        _ => PolicyError::Trap {
+            name,
+            reason: format!("{e:?}"),
+        },
     }
 }
 
@@ -188,7 +239,10 @@ pub struct PolicyInstance {
 
 impl std::fmt::Debug for PolicyInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyInstance").field("name", &self.name).field("poisoned", &self.poisoned).finish_non_exhaustive()
+        f.debug_struct("PolicyInstance")
+            .field("name", &self.name)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
     }
 }
 
@@ -199,9 +253,12 @@ impl PolicyInstance {
         call: impl FnOnce(&Policy, &mut Store<StoreState>) -> wasmtime::Result<T>,
     ) -> Result<T, PolicyError> {
         if self.poisoned {
-            return Err(PolicyError::Poisoned { name: self.name.clone() });
+            return Err(PolicyError::Poisoned {
+                name: self.name.clone(),
+            });
         }
-        self.store.set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
         call(&self.bindings, &mut self.store).map_err(|e| {
             self.poisoned = true;
             classify(&self.name, self.limits, e)
@@ -216,27 +273,52 @@ impl PolicyInstance {
     /// Asks the policy to validate a server list as typed.
     pub fn validate(&mut self, raw: &[core::RawServer]) -> Result<Vec<core::Problem>, PolicyError> {
         let wit: Vec<_> = raw.iter().map(convert::raw_to_wit).collect();
-        let problems = self.guarded(|b, store| b.mxrelay_policy_routing().call_validate(store, &wit))?;
-        Ok(problems.into_iter().map(convert::problem_from_wit).collect())
+        let problems =
+            self.guarded(|b, store| b.mxrelay_policy_routing().call_validate(store, &wit))?;
+        Ok(problems
+            .into_iter()
+            .map(convert::problem_from_wit)
+            .collect())
     }
 
     /// Builds the policy's router for a validated server list and the domain's settings (JSON).
-    pub fn router(&mut self, servers: &[core::Server], settings_json: &str) -> Result<RouterHandle, PolicyError> {
+    pub fn router(
+        &mut self,
+        servers: &[core::Server],
+        settings_json: &str,
+    ) -> Result<RouterHandle, PolicyError> {
         let wit: Vec<_> = servers.iter().map(convert::server_to_wit).collect();
-        let created = self.guarded(|b, store| b.mxrelay_policy_routing().router().call_create(store, &wit, settings_json))?;
+        let created = self.guarded(|b, store| {
+            b.mxrelay_policy_routing()
+                .router()
+                .call_create(store, &wit, settings_json)
+        })?;
         match created {
-            Ok(resource) => Ok(RouterHandle { resource, servers: servers.len() }),
+            Ok(resource) => Ok(RouterHandle {
+                resource,
+                servers: servers.len(),
+            }),
             Err(problems) => Err(PolicyError::Settings {
                 name: self.name.clone(),
-                problems: problems.into_iter().map(convert::problem_from_wit).collect(),
+                problems: problems
+                    .into_iter()
+                    .map(convert::problem_from_wit)
+                    .collect(),
             }),
         }
     }
 
     /// Asks for one message's plan and checks that it names every server exactly once.
     pub fn plan(&mut self, router: &RouterHandle, msg: &Message) -> Result<Vec<u32>, PolicyError> {
-        let plan = self.guarded(|b, store| b.mxrelay_policy_routing().router().call_plan(store, router.resource, msg))?;
-        check_plan(&plan, router.servers).map_err(|reason| PolicyError::InvalidPlan { name: self.name.clone(), reason })?;
+        let plan = self.guarded(|b, store| {
+            b.mxrelay_policy_routing()
+                .router()
+                .call_plan(store, router.resource, msg)
+        })?;
+        check_plan(&plan, router.servers).map_err(|reason| PolicyError::InvalidPlan {
+            name: self.name.clone(),
+            reason,
+        })?;
         Ok(plan)
     }
 

@@ -1,6 +1,6 @@
 //! The `mxrelay` command: `run`, `check`, `plan`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -10,7 +10,11 @@ use mxrelay::simulate;
 use mxrelay_policy_core::Severity;
 
 #[derive(Debug, Parser)]
-#[command(name = "mxrelay", version, about = "Delivers filtered inbound mail to each customer's own mail servers, MX-style.")]
+#[command(
+    name = "mxrelay",
+    version,
+    about = "Delivers filtered inbound mail to each customer's own mail servers, MX-style."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,12 +59,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
-        Command::Plan { config, domain, messages, down, now_ms, json } => plan(&config, &domain, messages, &down, now_ms, json),
+        Command::Plan {
+            config,
+            domain,
+            messages,
+            down,
+            now_ms,
+            json,
+        } => plan(&config, &domain, messages, &down, now_ms, json),
     }
 }
 
 /// Loads the config and its policies; prints problems one per line to stderr.
-fn load(path: &PathBuf) -> Option<(Config, Policies)> {
+fn load(path: &Path) -> Option<(Config, Policies)> {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(ConfigError::Invalid { problems }) => {
@@ -92,14 +103,22 @@ fn print_problems(problems: &[ConfigProblem]) {
     }
 }
 
-fn run(path: &PathBuf) -> ExitCode {
+fn run(path: &Path) -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MXRELAY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MXRELAY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let Some((config, policies)) = load(path) else { return ExitCode::FAILURE };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let Some((config, policies)) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -127,10 +146,11 @@ async fn wait_for_shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -140,22 +160,39 @@ async fn wait_for_shutdown() {
     let _ = ctrl_c.await;
 }
 
-fn check(path: &PathBuf) -> ExitCode {
+fn check(path: &Path) -> ExitCode {
     match load(path) {
         Some((config, _)) => {
             let servers: usize = config.domains.iter().map(|d| d.servers.len()).sum();
-            println!("{}: ok ({} domains, {servers} servers)", path.display(), config.domains.len());
+            println!(
+                "{}: ok ({} domains, {servers} servers)",
+                path.display(),
+                config.domains.len()
+            );
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
     }
 }
 
-fn plan(path: &PathBuf, domain: &str, messages: u64, down: &[String], now_ms: Option<u64>, json: bool) -> ExitCode {
-    let Some((config, policies)) = load(path) else { return ExitCode::FAILURE };
+fn plan(
+    path: &Path,
+    domain: &str,
+    messages: u64,
+    down: &[String],
+    now_ms: Option<u64>,
+    json: bool,
+) -> ExitCode {
+    let Some((config, policies)) = load(path) else {
+        return ExitCode::FAILURE;
+    };
     let Some(domain_config) = config.domain(domain) else {
         let known: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
-        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
+        eprintln!(
+            "error: --domain {domain:?} is not configured in {}; configured: {}",
+            path.display(),
+            known.join(", ")
+        );
         return ExitCode::FAILURE;
     };
     let Some(policy) = policies.domain(&domain_config.name) else {
@@ -170,7 +207,9 @@ fn plan(path: &PathBuf, domain: &str, messages: u64, down: &[String], now_ms: Op
         }
     };
     let now_ms = now_ms.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
     });
     let sim = simulate::simulate(&domain_config.name, policy, messages, &down, now_ms);
     if json {

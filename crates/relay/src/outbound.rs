@@ -102,7 +102,9 @@ pub struct Transport {
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("hostname", &self.hostname).finish_non_exhaustive()
+        f.debug_struct("Transport")
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,7 +118,16 @@ fn error_text(e: &mail_send::Error) -> String {
         mail_send::Error::Timeout => "timed out".into(),
         mail_send::Error::UnparseableReply => "connection lost or unparseable reply".into(),
         mail_send::Error::UnexpectedReply(r) => reply_text(r),
-        other => other.to_string(),
+        other @ (mail_send::Error::Tls(_)
+        | mail_send::Error::Base64(_)
+        | mail_send::Error::Auth(_)
+        | mail_send::Error::AuthenticationFailed(_)
+        | mail_send::Error::InvalidTLSName
+        | mail_send::Error::MissingCredentials
+        | mail_send::Error::MissingMailFrom
+        | mail_send::Error::MissingRcptTo
+        | mail_send::Error::UnsupportedAuthMechanism
+        | mail_send::Error::MissingStartTls) => other.to_string(),
     }
 }
 
@@ -127,7 +138,10 @@ impl Transport {
             Some(addr) => {
                 let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
                 let config = ResolverConfig::from_parts(None, vec![], group);
-                Some(TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).build())
+                Some(
+                    TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+                        .build(),
+                )
             }
             None => match TokioResolver::builder_tokio() {
                 Ok(b) => Some(b.build()),
@@ -151,13 +165,23 @@ impl Transport {
     pub async fn addresses(&self, server: &Server) -> Result<Vec<SocketAddr>, String> {
         match server.kind() {
             HostKind::Ipv4 | HostKind::Ipv6 => {
-                let ip: IpAddr = server.host.parse().map_err(|_| format!("bad IP literal {}", server.host))?;
+                let ip: IpAddr = server
+                    .host
+                    .parse()
+                    .map_err(|_| format!("bad IP literal {}", server.host))?;
                 Ok(vec![SocketAddr::new(ip, server.port)])
             }
             HostKind::Name => {
                 let resolver = self.resolver.as_ref().ok_or("no DNS resolver configured")?;
-                let lookup = resolver.lookup_ip(format!("{}.", server.host)).await.map_err(|e| format!("DNS lookup of {} failed: {e}", server.host))?;
-                let addrs: Vec<SocketAddr> = lookup.iter().take(MAX_ADDRESSES).map(|ip| SocketAddr::new(ip, server.port)).collect();
+                let lookup = resolver
+                    .lookup_ip(format!("{}.", server.host))
+                    .await
+                    .map_err(|e| format!("DNS lookup of {} failed: {e}", server.host))?;
+                let addrs: Vec<SocketAddr> = lookup
+                    .iter()
+                    .take(MAX_ADDRESSES)
+                    .map(|ip| SocketAddr::new(ip, server.port))
+                    .collect();
                 if addrs.is_empty() {
                     return Err(format!("{} has no A or AAAA record", server.host));
                 }
@@ -167,7 +191,10 @@ impl Transport {
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<Session> {
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some((session, since)) = list.pop() {
             if since.elapsed() < IDLE_REUSE {
@@ -181,13 +208,21 @@ impl Transport {
         if session.sent >= MAX_REUSE {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.entry(addr).or_default().push((session, Instant::now()));
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.entry(addr)
+            .or_default()
+            .push((session, Instant::now()));
     }
 
     /// Drops every idle connection to `addrs` (the server was found down).
     pub fn forget(&self, addrs: &[SocketAddr]) {
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for a in addrs {
             idle.remove(a);
         }
@@ -196,18 +231,36 @@ impl Transport {
     async fn open(&self, addr: SocketAddr) -> Result<Session, ServerVerdict> {
         let mut client = SmtpClient::connect(addr, self.connect_timeout)
             .await
-            .map_err(|e| ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e))))?;
+            .map_err(|e| {
+                ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e)))
+            })?;
         let _ = client.stream.set_nodelay(true);
         client.timeout = self.command_timeout;
         let greeting = tokio::time::timeout(self.command_timeout, client.read())
             .await
-            .map_err(|_| ServerVerdict::SessionFailed(format!("{addr}: no greeting within {:?}", self.command_timeout)))?
-            .map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: greeting: {}", error_text(&e))))?;
+            .map_err(|_| {
+                ServerVerdict::SessionFailed(format!(
+                    "{addr}: no greeting within {:?}",
+                    self.command_timeout
+                ))
+            })?
+            .map_err(|e| {
+                ServerVerdict::SessionFailed(format!("{addr}: greeting: {}", error_text(&e)))
+            })?;
         if greeting.code != 220 {
-            return Err(ServerVerdict::SessionFailed(format!("{addr}: greeting {}", reply_text(&greeting))));
+            return Err(ServerVerdict::SessionFailed(format!(
+                "{addr}: greeting {}",
+                reply_text(&greeting)
+            )));
         }
-        let ehlo = client.ehlo(&self.hostname).await.map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e))))?;
-        Ok(Session { client, capabilities: ehlo.capabilities, sent: 0 })
+        let ehlo = client.ehlo(&self.hostname).await.map_err(|e| {
+            ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e)))
+        })?;
+        Ok(Session {
+            client,
+            capabilities: ehlo.capabilities,
+            sent: 0,
+        })
     }
 
     /// Offers `msg` to one address: a reused connection when one is idle, else a new one.
@@ -216,7 +269,9 @@ impl Transport {
             match self.transaction(addr, session, msg).await {
                 Attempt::Verdict(verdict) => return verdict,
                 // A cached connection the server has since closed: not the server's fault.
-                Attempt::Stale(why) => tracing::debug!(%addr, why, "cached connection went stale; reconnecting"),
+                Attempt::Stale(why) => {
+                    tracing::debug!(%addr, why, "cached connection went stale; reconnecting")
+                }
             }
         }
         match self.open(addr).await {
@@ -231,14 +286,22 @@ impl Transport {
     async fn transaction(&self, addr: SocketAddr, s: Session, msg: &Outgoing<'_>) -> Attempt {
         let reused = s.sent > 0;
         let mut failed_before_reply = None;
-        let verdict = self.transaction_inner(addr, s, msg, &mut failed_before_reply).await;
+        let verdict = self
+            .transaction_inner(addr, s, msg, &mut failed_before_reply)
+            .await;
         match failed_before_reply {
             Some(why) if reused => Attempt::Stale(why),
             _ => Attempt::Verdict(verdict),
         }
     }
 
-    async fn transaction_inner(&self, addr: SocketAddr, mut s: Session, msg: &Outgoing<'_>, failed_before_reply: &mut Option<String>) -> ServerVerdict {
+    async fn transaction_inner(
+        &self,
+        addr: SocketAddr,
+        mut s: Session,
+        msg: &Outgoing<'_>,
+        failed_before_reply: &mut Option<String>,
+    ) -> ServerVerdict {
         let mut mail = format!("MAIL FROM:<{}>", msg.sender);
         if s.capabilities & EXT_SIZE != 0 {
             mail.push_str(&format!(" SIZE={}", msg.data.len()));
@@ -250,7 +313,9 @@ impl Transport {
         let utf8_envelope = !msg.sender.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
         if utf8_envelope {
             if s.capabilities & EXT_SMTP_UTF8 == 0 {
-                return ServerVerdict::PermFailed(format!("{addr}: the address needs SMTPUTF8, which the server does not offer"));
+                return ServerVerdict::PermFailed(format!(
+                    "{addr}: the address needs SMTPUTF8, which the server does not offer"
+                ));
             }
             mail.push_str(" SMTPUTF8");
         }
@@ -264,7 +329,10 @@ impl Transport {
                 Ok(r) => r,
                 Err(e) => {
                     *failed_before_reply = Some(error_text(&e));
-                    return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
+                    return ServerVerdict::SessionFailed(format!(
+                        "{addr}: connection lost: {}",
+                        error_text(&e)
+                    ));
                 }
             }
         } else {
@@ -282,7 +350,10 @@ impl Transport {
                         if i == 0 {
                             *failed_before_reply = Some(error_text(&e));
                         }
-                        return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
+                        return ServerVerdict::SessionFailed(format!(
+                            "{addr}: connection lost: {}",
+                            error_text(&e)
+                        ));
                     }
                 }
             }
@@ -295,7 +366,11 @@ impl Transport {
         if mail_reply.code >= 400 {
             self.reset(addr, s).await;
             let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
-            return if mail_reply.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
+            return if mail_reply.code >= 500 {
+                ServerVerdict::PermFailed(text)
+            } else {
+                ServerVerdict::TempFailed(text)
+            };
         }
         let rcpts: Vec<RcptVerdict> = msg
             .recipients
@@ -303,7 +378,9 @@ impl Transport {
             .enumerate()
             .map(|(i, _)| match replies.get(i + 1) {
                 Some(r) if r.code / 100 == 2 => RcptVerdict::Delivered,
-                Some(r) if r.code >= 500 => RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r))),
+                Some(r) if r.code >= 500 => {
+                    RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r)))
+                }
                 Some(r) => RcptVerdict::TempRejected(format!("{addr}: RCPT: {}", reply_text(r))),
                 None => RcptVerdict::TempRejected(format!("{addr}: no RCPT reply")),
             })
@@ -317,25 +394,47 @@ impl Transport {
                 let _ = s.client.read().await;
             }
             self.reset(addr, s).await;
-            return ServerVerdict::Completed { rcpts, reply: String::new() };
+            return ServerVerdict::Completed {
+                rcpts,
+                reply: String::new(),
+            };
         }
         match data_reply {
             Some(r) if r.code == 354 => {}
             Some(r) => {
                 self.reset(addr, s).await;
                 let text = format!("{addr}: DATA: {}", reply_text(r));
-                return if r.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
+                return if r.code >= 500 {
+                    ServerVerdict::PermFailed(text)
+                } else {
+                    ServerVerdict::TempFailed(text)
+                };
             }
             None => return ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")),
         }
         let mut wire = Vec::new();
         dot_stuff(msg.data, &mut wire);
-        if let Err(e) = tokio::time::timeout(self.data_timeout, s.client.stream.write_all(&wire)).await.unwrap_or(Err(std::io::ErrorKind::TimedOut.into())) {
-            return ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}"));
+        if let Err(e) = tokio::time::timeout(self.data_timeout, s.client.stream.write_all(&wire))
+            .await
+            .unwrap_or(Err(std::io::ErrorKind::TimedOut.into()))
+        {
+            return ServerVerdict::SessionFailed(format!(
+                "{addr}: connection lost while sending data: {e}"
+            ));
         }
         let final_reply = match tokio::time::timeout(self.data_timeout, s.client.read()).await {
-            Err(_) => return ServerVerdict::Unknown(format!("{addr}: no reply to the final dot within {:?}", self.data_timeout)),
-            Ok(Err(e)) => return ServerVerdict::Unknown(format!("{addr}: after the final dot: {}", error_text(&e))),
+            Err(_) => {
+                return ServerVerdict::Unknown(format!(
+                    "{addr}: no reply to the final dot within {:?}",
+                    self.data_timeout
+                ));
+            }
+            Ok(Err(e)) => {
+                return ServerVerdict::Unknown(format!(
+                    "{addr}: after the final dot: {}",
+                    error_text(&e)
+                ));
+            }
             Ok(Ok(r)) => r,
         };
         let text = format!("{addr}: {}", reply_text(&final_reply));
@@ -366,9 +465,18 @@ impl Transport {
 
     /// Whether `addr` answers with a `220` greeting (used to probe servers marked down).
     pub async fn probe(&self, addr: SocketAddr) -> Result<(), String> {
-        let mut client = SmtpClient::connect(addr, self.connect_timeout).await.map_err(|e| error_text(&e))?;
-        let greeting = tokio::time::timeout(self.command_timeout, client.read()).await.map_err(|_| "no greeting".to_string())?.map_err(|e| error_text(&e))?;
+        let mut client = SmtpClient::connect(addr, self.connect_timeout)
+            .await
+            .map_err(|e| error_text(&e))?;
+        let greeting = tokio::time::timeout(self.command_timeout, client.read())
+            .await
+            .map_err(|_| "no greeting".to_string())?
+            .map_err(|e| error_text(&e))?;
         let _ = client.stream.write_all(b"QUIT\r\n").await;
-        if greeting.code == 220 { Ok(()) } else { Err(reply_text(&greeting)) }
+        if greeting.code == 220 {
+            Ok(())
+        } else {
+            Err(reply_text(&greeting))
+        }
     }
 }

@@ -53,7 +53,10 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     fn delay(&self, attempts: u32) -> Duration {
         let i = (attempts.max(1) as usize - 1).min(self.schedule.len().saturating_sub(1));
-        self.schedule.get(i).copied().unwrap_or(Duration::from_secs(300))
+        self.schedule
+            .get(i)
+            .copied()
+            .unwrap_or(Duration::from_secs(300))
     }
 }
 
@@ -72,7 +75,9 @@ pub struct Scheduler {
 
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scheduler").field("entries", &self.entries.len()).finish_non_exhaustive()
+        f.debug_struct("Scheduler")
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -117,7 +122,9 @@ impl Scheduler {
             let next = self.timers.peek().map(|Reverse((at, _))| *at);
             let sleep = async {
                 match next {
-                    Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+                    Some(at) => {
+                        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -137,11 +144,19 @@ impl Scheduler {
                 self.ready.pop_front();
                 continue;
             }
-            let Ok(permit) = self.workers.clone().try_acquire_owned() else { return };
+            let Ok(permit) = self.workers.clone().try_acquire_owned() else {
+                return;
+            };
             self.ready.pop_front();
-            let Some(env) = self.entries.get(&id).cloned() else { continue };
+            let Some(env) = self.entries.get(&id).cloned() else {
+                continue;
+            };
             self.in_flight.insert(id);
-            let (deliverer, queue, events) = (self.deliverer.clone(), self.queue.clone(), self.events.clone());
+            let (deliverer, queue, events) = (
+                self.deliverer.clone(),
+                self.queue.clone(),
+                self.events.clone(),
+            );
             tokio::spawn(async move {
                 let outcome = match queue.read_data(env.id) {
                     Ok(data) => deliverer.deliver(&env, &data).await,
@@ -165,7 +180,11 @@ impl Scheduler {
                 break;
             }
             self.timers.pop();
-            if self.entries.get(&id).is_some_and(|e| e.next_attempt_ms <= now) {
+            if self
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.next_attempt_ms <= now)
+            {
                 self.ready.push_back(id);
             }
         }
@@ -180,7 +199,11 @@ impl Scheduler {
                 let ids: Vec<u64> = self
                     .entries
                     .values()
-                    .filter(|e| policies.domain(&e.domain).is_some_and(|p| p.servers().iter().any(|s| health::key(s) == server_key)))
+                    .filter(|e| {
+                        policies.domain(&e.domain).is_some_and(|p| {
+                            p.servers().iter().any(|s| health::key(s) == server_key)
+                        })
+                    })
                     .map(|e| e.id)
                     .collect();
                 tracing::info!(server = %server_key, queued = ids.len(), "server recovered; retrying its domains' queued mail now");
@@ -227,7 +250,12 @@ impl Scheduler {
                 self.entries.remove(&env.id);
                 self.queue.remove(env.id);
             }
-            Outcome::Deferred { failed, remaining, reason, .. } => {
+            Outcome::Deferred {
+                failed,
+                remaining,
+                reason,
+                ..
+            } => {
                 for (rcpt, why) in &failed {
                     tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
                     metrics::counter!("mxrelay_failed_total").increment(1);
@@ -236,15 +264,21 @@ impl Scheduler {
                 env.attempts += 1;
                 env.last_error = Some(reason.to_string());
                 let now = now_ms();
-                if now.saturating_sub(env.received_ms) >= self.retry.max_lifetime.as_millis() as u64 {
+                if now.saturating_sub(env.received_ms) >= self.retry.max_lifetime.as_millis() as u64
+                {
                     tracing::warn!(queue_id = %env.queue_id(), rcpts = ?env.recipients, reason = %reason, "expired after max_queue_lifetime; giving up");
                     metrics::counter!("mxrelay_expired_total").increment(1);
                     self.entries.remove(&env.id);
                     self.queue.remove(env.id);
                 } else {
                     // A server may have come back while this run found them all down.
-                    let recovered = reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
-                    let delay = if recovered { Duration::ZERO } else { self.retry.delay(env.attempts) };
+                    let recovered =
+                        reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
+                    let delay = if recovered {
+                        Duration::ZERO
+                    } else {
+                        self.retry.delay(env.attempts)
+                    };
                     env.next_attempt_ms = now + delay.as_millis() as u64;
                     tracing::info!(queue_id = %env.queue_id(), attempts = env.attempts, retry_in = ?delay, reason = %reason, "deferred");
                     metrics::counter!("mxrelay_deferred_total").increment(1);
@@ -262,6 +296,10 @@ impl Scheduler {
 
     fn any_server_up(&self, domain: &str) -> bool {
         let policies = self.deliverer.policies();
-        policies.domain(domain).is_some_and(|p| p.servers().iter().any(|s| !self.deliverer.health().is_down(s)))
+        policies.domain(domain).is_some_and(|p| {
+            p.servers()
+                .iter()
+                .any(|s| !self.deliverer.health().is_down(s))
+        })
     }
 }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building and testing mxrelay needs on a fresh Debian machine (idempotent).
+#   scripts/setup.sh          Rust wasm targets only (enough to build and run the relay)
+#   scripts/setup.sh --test   also the test peers: Postfix's smtp-sink/smtp-source, swaks,
+#                             dnsmasq, dig, and the browser-test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# The built-in policy is compiled to WebAssembly during the build.
+installed=$(rustup target list --installed)
+for t in wasm32-unknown-unknown; do
+  grep -qx "$t" <<<"$installed" || rustup target add "$t"
+done
+
+[ "${1:-}" = "--test" ] || exit 0
+
+pkgs=()
+command -v smtp-sink >/dev/null || command -v /usr/sbin/smtp-sink >/dev/null || pkgs+=(postfix)
+command -v swaks >/dev/null || pkgs+=(swaks)
+command -v dnsmasq >/dev/null || command -v /usr/sbin/dnsmasq >/dev/null || pkgs+=(dnsmasq-base)
+command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
+if [ ${#pkgs[@]} -gt 0 ]; then
+  echo "setup: installing ${pkgs[*]}"
+  need_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+  # Postfix is only wanted for smtp-sink/smtp-source: no mail system is configured or started.
+  echo "postfix postfix/main_mailer_type select No configuration" | need_root debconf-set-selections
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
