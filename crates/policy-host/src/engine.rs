@@ -14,8 +14,9 @@ use crate::convert;
 use crate::error::{PolicyError, check_plan};
 use crate::{BUILTIN_COMPONENT, Message};
 
-/// How long one epoch tick lasts; deadlines are whole ticks.
-const TICK: Duration = Duration::from_millis(1);
+/// How long one epoch tick lasts; deadlines are whole ticks. Coarse on purpose: the ticker
+/// thread wakes once per tick for the life of the process.
+const TICK: Duration = Duration::from_millis(5);
 
 /// Limits applied to every policy call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +49,7 @@ impl Drop for EngineInner {
     }
 }
 
-/// A wasmtime engine configured for policies: epoch interruption driven by a 1 ms ticker
+/// A wasmtime engine configured for policies: epoch interruption driven by a 5 ms ticker
 /// thread, and memory caps. Cheap to clone; the ticker stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct PolicyEngine {

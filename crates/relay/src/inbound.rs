@@ -455,7 +455,9 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         Ok(()) => {
             metrics::counter!("mxrelay_accepted_total").increment(1);
             tracing::info!(queue_id = %format_id(first_id), %peer, sender, rcpts = txn.recipients.len(), size = data.len(), "accepted");
-            let _ = inbound.events.send(Event::Accepted(envelopes));
+            let _ = inbound
+                .events
+                .send(Event::Accepted(envelopes, data.clone()));
             Ok(Some(format!("250 2.0.0 queued as {}", format_id(first_id))))
         }
         Err(e) => {

@@ -325,7 +325,15 @@ impl Transport {
         commands.push("DATA\r\n".into());
 
         let replies = if s.capabilities & EXT_PIPELINING != 0 {
-            match s.client.cmds(&commands).await {
+            // One write for the whole pipelined group (mail-send's `cmds` writes each separately).
+            let batch = commands.concat();
+            let sent = tokio::time::timeout(self.command_timeout, async {
+                s.client.stream.write_all(batch.as_bytes()).await?;
+                s.client.read_many(commands.len()).await
+            })
+            .await
+            .unwrap_or(Err(mail_send::Error::Timeout));
+            match sent {
                 Ok(r) => r,
                 Err(e) => {
                     *failed_before_reply = Some(error_text(&e));

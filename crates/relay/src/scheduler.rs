@@ -18,8 +18,9 @@ use crate::queue::{Envelope, Queue, now_ms};
 /// Events the scheduler reacts to.
 #[derive(Debug)]
 pub enum Event {
-    /// Newly accepted envelopes (already durable).
-    Accepted(Vec<Envelope>),
+    /// Newly accepted envelopes (already durable) with their data, so the first delivery
+    /// need not read it back from disk.
+    Accepted(Vec<Envelope>, Arc<Vec<u8>>),
     /// A delivery run ended.
     Finished(Box<Envelope>, Outcome),
     /// A server (by health key) answers again.
@@ -63,6 +64,8 @@ impl RetryPolicy {
 /// The scheduler's state and loop.
 pub struct Scheduler {
     entries: HashMap<u64, Envelope>,
+    /// Data of envelopes not yet tried, kept from intake for their first delivery.
+    fresh: HashMap<u64, Arc<Vec<u8>>>,
     in_flight: HashSet<u64>,
     timers: BinaryHeap<Reverse<(u64, u64)>>,
     ready: VecDeque<u64>,
@@ -93,6 +96,7 @@ impl Scheduler {
     ) -> Scheduler {
         let mut s = Scheduler {
             entries: HashMap::new(),
+            fresh: HashMap::new(),
             in_flight: HashSet::new(),
             timers: BinaryHeap::new(),
             ready: VecDeque::new(),
@@ -157,8 +161,13 @@ impl Scheduler {
                 self.queue.clone(),
                 self.events.clone(),
             );
+            let fresh = self.fresh.remove(&id);
             tokio::spawn(async move {
-                let outcome = match queue.read_data(env.id) {
+                let data = match fresh {
+                    Some(data) => Ok(data),
+                    None => queue.read_data(env.id).map(Arc::new),
+                };
+                let outcome = match data {
                     Ok(data) => deliverer.deliver(&env, &data).await,
                     Err(e) => Outcome::Deferred {
                         delivered: vec![],
@@ -192,7 +201,12 @@ impl Scheduler {
 
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::Accepted(envs) => self.accept(envs),
+            Event::Accepted(envs, data) => {
+                for env in &envs {
+                    self.fresh.insert(env.id, data.clone());
+                }
+                self.accept(envs);
+            }
             Event::Finished(env, outcome) => self.finished(*env, outcome),
             Event::Recovered(server_key) => {
                 let policies = self.deliverer.policies();
@@ -248,6 +262,7 @@ impl Scheduler {
                 }
                 tracing::debug!(queue_id = %env.queue_id(), delivered = delivered.len(), failed = failed.len(), "done");
                 self.entries.remove(&env.id);
+                self.fresh.remove(&env.id);
                 self.queue.remove(env.id);
             }
             Outcome::Deferred {

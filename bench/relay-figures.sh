@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Acceptance latency (p50/p99) and memory: RSS idle and with 10k queued messages.
+#   usage: bench/relay-figures.sh          env: N=5000 SESS=20 QUEUED=10000
+# Latency: mxrelay-loadgen -> mxrelay -> two smtp-sinks (fsync on).
+# Memory: the domain's only server refuses connections, so accepted mail stays queued.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+N=${N:-5000}; SESS=${SESS:-20}; QUEUED=${QUEUED:-10000}
+(cd "$ROOT" && cargo build --release -q -p mxrelay -p mxrelay-e2e)
+BIN=$ROOT/target/release/mxrelay; GEN=$ROOT/target/release/mxrelay-loadgen
+W=$(mktemp -d); PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$W"' EXIT
+rss() { awk '/VmRSS/{printf "%.1f MB", $2/1024}' "/proc/$1/status"; }
+start_relay() {  # start_relay NAME PORT SERVERS...
+  local name=$1 port=$2; shift 2
+  { printf '[relay]\nhostname = "bench.test"\nlisten = ["127.0.0.1:%s"]\nqueue = "%s"\nmax_connections_per_client = 1000\n' "$port" "$name-queue"
+    printf '[delivery]\nretry = ["1h"]\n[[domain]]\nname = "customer.test"\n'
+    for s in "$@"; do printf '[[domain.server]]\nhost = "%s"\nport = %s\npreference = 10\n' "${s%:*}" "${s#*:}"; done; } > "$W/$name.toml"
+  MXRELAY_LOG=warn,mxrelay=info "$BIN" run "$W/$name.toml" 2> "$W/$name.log" & PIDS+=($!)
+  until grep -q "mxrelay ready" "$W/$name.log"; do sleep 0.05; done
+}
+smtp-sink -u nobody 127.0.1.1:2701 256 & PIDS+=($!)
+smtp-sink -u nobody 127.0.1.2:2701 256 & PIDS+=($!)
+start_relay lat 2700 127.0.1.1:2701 127.0.1.2:2701
+echo "latency: $("$GEN" 127.0.0.1:2700 user@customer.test "$N" "$SESS")"
+
+start_relay mem 2710 127.0.1.250:9
+P=${PIDS[-1]}
+sleep 1; echo "RSS idle: $(rss "$P")"
+"$GEN" 127.0.0.1:2710 user@customer.test "$QUEUED" "$SESS" > "$W/fill.txt"
+echo "queued: $(cat "$W/fill.txt")"
+echo "RSS with $QUEUED queued: $(rss "$P")"

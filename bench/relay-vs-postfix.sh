@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# End-to-end throughput, side by side in one run: smtp-source -> {direct sink, Postfix,
+# mxrelay} -> two equal-preference smtp-sinks, fsync on (the methodology of
+# ../shared/bench/postfix/bench-throughput.sh, whose helpers this sources).
+#   usage: bench/relay-vs-postfix.sh      env: N=5000 SIZE=2048 SESS=20 RUNS=3
+# Needs Postfix set up as the reference relay first: bash ../shared/bench/postfix/setup.sh
+# Prints a table of medians and the ratios mxrelay/Postfix and mxrelay/direct.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
+source "$SHARED/lib.sh"
+N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
+SINKS=(127.0.1.1 127.0.1.2)
+MX_ADDR=127.0.0.1:2626
+BIN=$ROOT/target/release/mxrelay
+[ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
+WORK=$(mktemp -d); trap 'kill $(cat $WORK/mx.pid 2>/dev/null) 2>/dev/null; sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
+
+cat > "$WORK/relay.toml" <<TOML
+[relay]
+hostname = "mxrelay.test"
+listen = ["$MX_ADDR"]
+queue = "queue"
+[delivery]
+resolver = "$DNS_IP:53"
+[[domain]]
+name = "customer.test"
+[[domain.server]]
+host = "mx1.customer.test"
+preference = 10
+[[domain.server]]
+host = "mx2.customer.test"
+preference = 10
+TOML
+
+wait_total() {  # wait_total TARGET -> seconds timestamp when the sinks reached it
+  local end=$(( $(date +%s) + 600 ))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    [ "$(sinks_total "${SINKS[@]}")" -ge "$1" ] && return 0; sleep 0.05; done
+  return 1
+}
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
+measure() {  # measure TARGET_ADDR -> msg/s end to end
+  local t0 te
+  t0=$(now)
+  smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test "$1" > "$WORK/source.out" 2>&1
+  wait_total "$N" || echo "TIMEOUT" >&2
+  te=$(now)
+  awk -v n="$N" -v t="$(elapsed "$t0" "$te")" 'BEGIN{printf "%.1f", n/t}'
+}
+
+dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
+direct=(); postfix=(); mx=(); split=()
+for i in $(seq "$RUNS"); do
+  sinks_stop_all; sink_start 127.0.1.1
+  direct+=("$(measure 127.0.1.1:25)")
+
+  sinks_stop_all; for ip in "${SINKS[@]}"; do sink_start "$ip"; done
+  pf_stop; queue_purge; pf_start; sleep 1
+  postfix+=("$(measure 127.0.0.1:2525)")
+  pf_stop
+
+  sinks_stop_all; for ip in "${SINKS[@]}"; do sink_start "$ip"; done
+  rm -rf "$WORK/queue"
+  "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & echo $! > "$WORK/mx.pid"
+  until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
+  mx+=("$(measure $MX_ADDR)")
+  split+=("$(sink_count 127.0.1.1)/$(sink_count 127.0.1.2)")
+  kill "$(cat "$WORK/mx.pid")"; wait "$(cat "$WORK/mx.pid")" 2>/dev/null
+  echo "run $i: direct ${direct[-1]}  postfix ${postfix[-1]}  mxrelay ${mx[-1]} msg/s (mxrelay split ${split[-1]})"
+done
+d=$(median "${direct[@]}"); p=$(median "${postfix[@]}"); m=$(median "${mx[@]}")
+echo
+echo "| path (N=$N, $SIZE-byte, $SESS sessions, fsync on, $(nproc) cores) | runs (msg/s) | median msg/s |"
+echo "|---|---|---|"
+echo "| smtp-source -> smtp-sink (direct) | ${direct[*]} | $d |"
+echo "| smtp-source -> Postfix $(postconf -h mail_version) -> 2 sinks | ${postfix[*]} | $p |"
+echo "| smtp-source -> mxrelay -> 2 sinks | ${mx[*]} | $m |"
+echo
+awk -v m="$m" -v p="$p" -v d="$d" 'BEGIN{printf "mxrelay / Postfix = %.2fx   mxrelay / direct = %.2f\n", m/p, m/d}'
+echo "mxrelay per-sink split: ${split[*]}"
