@@ -72,11 +72,7 @@ impl Sink {
     pub fn start(ip: &str, args: &[&str]) -> Sink {
         let dir = tempfile::tempdir().expect("tempdir");
         // smtp-sink drops privileges to `nobody` when run as root; it must be able to write.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .expect("chmod");
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
         let mut sink = Sink {
             addr: format!("{ip}:{}", free_port(ip)),
             args: args.iter().map(ToString::to_string).collect(),
@@ -103,13 +99,11 @@ impl Sink {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start smtp-sink ({e}); install Debian's postfix package (the README's test command does)"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start smtp-sink ({e}); install Debian's postfix package (the README's test command does)")
+            });
         self.child = Some(child);
-        assert!(
-            wait_until(PATIENCE, || listening(&self.addr)),
-            "smtp-sink on {} did not start listening",
-            self.addr
-        );
+        assert!(wait_until(PATIENCE, || listening(&self.addr)), "smtp-sink on {} did not start listening", self.addr);
     }
 
     /// Kills the sink at once (SIGKILL), mid-transaction if it is in one.
@@ -123,10 +117,7 @@ impl Sink {
     /// Sequence numbers of the complete messages received, with how often each arrived.
     pub fn received(&self) -> BTreeMap<u64, u32> {
         let mut out = BTreeMap::new();
-        for entry in std::fs::read_dir(self.dir.path())
-            .expect("read dump dir")
-            .flatten()
-        {
+        for entry in std::fs::read_dir(self.dir.path()).expect("read dump dir").flatten() {
             let Ok(text) = std::fs::read_to_string(entry.path()) else {
                 continue;
             };
@@ -160,14 +151,8 @@ impl Drop for Sink {
 
 /// The `X-Seq` of a dumped message, if its trailer shows it arrived whole.
 fn complete_seq(text: &str) -> Option<u64> {
-    let seq: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("X-Seq: "))?
-        .trim()
-        .parse()
-        .ok()?;
-    text.contains(&format!("END-OF-MESSAGE {seq}"))
-        .then_some(seq)
+    let seq: u64 = text.lines().find_map(|l| l.strip_prefix("X-Seq: "))?.trim().parse().ok()?;
+    text.contains(&format!("END-OF-MESSAGE {seq}")).then_some(seq)
 }
 
 /// Merges the receipts of several sinks.
@@ -184,16 +169,9 @@ pub fn received_by_all(sinks: &[&Sink]) -> BTreeMap<u64, u32> {
 /// The `mxrelay` binary built next to this test.
 pub fn relay_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let bin = profile_dir.join("mxrelay");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first with `cargo build --release -p mxrelay`",
-        bin.display()
-    );
+    assert!(bin.is_file(), "{} is missing: build it first with `cargo build --release -p mxrelay`", bin.display());
     bin
 }
 
@@ -222,12 +200,7 @@ impl Relay {
             "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ndata_timeout = \"5s\"\nprobe_interval = \"100ms\"\n{delivery}\n\n{domains}\n"
         );
         std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
-        let mut relay = Relay {
-            addr,
-            dir,
-            log: Arc::default(),
-            child: None,
-        };
+        let mut relay = Relay { addr, dir, log: Arc::default(), child: None };
         relay.restart();
         relay
     }
@@ -274,13 +247,7 @@ impl Relay {
 
     /// Log lines containing every one of `needles`.
     pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
-        self.log
-            .lock()
-            .expect("log")
-            .iter()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .cloned()
-            .collect()
+        self.log.lock().expect("log").iter().filter(|l| needles.iter().all(|n| l.contains(n))).cloned().collect()
     }
 }
 
@@ -295,9 +262,7 @@ pub fn domain_block(name: &str, servers: &[(&Sink, u16)]) -> String {
     let mut out = format!("[[domain]]\nname = \"{name}\"\n");
     for (sink, pref) in servers {
         let (host, port) = sink.host_port();
-        out.push_str(&format!(
-            "[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = {pref}\n"
-        ));
+        out.push_str(&format!("[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = {pref}\n"));
     }
     out
 }
@@ -338,21 +303,14 @@ pub async fn send_one(addr: &str, rcpt: &str, seq: u64) -> bool {
     let Ok(mut client) = SmtpClient::connect(addr, Duration::from_secs(10)).await else {
         return false;
     };
-    if client.read().await.map(|r| r.code).ok() != Some(220)
-        || client.ehlo("sender.test").await.is_err()
-    {
+    if client.read().await.map(|r| r.code).ok() != Some(220) || client.ehlo("sender.test").await.is_err() {
         return false;
     }
     let params = mail_send::smtp::message::Parameters::default();
-    if client.mail_from("sender@src.test", &params).await.is_err()
-        || client.rcpt_to(rcpt, &params).await.is_err()
-    {
+    if client.mail_from("sender@src.test", &params).await.is_err() || client.rcpt_to(rcpt, &params).await.is_err() {
         return false;
     }
-    let ok = client
-        .data(message(seq, rcpt).trim_end_matches("\r\n"))
-        .await
-        .is_ok();
+    let ok = client.data(message(seq, rcpt).trim_end_matches("\r\n")).await.is_ok();
     let _ = client.quit().await;
     ok
 }

@@ -6,15 +6,11 @@ use std::process::Command;
 use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, wait_until};
 
 fn swaks(args: &[&str]) -> (bool, String) {
-    let out = Command::new("swaks")
-        .args(["--timeout", "10"])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run swaks ({e}); install Debian's swaks package (the README's test command does)"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    let out =
+        Command::new("swaks").args(["--timeout", "10"]).args(args).output().unwrap_or_else(|e| {
+            panic!("cannot run swaks ({e}); install Debian's swaks package (the README's test command does)")
+        });
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
 #[test]
@@ -22,14 +18,7 @@ fn refuses_foreign_domains_and_accepts_customer_domains() {
     let sink = Sink::start("127.0.1.30", &[]);
     let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
 
-    let (ok, out) = swaks(&[
-        "--server",
-        &relay.addr,
-        "--from",
-        "a@src.test",
-        "--to",
-        "victim@elsewhere.test",
-    ]);
+    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "victim@elsewhere.test"]);
     assert!(!ok && out.contains("550 5.7.1 relaying denied"), "{out}");
 
     let (ok, out) = swaks(&[
@@ -45,97 +34,35 @@ fn refuses_foreign_domains_and_accepts_customer_domains() {
         "END-OF-MESSAGE 1",
     ]);
     assert!(ok && out.contains("250 2.0.0 queued as"), "{out}");
-    for ext in [
-        "PIPELINING",
-        "SIZE",
-        "8BITMIME",
-        "ENHANCEDSTATUSCODES",
-        "SMTPUTF8",
-    ] {
+    for ext in ["PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
         assert!(out.contains(ext), "EHLO lacks {ext}: {out}");
     }
-    assert!(
-        wait_until(PATIENCE, || sink.count() == 1),
-        "the accepted message was not delivered"
-    );
-    assert_eq!(
-        relay
-            .log_lines(&["relaying denied", "victim@elsewhere.test"])
-            .len(),
-        1
-    );
+    assert!(wait_until(PATIENCE, || sink.count() == 1), "the accepted message was not delivered");
+    assert_eq!(relay.log_lines(&["relaying denied", "victim@elsewhere.test"]).len(), 1);
 }
 
 #[test]
 fn clients_outside_accept_from_are_refused() {
     let sink = Sink::start("127.0.1.31", &[]);
-    let relay = Relay::start_with(
-        "accept_from = [\"127.0.0.1/32\"]",
-        &domain_block("customer.test", &[(&sink, 10)]),
-        "",
-    );
-    let (ok, out) = swaks(&[
-        "--server",
-        &relay.addr,
-        "--local-interface",
-        "127.0.0.2",
-        "--from",
-        "a@src.test",
-        "--to",
-        "user@customer.test",
-    ]);
-    assert!(
-        !ok && out.contains("554 5.7.1 127.0.0.2 is not allowed"),
-        "{out}"
-    );
-    let (ok, out) = swaks(&[
-        "--server",
-        &relay.addr,
-        "--local-interface",
-        "127.0.0.1",
-        "--from",
-        "a@src.test",
-        "--to",
-        "user@customer.test",
-    ]);
+    let relay = Relay::start_with("accept_from = [\"127.0.0.1/32\"]", &domain_block("customer.test", &[(&sink, 10)]), "");
+    let (ok, out) =
+        swaks(&["--server", &relay.addr, "--local-interface", "127.0.0.2", "--from", "a@src.test", "--to", "user@customer.test"]);
+    assert!(!ok && out.contains("554 5.7.1 127.0.0.2 is not allowed"), "{out}");
+    let (ok, out) =
+        swaks(&["--server", &relay.addr, "--local-interface", "127.0.0.1", "--from", "a@src.test", "--to", "user@customer.test"]);
     assert!(ok, "{out}");
 }
 
 #[test]
 fn oversize_messages_get_552_and_nothing_is_queued() {
     let sink = Sink::start("127.0.1.32", &[]);
-    let relay = Relay::start_with(
-        "max_message_size = 4096",
-        &domain_block("customer.test", &[(&sink, 10)]),
-        "",
-    );
+    let relay = Relay::start_with("max_message_size = 4096", &domain_block("customer.test", &[(&sink, 10)]), "");
     let big = "y".repeat(8000);
-    let (ok, out) = swaks(&[
-        "--server",
-        &relay.addr,
-        "--from",
-        "a@src.test",
-        "--to",
-        "user@customer.test",
-        "--body",
-        &big,
-    ]);
+    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "user@customer.test", "--body", &big]);
     assert!(!ok && out.contains("552 5.3.4"), "{out}");
     assert!(out.contains("SIZE 4096"), "{out}");
     // The session stays usable: a small message right after goes through.
-    let (ok, out) = swaks(&[
-        "--server",
-        &relay.addr,
-        "--from",
-        "a@src.test",
-        "--to",
-        "user@customer.test",
-        "--body",
-        "small",
-    ]);
+    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "user@customer.test", "--body", "small"]);
     assert!(ok, "{out}");
-    assert!(
-        wait_until(PATIENCE, || sink.dumps().len() == 1),
-        "only the small message arrives"
-    );
+    assert!(wait_until(PATIENCE, || sink.dumps().len() == 1), "only the small message arrives");
 }

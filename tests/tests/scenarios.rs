@@ -26,17 +26,9 @@ async fn s1_one_server_queues_while_down_and_drains_when_it_returns() {
     eventually("mid-stream", || mx.count() >= 300).await;
     mx.kill();
     acked.extend(sender.await.expect("sender"));
-    assert_eq!(
-        acked.len(),
-        600,
-        "the relay accepts while the server is down"
-    );
+    assert_eq!(acked.len(), 600, "the relay accepts while the server is down");
     mx.restart();
-    eventually(
-        "queued mail delivered once the server answers again",
-        || mx.received().len() == 600,
-    )
-    .await;
+    eventually("queued mail delivered once the server answers again", || mx.received().len() == 600).await;
     assert_exactly_once(&[&mx], &acked);
 }
 
@@ -44,47 +36,25 @@ async fn s1_one_server_queues_while_down_and_drains_when_it_returns() {
 async fn s2_primary_and_backup_fail_over_and_back() {
     let mut primary = Sink::start("127.0.1.1", &[]);
     let backup = Sink::start("127.0.1.2", &[]);
-    let relay = Relay::start(
-        &domain_block("customer.test", &[(&primary, 10), (&backup, 20)]),
-        DELIVERY,
-    );
+    let relay = Relay::start(&domain_block("customer.test", &[(&primary, 10), (&backup, 20)]), DELIVERY);
     let mut acked = send(&relay.addr, RCPT, 0..100, 10).await;
     eventually("100 at the primary", || primary.count() == 100).await;
-    assert_eq!(
-        backup.count(),
-        0,
-        "the backup gets nothing while the primary is up"
-    );
+    assert_eq!(backup.count(), 0, "the backup gets nothing while the primary is up");
 
     let addr = relay.addr.clone();
     let sender = tokio::spawn(async move { send(&addr, RCPT, 100..500, 10).await });
     eventually("mid-stream", || primary.count() >= 150).await;
     primary.kill();
     acked.extend(sender.await.expect("sender"));
-    eventually("all 500 delivered", || {
-        primary.received().len() + backup.received().len() == 500
-    })
-    .await;
+    eventually("all 500 delivered", || primary.received().len() + backup.received().len() == 500).await;
     assert_exactly_once(&[&primary, &backup], &acked);
-    assert!(
-        backup.count() >= 250,
-        "the backup took over: {}",
-        backup.count()
-    );
+    assert!(backup.count() >= 250, "the backup took over: {}", backup.count());
 
     primary.restart();
-    eventually("primary marked up again", || {
-        !relay
-            .log_lines(&["server is up again", &primary.addr])
-            .is_empty()
-    })
-    .await;
+    eventually("primary marked up again", || !relay.log_lines(&["server is up again", &primary.addr]).is_empty()).await;
     let before = backup.count();
     let back = send(&relay.addr, RCPT, 500..600, 10).await;
-    eventually("new mail at the primary", || {
-        primary.received().keys().filter(|s| **s >= 500).count() == 100
-    })
-    .await;
+    eventually("new mail at the primary", || primary.received().keys().filter(|s| **s >= 500).count() == 100).await;
     assert_eq!(backup.count(), before, "traffic returned to the primary");
     acked.extend(back);
     assert_exactly_once(&[&primary, &backup], &acked);
@@ -94,20 +64,13 @@ async fn s2_primary_and_backup_fail_over_and_back() {
 async fn s3_two_balanced_share_equally_per_message() {
     let a = Sink::start("127.0.1.1", &[]);
     let b = Sink::start("127.0.1.2", &[]);
-    let relay = Relay::start(
-        &domain_block("customer.test", &[(&a, 10), (&b, 10)]),
-        DELIVERY,
-    );
+    let relay = Relay::start(&domain_block("customer.test", &[(&a, 10), (&b, 10)]), DELIVERY);
     let acked = send(&relay.addr, RCPT, 0..2000, 20).await;
     assert_eq!(acked.len(), 2000);
     eventually("2000 delivered", || a.count() + b.count() == 2000).await;
     assert_exactly_once(&[&a, &b], &acked);
     let sa = share(a.count(), 2000);
-    assert!(
-        (48.0..=52.0).contains(&sa),
-        "split {sa:.1}% / {:.1}% (connections are reused, shares must stay equal)",
-        100.0 - sa
-    );
+    assert!((48.0..=52.0).contains(&sa), "split {sa:.1}% / {:.1}% (connections are reused, shares must stay equal)", 100.0 - sa);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,19 +78,11 @@ async fn s4_two_balanced_fail_over_to_the_third_and_back() {
     let mut a = Sink::start("127.0.1.1", &[]);
     let mut b = Sink::start("127.0.1.2", &[]);
     let c = Sink::start("127.0.1.3", &[]);
-    let relay = Relay::start(
-        &domain_block("customer.test", &[(&a, 10), (&b, 10), (&c, 20)]),
-        DELIVERY,
-    );
+    let relay = Relay::start(&domain_block("customer.test", &[(&a, 10), (&b, 10), (&c, 20)]), DELIVERY);
     let mut acked = send(&relay.addr, RCPT, 0..400, 20).await;
     eventually("400 delivered", || a.count() + b.count() == 400).await;
     assert_eq!(c.count(), 0);
-    assert!(
-        (45.0..=55.0).contains(&share(a.count(), 400)),
-        "{} / {}",
-        a.count(),
-        b.count()
-    );
+    assert!((45.0..=55.0).contains(&share(a.count(), 400)), "{} / {}", a.count(), b.count());
 
     let addr = relay.addr.clone();
     let sender = tokio::spawn(async move { send(&addr, RCPT, 400..1000, 10).await });
@@ -135,16 +90,9 @@ async fn s4_two_balanced_fail_over_to_the_third_and_back() {
     a.kill();
     b.kill();
     acked.extend(sender.await.expect("sender"));
-    eventually("all 1000 delivered", || {
-        a.received().len() + b.received().len() + c.received().len() == 1000
-    })
-    .await;
+    eventually("all 1000 delivered", || a.received().len() + b.received().len() + c.received().len() == 1000).await;
     assert_exactly_once(&[&a, &b, &c], &acked);
-    assert!(
-        c.count() >= 300,
-        "the third server took over: {}",
-        c.count()
-    );
+    assert!(c.count() >= 300, "the third server took over: {}", c.count());
 
     a.restart();
     b.restart();
@@ -166,33 +114,18 @@ fn received(sinks: &[&Sink]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s5_eight_servers_three_tiers() {
-    let mut sinks: Vec<Sink> = (1..=8)
-        .map(|n| Sink::start(&format!("127.0.1.{n}"), &[]))
-        .collect();
+    let mut sinks: Vec<Sink> = (1..=8).map(|n| Sink::start(&format!("127.0.1.{n}"), &[])).collect();
     let prefs = [10, 10, 10, 20, 20, 30, 30, 30];
-    let block = domain_block(
-        "customer.test",
-        &sinks.iter().zip(prefs).collect::<Vec<_>>(),
-    );
+    let block = domain_block("customer.test", &sinks.iter().zip(prefs).collect::<Vec<_>>());
     let relay = Relay::start(&block, DELIVERY);
     let counts = |sinks: &[Sink]| sinks.iter().map(Sink::count).collect::<Vec<_>>();
 
     let mut acked = send(&relay.addr, RCPT, 0..900, 20).await;
-    eventually("900 delivered", || {
-        counts(&sinks).iter().sum::<usize>() == 900
-    })
-    .await;
+    eventually("900 delivered", || counts(&sinks).iter().sum::<usize>() == 900).await;
     let c = counts(&sinks);
-    assert_eq!(
-        &c[3..],
-        &[0, 0, 0, 0, 0],
-        "only the first tier is used: {c:?}"
-    );
+    assert_eq!(&c[3..], &[0, 0, 0, 0, 0], "only the first tier is used: {c:?}");
     for n in &c[..3] {
-        assert!(
-            (31.3..=35.3).contains(&share(*n, 900)),
-            "first tier shares {c:?}"
-        );
+        assert!((31.3..=35.3).contains(&share(*n, 900)), "first tier shares {c:?}");
     }
 
     // The first tier dies: the second takes everything, split evenly.
@@ -200,30 +133,17 @@ async fn s5_eight_servers_three_tiers() {
         s.kill();
     }
     acked.extend(send(&relay.addr, RCPT, 900..1300, 20).await);
-    eventually("1300 delivered", || {
-        received(&sinks.iter().collect::<Vec<_>>()) == 1300
-    })
-    .await;
+    eventually("1300 delivered", || received(&sinks.iter().collect::<Vec<_>>()) == 1300).await;
     let c = counts(&sinks);
-    assert_eq!(
-        &c[5..],
-        &[0, 0, 0],
-        "the third tier is not needed yet: {c:?}"
-    );
-    assert!(
-        c[3] + c[4] == 400 && (44.0..=56.0).contains(&share(c[3], 400)),
-        "second tier {c:?}"
-    );
+    assert_eq!(&c[5..], &[0, 0, 0], "the third tier is not needed yet: {c:?}");
+    assert!(c[3] + c[4] == 400 && (44.0..=56.0).contains(&share(c[3], 400)), "second tier {c:?}");
 
     // The second tier dies too: the third takes over.
     for s in &mut sinks[3..5] {
         s.kill();
     }
     acked.extend(send(&relay.addr, RCPT, 1300..1600, 20).await);
-    eventually("1600 delivered", || {
-        received(&sinks.iter().collect::<Vec<_>>()) == 1600
-    })
-    .await;
+    eventually("1600 delivered", || received(&sinks.iter().collect::<Vec<_>>()) == 1600).await;
     let c = counts(&sinks);
     for n in &c[5..] {
         assert!((26.0..=40.0).contains(&share(*n, 300)), "third tier {c:?}");

@@ -32,10 +32,8 @@ const CASES: [(&str, Expect); 13] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
-    let primaries: Vec<Sink> = CASES
-        .iter()
-        .map(|(args, _)| Sink::start("127.0.1.20", &args.split(' ').collect::<Vec<_>>()))
-        .collect();
+    let primaries: Vec<Sink> =
+        CASES.iter().map(|(args, _)| Sink::start("127.0.1.20", &args.split(' ').collect::<Vec<_>>())).collect();
     let backup = Sink::start("127.0.1.21", &[]);
     let (bhost, bport) = backup.host_port();
     let mut domains = String::new();
@@ -47,19 +45,14 @@ async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
     }
     let relay = Relay::start(&domains, "retry = [\"1h\"]");
     for i in 0..CASES.len() {
-        assert!(
-            send_one(&relay.addr, &format!("u@case{i}.test"), i as u64).await,
-            "relay refused case {i}"
-        );
+        assert!(send_one(&relay.addr, &format!("u@case{i}.test"), i as u64).await, "relay refused case {i}");
     }
     for (i, (args, expect)) in CASES.iter().enumerate() {
         let rcpt = format!("u@case{i}.test");
         match expect {
             Expect::Backup => {
-                eventually(&format!("case {args:?} delivered by the backup"), || {
-                    backup.received().contains_key(&(i as u64))
-                })
-                .await
+                eventually(&format!("case {args:?} delivered by the backup"), || backup.received().contains_key(&(i as u64)))
+                    .await
             }
             Expect::Fails => {
                 eventually(&format!("case {args:?} failed permanently"), || {
@@ -69,9 +62,7 @@ async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
             }
             Expect::Deferred => {
                 eventually(&format!("case {args:?} deferred"), || {
-                    !relay
-                        .log_lines(&["deferred", "may be delivered twice"])
-                        .is_empty()
+                    !relay.log_lines(&["deferred", "may be delivered twice"]).is_empty()
                 })
                 .await
             }
@@ -80,11 +71,6 @@ async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
     // Only now is it safe to say what did not happen: every run has finished.
     for (i, (args, expect)) in CASES.iter().enumerate() {
         let at_backup = backup.received().contains_key(&(i as u64));
-        assert_eq!(
-            at_backup,
-            *expect == Expect::Backup,
-            "case {args:?}: at backup = {at_backup}\n{}",
-            relay.log_text()
-        );
+        assert_eq!(at_backup, *expect == Expect::Backup, "case {args:?}: at backup = {at_backup}\n{}", relay.log_text());
     }
 }

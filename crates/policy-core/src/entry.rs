@@ -65,33 +65,20 @@ pub struct RawServer {
     /// Host name, IPv4 literal or IPv6 literal (brackets allowed).
     pub host: String,
     /// TCP port; `None` or blank means [`DEFAULT_PORT`].
-    #[cfg_attr(
-        feature = "serde",
-        serde(default, skip_serializing_if = "Option::is_none")
-    )]
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
     pub port: Option<RawNumber>,
     /// MX-style preference; `None` or blank means [`DEFAULT_PREFERENCE`].
-    #[cfg_attr(
-        feature = "serde",
-        serde(default, skip_serializing_if = "Option::is_none")
-    )]
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
     pub preference: Option<RawNumber>,
     /// Share inside its tier; `None` or blank means [`DEFAULT_WEIGHT`].
-    #[cfg_attr(
-        feature = "serde",
-        serde(default, skip_serializing_if = "Option::is_none")
-    )]
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
     pub weight: Option<RawNumber>,
 }
 
 impl RawServer {
     /// An entry with a host and a preference, port and weight left at their defaults.
     pub fn new(host: impl Into<String>, preference: i64) -> Self {
-        RawServer {
-            host: host.into(),
-            preference: Some(RawNumber::Int(preference)),
-            ..RawServer::default()
-        }
+        RawServer { host: host.into(), preference: Some(RawNumber::Int(preference)), ..RawServer::default() }
     }
 }
 
@@ -112,12 +99,7 @@ pub struct Server {
 impl Server {
     /// A server with the default port and weight.
     pub fn new(host: impl Into<String>, preference: u16) -> Self {
-        Server {
-            host: host.into(),
-            port: DEFAULT_PORT,
-            preference,
-            weight: DEFAULT_WEIGHT,
-        }
+        Server { host: host.into(), port: DEFAULT_PORT, preference, weight: DEFAULT_WEIGHT }
     }
 
     /// Whether the host is a DNS name or an IP literal.

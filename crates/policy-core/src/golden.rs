@@ -73,12 +73,7 @@ pub struct ExpectedProblem {
 
 impl From<&crate::Problem> for ExpectedProblem {
     fn from(p: &crate::Problem) -> Self {
-        ExpectedProblem {
-            index: p.index,
-            field: p.field,
-            code: p.code.as_str().to_string(),
-            severity: p.severity,
-        }
+        ExpectedProblem { index: p.index, field: p.field, code: p.code.as_str().to_string(), severity: p.severity }
     }
 }
 

@@ -61,16 +61,10 @@ pub(crate) fn parse(raw: &str) -> Result<(HostKind, String), HostError> {
     }
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         let inner = inner.strip_prefix("IPv6:").unwrap_or(inner);
-        return inner
-            .parse::<Ipv6Addr>()
-            .map(|ip| (HostKind::Ipv6, ip.to_string()))
-            .map_err(|_| HostError::BadIpv6);
+        return inner.parse::<Ipv6Addr>().map(|ip| (HostKind::Ipv6, ip.to_string())).map_err(|_| HostError::BadIpv6);
     }
     if host.contains(':') {
-        return host
-            .parse::<Ipv6Addr>()
-            .map(|ip| (HostKind::Ipv6, ip.to_string()))
-            .map_err(|_| HostError::BadIpv6);
+        return host.parse::<Ipv6Addr>().map(|ip| (HostKind::Ipv6, ip.to_string())).map_err(|_| HostError::BadIpv6);
     }
     let name = host.strip_suffix('.').unwrap_or(host);
     if name.len() > 253 {
@@ -80,19 +74,13 @@ pub(crate) fn parse(raw: &str) -> Result<(HostKind, String), HostError> {
     let all_numeric = |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit());
     if labels.iter().all(|l| all_numeric(l)) {
         // Only digits and dots: this can only be meant as an IPv4 literal.
-        return name
-            .parse::<Ipv4Addr>()
-            .map(|ip| (HostKind::Ipv4, ip.to_string()))
-            .map_err(|_| HostError::BadIpv4);
+        return name.parse::<Ipv4Addr>().map(|ip| (HostKind::Ipv4, ip.to_string())).map_err(|_| HostError::BadIpv4);
     }
     for label in &labels {
         if label.is_empty() {
             return Err(HostError::EmptyLabel);
         }
-        if let Some(c) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
-        {
+        if let Some(c) = label.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
             return Err(HostError::BadCharacter(c));
         }
         if label.len() > 63 {
@@ -115,20 +103,12 @@ mod tests {
     #[test]
     fn accepts_names_and_literals() {
         let ok = [
-            (
-                "mail.mailroutedemo.com",
-                HostKind::Name,
-                "mail.mailroutedemo.com",
-            ),
+            ("mail.mailroutedemo.com", HostKind::Name, "mail.mailroutedemo.com"),
             ("MAIL.Example.COM.", HostKind::Name, "mail.example.com"),
             ("  mx1.example.com ", HostKind::Name, "mx1.example.com"),
             ("localhost", HostKind::Name, "localhost"),
             ("3com.com", HostKind::Name, "3com.com"),
-            (
-                "xn--bcher-kva.example",
-                HostKind::Name,
-                "xn--bcher-kva.example",
-            ),
+            ("xn--bcher-kva.example", HostKind::Name, "xn--bcher-kva.example"),
             ("192.0.2.20", HostKind::Ipv4, "192.0.2.20"),
             ("2001:DB8::1", HostKind::Ipv6, "2001:db8::1"),
             ("[2001:db8::1]", HostKind::Ipv6, "2001:db8::1"),
@@ -162,15 +142,8 @@ mod tests {
         for (input, err) in bad {
             assert_eq!(parse(input), Err(err), "{input:?}");
         }
-        assert_eq!(
-            parse(&format!("{long_label}.com")),
-            Err(HostError::LabelTooLong(long_label.clone()))
-        );
-        assert!(
-            matches!(parse(&long_name), Err(HostError::TooLong(n)) if n > 253),
-            "{}",
-            long_name.len()
-        );
+        assert_eq!(parse(&format!("{long_label}.com")), Err(HostError::LabelTooLong(long_label.clone())));
+        assert!(matches!(parse(&long_name), Err(HostError::TooLong(n)) if n > 253), "{}", long_name.len());
     }
 
     #[test]

@@ -76,18 +76,10 @@ impl Router {
         let tiers = prefs
             .into_iter()
             .map(|preference| {
-                let members: Vec<u32> = (0..servers.len() as u32)
-                    .filter(|&i| servers[i as usize].preference == preference)
-                    .collect();
-                let total_weight = members
-                    .iter()
-                    .map(|&i| u64::from(servers[i as usize].weight))
-                    .sum();
-                Tier {
-                    preference,
-                    members,
-                    total_weight,
-                }
+                let members: Vec<u32> =
+                    (0..servers.len() as u32).filter(|&i| servers[i as usize].preference == preference).collect();
+                let total_weight = members.iter().map(|&i| u64::from(servers[i as usize].weight)).sum();
+                Tier { preference, members, total_weight }
             })
             .collect();
         Router { servers, tiers }
@@ -113,10 +105,7 @@ impl Router {
         let Some(server) = self.servers.get(index as usize) else {
             return 0.0;
         };
-        let tier = self
-            .tiers
-            .iter()
-            .find(|t| t.preference == server.preference);
+        let tier = self.tiers.iter().find(|t| t.preference == server.preference);
         tier.map_or(0.0, |t| f64::from(server.weight) / t.total_weight as f64)
     }
 
@@ -158,17 +147,9 @@ impl Router {
             let rest = &mut slots[pos..];
             let pick = if uniform {
                 let n = rest.len() as u64;
-                if pos == 0 {
-                    scale(first, n)
-                } else {
-                    rng.below(n)
-                }
+                if pos == 0 { scale(first, n) } else { rng.below(n) }
             } else {
-                let mut point = if pos == 0 {
-                    scale(first, remaining)
-                } else {
-                    rng.below(remaining)
-                };
+                let mut point = if pos == 0 { scale(first, remaining) } else { rng.below(remaining) };
                 let mut chosen = rest.len() - 1;
                 for (k, &i) in rest.iter().enumerate() {
                     if point < weight(i) {
@@ -212,11 +193,7 @@ mod tests {
         let mut counts = BTreeMap::new();
         let mut undeliverable = 0;
         for seed in 0..n {
-            let plan = r.plan(&PlanInput {
-                seed,
-                down,
-                ..PlanInput::default()
-            });
+            let plan = r.plan(&PlanInput { seed, down, ..PlanInput::default() });
             assert_is_permutation(&plan, r.servers().len());
             match plan.iter().find(|i| !down.contains(i)) {
                 Some(&i) => *counts.entry(i).or_insert(0) += 1,
@@ -229,11 +206,7 @@ mod tests {
     fn assert_is_permutation(plan: &[u32], n: usize) {
         let mut sorted = plan.to_vec();
         sorted.sort_unstable();
-        assert_eq!(
-            sorted,
-            (0..n as u32).collect::<Vec<_>>(),
-            "plan {plan:?} is not a permutation of 0..{n}"
-        );
+        assert_eq!(sorted, (0..n as u32).collect::<Vec<_>>(), "plan {plan:?} is not a permutation of 0..{n}");
     }
 
     fn seed_eight() -> Router {
@@ -279,17 +252,10 @@ mod tests {
 
     #[test]
     fn seed_two_balanced_plus_failover() {
-        let r = router(&[
-            ("a.example.com", 10),
-            ("b.example.com", 10),
-            ("c.example.com", 20),
-        ]);
+        let r = router(&[("a.example.com", 10), ("b.example.com", 10), ("c.example.com", 20)]);
         let (counts, _) = deliveries(&r, 10_000, &[]);
         assert_eq!(counts.get(&2), None);
-        assert!(
-            counts.values().all(|c| (4_990..=5_010).contains(c)),
-            "{counts:?}"
-        );
+        assert!(counts.values().all(|c| (4_990..=5_010).contains(c)), "{counts:?}");
         assert_eq!(deliveries(&r, 1000, &[0, 1]).0, BTreeMap::from([(2, 1000)]));
         let (one_down, _) = deliveries(&r, 1000, &[0]);
         assert_eq!(one_down, BTreeMap::from([(1, 1000)]));
@@ -299,34 +265,19 @@ mod tests {
     fn seed_eight_servers_three_tiers() {
         let r = seed_eight();
         assert_eq!(
-            r.tiers()
-                .iter()
-                .map(|t| (t.preference, t.members.clone()))
-                .collect::<Vec<_>>(),
+            r.tiers().iter().map(|t| (t.preference, t.members.clone())).collect::<Vec<_>>(),
             vec![(10, vec![0, 1, 2]), (20, vec![3, 4]), (30, vec![5, 6, 7])]
         );
         let (counts, _) = deliveries(&r, 9_000, &[]);
         assert_eq!(counts.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert!(
-            counts.values().all(|c| (2_990..=3_010).contains(c)),
-            "{counts:?}"
-        );
+        assert!(counts.values().all(|c| (2_990..=3_010).contains(c)), "{counts:?}");
         let (counts, _) = deliveries(&r, 9_000, &[0, 1, 2]);
         assert_eq!(counts.keys().copied().collect::<Vec<_>>(), vec![3, 4]);
-        assert!(
-            counts.values().all(|c| (4_490..=4_510).contains(c)),
-            "{counts:?}"
-        );
+        assert!(counts.values().all(|c| (4_490..=4_510).contains(c)), "{counts:?}");
         let (counts, _) = deliveries(&r, 9_000, &[0, 1, 2, 3, 4]);
         assert_eq!(counts.keys().copied().collect::<Vec<_>>(), vec![5, 6, 7]);
-        assert!(
-            counts.values().all(|c| (2_990..=3_010).contains(c)),
-            "{counts:?}"
-        );
-        assert_eq!(
-            deliveries(&r, 100, &[0, 1, 2, 3, 4, 5, 6, 7]),
-            (BTreeMap::new(), 100)
-        );
+        assert!(counts.values().all(|c| (2_990..=3_010).contains(c)), "{counts:?}");
+        assert_eq!(deliveries(&r, 100, &[0, 1, 2, 3, 4, 5, 6, 7]), (BTreeMap::new(), 100));
     }
 
     #[test]
@@ -334,10 +285,7 @@ mod tests {
         let r = seed_eight();
         let (counts, _) = deliveries(&r, 10_000, &[0]);
         assert_eq!(counts.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
-        assert!(
-            counts.values().all(|c| (4_800..=5_200).contains(c)),
-            "{counts:?}"
-        );
+        assert!(counts.values().all(|c| (4_800..=5_200).contains(c)), "{counts:?}");
     }
 
     #[test]
@@ -346,27 +294,14 @@ mod tests {
         let r = seed_eight();
         let mut second = BTreeMap::new();
         for seed in 0..30_000 {
-            *second
-                .entry(
-                    r.plan(&PlanInput {
-                        seed,
-                        ..PlanInput::default()
-                    })[1],
-                )
-                .or_insert(0u32) += 1;
+            *second.entry(r.plan(&PlanInput { seed, ..PlanInput::default() })[1]).or_insert(0u32) += 1;
         }
-        assert!(
-            second.values().all(|c| (9_500..=10_500).contains(c)),
-            "{second:?}"
-        );
+        assert!(second.values().all(|c| (9_500..=10_500).contains(c)), "{second:?}");
     }
 
     #[test]
     fn weights_set_the_share() {
-        let mut servers = vec![
-            Server::new("a.example.com", 10),
-            Server::new("b.example.com", 10),
-        ];
+        let mut servers = vec![Server::new("a.example.com", 10), Server::new("b.example.com", 10)];
         servers[0].weight = 3;
         let r = Router::new(servers);
         assert!((r.share(0) - 0.75).abs() < 1e-9);
@@ -378,18 +313,11 @@ mod tests {
     fn down_servers_go_last_in_tier_order_never_dropped() {
         let r = seed_eight();
         for seed in 0..500 {
-            let plan = r.plan(&PlanInput {
-                seed,
-                down: &[1, 3, 6],
-                ..PlanInput::default()
-            });
+            let plan = r.plan(&PlanInput { seed, down: &[1, 3, 6], ..PlanInput::default() });
             assert_is_permutation(&plan, 8);
             let tail: Vec<u32> = plan[5..].to_vec();
             assert_eq!(tail, vec![1, 3, 6], "seed {seed}: {plan:?}");
-            let prefs: Vec<u16> = plan[..5]
-                .iter()
-                .map(|&i| r.servers()[i as usize].preference)
-                .collect();
+            let prefs: Vec<u16> = plan[..5].iter().map(|&i| r.servers()[i as usize].preference).collect();
             assert!(prefs.is_sorted(), "{prefs:?}");
         }
     }
@@ -397,25 +325,13 @@ mod tests {
     #[test]
     fn same_inputs_same_plan() {
         let r = seed_eight();
-        let input = PlanInput {
-            seed: 42,
-            attempt: 3,
-            now_ms: 1_700_000_000_000,
-            down: &[2],
-        };
+        let input = PlanInput { seed: 42, attempt: 3, now_ms: 1_700_000_000_000, down: &[2] };
         assert_eq!(r.plan(&input), r.plan(&input));
-        assert_ne!(
-            r.plan(&PlanInput { seed: 1, ..input }),
-            r.plan(&PlanInput { seed: 2, ..input })
-        );
+        assert_ne!(r.plan(&PlanInput { seed: 1, ..input }), r.plan(&PlanInput { seed: 2, ..input }));
     }
 
     #[test]
     fn empty_router_plans_nothing() {
-        assert!(
-            Router::new(Vec::new())
-                .plan(&PlanInput::default())
-                .is_empty()
-        );
+        assert!(Router::new(Vec::new()).plan(&PlanInput::default()).is_empty());
     }
 }

@@ -3,9 +3,7 @@
 use core::fmt;
 use std::collections::BTreeMap;
 
-use crate::entry::{
-    DEFAULT_PORT, DEFAULT_PREFERENCE, DEFAULT_WEIGHT, MAX_WEIGHT, RawNumber, RawServer, Server,
-};
+use crate::entry::{DEFAULT_PORT, DEFAULT_PREFERENCE, DEFAULT_WEIGHT, MAX_WEIGHT, RawNumber, RawServer, Server};
 use crate::host;
 
 /// How bad a problem is.
@@ -133,21 +131,10 @@ pub struct Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.index {
-            Some(i) if self.host.is_empty() => write!(
-                f,
-                "server #{} {}: {}",
-                i + 1,
-                self.field.as_str(),
-                self.message
-            ),
-            Some(i) => write!(
-                f,
-                "server #{} ({}) {}: {}",
-                i + 1,
-                self.host,
-                self.field.as_str(),
-                self.message
-            ),
+            Some(i) if self.host.is_empty() => write!(f, "server #{} {}: {}", i + 1, self.field.as_str(), self.message),
+            Some(i) => write!(f, "server #{} ({}) {}: {}", i + 1, self.host, self.field.as_str(), self.message),
+            // Problems about a policy setting carry the setting's name in `host`.
+            None if !self.host.is_empty() => write!(f, "{}: {}", self.host, self.message),
             None => write!(f, "{}: {}", self.field.as_str(), self.message),
         }
     }
@@ -172,8 +159,7 @@ pub fn validate_servers(raw: &[RawServer]) -> Result<(Vec<Server>, Vec<Problem>)
             field: Field::Servers,
             severity: Severity::Error,
             code: ProblemCode::EmptyList,
-            message: "no servers listed: add at least one server that accepts mail for this domain"
-                .into(),
+            message: "no servers listed: add at least one server that accepts mail for this domain".into(),
         });
         return Err(problems);
     }
@@ -209,30 +195,9 @@ pub fn validate_servers(raw: &[RawServer]) -> Result<(Vec<Server>, Vec<Problem>)
                 None
             }
         };
-        let port = number(
-            entry.port.as_ref(),
-            DEFAULT_PORT.into(),
-            1,
-            65535,
-            Field::Port,
-            &mut report,
-        );
-        let preference = number(
-            entry.preference.as_ref(),
-            DEFAULT_PREFERENCE.into(),
-            0,
-            65535,
-            Field::Preference,
-            &mut report,
-        );
-        let weight = number(
-            entry.weight.as_ref(),
-            DEFAULT_WEIGHT.into(),
-            1,
-            MAX_WEIGHT.into(),
-            Field::Weight,
-            &mut report,
-        );
+        let port = number(entry.port.as_ref(), DEFAULT_PORT.into(), 1, 65535, Field::Port, &mut report);
+        let preference = number(entry.preference.as_ref(), DEFAULT_PREFERENCE.into(), 0, 65535, Field::Preference, &mut report);
+        let weight = number(entry.weight.as_ref(), DEFAULT_WEIGHT.into(), 1, MAX_WEIGHT.into(), Field::Weight, &mut report);
 
         if let (Some(host), Some(port)) = (&host, port) {
             let port = port as u16;
@@ -249,15 +214,8 @@ pub fn validate_servers(raw: &[RawServer]) -> Result<(Vec<Server>, Vec<Problem>)
                 );
             }
         }
-        if let (Some(host), Some(port), Some(preference), Some(weight)) =
-            (host, port, preference, weight)
-        {
-            servers.push(Server {
-                host,
-                port: port as u16,
-                preference: preference as u16,
-                weight: weight as u32,
-            });
+        if let (Some(host), Some(port), Some(preference), Some(weight)) = (host, port, preference, weight) {
+            servers.push(Server { host, port: port as u16, preference: preference as u16, weight: weight as u32 });
         }
     }
 
@@ -288,9 +246,7 @@ fn number(
     let hint = match field {
         Field::Port => format!("use {min} to {max} (25 is the standard SMTP port)"),
         Field::Preference => format!("use {min} to {max}; lower numbers are tried first"),
-        Field::Weight => format!(
-            "use {min} to {max}; a server with weight 2 gets twice the share of one with weight 1"
-        ),
+        Field::Weight => format!("use {min} to {max}; a server with weight 2 gets twice the share of one with weight 1"),
         Field::Servers | Field::Host => format!("use {min} to {max}"),
     };
     let Some(raw) = raw.filter(|r| !r.is_blank()) else {
@@ -299,11 +255,7 @@ fn number(
     let name = field.as_str();
     match raw.as_integer() {
         None => {
-            report(
-                field,
-                ProblemCode::NotANumber,
-                format!("{name} {raw} is not a whole number; {hint}"),
-            );
+            report(field, ProblemCode::NotANumber, format!("{name} {raw} is not a whole number; {hint}"));
             None
         }
         Some(n) if n < min || n > max => {
@@ -312,11 +264,7 @@ fn number(
                 (Field::Port, 0) => "is not a usable TCP port".to_string(),
                 _ => format!("is outside {min}..={max}"),
             };
-            report(
-                field,
-                ProblemCode::OutOfRange,
-                format!("{name} {n} {why}; {hint}"),
-            );
+            report(field, ProblemCode::OutOfRange, format!("{name} {n} {why}; {hint}"));
             None
         }
         Some(n) => Some(n),
@@ -337,11 +285,7 @@ fn warnings(raw: &[RawServer], servers: &[Server]) -> Vec<Problem> {
     }
     for (i, (entry, server)) in raw.iter().zip(servers).enumerate() {
         let explicit_weight = entry.weight.as_ref().is_some_and(|w| !w.is_blank());
-        let alone = servers
-            .iter()
-            .filter(|s| s.preference == server.preference)
-            .count()
-            == 1;
+        let alone = servers.iter().filter(|s| s.preference == server.preference).count() == 1;
         if explicit_weight && alone && servers.len() > 1 {
             out.push(Problem {
                 index: Some(i as u32),
@@ -368,11 +312,7 @@ mod tests {
     }
 
     fn errors(list: &[RawServer]) -> Vec<(Option<u32>, Field, ProblemCode)> {
-        validate(list)
-            .into_iter()
-            .filter(|p| p.severity == Severity::Error)
-            .map(|p| (p.index, p.field, p.code))
-            .collect()
+        validate(list).into_iter().filter(|p| p.severity == Severity::Error).map(|p| (p.index, p.field, p.code)).collect()
     }
 
     #[test]
@@ -395,10 +335,7 @@ mod tests {
 
     #[test]
     fn empty_list_is_an_error() {
-        assert_eq!(
-            errors(&[]),
-            vec![(None, Field::Servers, ProblemCode::EmptyList)]
-        );
+        assert_eq!(errors(&[]), vec![(None, Field::Servers, ProblemCode::EmptyList)]);
     }
 
     #[test]
@@ -406,43 +343,15 @@ mod tests {
         let list = vec![
             raw("mail.example.com", 10),
             raw("999.1.1.1", 10),
-            RawServer {
-                host: "mx.example.com".into(),
-                preference: Some(RawNumber::Int(70000)),
-                ..Default::default()
-            },
-            RawServer {
-                host: "mx2.example.com".into(),
-                preference: Some(RawNumber::Text("ten".into())),
-                ..Default::default()
-            },
-            RawServer {
-                host: "mx3.example.com".into(),
-                port: Some(RawNumber::Int(0)),
-                ..Default::default()
-            },
-            RawServer {
-                host: "mx4.example.com".into(),
-                port: Some(RawNumber::Int(65536)),
-                ..Default::default()
-            },
+            RawServer { host: "mx.example.com".into(), preference: Some(RawNumber::Int(70000)), ..Default::default() },
+            RawServer { host: "mx2.example.com".into(), preference: Some(RawNumber::Text("ten".into())), ..Default::default() },
+            RawServer { host: "mx3.example.com".into(), port: Some(RawNumber::Int(0)), ..Default::default() },
+            RawServer { host: "mx4.example.com".into(), port: Some(RawNumber::Int(65536)), ..Default::default() },
             raw(".", 0),
             raw("MAIL.example.com.", 20),
-            RawServer {
-                host: "mx5.example.com".into(),
-                weight: Some(RawNumber::Int(0)),
-                ..Default::default()
-            },
-            RawServer {
-                host: "mx6.example.com".into(),
-                weight: Some(RawNumber::Int(1_000_000)),
-                ..Default::default()
-            },
-            RawServer {
-                host: "mx7.example.com".into(),
-                preference: Some(RawNumber::Int(-1)),
-                ..Default::default()
-            },
+            RawServer { host: "mx5.example.com".into(), weight: Some(RawNumber::Int(0)), ..Default::default() },
+            RawServer { host: "mx6.example.com".into(), weight: Some(RawNumber::Int(1_000_000)), ..Default::default() },
+            RawServer { host: "mx7.example.com".into(), preference: Some(RawNumber::Int(-1)), ..Default::default() },
             raw("bad_host.example.com", 10),
         ];
         assert_eq!(
@@ -462,28 +371,14 @@ mod tests {
             ]
         );
         let text: Vec<String> = validate(&list).iter().map(ToString::to_string).collect();
-        assert!(
-            text[0].starts_with("server #2 (999.1.1.1) host:"),
-            "{}",
-            text[0]
-        );
-        assert!(
-            text[2].contains("\"ten\" is not a whole number"),
-            "{}",
-            text[2]
-        );
+        assert!(text[0].starts_with("server #2 (999.1.1.1) host:"), "{}", text[0]);
+        assert!(text[2].contains("\"ten\" is not a whole number"), "{}", text[2]);
         assert!(text[6].contains("servers #1 and #8"), "{}", text[6]);
     }
 
     #[test]
     fn same_host_on_other_port_is_not_a_duplicate() {
-        let list = vec![
-            raw("mx.example.com", 10),
-            RawServer {
-                port: Some(RawNumber::Int(2525)),
-                ..raw("mx.example.com", 10)
-            },
-        ];
+        let list = vec![raw("mx.example.com", 10), RawServer { port: Some(RawNumber::Int(2525)), ..raw("mx.example.com", 10) }];
         assert!(errors(&list).is_empty());
     }
 
@@ -496,28 +391,16 @@ mod tests {
             weight: None,
         };
         let (servers, _) = validate_servers(&[entry]).expect("valid");
-        assert_eq!(
-            servers[0],
-            Server::new("mx.example.com", DEFAULT_PREFERENCE)
-        );
+        assert_eq!(servers[0], Server::new("mx.example.com", DEFAULT_PREFERENCE));
     }
 
     #[test]
     fn numbers_from_text_are_strict() {
-        for (text, ok) in [
-            ("10", true),
-            (" 20 ", true),
-            ("+5", true),
-            ("1e3", false),
-            ("10.5", false),
-            ("0x10", false),
-            ("ten", false),
-        ] {
-            let entry = RawServer {
-                host: "mx.example.com".into(),
-                preference: Some(RawNumber::Text(text.into())),
-                ..Default::default()
-            };
+        for (text, ok) in
+            [("10", true), (" 20 ", true), ("+5", true), ("1e3", false), ("10.5", false), ("0x10", false), ("ten", false)]
+        {
+            let entry =
+                RawServer { host: "mx.example.com".into(), preference: Some(RawNumber::Text(text.into())), ..Default::default() };
             assert_eq!(errors(&[entry]).is_empty(), ok, "{text:?}");
         }
     }
@@ -525,24 +408,9 @@ mod tests {
     #[test]
     fn warnings_do_not_block() {
         let (_, warnings) = validate_servers(&[raw("mx.example.com", 10)]).expect("valid");
-        assert_eq!(
-            warnings.iter().map(|w| w.code).collect::<Vec<_>>(),
-            vec![ProblemCode::NoBackup]
-        );
-        let list = vec![
-            RawServer {
-                weight: Some(RawNumber::Int(3)),
-                ..raw("a.example.com", 10)
-            },
-            raw("b.example.com", 20),
-        ];
+        assert_eq!(warnings.iter().map(|w| w.code).collect::<Vec<_>>(), vec![ProblemCode::NoBackup]);
+        let list = vec![RawServer { weight: Some(RawNumber::Int(3)), ..raw("a.example.com", 10) }, raw("b.example.com", 20)];
         let (_, warnings) = validate_servers(&list).expect("valid");
-        assert_eq!(
-            warnings
-                .iter()
-                .map(|w| (w.index, w.code))
-                .collect::<Vec<_>>(),
-            vec![(Some(0), ProblemCode::WeightIgnored)]
-        );
+        assert_eq!(warnings.iter().map(|w| (w.index, w.code)).collect::<Vec<_>>(), vec![(Some(0), ProblemCode::WeightIgnored)]);
     }
 }

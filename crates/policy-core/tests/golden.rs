@@ -5,9 +5,7 @@ use mxrelay_policy_core::golden::{self, ExpectedProblem};
 use mxrelay_policy_core::{PlanInput, Router, validate};
 
 fn path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(golden::PATH)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(golden::PATH)
 }
 
 #[test]
@@ -17,35 +15,19 @@ fn native_core_matches_golden_vectors() {
     let bless = std::env::var_os("BLESS").is_some();
     let mut checked = 0;
     for case in &mut vectors.plans {
-        let (router, _) = Router::from_raw(&case.servers)
-            .unwrap_or_else(|p| panic!("{}: invalid servers: {p:?}", case.name));
+        let (router, _) = Router::from_raw(&case.servers).unwrap_or_else(|p| panic!("{}: invalid servers: {p:?}", case.name));
         for v in &mut case.plans {
-            let got = router.plan(&PlanInput {
-                seed: v.seed,
-                attempt: v.attempt,
-                now_ms: v.now_ms,
-                down: &v.down,
-            });
+            let got = router.plan(&PlanInput { seed: v.seed, attempt: v.attempt, now_ms: v.now_ms, down: &v.down });
             if bless {
                 v.expect = Some(got);
             } else {
-                assert_eq!(
-                    Some(&got),
-                    v.expect.as_ref(),
-                    "{}: seed {} down {:?}",
-                    case.name,
-                    v.seed,
-                    v.down
-                );
+                assert_eq!(Some(&got), v.expect.as_ref(), "{}: seed {} down {:?}", case.name, v.seed, v.down);
                 checked += 1;
             }
         }
     }
     for case in &mut vectors.validation {
-        let got: Vec<ExpectedProblem> = validate(&case.servers)
-            .iter()
-            .map(ExpectedProblem::from)
-            .collect();
+        let got: Vec<ExpectedProblem> = validate(&case.servers).iter().map(ExpectedProblem::from).collect();
         if bless {
             case.expect = Some(got);
         } else {

@@ -33,15 +33,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("native core", |b| {
         b.iter(|| {
             seed += 1;
-            router.plan_into(
-                &PlanInput {
-                    seed: black_box(seed),
-                    attempt: 1,
-                    now_ms: 0,
-                    down: &[],
-                },
-                &mut out,
-            );
+            router.plan_into(&PlanInput { seed: black_box(seed), attempt: 1, now_ms: 0, down: &[] }, &mut out);
             black_box(&out);
         })
     });
@@ -70,12 +62,8 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("component setup");
     group.sample_size(10);
-    group.bench_function("compile built-in component", |b| {
-        b.iter(|| black_box(engine.builtin().expect("builtin")))
-    });
-    group.bench_function("instantiate (pre-instantiated)", |b| {
-        b.iter(|| black_box(component.instantiate().expect("instance")))
-    });
+    group.bench_function("compile built-in component", |b| b.iter(|| black_box(engine.builtin().expect("builtin"))));
+    group.bench_function("instantiate (pre-instantiated)", |b| b.iter(|| black_box(component.instantiate().expect("instance"))));
     group.finish();
 }
 

@@ -21,12 +21,7 @@ pub(crate) fn raw_to_wit(s: &core::RawServer) -> wit::RawServer {
 }
 
 pub(crate) fn server_to_wit(s: &core::Server) -> wit::Server {
-    wit::Server {
-        host: s.host.clone(),
-        port: s.port,
-        preference: s.preference,
-        weight: s.weight,
-    }
+    wit::Server { host: s.host.clone(), port: s.port, preference: s.preference, weight: s.weight }
 }
 
 pub(crate) fn problem_from_wit(p: wit::Problem) -> core::Problem {

@@ -66,22 +66,10 @@ impl std::fmt::Debug for DomainPolicy {
 impl DomainPolicy {
     /// Instantiates the component and builds its router; fails if either fails (e.g. the
     /// policy refuses the settings), so a bad configuration is refused at load time.
-    pub fn new(
-        component: PolicyComponent,
-        servers: Vec<core::Server>,
-        settings_json: String,
-    ) -> Result<Self, PolicyError> {
+    pub fn new(component: PolicyComponent, servers: Vec<core::Server>, settings_json: String) -> Result<Self, PolicyError> {
         let fallback = core::Router::new(servers);
         let live = start(&component, fallback.servers(), &settings_json)?;
-        Ok(DomainPolicy {
-            component,
-            settings_json,
-            fallback,
-            state: Mutex::new(State {
-                live: Some(live),
-                ..State::default()
-            }),
-        })
+        Ok(DomainPolicy { component, settings_json, fallback, state: Mutex::new(State { live: Some(live), ..State::default() }) })
     }
 
     /// The policy component's name.
@@ -104,54 +92,30 @@ impl DomainPolicy {
     pub fn plan(&self, msg: &Message) -> Plan {
         let error = match self.try_component(msg) {
             Ok(order) => {
-                return Plan {
-                    order,
-                    source: PlanSource::Component,
-                };
+                return Plan { order, source: PlanSource::Component };
             }
             Err(e) => e,
         };
-        let input = PlanInput {
-            seed: msg.seed,
-            attempt: msg.attempt,
-            now_ms: msg.now_ms,
-            down: &msg.down,
-        };
-        Plan {
-            order: self.fallback.plan(&input),
-            source: PlanSource::Fallback(error),
-        }
+        let input = PlanInput { seed: msg.seed, attempt: msg.attempt, now_ms: msg.now_ms, down: &msg.down };
+        Plan { order: self.fallback.plan(&input), source: PlanSource::Fallback(error) }
     }
 
     fn try_component(&self, msg: &Message) -> Result<Vec<u32>, PolicyError> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(until) = state.cooling_until {
             if Instant::now() < until {
-                return Err(state.last_error.clone().unwrap_or(PolicyError::Poisoned {
-                    name: self.component.name().into(),
-                }));
+                return Err(state.last_error.clone().unwrap_or(PolicyError::Poisoned { name: self.component.name().into() }));
             }
             state.cooling_until = None;
         }
         let result = match state.live.as_mut() {
             Some(live) => live.instance.plan(&live.router, msg),
-            None => start(
-                &self.component,
-                self.fallback.servers(),
-                &self.settings_json,
-            )
-            .and_then(|mut live| {
-                live.instance
-                    .plan(&live.router, msg)
-                    .map(|plan| (plan, live))
-            })
-            .map(|(plan, live)| {
-                state.live = Some(live);
-                plan
-            }),
+            None => start(&self.component, self.fallback.servers(), &self.settings_json)
+                .and_then(|mut live| live.instance.plan(&live.router, msg).map(|plan| (plan, live)))
+                .map(|(plan, live)| {
+                    state.live = Some(live);
+                    plan
+                }),
         };
         match result {
             Ok(plan) => {
@@ -173,11 +137,7 @@ impl DomainPolicy {
     }
 }
 
-fn start(
-    component: &PolicyComponent,
-    servers: &[core::Server],
-    settings_json: &str,
-) -> Result<Live, PolicyError> {
+fn start(component: &PolicyComponent, servers: &[core::Server], settings_json: &str) -> Result<Live, PolicyError> {
     let mut instance = component.instantiate()?;
     let router = instance.router(servers, settings_json)?;
     Ok(Live { instance, router })

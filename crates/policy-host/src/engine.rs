@@ -29,10 +29,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            call_deadline: Duration::from_millis(50),
-            max_memory_bytes: 16 << 20,
-        }
+        Limits { call_deadline: Duration::from_millis(50), max_memory_bytes: 16 << 20 }
     }
 }
 
@@ -58,9 +55,7 @@ pub struct PolicyEngine {
 
 impl std::fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyEngine")
-            .field("limits", &self.inner.limits)
-            .finish_non_exhaustive()
+        f.debug_struct("PolicyEngine").field("limits", &self.inner.limits).finish_non_exhaustive()
     }
 }
 
@@ -86,18 +81,8 @@ impl PolicyEngine {
                     }
                 }
             })
-            .map_err(|e| PolicyError::Load {
-                name: "engine".into(),
-                reason: format!("cannot start epoch ticker: {e}"),
-            })?;
-        Ok(PolicyEngine {
-            inner: Arc::new(EngineInner {
-                engine,
-                linker,
-                limits,
-                stop_ticker,
-            }),
-        })
+            .map_err(|e| PolicyError::Load { name: "engine".into(), reason: format!("cannot start epoch ticker: {e}") })?;
+        Ok(PolicyEngine { inner: Arc::new(EngineInner { engine, linker, limits, stop_ticker }) })
     }
 
     /// The limits every call runs under.
@@ -112,32 +97,54 @@ impl PolicyEngine {
 
     /// Compiles and pre-instantiates a policy component; fails unless it implements the world.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<PolicyComponent, PolicyError> {
-        let component =
-            Component::new(&self.inner.engine, bytes).map_err(|e| load_error(name, &e))?;
-        let instance_pre = self
-            .inner
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| load_error(name, &e))?;
+        let component = Component::new(&self.inner.engine, bytes).map_err(|e| load_error(name, &e))?;
+        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| load_error(name, &e))?;
         let pre = PolicyPre::new(instance_pre).map_err(|e| load_error(name, &e))?;
-        Ok(PolicyComponent {
-            engine: self.clone(),
-            pre,
-            name: name.into(),
-        })
+        Ok(PolicyComponent { engine: self.clone(), pre, name: name.into() })
     }
 }
 
 fn load_error(name: &str, e: &wasmtime::Error) -> PolicyError {
-    PolicyError::Load {
-        name: name.into(),
-        reason: format!("{e:#}"),
-    }
+    PolicyError::Load { name: name.into(), reason: format!("{e:#}") }
 }
 
-/// Per-store data: only the resource limiter.
+/// Per-store data: the resource limiter, which also records the largest memory asked for.
 struct StoreState {
     limits: StoreLimits,
+    peak_memory: usize,
+    /// Set when a memory growth was refused: the failure that follows is the memory cap.
+    memory_denied: bool,
+}
+
+impl wasmtime::ResourceLimiter for StoreState {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum);
+        match allowed {
+            Ok(true) => self.peak_memory = self.peak_memory.max(desired),
+            Ok(false) | Err(_) => self.memory_denied = true,
+        }
+        allowed
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 /// A compiled, pre-instantiated policy. Cheap to clone; instantiate once per worker.
@@ -150,9 +157,7 @@ pub struct PolicyComponent {
 
 impl std::fmt::Debug for PolicyComponent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyComponent")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("PolicyComponent").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -171,22 +176,18 @@ impl PolicyComponent {
                 .trap_on_grow_failure(true)
                 .instances(16)
                 .build(),
+            peak_memory: 0,
+            memory_denied: false,
         };
         let mut store = Store::new(&self.engine.inner.engine, state);
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(limits.call_deadline));
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| classify(&self.name, limits, e))?;
-        Ok(PolicyInstance {
-            store,
-            bindings,
-            name: self.name.clone(),
-            limits,
-            poisoned: false,
-        })
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| {
+            let denied = store.data().memory_denied;
+            classify(&self.name, limits, denied, e)
+        })?;
+        Ok(PolicyInstance { store, bindings, name: self.name.clone(), limits, poisoned: false })
     }
 }
 
@@ -194,24 +195,16 @@ fn deadline_ticks(deadline: Duration) -> u64 {
     (deadline.as_micros() / TICK.as_micros()).max(1) as u64 + 1
 }
 
-/// Turns a failed call into the error a caller can act on.
-fn classify(name: &str, limits: Limits, e: wasmtime::Error) -> PolicyError {
+/// Turns a failed call into the error a caller can act on. `memory_denied` says whether the
+/// store's limiter refused a memory growth during the call.
+fn classify(name: &str, limits: Limits, memory_denied: bool, e: wasmtime::Error) -> PolicyError {
     let name = name.to_string();
+    tracing::debug!(policy = %name, error = ?e, "policy call failed");
     match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PolicyError::Timeout {
-            name,
-            deadline_ms: limits.call_deadline.as_millis() as u64,
-        },
-        _ if format!("{e:#}").contains("forcing a memory growth failure") => {
-            PolicyError::MemoryLimit {
-                name,
-                limit_bytes: limits.max_memory_bytes,
-            }
-        }
-        _ => PolicyError::Trap {
-            name,
-            reason: format!("{e:?}"),
-        },
+        Some(Trap::Interrupt) => PolicyError::Timeout { name, deadline_ms: limits.call_deadline.as_millis() as u64 },
+        _ if memory_denied => PolicyError::MemoryLimit { name, limit_bytes: limits.max_memory_bytes },
+        Some(trap) => PolicyError::Trap { name, reason: trap.to_string() },
+        None => PolicyError::Trap { name, reason: e.root_cause().to_string() },
     }
 }
 
@@ -240,10 +233,7 @@ pub struct PolicyInstance {
 
 impl std::fmt::Debug for PolicyInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyInstance")
-            .field("name", &self.name)
-            .field("poisoned", &self.poisoned)
-            .finish_non_exhaustive()
+        f.debug_struct("PolicyInstance").field("name", &self.name).field("poisoned", &self.poisoned).finish_non_exhaustive()
     }
 }
 
@@ -254,16 +244,18 @@ impl PolicyInstance {
         call: impl FnOnce(&Policy, &mut Store<StoreState>) -> wasmtime::Result<T>,
     ) -> Result<T, PolicyError> {
         if self.poisoned {
-            return Err(PolicyError::Poisoned {
-                name: self.name.clone(),
-            });
+            return Err(PolicyError::Poisoned { name: self.name.clone() });
         }
-        self.store
-            .set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
+        self.store.set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
         call(&self.bindings, &mut self.store).map_err(|e| {
             self.poisoned = true;
-            classify(&self.name, self.limits, e)
+            classify(&self.name, self.limits, self.store.data().memory_denied, e)
         })
+    }
+
+    /// The largest linear memory this instance has grown to, in bytes.
+    pub fn peak_memory_bytes(&self) -> usize {
+        self.store.data().peak_memory
     }
 
     /// Whether an earlier failure left this instance unusable.
@@ -274,52 +266,27 @@ impl PolicyInstance {
     /// Asks the policy to validate a server list as typed.
     pub fn validate(&mut self, raw: &[core::RawServer]) -> Result<Vec<core::Problem>, PolicyError> {
         let wit: Vec<_> = raw.iter().map(convert::raw_to_wit).collect();
-        let problems =
-            self.guarded(|b, store| b.mxrelay_policy_routing().call_validate(store, &wit))?;
-        Ok(problems
-            .into_iter()
-            .map(convert::problem_from_wit)
-            .collect())
+        let problems = self.guarded(|b, store| b.mxrelay_policy_routing().call_validate(store, &wit))?;
+        Ok(problems.into_iter().map(convert::problem_from_wit).collect())
     }
 
     /// Builds the policy's router for a validated server list and the domain's settings (JSON).
-    pub fn router(
-        &mut self,
-        servers: &[core::Server],
-        settings_json: &str,
-    ) -> Result<RouterHandle, PolicyError> {
+    pub fn router(&mut self, servers: &[core::Server], settings_json: &str) -> Result<RouterHandle, PolicyError> {
         let wit: Vec<_> = servers.iter().map(convert::server_to_wit).collect();
-        let created = self.guarded(|b, store| {
-            b.mxrelay_policy_routing()
-                .router()
-                .call_create(store, &wit, settings_json)
-        })?;
+        let created = self.guarded(|b, store| b.mxrelay_policy_routing().router().call_create(store, &wit, settings_json))?;
         match created {
-            Ok(resource) => Ok(RouterHandle {
-                resource,
-                servers: servers.len(),
-            }),
+            Ok(resource) => Ok(RouterHandle { resource, servers: servers.len() }),
             Err(problems) => Err(PolicyError::Settings {
                 name: self.name.clone(),
-                problems: problems
-                    .into_iter()
-                    .map(convert::problem_from_wit)
-                    .collect(),
+                problems: problems.into_iter().map(convert::problem_from_wit).collect(),
             }),
         }
     }
 
     /// Asks for one message's plan and checks that it names every server exactly once.
     pub fn plan(&mut self, router: &RouterHandle, msg: &Message) -> Result<Vec<u32>, PolicyError> {
-        let plan = self.guarded(|b, store| {
-            b.mxrelay_policy_routing()
-                .router()
-                .call_plan(store, router.resource, msg)
-        })?;
-        check_plan(&plan, router.servers).map_err(|reason| PolicyError::InvalidPlan {
-            name: self.name.clone(),
-            reason,
-        })?;
+        let plan = self.guarded(|b, store| b.mxrelay_policy_routing().router().call_plan(store, router.resource, msg))?;
+        check_plan(&plan, router.servers).map_err(|reason| PolicyError::InvalidPlan { name: self.name.clone(), reason })?;
         Ok(plan)
     }
 

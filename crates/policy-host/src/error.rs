@@ -108,10 +108,7 @@ pub fn check_plan(plan: &[u32], servers: usize) -> Result<(), InvalidPlan> {
         seen[word] |= bit;
     }
     if plan.len() != servers {
-        return Err(InvalidPlan::Missing {
-            missing: servers - plan.len(),
-            servers,
-        });
+        return Err(InvalidPlan::Missing { missing: servers - plan.len(), servers });
     }
     Ok(())
 }
@@ -123,30 +120,12 @@ mod tests {
     #[test]
     fn plan_checks() {
         assert_eq!(check_plan(&[2, 0, 1], 3), Ok(()));
-        assert_eq!(
-            check_plan(&[0, 3, 1], 3),
-            Err(InvalidPlan::UnknownIndex {
-                index: 3,
-                servers: 3
-            })
-        );
+        assert_eq!(check_plan(&[0, 3, 1], 3), Err(InvalidPlan::UnknownIndex { index: 3, servers: 3 }));
         assert_eq!(check_plan(&[0, 1, 1], 3), Err(InvalidPlan::Duplicate(1)));
-        assert_eq!(
-            check_plan(&[0, 1], 3),
-            Err(InvalidPlan::Missing {
-                missing: 1,
-                servers: 3
-            })
-        );
+        assert_eq!(check_plan(&[0, 1], 3), Err(InvalidPlan::Missing { missing: 1, servers: 3 }));
         assert_eq!(check_plan(&[], 0), Ok(()));
         let big: Vec<u32> = (0..300).rev().collect();
         assert_eq!(check_plan(&big, 300), Ok(()));
-        assert_eq!(
-            check_plan(&big[1..], 300),
-            Err(InvalidPlan::Missing {
-                missing: 1,
-                servers: 300
-            })
-        );
+        assert_eq!(check_plan(&big[1..], 300), Err(InvalidPlan::Missing { missing: 1, servers: 300 }));
     }
 }

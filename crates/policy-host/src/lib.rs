@@ -33,5 +33,4 @@ pub mod bindings {
 pub use bindings::mxrelay::policy::types::Message;
 
 /// The built-in policy component, built from `crates/policy-guest` by this crate's build script.
-pub const BUILTIN_COMPONENT: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/builtin-policy.wasm"));
+pub const BUILTIN_COMPONENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builtin-policy.wasm"));

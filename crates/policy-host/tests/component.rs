@@ -5,9 +5,7 @@ use mxrelay_policy_core::{Router, Server};
 use mxrelay_policy_host::{DomainPolicy, Limits, Message, PlanSource, PolicyEngine, PolicyError};
 
 fn vectors() -> golden::Vectors {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(golden::PATH);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(golden::PATH);
     golden::parse(&std::fs::read_to_string(path).expect("read vectors")).expect("parse vectors")
 }
 
@@ -27,42 +25,23 @@ fn message(seed: u64, down: Vec<u32>) -> Message {
 #[test]
 fn component_matches_golden_vectors() {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
-    let mut instance = engine
-        .builtin()
-        .expect("builtin")
-        .instantiate()
-        .expect("instance");
+    let mut instance = engine.builtin().expect("builtin").instantiate().expect("instance");
     let vectors = vectors();
     let mut checked = 0;
     for case in &vectors.plans {
         let (router, _) = Router::from_raw(&case.servers).expect("valid");
         let handle = instance.router(router.servers(), "{}").expect("router");
         for v in &case.plans {
-            let msg = Message {
-                attempt: v.attempt,
-                now_ms: v.now_ms,
-                ..message(v.seed, v.down.clone())
-            };
+            let msg = Message { attempt: v.attempt, now_ms: v.now_ms, ..message(v.seed, v.down.clone()) };
             let got = instance.plan(&handle, &msg).expect("plan");
-            assert_eq!(
-                Some(&got),
-                v.expect.as_ref(),
-                "{}: seed {} down {:?}",
-                case.name,
-                v.seed,
-                v.down
-            );
+            assert_eq!(Some(&got), v.expect.as_ref(), "{}: seed {} down {:?}", case.name, v.seed, v.down);
             checked += 1;
         }
         instance.drop_router(handle).expect("drop");
     }
     for case in &vectors.validation {
-        let got: Vec<ExpectedProblem> = instance
-            .validate(&case.servers)
-            .expect("validate")
-            .iter()
-            .map(ExpectedProblem::from)
-            .collect();
+        let got: Vec<ExpectedProblem> =
+            instance.validate(&case.servers).expect("validate").iter().map(ExpectedProblem::from).collect();
         assert_eq!(Some(&got), case.expect.as_ref(), "{}", case.name);
         checked += 1;
     }
@@ -72,11 +51,7 @@ fn component_matches_golden_vectors() {
 #[test]
 fn component_validation_messages_equal_native_ones() {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
-    let mut instance = engine
-        .builtin()
-        .expect("builtin")
-        .instantiate()
-        .expect("instance");
+    let mut instance = engine.builtin().expect("builtin").instantiate().expect("instance");
     for case in &vectors().validation {
         assert_eq!(
             instance.validate(&case.servers).expect("validate"),
@@ -90,29 +65,16 @@ fn component_validation_messages_equal_native_ones() {
 #[test]
 fn domain_policy_plans_through_the_component() {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
-    let servers = vec![
-        Server::new("a.example.com", 10),
-        Server::new("b.example.com", 20),
-    ];
-    let policy = DomainPolicy::new(engine.builtin().expect("builtin"), servers, "{}".into())
-        .expect("domain");
+    let servers = vec![Server::new("a.example.com", 10), Server::new("b.example.com", 20)];
+    let policy = DomainPolicy::new(engine.builtin().expect("builtin"), servers, "{}".into()).expect("domain");
     let plan = policy.plan(&message(7, vec![0]));
     assert_eq!(plan.order, vec![1, 0]);
-    assert!(
-        matches!(plan.source, PlanSource::Component),
-        "{:?}",
-        plan.source
-    );
+    assert!(matches!(plan.source, PlanSource::Component), "{:?}", plan.source);
 }
 
 #[test]
 fn garbage_bytes_are_refused_with_a_load_error() {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
-    let err = engine
-        .load("junk.wasm", b"\0asm\x0d\0\x01\0garbage")
-        .expect_err("must refuse");
-    assert!(
-        matches!(err, PolicyError::Load { ref name, .. } if name == "junk.wasm"),
-        "{err}"
-    );
+    let err = engine.load("junk.wasm", b"\0asm\x0d\0\x01\0garbage").expect_err("must refuse");
+    assert!(matches!(err, PolicyError::Load { ref name, .. } if name == "junk.wasm"), "{err}");
 }

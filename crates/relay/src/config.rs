@@ -8,9 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mxrelay_policy_core::{
-    Problem, RawNumber, RawServer, Server, Severity, parse_host, validate_servers,
-};
+use mxrelay_policy_core::{Problem, RawNumber, RawServer, Server, Severity, parse_host, validate_servers};
 use serde::Deserialize;
 
 use crate::duration::parse_duration;
@@ -179,9 +177,8 @@ impl Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (text, None),
         };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| {
-            format!("{text:?} is not an IP address or CIDR range like 192.0.2.0/24")
-        })?;
+        let addr: IpAddr =
+            addr.trim().parse().map_err(|_| format!("{text:?} is not an IP address or CIDR range like 192.0.2.0/24"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -203,19 +200,11 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.prefix)
-                };
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.prefix)
-                };
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             (IpAddr::V4(_), IpAddr::V6(_)) | (IpAddr::V6(_), IpAddr::V4(_)) => false,
@@ -287,19 +276,14 @@ pub struct Config {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Config::parse(path, &text)
     }
 
     /// Validates configuration text read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.into(),
-            message: syntax_message(text, &e),
-        })?;
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: syntax_message(text, &e) })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
         let relay = relay_config(file.relay, base, &mut problems);
@@ -308,13 +292,7 @@ impl Config {
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(ConfigError::Invalid { problems });
         }
-        Ok(Config {
-            path: path.into(),
-            relay,
-            delivery,
-            domains,
-            warnings: problems,
-        })
+        Ok(Config { path: path.into(), relay, delivery, domains, warnings: problems })
     }
 
     /// The domain named `name` (case-insensitive).
@@ -343,40 +321,23 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
         } else if l.starts_with('[') {
             (domain, server) = (None, 0);
         } else if server == 0
-            && let (Some(d), Some(v)) = (
-                domain.as_mut(),
-                l.strip_prefix("name")
-                    .map(str::trim_start)
-                    .and_then(|r| r.strip_prefix('=')),
-            )
+            && let (Some(d), Some(v)) =
+                (domain.as_mut(), l.strip_prefix("name").map(str::trim_start).and_then(|r| r.strip_prefix('=')))
         {
             *d = v.trim().trim_matches('"').to_string();
         }
     }
     if let Some(d) = domain {
-        context = if server > 0 {
-            format!("domain {d}: server #{server}: ")
-        } else {
-            format!("domain {d}: ")
-        };
+        context = if server > 0 { format!("domain {d}: server #{server}: ") } else { format!("domain {d}: ") };
     }
     format!("line {line}, column {column}: {context}{message}")
 }
 
 fn error(location: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
-    ConfigProblem {
-        location: location.into(),
-        severity: Severity::Error,
-        message: message.into(),
-    }
+    ConfigProblem { location: location.into(), severity: Severity::Error, message: message.into() }
 }
 
-fn duration_field(
-    location: &str,
-    value: Option<String>,
-    default: Duration,
-    problems: &mut Vec<ConfigProblem>,
-) -> Duration {
+fn duration_field(location: &str, value: Option<String>, default: Duration, problems: &mut Vec<ConfigProblem>) -> Duration {
     match value.map(|v| parse_duration(&v)) {
         None => default,
         Some(Ok(d)) => d,
@@ -402,33 +363,22 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         }
     }
     if file.listen.is_empty() {
-        problems.push(error(
-            "relay.listen",
-            "no listen address: add one like \"127.0.0.1:2525\"",
-        ));
+        problems.push(error("relay.listen", "no listen address: add one like \"127.0.0.1:2525\""));
     }
     let accept_from = match file.accept_from {
-        None => vec![
-            Cidr::parse("127.0.0.0/8").expect("literal"),
-            Cidr::parse("::1/128").expect("literal"),
-        ],
+        None => vec![Cidr::parse("127.0.0.0/8").expect("literal"), Cidr::parse("::1/128").expect("literal")],
         Some(list) => list
             .iter()
             .enumerate()
             .filter_map(|(i, text)| {
-                Cidr::parse(text)
-                    .map_err(|e| problems.push(error(format!("relay.accept_from[{i}]"), e)))
-                    .ok()
+                Cidr::parse(text).map_err(|e| problems.push(error(format!("relay.accept_from[{i}]"), e))).ok()
             })
             .collect(),
     };
     let admin_listen = file.admin_listen.and_then(|text| {
         text.parse::<SocketAddr>()
             .map_err(|_| {
-                problems.push(error(
-                    "relay.admin_listen",
-                    format!("{text:?} is not an address:port like 127.0.0.1:8025"),
-                ))
+                problems.push(error("relay.admin_listen", format!("{text:?} is not an address:port like 127.0.0.1:8025")))
             })
             .ok()
     });
@@ -436,24 +386,16 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
     if max_message_size < 1024 {
         problems.push(error(
             "relay.max_message_size",
-            format!(
-                "{max_message_size} bytes is too small for any real message; use at least 1024"
-            ),
+            format!("{max_message_size} bytes is too small for any real message; use at least 1024"),
         ));
     }
     let max_recipients = file.max_recipients.unwrap_or(100);
     if max_recipients == 0 {
-        problems.push(error(
-            "relay.max_recipients",
-            "0 would refuse every message; RFC 5321 requires at least 100",
-        ));
+        problems.push(error("relay.max_recipients", "0 would refuse every message; RFC 5321 requires at least 100"));
     }
     let max_connections_per_client = file.max_connections_per_client.unwrap_or(100);
     if max_connections_per_client == 0 {
-        problems.push(error(
-            "relay.max_connections_per_client",
-            "0 would refuse every client; use at least 1",
-        ));
+        problems.push(error("relay.max_connections_per_client", "0 would refuse every client; use at least 1"));
     }
     RelayConfig {
         hostname: file.hostname.trim_end_matches('.').to_ascii_lowercase(),
@@ -463,12 +405,7 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         max_message_size,
         max_recipients,
         max_connections_per_client,
-        idle_timeout: duration_field(
-            "relay.idle_timeout",
-            file.idle_timeout,
-            Duration::from_secs(300),
-            problems,
-        ),
+        idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
         admin_listen,
     }
 }
@@ -488,46 +425,30 @@ pub const DEFAULT_RETRY: [Duration; 7] = [
 fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> DeliveryConfig {
     let resolver = file.resolver.and_then(|text| {
         text.parse::<SocketAddr>()
-            .map_err(|_| {
-                problems.push(error(
-                    "delivery.resolver",
-                    format!("{text:?} is not an IP:port like 127.0.53.53:53"),
-                ))
-            })
+            .map_err(|_| problems.push(error("delivery.resolver", format!("{text:?} is not an IP:port like 127.0.53.53:53"))))
             .ok()
     });
     let retry = match file.retry {
         None => DEFAULT_RETRY.to_vec(),
         Some(list) if list.is_empty() => {
-            problems.push(error(
-                "delivery.retry",
-                "empty retry schedule: give at least one delay, like [\"1m\"]",
-            ));
+            problems.push(error("delivery.retry", "empty retry schedule: give at least one delay, like [\"1m\"]"));
             DEFAULT_RETRY.to_vec()
         }
         Some(list) => list
             .iter()
             .enumerate()
             .filter_map(|(i, text)| {
-                parse_duration(text)
-                    .map_err(|e| problems.push(error(format!("delivery.retry[{i}]"), e)))
-                    .ok()
+                parse_duration(text).map_err(|e| problems.push(error(format!("delivery.retry[{i}]"), e))).ok()
             })
             .collect(),
     };
     let concurrency_per_server = file.concurrency_per_server.unwrap_or(20);
     if concurrency_per_server == 0 {
-        problems.push(error(
-            "delivery.concurrency_per_server",
-            "0 would never deliver; use at least 1",
-        ));
+        problems.push(error("delivery.concurrency_per_server", "0 would never deliver; use at least 1"));
     }
     let workers = file.workers.unwrap_or(64);
     if workers == 0 {
-        problems.push(error(
-            "delivery.workers",
-            "0 would never deliver; use at least 1",
-        ));
+        problems.push(error("delivery.workers", "0 would never deliver; use at least 1"));
     }
     DeliveryConfig {
         resolver,
@@ -538,30 +459,10 @@ fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> Del
             Duration::from_secs(5 * 86400),
             problems,
         ),
-        connect_timeout: duration_field(
-            "delivery.connect_timeout",
-            file.connect_timeout,
-            Duration::from_secs(30),
-            problems,
-        ),
-        command_timeout: duration_field(
-            "delivery.command_timeout",
-            file.command_timeout,
-            Duration::from_secs(300),
-            problems,
-        ),
-        data_timeout: duration_field(
-            "delivery.data_timeout",
-            file.data_timeout,
-            Duration::from_secs(600),
-            problems,
-        ),
-        probe_interval: duration_field(
-            "delivery.probe_interval",
-            file.probe_interval,
-            Duration::from_secs(5),
-            problems,
-        ),
+        connect_timeout: duration_field("delivery.connect_timeout", file.connect_timeout, Duration::from_secs(30), problems),
+        command_timeout: duration_field("delivery.command_timeout", file.command_timeout, Duration::from_secs(300), problems),
+        data_timeout: duration_field("delivery.data_timeout", file.data_timeout, Duration::from_secs(600), problems),
+        probe_interval: duration_field("delivery.probe_interval", file.probe_interval, Duration::from_secs(5), problems),
         concurrency_per_server,
         workers,
     }
@@ -579,28 +480,17 @@ fn raw_number(value: Option<toml::Value>) -> Option<RawNumber> {
     })
 }
 
-fn domain_configs(
-    files: Vec<FileDomain>,
-    base: &Path,
-    problems: &mut Vec<ConfigProblem>,
-) -> Vec<DomainConfig> {
+fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<ConfigProblem>) -> Vec<DomainConfig> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (i, d) in files.into_iter().enumerate() {
         let name = d.name.trim().trim_end_matches('.').to_ascii_lowercase();
-        let location = if name.is_empty() {
-            format!("domain #{}", i + 1)
-        } else {
-            format!("domain {name}")
-        };
+        let location = if name.is_empty() { format!("domain #{}", i + 1) } else { format!("domain {name}") };
         if let Err(e) = parse_host(&name) {
             problems.push(error(format!("{location}: name"), e));
         }
         if !seen.insert(name.clone()) {
-            problems.push(error(
-                format!("{location}: name"),
-                "this domain is configured twice; merge the two [[domain]] blocks",
-            ));
+            problems.push(error(format!("{location}: name"), "this domain is configured twice; merge the two [[domain]] blocks"));
         }
         let policy = match d.policy.as_deref().map(str::trim) {
             None | Some("builtin") => PolicySource::Builtin,
@@ -611,14 +501,10 @@ fn domain_configs(
         {
             problems.push(error(
                 format!("{location}: policy"),
-                format!(
-                    "{} is not a file; use \"builtin\" or the path of a .wasm policy component",
-                    path.display()
-                ),
+                format!("{} is not a file; use \"builtin\" or the path of a .wasm policy component", path.display()),
             ));
         }
-        let policy_settings_json = serde_json::to_string(&d.policy_config.unwrap_or_default())
-            .unwrap_or_else(|_| "{}".into());
+        let policy_settings_json = serde_json::to_string(&d.policy_config.unwrap_or_default()).unwrap_or_else(|_| "{}".into());
         let raw: Vec<RawServer> = d
             .server
             .into_iter()
@@ -629,29 +515,17 @@ fn domain_configs(
                 weight: raw_number(s.weight),
             })
             .collect();
-        let as_config = |p: Problem| ConfigProblem {
-            location: location.clone(),
-            severity: p.severity,
-            message: p.to_string(),
-        };
+        let as_config = |p: Problem| ConfigProblem { location: location.clone(), severity: p.severity, message: p.to_string() };
         match validate_servers(&raw) {
             Ok((servers, warnings)) => {
                 problems.extend(warnings.into_iter().map(as_config));
-                out.push(DomainConfig {
-                    name,
-                    policy,
-                    policy_settings_json,
-                    servers,
-                });
+                out.push(DomainConfig { name, policy, policy_settings_json, servers });
             }
             Err(found) => problems.extend(found.into_iter().map(as_config)),
         }
     }
     if out.is_empty() && !problems.iter().any(|p| p.severity == Severity::Error) {
-        problems.push(error(
-            "domain",
-            "no [[domain]] configured: the relay would refuse every recipient",
-        ));
+        problems.push(error("domain", "no [[domain]] configured: the relay would refuse every recipient"));
     }
     out
 }
@@ -681,9 +555,7 @@ preference = 20
     fn problems(text: &str) -> Vec<String> {
         match Config::parse(Path::new("/etc/mxrelay/test.toml"), text) {
             Ok(c) => c.warnings.iter().map(ToString::to_string).collect(),
-            Err(ConfigError::Invalid { problems }) => {
-                problems.iter().map(ToString::to_string).collect()
-            }
+            Err(ConfigError::Invalid { problems }) => problems.iter().map(ToString::to_string).collect(),
             Err(e) => vec![e.to_string()],
         }
     }
@@ -692,78 +564,37 @@ preference = 20
     fn issue_example_parses_with_defaults() {
         let c = Config::parse(Path::new("/etc/mxrelay/test.toml"), SEED).expect("valid");
         assert_eq!(c.relay.queue, Path::new("/etc/mxrelay/var/queue"));
-        assert_eq!(
-            c.delivery.max_queue_lifetime,
-            Duration::from_secs(5 * 86400)
-        );
-        assert_eq!(
-            c.domains[0].servers[1],
-            Server {
-                host: "192.0.2.20".into(),
-                port: 2526,
-                preference: 20,
-                weight: 1
-            }
-        );
-        assert!(
-            c.relay
-                .accept_from
-                .iter()
-                .any(|r| r.contains("127.0.0.1".parse().expect("ip")))
-        );
+        assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(5 * 86400));
+        assert_eq!(c.domains[0].servers[1], Server { host: "192.0.2.20".into(), port: 2526, preference: 20, weight: 1 });
+        assert!(c.relay.accept_from.iter().any(|r| r.contains("127.0.0.1".parse().expect("ip"))));
     }
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let p = problems(&SEED.replace("preference = 20", "prefrence = 20"));
         assert_eq!(p.len(), 1);
-        assert!(
-            p[0].contains(
-                "line 16, column 1: domain mailroutedemo.com: server #2: unknown field `prefrence`"
-            ),
-            "{p:?}"
-        );
+        assert!(p[0].contains("line 16, column 1: domain mailroutedemo.com: server #2: unknown field `prefrence`"), "{p:?}");
         assert!(!p[0].contains('\n'), "one line per error: {p:?}");
-        let p =
-            problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nspeed = 3"));
+        let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nspeed = 3"));
         assert!(p[0].contains("unknown field `speed`"), "{p:?}");
     }
 
     #[test]
     fn server_errors_name_domain_entry_and_field() {
-        let p = problems(
-            &SEED
-                .replace("\"192.0.2.20\"", "\"999.1.1.1\"")
-                .replace("preference = 10", "preference = 10.5"),
-        );
+        let p = problems(&SEED.replace("\"192.0.2.20\"", "\"999.1.1.1\"").replace("preference = 10", "preference = 10.5"));
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("domain mailroutedemo.com: server #1 (mail.mailroutedemo.com) preference: preference \"10.5\" is not a whole number"), "{p:?}");
-        assert!(
-            p[1].starts_with("domain mailroutedemo.com: server #2 (999.1.1.1) host:"),
-            "{p:?}"
-        );
+        assert!(p[1].starts_with("domain mailroutedemo.com: server #2 (999.1.1.1) host:"), "{p:?}");
     }
 
     #[test]
     fn relay_errors_name_the_key() {
-        let bad = SEED.replace(
-            "listen = [\"127.0.0.1:2525\"]",
-            "listen = [\"localhost\"]\naccept_from = [\"10.0.0.0/33\"]",
-        );
+        let bad = SEED.replace("listen = [\"127.0.0.1:2525\"]", "listen = [\"localhost\"]\naccept_from = [\"10.0.0.0/33\"]");
         let p = problems(&bad);
         assert!(p.iter().any(|l| l.starts_with("relay.listen[0]:")), "{p:?}");
-        assert!(
-            p.iter().any(|l| l.starts_with("relay.accept_from[0]:")),
-            "{p:?}"
-        );
-        let p = problems(&SEED.replace(
-            "[[domain]]",
-            "[delivery]\nretry = [\"5 parsecs\"]\n\n[[domain]]",
-        ));
-        assert!(
-            p.iter().any(|l| l.starts_with("delivery.retry[0]:")),
-            "{p:?}"
-        );
+        assert!(p.iter().any(|l| l.starts_with("relay.accept_from[0]:")), "{p:?}");
+        let p = problems(&SEED.replace("[[domain]]", "[delivery]\nretry = [\"5 parsecs\"]\n\n[[domain]]"));
+        assert!(p.iter().any(|l| l.starts_with("delivery.retry[0]:")), "{p:?}");
     }
 
     #[test]
@@ -773,11 +604,7 @@ preference = 20
         );
         let p = problems(&twice);
         assert!(p.iter().any(|l| l.contains("configured twice")), "{p:?}");
-        assert!(
-            p.iter()
-                .any(|l| l.contains("policy: /etc/mxrelay/nope.wasm is not a file")),
-            "{p:?}"
-        );
+        assert!(p.iter().any(|l| l.contains("policy: /etc/mxrelay/nope.wasm is not a file")), "{p:?}");
     }
 
     #[test]
@@ -786,11 +613,7 @@ preference = 20
         assert!(net.contains("192.0.2.200".parse().expect("ip")));
         assert!(!net.contains("192.0.3.1".parse().expect("ip")));
         assert!(net.contains("::ffff:192.0.2.1".parse().expect("ip")));
-        assert!(
-            Cidr::parse("::/0")
-                .expect("cidr")
-                .contains("2001:db8::1".parse().expect("ip"))
-        );
+        assert!(Cidr::parse("::/0").expect("cidr").contains("2001:db8::1".parse().expect("ip")));
         assert!(Cidr::parse("300.0.0.0/8").is_err());
     }
 }

@@ -47,14 +47,7 @@ pub async fn read_data<R: AsyncBufRead + Unpin>(
             return Ok((DataEnd::Eof, fixed));
         }
         if after_crlf && line == b".\r\n" {
-            return Ok((
-                if too_large {
-                    DataEnd::TooLarge
-                } else {
-                    DataEnd::Complete
-                },
-                fixed,
-            ));
+            return Ok((if too_large { DataEnd::TooLarge } else { DataEnd::Complete }, fixed));
         }
         after_crlf = line.ends_with(b"\r\n");
         let content = match line.strip_suffix(b"\r\n") {
@@ -118,9 +111,7 @@ pub fn rfc5322_date(unix_secs: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     format!(
         "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
         WEEKDAYS[days.rem_euclid(7) as usize],
@@ -140,16 +131,13 @@ mod tests {
         let mut out = Vec::new();
         let (end, fixed) = read_data(&mut reader, &mut out, max).await.expect("read");
         let mut rest = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest)
-            .await
-            .expect("rest");
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest).await.expect("rest");
         (end, fixed, out, rest)
     }
 
     #[tokio::test]
     async fn canonical_data_and_unstuffing() {
-        let (end, fixed, out, rest) =
-            read(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n", 1 << 20).await;
+        let (end, fixed, out, rest) = read(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n", 1 << 20).await;
         assert_eq!((end, fixed), (DataEnd::Complete, Normalised::default()));
         assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\n");
         assert_eq!(rest, b"QUIT\r\n");
@@ -158,40 +146,21 @@ mod tests {
     /// Every known SMTP smuggling end-of-data variant must stay inside the one message.
     #[tokio::test]
     async fn smuggling_variants_never_end_the_message() {
-        for sep in [
-            &b"\n.\n"[..],
-            b"\n.\r\n",
-            b"\r.\r",
-            b"\r\n.\r",
-            b"\r\n.\n",
-            b"\r.\r\n",
-            b"\r\r\n.\r\r\n",
-            b"\r\n.\r\r\n",
-        ] {
+        for sep in [&b"\n.\n"[..], b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r\n.\n", b"\r.\r\n", b"\r\r\n.\r\r\n", b"\r\n.\r\r\n"] {
             let mut input = b"Subject: one\r\n\r\nbody".to_vec();
             input.extend_from_slice(sep);
             input.extend_from_slice(b"MAIL FROM:<evil@example.com>\r\n.\r\n");
             let (end, _, out, rest) = read(&input, 1 << 20).await;
             assert_eq!(end, DataEnd::Complete, "{sep:?}");
-            assert!(
-                rest.is_empty(),
-                "{sep:?} ended the message early: rest {rest:?}"
-            );
-            assert!(
-                out.windows(20).any(|w| w == b"MAIL FROM:<evil@exam"),
-                "{sep:?}"
-            );
+            assert!(rest.is_empty(), "{sep:?} ended the message early: rest {rest:?}");
+            assert!(out.windows(20).any(|w| w == b"MAIL FROM:<evil@exam"), "{sep:?}");
             // Canonical: no CR or LF outside CRLF pairs.
             for (i, &b) in out.iter().enumerate() {
                 match b {
                     b'\r' => {
                         assert_eq!(out.get(i + 1), Some(&b'\n'), "{sep:?}: stray CR in {out:?}")
                     }
-                    b'\n' => assert_eq!(
-                        out.get(i.wrapping_sub(1)),
-                        Some(&b'\r'),
-                        "{sep:?}: bare LF in {out:?}"
-                    ),
+                    b'\n' => assert_eq!(out.get(i.wrapping_sub(1)), Some(&b'\r'), "{sep:?}: bare LF in {out:?}"),
                     _ => {}
                 }
             }
@@ -220,10 +189,7 @@ mod tests {
 
     #[tokio::test]
     async fn eof_before_the_end_is_not_a_message() {
-        assert_eq!(
-            read(b"Subject: x\r\n\r\nbody\r\n", 1 << 20).await.0,
-            DataEnd::Eof
-        );
+        assert_eq!(read(b"Subject: x\r\n\r\nbody\r\n", 1 << 20).await.0, DataEnd::Eof);
         assert_eq!(read(b"Subject: x\r\n.", 1 << 20).await.0, DataEnd::Eof);
     }
 
@@ -240,10 +206,7 @@ mod tests {
     #[test]
     fn dates() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(
-            rfc5322_date(1_795_891_700),
-            "Sat, 28 Nov 2026 18:48:20 +0000"
-        );
+        assert_eq!(rfc5322_date(1_795_891_700), "Sat, 28 Nov 2026 18:48:20 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
     }
 }

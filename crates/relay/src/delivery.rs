@@ -88,14 +88,7 @@ impl Deliverer {
         health: Health,
         concurrency_per_server: u32,
     ) -> Deliverer {
-        Deliverer {
-            policies,
-            transport,
-            health,
-            concurrency_per_server,
-            per_server: Mutex::default(),
-            seeds: Mutex::default(),
-        }
+        Deliverer { policies, transport, health, concurrency_per_server, per_server: Mutex::default(), seeds: Mutex::default() }
     }
 
     /// The health memory.
@@ -105,17 +98,11 @@ impl Deliverer {
 
     /// The current policies.
     pub fn policies(&self) -> Arc<Policies> {
-        self.policies
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     fn limit(&self, server_key: &str) -> Arc<Semaphore> {
-        let mut map = self
-            .per_server
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.per_server.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.entry(server_key.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency_per_server as usize)))
             .clone()
@@ -125,15 +112,10 @@ impl Deliverer {
     /// its exact share per message, however deliveries interleave. The start is random so
     /// restarts do not always favour the same server.
     fn next_seed(&self, domain: &str) -> u64 {
-        let mut map = self
-            .seeds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.seeds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let counter = map
             .entry(domain.to_string())
-            .or_insert_with(|| {
-                Arc::new(AtomicU64::new(mix64(now_ms() ^ mix64(domain.len() as u64))))
-            })
+            .or_insert_with(|| Arc::new(AtomicU64::new(mix64(now_ms() ^ mix64(domain.len() as u64)))))
             .clone();
         drop(map);
         counter.fetch_add(1, Ordering::Relaxed)
@@ -176,8 +158,7 @@ impl Deliverer {
         match &plan.source {
             PlanSource::Component => {}
             PlanSource::Fallback(e) => {
-                metrics::counter!("mxrelay_policy_fallbacks_total", "domain" => env.domain.clone())
-                    .increment(1);
+                metrics::counter!("mxrelay_policy_fallbacks_total", "domain" => env.domain.clone()).increment(1);
                 tracing::warn!(queue_id = %env.queue_id(), error = %e, "planned by the built-in fail-safe");
             }
         }
@@ -204,11 +185,7 @@ impl Deliverer {
                 }
             };
             let _permit = self.limit(&server_key).acquire_owned().await;
-            let outgoing = Outgoing {
-                sender: &env.sender,
-                recipients: &pending,
-                data,
-            };
+            let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data };
             let mut verdict = ServerVerdict::Unreachable(format!("{server_key}: no address"));
             for addr in &addrs {
                 verdict = self.transport.send(*addr, &outgoing).await;
@@ -260,24 +237,14 @@ impl Deliverer {
                 }
                 ServerVerdict::Unknown(why) => {
                     tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no reply to the final dot; deferring, the message may be delivered twice");
-                    return Outcome::Deferred {
-                        delivered,
-                        failed,
-                        remaining: pending,
-                        reason: DeferReason::MaybeDelivered(why),
-                    };
+                    return Outcome::Deferred { delivered, failed, remaining: pending, reason: DeferReason::MaybeDelivered(why) };
                 }
             }
         }
         if pending.is_empty() {
             Outcome::Done { delivered, failed }
         } else {
-            Outcome::Deferred {
-                delivered,
-                failed,
-                remaining: pending,
-                reason: last_reason,
-            }
+            Outcome::Deferred { delivered, failed, remaining: pending, reason: last_reason }
         }
     }
 }

@@ -16,9 +16,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "d" => 86_400_000,
         _ => return Err(bad(text)),
     };
-    n.checked_mul(unit_ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| bad(text))
+    n.checked_mul(unit_ms).map(Duration::from_millis).ok_or_else(|| bad(text))
 }
 
 fn bad(text: &str) -> String {
@@ -28,12 +26,7 @@ fn bad(text: &str) -> String {
 /// Formats a duration the way the config writes it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis() as u64;
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-    ] {
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
         if ms >= size && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
@@ -51,15 +44,7 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration(" 5m "), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(432_000)));
-        for bad in [
-            "",
-            "5",
-            "m",
-            "1.5h",
-            "-1s",
-            "5 parsecs",
-            "99999999999999999999d",
-        ] {
+        for bad in ["", "5", "m", "1.5h", "-1s", "5 parsecs", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");

@@ -37,17 +37,11 @@ pub fn key(server: &Server) -> String {
 impl Health {
     /// Health memory that reports recovered servers (by key) on `recovered`.
     pub fn new(probe_interval: Duration, recovered: mpsc::UnboundedSender<String>) -> Health {
-        Health {
-            down: Arc::default(),
-            recovered,
-            probe_interval,
-        }
+        Health { down: Arc::default(), recovered, probe_interval }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, DownState>> {
-        self.down
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.down.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether the server is currently marked down.
@@ -58,9 +52,7 @@ impl Health {
     /// Indices of the servers in `servers` that are marked down.
     pub fn down_indices(&self, servers: &[Server]) -> Vec<u32> {
         let down = self.lock();
-        (0..servers.len() as u32)
-            .filter(|&i| down.contains_key(&key(&servers[i as usize])))
-            .collect()
+        (0..servers.len() as u32).filter(|&i| down.contains_key(&key(&servers[i as usize]))).collect()
     }
 
     /// Marks a server down and starts probing it, unless it already is.
@@ -68,10 +60,7 @@ impl Health {
         let newly = match self.lock().entry(key(server)) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(DownState {
-                    since: Instant::now(),
-                    reason: reason.to_string(),
-                });
+                slot.insert(DownState { since: Instant::now(), reason: reason.to_string() });
                 true
             }
         };
@@ -121,9 +110,6 @@ impl Health {
 
     /// Servers currently down with the reason, for status output.
     pub fn snapshot(&self) -> Vec<(String, Duration, String)> {
-        self.lock()
-            .iter()
-            .map(|(k, s)| (k.clone(), s.since.elapsed(), s.reason.clone()))
-            .collect()
+        self.lock().iter().map(|(k, s)| (k.clone(), s.since.elapsed(), s.reason.clone())).collect()
     }
 }

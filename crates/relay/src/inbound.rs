@@ -40,19 +40,8 @@ pub struct Inbound {
 
 impl Inbound {
     /// Session settings over `queue`.
-    pub fn new(
-        relay: RelayConfig,
-        domains: HashSet<String>,
-        queue: Queue,
-        events: mpsc::UnboundedSender<Event>,
-    ) -> Inbound {
-        Inbound {
-            relay,
-            domains: std::sync::RwLock::new(Arc::new(domains)),
-            queue,
-            events,
-            connections: Mutex::default(),
-        }
+    pub fn new(relay: RelayConfig, domains: HashSet<String>, queue: Queue, events: mpsc::UnboundedSender<Event>) -> Inbound {
+        Inbound { relay, domains: std::sync::RwLock::new(Arc::new(domains)), queue, events, connections: Mutex::default() }
     }
 
     fn allowed(&self, ip: IpAddr) -> bool {
@@ -60,27 +49,18 @@ impl Inbound {
     }
 
     fn accepts_domain(&self, domain: &str) -> bool {
-        self.domains
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(domain)
+        self.domains.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(domain)
     }
 
     /// Counts a connection from `ip`; `None` when the client is over its limit.
     fn open_connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
-        let mut map = self
-            .connections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = map.entry(ip).or_insert(0);
         if *count >= self.relay.max_connections_per_client {
             return None;
         }
         *count += 1;
-        Some(ConnectionSlot {
-            inbound: self.clone(),
-            ip,
-        })
+        Some(ConnectionSlot { inbound: self.clone(), ip })
     }
 }
 
@@ -91,11 +71,7 @@ struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut map = self
-            .inbound
-            .connections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.inbound.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(c) = map.get_mut(&self.ip) {
             *c -= 1;
             if *c == 0 {
@@ -135,11 +111,7 @@ struct Transaction {
     recipients: Vec<String>,
 }
 
-async fn session(
-    stream: TcpStream,
-    peer: SocketAddr,
-    inbound: Arc<Inbound>,
-) -> std::io::Result<()> {
+async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, read);
@@ -148,19 +120,11 @@ async fn session(
     let ip = peer.ip();
     if !inbound.allowed(ip) {
         tracing::warn!(%peer, "client not in accept_from; refused");
-        reply(
-            &mut writer,
-            &format!("554 5.7.1 {ip} is not allowed to send mail through {hostname}"),
-        )
-        .await?;
+        reply(&mut writer, &format!("554 5.7.1 {ip} is not allowed to send mail through {hostname}")).await?;
         return writer.flush().await;
     }
     let Some(_slot) = inbound.open_connection(ip) else {
-        reply(
-            &mut writer,
-            &format!("421 4.7.0 {hostname} too many connections from {ip}, try again later"),
-        )
-        .await?;
+        reply(&mut writer, &format!("421 4.7.0 {hostname} too many connections from {ip}, try again later")).await?;
         return writer.flush().await;
     };
     reply(&mut writer, &format!("220 {hostname} ESMTP mxrelay")).await?;
@@ -173,20 +137,10 @@ async fn session(
     let mut line = Vec::with_capacity(512);
     loop {
         line.clear();
-        let read = tokio::time::timeout(
-            idle,
-            (&mut reader)
-                .take(MAX_COMMAND_LINE as u64 + 1)
-                .read_until(b'\n', &mut line),
-        )
-        .await;
+        let read = tokio::time::timeout(idle, (&mut reader).take(MAX_COMMAND_LINE as u64 + 1).read_until(b'\n', &mut line)).await;
         let n = match read {
             Err(_) => {
-                reply(
-                    &mut writer,
-                    &format!("421 4.4.2 {hostname} idle for {}s, closing", idle.as_secs()),
-                )
-                .await?;
+                reply(&mut writer, &format!("421 4.4.2 {hostname} idle for {}s, closing", idle.as_secs())).await?;
                 return writer.flush().await;
             }
             Ok(r) => r?,
@@ -237,20 +191,12 @@ async fn session(
             }
             Ok(Request::Rcpt { to }) => {
                 let address = to.address.to_string();
-                let domain = address
-                    .rsplit_once('@')
-                    .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
+                let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
                 if txn.sender.is_none() {
                     reply(&mut writer, "503 5.5.1 need MAIL before RCPT").await?;
                 } else if txn.recipients.len() >= inbound.relay.max_recipients as usize {
-                    reply(
-                        &mut writer,
-                        &format!(
-                            "452 4.5.3 too many recipients (limit {})",
-                            inbound.relay.max_recipients
-                        ),
-                    )
-                    .await?;
+                    reply(&mut writer, &format!("452 4.5.3 too many recipients (limit {})", inbound.relay.max_recipients))
+                        .await?;
                 } else {
                     match domain {
                         Some(d) if inbound.accepts_domain(&d) => {
@@ -260,11 +206,10 @@ async fn session(
                         }
                         Some(d) => {
                             tracing::info!(%peer, rcpt = %address, "relaying denied");
-                            reply(&mut writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}")).await?;
+                            reply(&mut writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}"))
+                                .await?;
                         }
-                        None => {
-                            reply(&mut writer, "550 5.1.3 recipient address needs a domain").await?
-                        }
+                        None => reply(&mut writer, "550 5.1.3 recipient address needs a domain").await?,
                     }
                 }
             }
@@ -276,14 +221,7 @@ async fn session(
                 } else {
                     reply(&mut writer, "354 end data with <CR><LF>.<CR><LF>").await?;
                     writer.flush().await?;
-                    let answer = receive_message(
-                        &mut reader,
-                        &inbound,
-                        peer,
-                        helo.as_deref().unwrap_or(""),
-                        &txn,
-                    )
-                    .await?;
+                    let answer = receive_message(&mut reader, &inbound, peer, helo.as_deref().unwrap_or(""), &txn).await?;
                     txn = Transaction::default();
                     match answer {
                         Some(text) => reply(&mut writer, &text).await?,
@@ -301,18 +239,10 @@ async fn session(
                 quit = true;
             }
             Ok(Request::Vrfy { .. }) => {
-                reply(
-                    &mut writer,
-                    "252 2.5.0 cannot verify, but will accept and attempt delivery",
-                )
-                .await?
+                reply(&mut writer, "252 2.5.0 cannot verify, but will accept and attempt delivery").await?
             }
-            Ok(Request::Bdat { .. }) => {
-                reply(&mut writer, "502 5.5.1 CHUNKING is not offered; use DATA").await?
-            }
-            Ok(Request::StartTls) => {
-                reply(&mut writer, "502 5.5.1 STARTTLS is not configured").await?
-            }
+            Ok(Request::Bdat { .. }) => reply(&mut writer, "502 5.5.1 CHUNKING is not offered; use DATA").await?,
+            Ok(Request::StartTls) => reply(&mut writer, "502 5.5.1 STARTTLS is not configured").await?,
             Ok(
                 Request::Lhlo { .. }
                 | Request::Auth { .. }
@@ -332,12 +262,8 @@ async fn session(
                     smtp_proto::Error::SyntaxError { syntax } => {
                         format!("501 5.5.4 syntax: {syntax}")
                     }
-                    smtp_proto::Error::InvalidSenderAddress => {
-                        "501 5.1.7 bad sender address syntax".to_string()
-                    }
-                    smtp_proto::Error::InvalidRecipientAddress => {
-                        "501 5.1.3 bad recipient address syntax".to_string()
-                    }
+                    smtp_proto::Error::InvalidSenderAddress => "501 5.1.7 bad sender address syntax".to_string(),
+                    smtp_proto::Error::InvalidRecipientAddress => "501 5.1.3 bad recipient address syntax".to_string(),
                     smtp_proto::Error::InvalidParameter { param } => {
                         format!("501 5.5.4 invalid parameter {param}")
                     }
@@ -346,9 +272,7 @@ async fn session(
                     }
                     smtp_proto::Error::NeedsMoreData { .. }
                     | smtp_proto::Error::ResponseTooLong
-                    | smtp_proto::Error::InvalidResponse { .. } => {
-                        "500 5.5.2 syntax error".to_string()
-                    }
+                    | smtp_proto::Error::InvalidResponse { .. } => "500 5.5.2 syntax error".to_string(),
                 };
                 reply(&mut writer, &text).await?;
             }
@@ -392,15 +316,8 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     let mut data = Vec::with_capacity(8 * 1024);
     data.extend_from_slice(header.as_bytes());
     let timeout = inbound.relay.idle_timeout.max(Duration::from_secs(60));
-    let read = tokio::time::timeout(
-        timeout,
-        read_data(
-            reader,
-            &mut data,
-            inbound.relay.max_message_size + header.len() as u64,
-        ),
-    )
-    .await;
+    let read =
+        tokio::time::timeout(timeout, read_data(reader, &mut data, inbound.relay.max_message_size + header.len() as u64)).await;
     let (end, fixed) = match read {
         Err(_) => return Ok(None),
         Ok(r) => r?,
@@ -408,10 +325,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     match end {
         DataEnd::Eof => return Ok(None),
         DataEnd::TooLarge => {
-            return Ok(Some(format!(
-                "552 5.3.4 message exceeds the limit of {} bytes",
-                inbound.relay.max_message_size
-            )));
+            return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", inbound.relay.max_message_size)));
         }
         DataEnd::Complete => {}
     }
@@ -432,11 +346,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         .into_iter()
         .enumerate()
         .map(|(i, (domain, recipients))| Envelope {
-            id: if i == 0 {
-                first_id
-            } else {
-                inbound.queue.next_id()
-            },
+            id: if i == 0 { first_id } else { inbound.queue.next_id() },
             sender: sender.clone(),
             domain,
             recipients,
@@ -447,24 +357,17 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
             size: data.len() as u64,
         })
         .collect();
-    let items = envelopes
-        .iter()
-        .map(|e| (e.clone(), data.clone()))
-        .collect();
+    let items = envelopes.iter().map(|e| (e.clone(), data.clone())).collect();
     match inbound.queue.insert(items).await {
         Ok(()) => {
             metrics::counter!("mxrelay_accepted_total").increment(1);
             tracing::info!(queue_id = %format_id(first_id), %peer, sender, rcpts = txn.recipients.len(), size = data.len(), "accepted");
-            let _ = inbound
-                .events
-                .send(Event::Accepted(envelopes, data.clone()));
+            let _ = inbound.events.send(Event::Accepted(envelopes, data.clone()));
             Ok(Some(format!("250 2.0.0 queued as {}", format_id(first_id))))
         }
         Err(e) => {
             tracing::error!(%peer, error = %e, "could not queue message; answered 452");
-            Ok(Some(
-                "452 4.3.1 insufficient system storage, try again later".into(),
-            ))
+            Ok(Some("452 4.3.1 insufficient system storage, try again later".into()))
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod health;
 pub mod inbound;
 pub mod outbound;
 pub mod policies;
+pub mod policy_check;
 pub mod queue;
 pub mod relay;
 pub mod scheduler;

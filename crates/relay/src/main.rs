@@ -10,11 +10,7 @@ use mxrelay::simulate;
 use mxrelay_policy_core::Severity;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "mxrelay",
-    version,
-    about = "Delivers filtered inbound mail to each customer's own mail servers, MX-style."
-)]
+#[command(name = "mxrelay", version, about = "Delivers filtered inbound mail to each customer's own mail servers, MX-style.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,9 +44,30 @@ enum Command {
         /// The clock to hand the policy, in ms since the epoch (default: now).
         #[arg(long)]
         now_ms: Option<u64>,
+        /// Recipient of the simulated messages (default postmaster@DOMAIN); sticky policies route by it.
+        #[arg(long)]
+        rcpt: Option<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Work with policy modules.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Check that a .wasm policy component is usable: implements the world, gives valid plans
+    /// for the golden scenarios and hostile inputs within the limits. Exit 1 with the reason if not.
+    Check {
+        /// The component.
+        module: PathBuf,
+        /// The domain settings to create it with, as JSON (a [domain.policy_config] table).
+        #[arg(long, default_value = "{}")]
+        settings: String,
     },
 }
 
@@ -59,14 +76,23 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
-        Command::Plan {
-            config,
-            domain,
-            messages,
-            down,
-            now_ms,
-            json,
-        } => plan(&config, &domain, messages, &down, now_ms, json),
+        Command::Plan { config, domain, messages, down, now_ms, rcpt, json } => {
+            plan(&config, &domain, PlanOptions { messages, down: &down, now_ms, rcpt, json })
+        }
+        Command::Policy { command: PolicyCommand::Check { module, settings } } => {
+            let report = mxrelay::policy_check::check(&module, &settings);
+            print!("{}", report.text);
+            match report.unusable {
+                None => {
+                    println!("usable");
+                    ExitCode::SUCCESS
+                }
+                Some(why) => {
+                    eprintln!("error: {} is unusable: {why}", module.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -105,20 +131,14 @@ fn print_problems(problems: &[ConfigProblem]) {
 
 fn run(path: &Path) -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MXRELAY_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MXRELAY_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let Some((config, policies)) = load(path) else {
         return ExitCode::FAILURE;
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -146,11 +166,10 @@ async fn wait_for_shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -164,35 +183,30 @@ fn check(path: &Path) -> ExitCode {
     match load(path) {
         Some((config, _)) => {
             let servers: usize = config.domains.iter().map(|d| d.servers.len()).sum();
-            println!(
-                "{}: ok ({} domains, {servers} servers)",
-                path.display(),
-                config.domains.len()
-            );
+            println!("{}: ok ({} domains, {servers} servers)", path.display(), config.domains.len());
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
     }
 }
 
-fn plan(
-    path: &Path,
-    domain: &str,
+/// `plan`'s options besides the config and domain.
+struct PlanOptions<'a> {
     messages: u64,
-    down: &[String],
+    down: &'a [String],
     now_ms: Option<u64>,
+    rcpt: Option<String>,
     json: bool,
-) -> ExitCode {
+}
+
+fn plan(path: &Path, domain: &str, opts: PlanOptions<'_>) -> ExitCode {
+    let PlanOptions { messages, down, now_ms, rcpt, json } = opts;
     let Some((config, policies)) = load(path) else {
         return ExitCode::FAILURE;
     };
     let Some(domain_config) = config.domain(domain) else {
         let known: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
-        eprintln!(
-            "error: --domain {domain:?} is not configured in {}; configured: {}",
-            path.display(),
-            known.join(", ")
-        );
+        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
         return ExitCode::FAILURE;
     };
     let Some(policy) = policies.domain(&domain_config.name) else {
@@ -207,11 +221,10 @@ fn plan(
         }
     };
     let now_ms = now_ms.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     });
-    let sim = simulate::simulate(&domain_config.name, policy, messages, &down, now_ms);
+    let rcpt = rcpt.unwrap_or_else(|| format!("postmaster@{}", domain_config.name));
+    let sim = simulate::simulate(&domain_config.name, policy, &simulate::Scenario { messages, down: &down, now_ms, rcpt: &rcpt });
     if json {
         match serde_json::to_string(&sim) {
             Ok(text) => println!("{text}"),

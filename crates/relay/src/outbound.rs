@@ -102,9 +102,7 @@ pub struct Transport {
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport")
-            .field("hostname", &self.hostname)
-            .finish_non_exhaustive()
+        f.debug_struct("Transport").field("hostname", &self.hostname).finish_non_exhaustive()
     }
 }
 
@@ -138,10 +136,7 @@ impl Transport {
             Some(addr) => {
                 let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
                 let config = ResolverConfig::from_parts(None, vec![], group);
-                Some(
-                    TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
-                        .build(),
-                )
+                Some(TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).build())
             }
             None => match TokioResolver::builder_tokio() {
                 Ok(b) => Some(b.build()),
@@ -165,10 +160,7 @@ impl Transport {
     pub async fn addresses(&self, server: &Server) -> Result<Vec<SocketAddr>, String> {
         match server.kind() {
             HostKind::Ipv4 | HostKind::Ipv6 => {
-                let ip: IpAddr = server
-                    .host
-                    .parse()
-                    .map_err(|_| format!("bad IP literal {}", server.host))?;
+                let ip: IpAddr = server.host.parse().map_err(|_| format!("bad IP literal {}", server.host))?;
                 Ok(vec![SocketAddr::new(ip, server.port)])
             }
             HostKind::Name => {
@@ -177,11 +169,8 @@ impl Transport {
                     .lookup_ip(format!("{}.", server.host))
                     .await
                     .map_err(|e| format!("DNS lookup of {} failed: {e}", server.host))?;
-                let addrs: Vec<SocketAddr> = lookup
-                    .iter()
-                    .take(MAX_ADDRESSES)
-                    .map(|ip| SocketAddr::new(ip, server.port))
-                    .collect();
+                let addrs: Vec<SocketAddr> =
+                    lookup.iter().take(MAX_ADDRESSES).map(|ip| SocketAddr::new(ip, server.port)).collect();
                 if addrs.is_empty() {
                     return Err(format!("{} has no A or AAAA record", server.host));
                 }
@@ -191,10 +180,7 @@ impl Transport {
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<Session> {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some((session, since)) = list.pop() {
             if since.elapsed() < IDLE_REUSE {
@@ -208,21 +194,13 @@ impl Transport {
         if session.sent >= MAX_REUSE {
             return;
         }
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.entry(addr)
-            .or_default()
-            .push((session, Instant::now()));
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.entry(addr).or_default().push((session, Instant::now()));
     }
 
     /// Drops every idle connection to `addrs` (the server was found down).
     pub fn forget(&self, addrs: &[SocketAddr]) {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for a in addrs {
             idle.remove(a);
         }
@@ -231,36 +209,21 @@ impl Transport {
     async fn open(&self, addr: SocketAddr) -> Result<Session, ServerVerdict> {
         let mut client = SmtpClient::connect(addr, self.connect_timeout)
             .await
-            .map_err(|e| {
-                ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e)))
-            })?;
+            .map_err(|e| ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e))))?;
         let _ = client.stream.set_nodelay(true);
         client.timeout = self.command_timeout;
         let greeting = tokio::time::timeout(self.command_timeout, client.read())
             .await
-            .map_err(|_| {
-                ServerVerdict::SessionFailed(format!(
-                    "{addr}: no greeting within {:?}",
-                    self.command_timeout
-                ))
-            })?
-            .map_err(|e| {
-                ServerVerdict::SessionFailed(format!("{addr}: greeting: {}", error_text(&e)))
-            })?;
+            .map_err(|_| ServerVerdict::SessionFailed(format!("{addr}: no greeting within {:?}", self.command_timeout)))?
+            .map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: greeting: {}", error_text(&e))))?;
         if greeting.code != 220 {
-            return Err(ServerVerdict::SessionFailed(format!(
-                "{addr}: greeting {}",
-                reply_text(&greeting)
-            )));
+            return Err(ServerVerdict::SessionFailed(format!("{addr}: greeting {}", reply_text(&greeting))));
         }
-        let ehlo = client.ehlo(&self.hostname).await.map_err(|e| {
-            ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e)))
-        })?;
-        Ok(Session {
-            client,
-            capabilities: ehlo.capabilities,
-            sent: 0,
-        })
+        let ehlo = client
+            .ehlo(&self.hostname)
+            .await
+            .map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e))))?;
+        Ok(Session { client, capabilities: ehlo.capabilities, sent: 0 })
     }
 
     /// Offers `msg` to one address: a reused connection when one is idle, else a new one.
@@ -286,9 +249,7 @@ impl Transport {
     async fn transaction(&self, addr: SocketAddr, s: Session, msg: &Outgoing<'_>) -> Attempt {
         let reused = s.sent > 0;
         let mut failed_before_reply = None;
-        let verdict = self
-            .transaction_inner(addr, s, msg, &mut failed_before_reply)
-            .await;
+        let verdict = self.transaction_inner(addr, s, msg, &mut failed_before_reply).await;
         match failed_before_reply {
             Some(why) if reused => Attempt::Stale(why),
             _ => Attempt::Verdict(verdict),
@@ -313,9 +274,7 @@ impl Transport {
         let utf8_envelope = !msg.sender.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
         if utf8_envelope {
             if s.capabilities & EXT_SMTP_UTF8 == 0 {
-                return ServerVerdict::PermFailed(format!(
-                    "{addr}: the address needs SMTPUTF8, which the server does not offer"
-                ));
+                return ServerVerdict::PermFailed(format!("{addr}: the address needs SMTPUTF8, which the server does not offer"));
             }
             mail.push_str(" SMTPUTF8");
         }
@@ -337,10 +296,7 @@ impl Transport {
                 Ok(r) => r,
                 Err(e) => {
                     *failed_before_reply = Some(error_text(&e));
-                    return ServerVerdict::SessionFailed(format!(
-                        "{addr}: connection lost: {}",
-                        error_text(&e)
-                    ));
+                    return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
                 }
             }
         } else {
@@ -358,10 +314,7 @@ impl Transport {
                         if i == 0 {
                             *failed_before_reply = Some(error_text(&e));
                         }
-                        return ServerVerdict::SessionFailed(format!(
-                            "{addr}: connection lost: {}",
-                            error_text(&e)
-                        ));
+                        return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
                     }
                 }
             }
@@ -374,11 +327,7 @@ impl Transport {
         if mail_reply.code >= 400 {
             self.reset(addr, s).await;
             let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
-            return if mail_reply.code >= 500 {
-                ServerVerdict::PermFailed(text)
-            } else {
-                ServerVerdict::TempFailed(text)
-            };
+            return if mail_reply.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
         }
         let rcpts: Vec<RcptVerdict> = msg
             .recipients
@@ -386,9 +335,7 @@ impl Transport {
             .enumerate()
             .map(|(i, _)| match replies.get(i + 1) {
                 Some(r) if r.code / 100 == 2 => RcptVerdict::Delivered,
-                Some(r) if r.code >= 500 => {
-                    RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r)))
-                }
+                Some(r) if r.code >= 500 => RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r))),
                 Some(r) => RcptVerdict::TempRejected(format!("{addr}: RCPT: {}", reply_text(r))),
                 None => RcptVerdict::TempRejected(format!("{addr}: no RCPT reply")),
             })
@@ -402,21 +349,14 @@ impl Transport {
                 let _ = s.client.read().await;
             }
             self.reset(addr, s).await;
-            return ServerVerdict::Completed {
-                rcpts,
-                reply: String::new(),
-            };
+            return ServerVerdict::Completed { rcpts, reply: String::new() };
         }
         match data_reply {
             Some(r) if r.code == 354 => {}
             Some(r) => {
                 self.reset(addr, s).await;
                 let text = format!("{addr}: DATA: {}", reply_text(r));
-                return if r.code >= 500 {
-                    ServerVerdict::PermFailed(text)
-                } else {
-                    ServerVerdict::TempFailed(text)
-                };
+                return if r.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
             }
             None => return ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")),
         }
@@ -426,22 +366,14 @@ impl Transport {
             .await
             .unwrap_or(Err(std::io::ErrorKind::TimedOut.into()))
         {
-            return ServerVerdict::SessionFailed(format!(
-                "{addr}: connection lost while sending data: {e}"
-            ));
+            return ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}"));
         }
         let final_reply = match tokio::time::timeout(self.data_timeout, s.client.read()).await {
             Err(_) => {
-                return ServerVerdict::Unknown(format!(
-                    "{addr}: no reply to the final dot within {:?}",
-                    self.data_timeout
-                ));
+                return ServerVerdict::Unknown(format!("{addr}: no reply to the final dot within {:?}", self.data_timeout));
             }
             Ok(Err(e)) => {
-                return ServerVerdict::Unknown(format!(
-                    "{addr}: after the final dot: {}",
-                    error_text(&e)
-                ));
+                return ServerVerdict::Unknown(format!("{addr}: after the final dot: {}", error_text(&e)));
             }
             Ok(Ok(r)) => r,
         };
@@ -473,18 +405,12 @@ impl Transport {
 
     /// Whether `addr` answers with a `220` greeting (used to probe servers marked down).
     pub async fn probe(&self, addr: SocketAddr) -> Result<(), String> {
-        let mut client = SmtpClient::connect(addr, self.connect_timeout)
-            .await
-            .map_err(|e| error_text(&e))?;
+        let mut client = SmtpClient::connect(addr, self.connect_timeout).await.map_err(|e| error_text(&e))?;
         let greeting = tokio::time::timeout(self.command_timeout, client.read())
             .await
             .map_err(|_| "no greeting".to_string())?
             .map_err(|e| error_text(&e))?;
         let _ = client.stream.write_all(b"QUIT\r\n").await;
-        if greeting.code == 220 {
-            Ok(())
-        } else {
-            Err(reply_text(&greeting))
-        }
+        if greeting.code == 220 { Ok(()) } else { Err(reply_text(&greeting)) }
     }
 }

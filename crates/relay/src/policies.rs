@@ -21,20 +21,13 @@ impl Policies {
     /// compiled once however many domains use it. Errors name the domain and the module.
     pub fn load(config: &Config) -> Result<Policies, Vec<ConfigProblem>> {
         let engine = PolicyEngine::new(Limits::default()).map_err(|e| {
-            vec![ConfigProblem {
-                location: "policy engine".into(),
-                severity: Severity::Error,
-                message: e.to_string(),
-            }]
+            vec![ConfigProblem { location: "policy engine".into(), severity: Severity::Error, message: e.to_string() }]
         })?;
         Policies::load_with(engine, config)
     }
 
     /// As [`Policies::load`], with an existing engine (live reload keeps the engine).
-    pub fn load_with(
-        engine: PolicyEngine,
-        config: &Config,
-    ) -> Result<Policies, Vec<ConfigProblem>> {
+    pub fn load_with(engine: PolicyEngine, config: &Config) -> Result<Policies, Vec<ConfigProblem>> {
         let mut components: BTreeMap<String, PolicyComponent> = BTreeMap::new();
         let mut domains = BTreeMap::new();
         let mut problems = Vec::new();
@@ -47,45 +40,28 @@ impl Policies {
                         PolicySource::Builtin => engine.builtin(),
                         PolicySource::Module(path) => match std::fs::read(path) {
                             Ok(bytes) => engine.load(&path.display().to_string(), &bytes),
-                            Err(err) => Err(PolicyError::Load {
-                                name: path.display().to_string(),
-                                reason: err.to_string(),
-                            }),
+                            Err(err) => Err(PolicyError::Load { name: path.display().to_string(), reason: err.to_string() }),
                         },
                     };
                     match loaded {
                         Ok(c) => e.insert(c).clone(),
                         Err(err) => {
-                            problems.push(ConfigProblem {
-                                location,
-                                severity: Severity::Error,
-                                message: err.to_string(),
-                            });
+                            problems.push(ConfigProblem { location, severity: Severity::Error, message: err.to_string() });
                             continue;
                         }
                     }
                 }
             };
-            match DomainPolicy::new(
-                component,
-                domain.servers.clone(),
-                domain.policy_settings_json.clone(),
-            ) {
+            match DomainPolicy::new(component, domain.servers.clone(), domain.policy_settings_json.clone()) {
                 Ok(p) => {
                     domains.insert(domain.name.clone(), Arc::new(p));
                 }
-                Err(PolicyError::Settings {
-                    problems: found, ..
-                }) => problems.extend(found.into_iter().map(|p| ConfigProblem {
+                Err(PolicyError::Settings { problems: found, .. }) => problems.extend(found.into_iter().map(|p| ConfigProblem {
                     location: format!("domain {}: policy_config", domain.name),
                     severity: p.severity,
                     message: format!("{}: {}", p.host, p.message),
                 })),
-                Err(err) => problems.push(ConfigProblem {
-                    location,
-                    severity: Severity::Error,
-                    message: err.to_string(),
-                }),
+                Err(err) => problems.push(ConfigProblem { location, severity: Severity::Error, message: err.to_string() }),
             }
         }
         if problems.iter().any(|p| p.severity == Severity::Error) {

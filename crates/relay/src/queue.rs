@@ -115,27 +115,21 @@ impl std::fmt::Debug for Queue {
 impl Queue {
     /// Opens (or creates) the queue in `dir` and returns it with every envelope it holds.
     pub fn open(dir: &Path) -> Result<(Queue, Vec<Envelope>), QueueError> {
-        let open_err = |reason: String| QueueError::Open {
-            path: dir.into(),
-            reason,
-        };
+        let open_err = |reason: String| QueueError::Open { path: dir.into(), reason };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let db = Database::create(dir.join("queue.redb")).map_err(|e| open_err(e.to_string()))?;
         let mut envelopes = Vec::new();
         {
             let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-            tx.open_table(ENVELOPES)
-                .map_err(|e| open_err(e.to_string()))?;
+            tx.open_table(ENVELOPES).map_err(|e| open_err(e.to_string()))?;
             tx.open_table(DATA).map_err(|e| open_err(e.to_string()))?;
             tx.commit().map_err(|e| open_err(e.to_string()))?;
             let rx = db.begin_read().map_err(|e| open_err(e.to_string()))?;
-            let table = rx
-                .open_table(ENVELOPES)
-                .map_err(|e| open_err(e.to_string()))?;
+            let table = rx.open_table(ENVELOPES).map_err(|e| open_err(e.to_string()))?;
             for row in table.iter().map_err(|e| open_err(e.to_string()))? {
                 let (_, value) = row.map_err(|e| open_err(e.to_string()))?;
-                let env: Envelope = serde_json::from_slice(value.value())
-                    .map_err(|e| open_err(format!("corrupt envelope: {e}")))?;
+                let env: Envelope =
+                    serde_json::from_slice(value.value()).map_err(|e| open_err(format!("corrupt envelope: {e}")))?;
                 envelopes.push(env);
             }
         }
@@ -148,26 +142,13 @@ impl Queue {
             .spawn(move || writer(&writer_db, rx))
             .map_err(|e| open_err(e.to_string()))?;
         let next_id = Arc::new(AtomicU64::new(last.max(now_ms() << 12) + 1));
-        Ok((
-            Queue {
-                db,
-                writer: tx,
-                writer_thread: Arc::new(std::sync::Mutex::new(Some(handle))),
-                next_id,
-            },
-            envelopes,
-        ))
+        Ok((Queue { db, writer: tx, writer_thread: Arc::new(std::sync::Mutex::new(Some(handle))), next_id }, envelopes))
     }
 
     /// Writes what is pending and closes the database (the last handle must call this to
     /// reopen the same queue in-process).
     pub fn close(self) {
-        let Queue {
-            db,
-            writer,
-            writer_thread,
-            ..
-        } = self;
+        let Queue { db, writer, writer_thread, .. } = self;
         drop(writer);
         let handle = writer_thread.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
@@ -188,18 +169,12 @@ impl Queue {
 
     /// Records a new schedule or recipient list (not waited for; durable with the next insert).
     pub fn update(&self, env: Envelope) {
-        let _ = self.writer.send(Request {
-            op: Op::Update(env),
-            done: None,
-        });
+        let _ = self.writer.send(Request { op: Op::Update(env), done: None });
     }
 
     /// Forgets a finished envelope (not waited for; durable with the next insert).
     pub fn remove(&self, id: u64) {
-        let _ = self.writer.send(Request {
-            op: Op::Remove(id),
-            done: None,
-        });
+        let _ = self.writer.send(Request { op: Op::Remove(id), done: None });
     }
 
     /// Waits until every earlier request has been written (used on shutdown and in tests).
@@ -209,45 +184,26 @@ impl Queue {
 
     async fn request(&self, op: Op) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
-        self.writer
-            .send(Request {
-                op,
-                done: Some(done),
-            })
-            .map_err(|_| QueueError::Closed)?;
+        self.writer.send(Request { op, done: Some(done) }).map_err(|_| QueueError::Closed)?;
         wait.await.map_err(|_| QueueError::Closed)?
     }
 
     /// The message data of an envelope.
     pub fn read_data(&self, id: u64) -> Result<Vec<u8>, QueueError> {
-        let rx = self
-            .db
-            .begin_read()
-            .map_err(|e| QueueError::Read(e.to_string()))?;
-        let table = rx
-            .open_table(DATA)
-            .map_err(|e| QueueError::Read(e.to_string()))?;
+        let rx = self.db.begin_read().map_err(|e| QueueError::Read(e.to_string()))?;
+        let table = rx.open_table(DATA).map_err(|e| QueueError::Read(e.to_string()))?;
         let value = table.get(id).map_err(|e| QueueError::Read(e.to_string()))?;
-        value
-            .map(|v| v.value().to_vec())
-            .ok_or_else(|| QueueError::Read(format!("no data for {}", format_id(id))))
+        value.map(|v| v.value().to_vec()).ok_or_else(|| QueueError::Read(format!("no data for {}", format_id(id))))
     }
 
     /// Every envelope on disk (for `queue list` and tests).
     pub fn envelopes(&self) -> Result<Vec<Envelope>, QueueError> {
-        let rx = self
-            .db
-            .begin_read()
-            .map_err(|e| QueueError::Read(e.to_string()))?;
-        let table = rx
-            .open_table(ENVELOPES)
-            .map_err(|e| QueueError::Read(e.to_string()))?;
+        let rx = self.db.begin_read().map_err(|e| QueueError::Read(e.to_string()))?;
+        let table = rx.open_table(ENVELOPES).map_err(|e| QueueError::Read(e.to_string()))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| QueueError::Read(e.to_string()))? {
             let (_, v) = row.map_err(|e| QueueError::Read(e.to_string()))?;
-            out.push(
-                serde_json::from_slice(v.value()).map_err(|e| QueueError::Read(e.to_string()))?,
-            );
+            out.push(serde_json::from_slice(v.value()).map_err(|e| QueueError::Read(e.to_string()))?);
         }
         Ok(out)
     }
@@ -255,9 +211,7 @@ impl Queue {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn writer(db: &Database, mut rx: mpsc::UnboundedReceiver<Request>) {
@@ -284,11 +238,7 @@ fn writer(db: &Database, mut rx: mpsc::UnboundedReceiver<Request>) {
 
 fn commit(db: &Database, batch: &[Request]) -> Result<(), String> {
     let mut tx = db.begin_write().map_err(|e| e.to_string())?;
-    let durability = if batch.iter().any(|r| r.op.needs_sync()) {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
+    let durability = if batch.iter().any(|r| r.op.needs_sync()) { Durability::Immediate } else { Durability::None };
     tx.set_durability(durability).map_err(|e| e.to_string())?;
     {
         let mut envelopes = tx.open_table(ENVELOPES).map_err(|e| e.to_string())?;
@@ -298,20 +248,15 @@ fn commit(db: &Database, batch: &[Request]) -> Result<(), String> {
                 Op::Insert(items) => {
                     for (env, bytes) in items {
                         let json = serde_json::to_vec(env).map_err(|e| e.to_string())?;
-                        envelopes
-                            .insert(env.id, json.as_slice())
-                            .map_err(|e| e.to_string())?;
-                        data.insert(env.id, bytes.as_slice())
-                            .map_err(|e| e.to_string())?;
+                        envelopes.insert(env.id, json.as_slice()).map_err(|e| e.to_string())?;
+                        data.insert(env.id, bytes.as_slice()).map_err(|e| e.to_string())?;
                     }
                 }
                 Op::Update(env) => {
                     // An update racing a removal must not resurrect the envelope.
                     if envelopes.get(env.id).map_err(|e| e.to_string())?.is_some() {
                         let json = serde_json::to_vec(env).map_err(|e| e.to_string())?;
-                        envelopes
-                            .insert(env.id, json.as_slice())
-                            .map_err(|e| e.to_string())?;
+                        envelopes.insert(env.id, json.as_slice()).map_err(|e| e.to_string())?;
                     }
                 }
                 Op::Remove(id) => {
@@ -350,12 +295,9 @@ mod tests {
             assert!(existing.is_empty());
             let a = envelope(&q, "a@customer.test");
             let b = envelope(&q, "b@customer.test");
-            q.insert(vec![
-                (a.clone(), Arc::new(b"hello".to_vec())),
-                (b.clone(), Arc::new(b"world".to_vec())),
-            ])
-            .await
-            .expect("insert");
+            q.insert(vec![(a.clone(), Arc::new(b"hello".to_vec())), (b.clone(), Arc::new(b"world".to_vec()))])
+                .await
+                .expect("insert");
             q.remove(b.id);
             let mut a2 = a.clone();
             a2.attempts = 1;

@@ -54,24 +54,9 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     let health = Health::new(config.delivery.probe_interval, recovered_tx);
     let transport = Arc::new(Transport::new(&config.relay.hostname, &config.delivery));
     let policies = Arc::new(RwLock::new(Arc::new(policies)));
-    let deliverer = Arc::new(Deliverer::new(
-        policies,
-        transport,
-        health,
-        config.delivery.concurrency_per_server,
-    ));
-    let retry = RetryPolicy {
-        schedule: config.delivery.retry.clone(),
-        max_lifetime: config.delivery.max_queue_lifetime,
-    };
-    let scheduler = Scheduler::new(
-        existing,
-        config.delivery.workers,
-        deliverer,
-        queue.clone(),
-        retry,
-        events_tx.clone(),
-    );
+    let deliverer = Arc::new(Deliverer::new(policies, transport, health, config.delivery.concurrency_per_server));
+    let retry = RetryPolicy { schedule: config.delivery.retry.clone(), max_lifetime: config.delivery.max_queue_lifetime };
+    let scheduler = Scheduler::new(existing, config.delivery.workers, deliverer, queue.clone(), retry, events_tx.clone());
     tokio::spawn(scheduler.run(events_rx));
     let forward = events_tx.clone();
     tokio::spawn(async move {
@@ -81,23 +66,12 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     });
 
     let domains: HashSet<String> = config.domains.iter().map(|d| d.name.clone()).collect();
-    let inbound = Arc::new(Inbound::new(
-        config.relay.clone(),
-        domains,
-        queue.clone(),
-        events_tx.clone(),
-    ));
+    let inbound = Arc::new(Inbound::new(config.relay.clone(), domains, queue.clone(), events_tx.clone()));
     let mut listening = Vec::new();
     for &addr in &config.relay.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source })?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
         listening.push(listener.local_addr().unwrap_or(addr));
         tokio::spawn(inbound::serve(listener, inbound.clone()));
     }
-    Ok(Relay {
-        events: events_tx,
-        queue,
-        listening,
-    })
+    Ok(Relay { events: events_tx, queue, listening })
 }

@@ -54,10 +54,7 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     fn delay(&self, attempts: u32) -> Duration {
         let i = (attempts.max(1) as usize - 1).min(self.schedule.len().saturating_sub(1));
-        self.schedule
-            .get(i)
-            .copied()
-            .unwrap_or(Duration::from_secs(300))
+        self.schedule.get(i).copied().unwrap_or(Duration::from_secs(300))
     }
 }
 
@@ -78,9 +75,7 @@ pub struct Scheduler {
 
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scheduler")
-            .field("entries", &self.entries.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Scheduler").field("entries", &self.entries.len()).finish_non_exhaustive()
     }
 }
 
@@ -126,9 +121,7 @@ impl Scheduler {
             let next = self.timers.peek().map(|Reverse((at, _))| *at);
             let sleep = async {
                 match next {
-                    Some(at) => {
-                        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await
-                    }
+                    Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
                     None => std::future::pending().await,
                 }
             };
@@ -156,11 +149,7 @@ impl Scheduler {
                 continue;
             };
             self.in_flight.insert(id);
-            let (deliverer, queue, events) = (
-                self.deliverer.clone(),
-                self.queue.clone(),
-                self.events.clone(),
-            );
+            let (deliverer, queue, events) = (self.deliverer.clone(), self.queue.clone(), self.events.clone());
             let fresh = self.fresh.remove(&id);
             tokio::spawn(async move {
                 let data = match fresh {
@@ -189,11 +178,7 @@ impl Scheduler {
                 break;
             }
             self.timers.pop();
-            if self
-                .entries
-                .get(&id)
-                .is_some_and(|e| e.next_attempt_ms <= now)
-            {
+            if self.entries.get(&id).is_some_and(|e| e.next_attempt_ms <= now) {
                 self.ready.push_back(id);
             }
         }
@@ -214,9 +199,7 @@ impl Scheduler {
                     .entries
                     .values()
                     .filter(|e| {
-                        policies.domain(&e.domain).is_some_and(|p| {
-                            p.servers().iter().any(|s| health::key(s) == server_key)
-                        })
+                        policies.domain(&e.domain).is_some_and(|p| p.servers().iter().any(|s| health::key(s) == server_key))
                     })
                     .map(|e| e.id)
                     .collect();
@@ -265,12 +248,7 @@ impl Scheduler {
                 self.fresh.remove(&env.id);
                 self.queue.remove(env.id);
             }
-            Outcome::Deferred {
-                failed,
-                remaining,
-                reason,
-                ..
-            } => {
+            Outcome::Deferred { failed, remaining, reason, .. } => {
                 for (rcpt, why) in &failed {
                     tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
                     metrics::counter!("mxrelay_failed_total").increment(1);
@@ -279,21 +257,15 @@ impl Scheduler {
                 env.attempts += 1;
                 env.last_error = Some(reason.to_string());
                 let now = now_ms();
-                if now.saturating_sub(env.received_ms) >= self.retry.max_lifetime.as_millis() as u64
-                {
+                if now.saturating_sub(env.received_ms) >= self.retry.max_lifetime.as_millis() as u64 {
                     tracing::warn!(queue_id = %env.queue_id(), rcpts = ?env.recipients, reason = %reason, "expired after max_queue_lifetime; giving up");
                     metrics::counter!("mxrelay_expired_total").increment(1);
                     self.entries.remove(&env.id);
                     self.queue.remove(env.id);
                 } else {
                     // A server may have come back while this run found them all down.
-                    let recovered =
-                        reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
-                    let delay = if recovered {
-                        Duration::ZERO
-                    } else {
-                        self.retry.delay(env.attempts)
-                    };
+                    let recovered = reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
+                    let delay = if recovered { Duration::ZERO } else { self.retry.delay(env.attempts) };
                     env.next_attempt_ms = now + delay.as_millis() as u64;
                     tracing::info!(queue_id = %env.queue_id(), attempts = env.attempts, retry_in = ?delay, reason = %reason, "deferred");
                     metrics::counter!("mxrelay_deferred_total").increment(1);
@@ -311,10 +283,6 @@ impl Scheduler {
 
     fn any_server_up(&self, domain: &str) -> bool {
         let policies = self.deliverer.policies();
-        policies.domain(domain).is_some_and(|p| {
-            p.servers()
-                .iter()
-                .any(|s| !self.deliverer.health().is_down(s))
-        })
+        policies.domain(domain).is_some_and(|p| p.servers().iter().any(|s| !self.deliverer.health().is_down(s)))
     }
 }

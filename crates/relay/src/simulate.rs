@@ -54,16 +54,13 @@ impl Serialize for Counts {
 pub fn down_indices(servers: &[Server], domain: &str, args: &[String]) -> Result<Vec<u32>, String> {
     args.iter()
         .map(|arg| {
-            let (host, port) = split_host_port(arg).ok_or_else(|| format!("--down {arg:?}: write it as HOST:PORT, like mail.example.com:25 or [2001:db8::1]:25"))?;
+            let (host, port) = split_host_port(arg)
+                .ok_or_else(|| format!("--down {arg:?}: write it as HOST:PORT, like mail.example.com:25 or [2001:db8::1]:25"))?;
             let (_, host) = parse_host(host).map_err(|e| format!("--down {arg:?}: {e}"))?;
-            servers
-                .iter()
-                .position(|s| s.host == host && s.port == port)
-                .map(|i| i as u32)
-                .ok_or_else(|| {
-                    let known: Vec<String> = servers.iter().map(Server::address).collect();
-                    format!("--down {arg:?} is not a server of {domain}; its servers are {}", known.join(", "))
-                })
+            servers.iter().position(|s| s.host == host && s.port == port).map(|i| i as u32).ok_or_else(|| {
+                let known: Vec<String> = servers.iter().map(Server::address).collect();
+                format!("--down {arg:?} is not a server of {domain}; its servers are {}", known.join(", "))
+            })
         })
         .collect()
 }
@@ -85,15 +82,23 @@ fn split_host_port(arg: &str) -> Option<(&str, u16)> {
     }
 }
 
-/// Plans `messages` messages through `policy` and delivers each to the first server of its
-/// plan that is not in `down`.
-pub fn simulate(
-    domain: &str,
-    policy: &DomainPolicy,
-    messages: u64,
-    down: &[u32],
-    now_ms: u64,
-) -> Simulation {
+/// What to simulate.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario<'a> {
+    /// How many messages (seeds 0..messages).
+    pub messages: u64,
+    /// Servers treated as down (indices).
+    pub down: &'a [u32],
+    /// The clock handed to the policy.
+    pub now_ms: u64,
+    /// The recipient of every message.
+    pub rcpt: &'a str,
+}
+
+/// Plans the scenario's messages through `policy` and delivers each to the first server of
+/// its plan that is not down.
+pub fn simulate(domain: &str, policy: &DomainPolicy, scenario: &Scenario<'_>) -> Simulation {
+    let Scenario { messages, down, now_ms, rcpt } = *scenario;
     let servers = policy.servers();
     let mut counts = vec![0u64; servers.len()];
     let mut undeliverable = 0;
@@ -104,7 +109,7 @@ pub fn simulate(
         now_ms,
         down: down.to_vec(),
         domain: domain.to_string(),
-        recipients: vec![format!("postmaster@{domain}")],
+        recipients: vec![rcpt.to_string()],
         sender: String::new(),
         size: 0,
     };
@@ -137,11 +142,7 @@ fn tiers(router: &Router) -> Vec<TierView> {
         .iter()
         .map(|t| TierView {
             preference: t.preference,
-            servers: t
-                .members
-                .iter()
-                .map(|&i| router.servers()[i as usize].address())
-                .collect(),
+            servers: t.members.iter().map(|&i| router.servers()[i as usize].address()).collect(),
         })
         .collect()
 }
@@ -149,38 +150,15 @@ fn tiers(router: &Router) -> Vec<TierView> {
 /// The human-readable table: tiers, shares, failover order and where the messages went.
 pub fn render_table(sim: &Simulation, router: &Router, down: &[u32]) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{} (policy {}), {} simulated messages",
-        sim.domain, sim.policy, sim.messages
-    );
-    let width = router
-        .servers()
-        .iter()
-        .map(|s| s.address().len())
-        .max()
-        .unwrap_or(10)
-        .max(10);
+    let _ = writeln!(out, "{} (policy {}), {} simulated messages", sim.domain, sim.policy, sim.messages);
+    let width = router.servers().iter().map(|s| s.address().len()).max().unwrap_or(10).max(10);
     for (n, tier) in router.tiers().iter().enumerate() {
-        let when = if n == 0 {
-            "tried first".to_string()
-        } else {
-            "used when every server above is down".to_string()
-        };
-        let _ = writeln!(
-            out,
-            "\ntier {} - preference {} - {when}",
-            n + 1,
-            tier.preference
-        );
+        let when = if n == 0 { "tried first".to_string() } else { "used when every server above is down".to_string() };
+        let _ = writeln!(out, "\ntier {} - preference {} - {when}", n + 1, tier.preference);
         for &i in &tier.members {
             let server = &router.servers()[i as usize];
             let delivered = sim.delivered.0[i as usize].1;
-            let pct = if sim.messages == 0 {
-                0.0
-            } else {
-                100.0 * delivered as f64 / sim.messages as f64
-            };
+            let pct = if sim.messages == 0 { 0.0 } else { 100.0 * delivered as f64 / sim.messages as f64 };
             let state = if down.contains(&i) { "  DOWN" } else { "" };
             let _ = writeln!(
                 out,
@@ -192,17 +170,9 @@ pub fn render_table(sim: &Simulation, router: &Router, down: &[u32]) -> String {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "\nundeliverable now (queued and retried until a server answers): {}",
-        sim.undeliverable
-    );
+    let _ = writeln!(out, "\nundeliverable now (queued and retried until a server answers): {}", sim.undeliverable);
     if sim.fallbacks > 0 {
-        let _ = writeln!(
-            out,
-            "warning: {} plans came from the built-in fail-safe because the policy failed",
-            sim.fallbacks
-        );
+        let _ = writeln!(out, "warning: {} plans came from the built-in fail-safe because the policy failed", sim.fallbacks);
     }
     out
 }
@@ -213,31 +183,12 @@ mod tests {
 
     #[test]
     fn down_arguments() {
-        let servers = vec![
-            Server::new("mail.example.com", 10),
-            Server {
-                port: 2526,
-                ..Server::new("2001:db8::1", 20)
-            },
-        ];
-        assert_eq!(
-            down_indices(&servers, "example.com", &["MAIL.example.com:25".into()]),
-            Ok(vec![0])
-        );
-        assert_eq!(
-            down_indices(&servers, "example.com", &["mail.example.com".into()]),
-            Ok(vec![0])
-        );
-        assert_eq!(
-            down_indices(&servers, "example.com", &["[2001:db8::1]:2526".into()]),
-            Ok(vec![1])
-        );
-        let err = down_indices(&servers, "example.com", &["mail.example.com:26".into()])
-            .expect_err("unknown");
-        assert!(
-            err.contains("not a server of example.com") && err.contains("[2001:db8::1]:2526"),
-            "{err}"
-        );
+        let servers = vec![Server::new("mail.example.com", 10), Server { port: 2526, ..Server::new("2001:db8::1", 20) }];
+        assert_eq!(down_indices(&servers, "example.com", &["MAIL.example.com:25".into()]), Ok(vec![0]));
+        assert_eq!(down_indices(&servers, "example.com", &["mail.example.com".into()]), Ok(vec![0]));
+        assert_eq!(down_indices(&servers, "example.com", &["[2001:db8::1]:2526".into()]), Ok(vec![1]));
+        let err = down_indices(&servers, "example.com", &["mail.example.com:26".into()]).expect_err("unknown");
+        assert!(err.contains("not a server of example.com") && err.contains("[2001:db8::1]:2526"), "{err}");
         assert!(down_indices(&servers, "example.com", &["mail.example.com:x".into()]).is_err());
     }
 }

@@ -43,10 +43,7 @@ async fn main() {
     let elapsed = started.elapsed();
     latencies.sort();
     let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
+        latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default()
     };
     println!(
         "messages {} accepted {} failed {failed} rate {:.0} msg/s accept-latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
@@ -61,9 +58,7 @@ async fn main() {
 
 /// Sends one 2 KB message; returns the time from the final dot to the 250.
 async fn one(addr: SocketAddr, rcpt: &str, seq: u64) -> Option<Duration> {
-    let mut client = SmtpClient::connect(addr, Duration::from_secs(30))
-        .await
-        .ok()?;
+    let mut client = SmtpClient::connect(addr, Duration::from_secs(30)).await.ok()?;
     client.read().await.ok()?;
     client.ehlo("loadgen.test").await.ok()?;
     let params = mail_send::smtp::message::Parameters::default();
@@ -73,10 +68,7 @@ async fn one(addr: SocketAddr, rcpt: &str, seq: u64) -> Option<Duration> {
     if reply.code != 354 {
         return None;
     }
-    let body = format!(
-        "Subject: load {seq}\r\nX-Seq: {seq}\r\n\r\n{}\r\n.\r\n",
-        "z".repeat(2000)
-    );
+    let body = format!("Subject: load {seq}\r\nX-Seq: {seq}\r\n\r\n{}\r\n.\r\n", "z".repeat(2000));
     let t0 = Instant::now();
     client.stream.write_all(body.as_bytes()).await.ok()?;
     let reply = client.read().await.ok()?;
