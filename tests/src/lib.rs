@@ -257,6 +257,53 @@ impl Drop for Relay {
     }
 }
 
+/// `GET path` from an HTTP server on `addr`; returns the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// The value of a Prometheus sample whose line starts with `series` (name and labels).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+/// The admin address the relay logged as ready.
+impl Relay {
+    /// `IP:PORT` of the admin listener, from the ready line.
+    pub fn admin_addr(&self) -> String {
+        let line = self.log_lines(&["mxrelay ready"]).pop().expect("ready line");
+        line.split("admin=").nth(1).and_then(|r| r.split_whitespace().next()).expect("admin address").to_string()
+    }
+}
+
+/// Path of a policy component the tests crate's build script built (`CANARY`, `STICKY`, ...).
+#[macro_export]
+macro_rules! policy_module {
+    (CANARY) => {
+        env!("MXRELAY_TEST_POLICY_CANARY")
+    };
+    (STICKY) => {
+        env!("MXRELAY_TEST_POLICY_STICKY")
+    };
+    (MAINTENANCE) => {
+        env!("MXRELAY_TEST_POLICY_MAINTENANCE")
+    };
+    (HOSTILE) => {
+        env!("MXRELAY_TEST_POLICY_HOSTILE")
+    };
+}
+
+/// Runs `mxrelay` with `args`; returns (exit success, stdout, stderr).
+pub fn mxrelay(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(relay_binary()).args(args).output().expect("run mxrelay");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// A `[[domain]]` block for `name` with `(sink, preference)` servers.
 pub fn domain_block(name: &str, servers: &[(&Sink, u16)]) -> String {
     let mut out = format!("[[domain]]\nname = \"{name}\"\n");

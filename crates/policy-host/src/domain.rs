@@ -72,6 +72,12 @@ impl DomainPolicy {
         Ok(DomainPolicy { component, settings_json, fallback, state: Mutex::new(State { live: Some(live), ..State::default() }) })
     }
 
+    /// Whether the component is set aside after repeated failures (the core plans meanwhile).
+    pub fn is_cooling_down(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.cooling_until.is_some_and(|until| Instant::now() < until)
+    }
+
     /// The policy component's name.
     pub fn policy_name(&self) -> &str {
         self.component.name()

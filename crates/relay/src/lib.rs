@@ -9,6 +9,7 @@
 //!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod data;
 pub mod delivery;

@@ -154,7 +154,8 @@ fn run(path: &Path) -> ExitCode {
             }
         };
         let addrs: Vec<String> = relay.listening.iter().map(ToString::to_string).collect();
-        tracing::info!(listen = %addrs.join(","), queue = %config.relay.queue.display(), domains = config.domains.len(), "mxrelay ready");
+        let admin = relay.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+        tracing::info!(listen = %addrs.join(","), admin = %admin, queue = %config.relay.queue.display(), domains = config.domains.len(), "mxrelay ready");
         wait_for_shutdown().await;
         tracing::info!("shutting down; queued mail stays queued");
         let _ = relay.queue.flush().await;

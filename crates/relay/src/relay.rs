@@ -21,6 +21,14 @@ pub enum StartError {
     /// The queue could not be opened.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The admin address could not be bound.
+    #[error("cannot serve the admin API on {addr}: {source}")]
+    Admin {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -34,6 +42,8 @@ pub enum StartError {
 /// A running relay.
 #[derive(Debug)]
 pub struct Relay {
+    /// The admin listener's address, when `admin_listen` is set.
+    pub admin: Option<std::net::SocketAddr>,
     /// Send events to the scheduler (retry now, snapshots).
     pub events: mpsc::UnboundedSender<Event>,
     /// The durable queue.
@@ -45,6 +55,8 @@ pub struct Relay {
 /// Starts the relay: opens the queue (resuming what it holds), binds the listeners and
 /// starts delivering. Runs until the process ends.
 pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartError> {
+    static METRICS: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = std::sync::OnceLock::new();
+    let metrics = METRICS.get_or_init(crate::admin::install_metrics).clone();
     let (queue, existing) = Queue::open(&config.relay.queue)?;
     if !existing.is_empty() {
         tracing::info!(queued = existing.len(), "resuming queued mail");
@@ -53,7 +65,9 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     let (recovered_tx, mut recovered_rx) = mpsc::unbounded_channel::<String>();
     let health = Health::new(config.delivery.probe_interval, recovered_tx);
     let transport = Arc::new(Transport::new(&config.relay.hostname, &config.delivery));
+    let engine = policies.engine().clone();
     let policies = Arc::new(RwLock::new(Arc::new(policies)));
+    watch_modules(config.clone(), policies.clone(), engine);
     let deliverer = Arc::new(Deliverer::new(policies, transport, health, config.delivery.concurrency_per_server));
     let retry = RetryPolicy { schedule: config.delivery.retry.clone(), max_lifetime: config.delivery.max_queue_lifetime };
     let scheduler = Scheduler::new(existing, config.delivery.workers, deliverer, queue.clone(), retry, events_tx.clone());
@@ -73,5 +87,70 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
         listening.push(listener.local_addr().unwrap_or(addr));
         tokio::spawn(inbound::serve(listener, inbound.clone()));
     }
-    Ok(Relay { events: events_tx, queue, listening })
+    let admin = match (config.relay.admin_listen, metrics) {
+        (Some(addr), Some(handle)) => {
+            Some(crate::admin::serve(addr, handle).await.map_err(|source| StartError::Admin { addr, source })?)
+        }
+        (Some(_), None) | (None, _) => None,
+    };
+    Ok(Relay { admin, events: events_tx, queue, listening })
+}
+
+/// How often policy module files are checked for replacement.
+const MODULE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Modification time and size of every policy module the config uses.
+fn module_stamps(config: &Config) -> Vec<(std::path::PathBuf, Option<(std::time::SystemTime, u64)>)> {
+    let mut paths: Vec<_> = config
+        .domains
+        .iter()
+        .filter_map(|d| match &d.policy {
+            crate::config::PolicySource::Module(p) => Some(p.clone()),
+            crate::config::PolicySource::Builtin => None,
+        })
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+        .into_iter()
+        .map(|p| {
+            let stamp = std::fs::metadata(&p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+            (p, stamp)
+        })
+        .collect()
+}
+
+/// Reloads the policies when a module file is replaced. The new set replaces the old one
+/// in one step; a module that fails to load or to accept its settings is refused and the
+/// previous one stays in service.
+fn watch_modules(config: Config, policies: Arc<RwLock<Arc<Policies>>>, engine: mxrelay_policy_host::PolicyEngine) {
+    let mut last = module_stamps(&config);
+    if last.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MODULE_CHECK);
+        loop {
+            tick.tick().await;
+            let now = module_stamps(&config);
+            if now == last {
+                continue;
+            }
+            last = now;
+            let started = std::time::Instant::now();
+            match Policies::load_with(engine.clone(), &config) {
+                Ok(fresh) => {
+                    *policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+                    metrics::counter!("mxrelay_policy_reloads_total").increment(1);
+                    tracing::info!(took = ?started.elapsed(), "policy modules reloaded");
+                }
+                Err(problems) => {
+                    metrics::counter!("mxrelay_policy_reload_failures_total").increment(1);
+                    for p in problems {
+                        tracing::error!(problem = %p, "policy module refused; the previous one stays in service");
+                    }
+                }
+            }
+        }
+    });
 }

@@ -1,0 +1,250 @@
+//! Custom policy modules: the examples' behaviour through `mxrelay plan --json`, sticky
+//! routing through the component, `mxrelay policy check`, and hot reload in a running relay.
+
+use mxrelay_e2e::{Relay, Sink, eventually, mxrelay, policy_module, send};
+use serde_json::Value;
+
+fn write_config(dir: &std::path::Path, domain_block: &str) -> String {
+    let path = dir.join("relay.toml");
+    let text = format!("[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"queue\"\n\n{domain_block}");
+    std::fs::write(&path, text).expect("write config");
+    path.display().to_string()
+}
+
+fn plan_json(config: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["plan", config, "--domain", "customer.test", "--json"];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = mxrelay(&args);
+    assert!(ok, "plan failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("plan --json output is not JSON ({e}): {out}"))
+}
+
+const THREE: &str = "[[domain.server]]\nhost = \"old1.example.com\"\npreference = 10\n[[domain.server]]\nhost = \"old2.example.com\"\npreference = 10\n[[domain.server]]\nhost = \"new.example.com\"\npreference = 10\n";
+
+#[test]
+fn canary_sends_ten_percent_to_the_new_server() {
+    let dir = tempfile::tempdir().expect("dir");
+    let block = format!(
+        "[[domain]]\nname = \"customer.test\"\npolicy = \"{}\"\n[domain.policy_config]\nservers = [\"new.example.com\"]\npercent = 10\n{THREE}",
+        policy_module!(CANARY)
+    );
+    let config = write_config(dir.path(), &block);
+    let v = plan_json(&config, &["--messages", "10000"]);
+    assert_eq!(v["policy"], policy_module!(CANARY));
+    let canary = v["delivered"]["new.example.com:25"].as_u64().expect("count");
+    assert!((900..=1100).contains(&canary), "canary got {canary} of 10000: {v}");
+    // With the canary down, its share goes back to the old servers: nothing is undeliverable.
+    let v = plan_json(&config, &["--messages", "1000", "--down", "new.example.com:25"]);
+    assert_eq!(v["delivered"]["new.example.com:25"], 0);
+    assert_eq!(v["undeliverable"], 0);
+}
+
+#[test]
+fn canary_settings_errors_are_config_errors() {
+    let dir = tempfile::tempdir().expect("dir");
+    let block = format!(
+        "[[domain]]\nname = \"customer.test\"\npolicy = \"{}\"\n[domain.policy_config]\nservers = [\"nope.example.com\"]\npercent = 150\n{THREE}",
+        policy_module!(CANARY)
+    );
+    let config = write_config(dir.path(), &block);
+    let (ok, _, err) = mxrelay(&["check", &config]);
+    assert!(!ok);
+    assert!(err.contains("domain customer.test: policy_config: policy_config.percent: 150 is outside 0 to 100"), "{err}");
+    assert!(err.contains("policy_config.servers: \"nope.example.com\" is not one of the domain's servers"), "{err}");
+}
+
+#[test]
+fn sticky_keeps_a_mailbox_on_one_server() {
+    let dir = tempfile::tempdir().expect("dir");
+    let block = format!("[[domain]]\nname = \"customer.test\"\npolicy = \"{}\"\n{THREE}", policy_module!(STICKY));
+    let config = write_config(dir.path(), &block);
+    let v = plan_json(&config, &["--messages", "1000", "--rcpt", "alice@customer.test"]);
+    let counts: Vec<u64> = v["delivered"].as_object().expect("object").values().filter_map(Value::as_u64).collect();
+    assert_eq!(counts.iter().filter(|c| **c > 0).count(), 1, "alice went to more than one server: {v}");
+    assert_eq!(counts.iter().sum::<u64>(), 1000);
+}
+
+#[test]
+fn sticky_moves_only_the_dead_servers_mailboxes() {
+    use mxrelay_policy_core::Server;
+    use mxrelay_policy_host::{DomainPolicy, Limits, Message, PlanSource, PolicyEngine};
+    let engine = PolicyEngine::new(Limits::default()).expect("engine");
+    let bytes = std::fs::read(policy_module!(STICKY)).expect("module");
+    let component = engine.load("sticky", &bytes).expect("load");
+    let servers: Vec<Server> = (1..=4).map(|n| Server::new(format!("mx{n}.example.com"), 10)).collect();
+    let policy = DomainPolicy::new(component, servers, "{}".into()).expect("policy");
+    let first = |rcpt: &str, down: Vec<u32>| {
+        let plan = policy.plan(&Message {
+            seed: 0,
+            attempt: 1,
+            now_ms: 0,
+            down,
+            domain: "example.com".into(),
+            recipients: vec![rcpt.into()],
+            sender: String::new(),
+            size: 0,
+        });
+        assert!(matches!(plan.source, PlanSource::Component), "{:?}", plan.source);
+        plan.order[0]
+    };
+    let mut moved = 0;
+    for n in 0..1000 {
+        let rcpt = format!("user{n}@example.com");
+        let (before, after) = (first(&rcpt, vec![]), first(&rcpt, vec![2]));
+        if before == 2 {
+            moved += 1;
+            assert_ne!(after, 2);
+        } else {
+            assert_eq!(after, before, "{rcpt} moved although its server is up");
+        }
+    }
+    assert!((180..=320).contains(&moved), "server 2 held {moved} of 1000 mailboxes");
+}
+
+#[test]
+fn maintenance_window_makes_a_server_last_resort() {
+    let dir = tempfile::tempdir().expect("dir");
+    let block = format!(
+        "[[domain]]\nname = \"customer.test\"\npolicy = \"{}\"\n[[domain.policy_config.windows]]\nserver = \"mx1.example.com\"\nstart = \"2026-12-06T02:00:00Z\"\nend = \"2026-12-06T04:00:00Z\"\n[[domain.server]]\nhost = \"mx1.example.com\"\npreference = 10\n[[domain.server]]\nhost = \"mx2.example.com\"\npreference = 20\n",
+        policy_module!(MAINTENANCE)
+    );
+    let config = write_config(dir.path(), &block);
+    let before = plan_json(&config, &["--messages", "100", "--now-ms", "1796522340000"]); // 01:59 UTC
+    assert_eq!(before["delivered"]["mx1.example.com:25"], 100, "{before}");
+    let during = plan_json(&config, &["--messages", "100", "--now-ms", "1796526000000"]); // 03:00 UTC
+    assert_eq!(during["delivered"]["mx2.example.com:25"], 100, "{during}");
+    let backup_down = plan_json(&config, &["--messages", "100", "--now-ms", "1796526000000", "--down", "mx2.example.com:25"]);
+    assert_eq!(backup_down["delivered"]["mx1.example.com:25"], 100, "last resort, not excluded: {backup_down}");
+}
+
+#[test]
+fn policy_check_passes_the_examples_and_names_what_is_wrong_with_hostile_modules() {
+    for (module, settings) in [
+        (policy_module!(STICKY), "{}"),
+        (policy_module!(MAINTENANCE), "{}"),
+        (policy_module!(CANARY), r#"{"servers":["mx0.example.com"],"percent":10}"#),
+        (policy_module!(HOSTILE), r#"{"mode":"fine"}"#),
+    ] {
+        let (ok, out, err) = mxrelay(&["policy", "check", module, "--settings", settings]);
+        assert!(ok && out.contains("usable") && out.contains("plan calls: median"), "{module}: {out}{err}");
+    }
+    for (mode, reason) in [
+        ("loop", "call exceeded its 50 ms deadline"),
+        ("memory", "memory limit of 16777216 bytes exceeded"),
+        ("panic", "trapped: wasm trap"),
+        ("garbage", "invalid plan"),
+    ] {
+        let settings = format!(r#"{{"mode":"{mode}"}}"#);
+        let (ok, _, err) = mxrelay(&["policy", "check", policy_module!(HOSTILE), "--settings", &settings]);
+        assert!(!ok && err.contains("is unusable") && err.contains(reason), "{mode}: {err}");
+    }
+    let junk = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(junk.path(), b"\0asm\x01\0\0\0").expect("write");
+    let (ok, _, err) = mxrelay(&["policy", "check", &junk.path().display().to_string()]);
+    assert!(!ok && err.contains("cannot load"), "{err}");
+}
+
+/// Hostile modules never stop delivery: every message is planned by the built-in fail-safe,
+/// delivered exactly once, and the faults show in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_modules_never_stop_delivery() {
+    let a = Sink::start("127.0.1.50", &[]);
+    let b = Sink::start("127.0.1.51", &[]);
+    let (ah, ap) = a.host_port();
+    let (bh, bp) = b.host_port();
+    let modes = ["loop", "memory", "panic", "garbage"];
+    let mut domains = String::new();
+    for mode in modes {
+        domains.push_str(&format!(
+            "[[domain]]\nname = \"{mode}.test\"\npolicy = \"{}\"\n[domain.policy_config]\nmode = \"{mode}\"\n[[domain.server]]\nhost = \"{ah}\"\nport = {ap}\npreference = 10\n[[domain.server]]\nhost = \"{bh}\"\nport = {bp}\npreference = 20\n",
+            policy_module!(HOSTILE)
+        ));
+    }
+    let relay = Relay::start_with("admin_listen = \"127.0.0.1:0\"", &domains, "retry = [\"1h\"]");
+    let mut acked = Vec::new();
+    for (i, mode) in modes.iter().enumerate() {
+        let base = i as u64 * 100;
+        acked.extend(send(&relay.addr, &format!("user@{mode}.test"), base..base + 20, 5).await);
+    }
+    assert_eq!(acked.len(), 80);
+    eventually("all 80 delivered", || a.received().len() + b.received().len() == 80).await;
+    mxrelay_e2e::assert_exactly_once(&[&a, &b], &acked);
+    assert_eq!(b.count(), 0, "the fail-safe keeps preference order: the backup got mail");
+    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    for mode in modes {
+        let n = mxrelay_e2e::metric(&metrics, &format!("mxrelay_policy_fallbacks_total{{domain=\"{mode}.test\"}}"));
+        assert!(n.is_some_and(|n| n >= 1.0), "no fallback counted for {mode}:\n{metrics}");
+    }
+    assert!(!relay.log_lines(&["planned by the built-in fail-safe", "deadline"]).is_empty());
+}
+
+/// Replacing a module file reloads it; a broken replacement is refused and the old one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_modules_reload_and_broken_ones_are_refused() {
+    let a = Sink::start("127.0.1.52", &[]);
+    let b = Sink::start("127.0.1.53", &[]);
+    let (ah, ap) = a.host_port();
+    let (bh, bp) = b.host_port();
+    let modules = tempfile::tempdir().expect("dir");
+    let module = modules.path().join("policy.wasm");
+    std::fs::copy(policy_module!(STICKY), &module).expect("copy");
+    let domain = format!(
+        "[[domain]]\nname = \"customer.test\"\npolicy = \"{}\"\n[[domain.server]]\nhost = \"{ah}\"\nport = {ap}\npreference = 10\n[[domain.server]]\nhost = \"{bh}\"\nport = {bp}\npreference = 10\n",
+        module.display()
+    );
+    let relay = Relay::start(&domain, "retry = [\"1h\"]");
+    // Sticky: one mailbox, one server.
+    send(&relay.addr, "alice@customer.test", 0..20, 4).await;
+    eventually("20 delivered", || a.count() + b.count() == 20).await;
+    assert!(a.count() == 20 || b.count() == 20, "sticky split alice: {} / {}", a.count(), b.count());
+
+    // A broken file is refused; sticky stays in service.
+    std::fs::write(&module, b"not a component").expect("write");
+    eventually("broken module refused", || !relay.log_lines(&["policy module refused"]).is_empty()).await;
+    send(&relay.addr, "alice@customer.test", 20..40, 4).await;
+    eventually("40 delivered", || a.count() + b.count() == 40).await;
+    assert!(a.count() == 40 || b.count() == 40, "the previous module left service: {} / {}", a.count(), b.count());
+
+    // The built-in policy as a module file: alice's mail is shared again.
+    let tmp = modules.path().join("next.wasm");
+    std::fs::write(&tmp, mxrelay_policy_host::BUILTIN_COMPONENT).expect("write");
+    std::fs::rename(&tmp, &module).expect("rename");
+    eventually("module reloaded", || !relay.log_lines(&["policy modules reloaded"]).is_empty()).await;
+    let (a0, b0) = (a.count(), b.count());
+    send(&relay.addr, "alice@customer.test", 40..100, 4).await;
+    eventually("100 delivered", || a.count() + b.count() == 100).await;
+    assert!(a.count() > a0 + 15 && b.count() > b0 + 15, "after reload: {} / {}", a.count() - a0, b.count() - b0);
+}
+
+/// A module that keeps failing is set aside: after three failures in a row the built-in core
+/// plans without calling it, until the cool-down ends.
+#[test]
+fn a_module_that_keeps_failing_is_set_aside() {
+    use mxrelay_policy_core::Server;
+    use mxrelay_policy_host::{DomainPolicy, Limits, Message, PlanSource, PolicyEngine, PolicyError};
+    let engine = PolicyEngine::new(Limits::default()).expect("engine");
+    let bytes = std::fs::read(policy_module!(HOSTILE)).expect("module");
+    let component = engine.load("hostile", &bytes).expect("load");
+    let servers = vec![Server::new("a.example.com", 10), Server::new("b.example.com", 20)];
+    let policy = DomainPolicy::new(component, servers, r#"{"mode":"loop"}"#.into()).expect("policy");
+    let msg = Message {
+        seed: 1,
+        attempt: 1,
+        now_ms: 0,
+        down: vec![0],
+        domain: "example.com".into(),
+        recipients: vec![],
+        sender: String::new(),
+        size: 0,
+    };
+    for round in 0..3 {
+        assert!(!policy.is_cooling_down(), "set aside after only {round} failures");
+        let plan = policy.plan(&msg);
+        assert!(matches!(plan.source, PlanSource::Fallback(PolicyError::Timeout { .. })), "{:?}", plan.source);
+        assert_eq!(plan.order, vec![1, 0], "the fail-safe plan honours the down list");
+    }
+    assert!(policy.is_cooling_down());
+    let plan = policy.plan(&msg);
+    assert!(matches!(plan.source, PlanSource::Fallback(_)));
+    assert_eq!(plan.order, vec![1, 0]);
+}
