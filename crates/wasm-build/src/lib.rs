@@ -65,8 +65,13 @@ pub fn build_components(workspace: &Path, packages: &[(&str, &str)]) -> Vec<Vec<
 
 fn encode(module_path: &Path) -> Vec<u8> {
     let module = std::fs::read(module_path).unwrap_or_else(|e| panic!("read {}: {e}", module_path.display()));
+    encode_module(&module).unwrap_or_else(|e| panic!("encode {} as a component: {e}", module_path.display()))
+}
+
+/// Encodes a core module carrying wit-bindgen's component-type section into a component.
+pub fn encode_module(module: &[u8]) -> Result<Vec<u8>, String> {
     wit_component::ComponentEncoder::default()
-        .module(&module)
+        .module(module)
         .and_then(|encoder| encoder.validate(true).encode())
-        .unwrap_or_else(|e| panic!("encode {} as a component: {e:#}", module_path.display()))
+        .map_err(|e| format!("{e:#}"))
 }
