@@ -21,6 +21,8 @@ command -v smtp-sink >/dev/null || command -v /usr/sbin/smtp-sink >/dev/null || 
 command -v swaks >/dev/null || pkgs+=(swaks)
 command -v dnsmasq >/dev/null || command -v /usr/sbin/dnsmasq >/dev/null || pkgs+=(dnsmasq-base)
 command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
+[ -x /usr/bin/chromium ] || pkgs+=(chromium)
+command -v node >/dev/null || pkgs+=(nodejs npm)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${pkgs[*]}"
   need_root apt-get -o DPkg::Lock::Timeout=600 update -qq
@@ -30,3 +32,9 @@ if [ ${#pkgs[@]} -gt 0 ]; then
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+# The browser module's CLI must match the wasm-bindgen crate exactly (--locked fails on this
+# registry mirror: its lockfile wants a newer webpki-roots than the mirror serves).
+wb=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
+[ "$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2)" = "$wb" ] || cargo install wasm-bindgen-cli --version "$wb"
+# Browser tests drive Debian's chromium through playwright-core; no browser is downloaded.
+(cd web && npm ci --no-audit --no-fund --loglevel=error)

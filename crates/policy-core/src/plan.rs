@@ -109,6 +109,25 @@ impl Router {
         tier.map_or(0.0, |t| f64::from(server.weight) / t.total_weight as f64)
     }
 
+    /// Where mail goes with the servers in `down` down, as fractions of all mail: one per
+    /// server, plus the fraction that finds every server down (queued). The first tier with a
+    /// live server takes everything, shared by weight among its live servers, which is what
+    /// [`Router::plan_into`] gives on average over messages.
+    pub fn expected_shares(&self, down: &[u32]) -> (Vec<f64>, f64) {
+        let mut shares = vec![0.0; self.servers.len()];
+        for tier in &self.tiers {
+            let live: Vec<u32> = tier.members.iter().copied().filter(|i| !down.contains(i)).collect();
+            let total: u64 = live.iter().map(|&i| u64::from(self.servers[i as usize].weight)).sum();
+            if total > 0 {
+                for i in live {
+                    shares[i as usize] = f64::from(self.servers[i as usize].weight) / total as f64;
+                }
+                return (shares, 0.0);
+            }
+        }
+        (shares, if self.servers.is_empty() { 0.0 } else { 1.0 })
+    }
+
     /// The plan for one message, as a new vector. See [`Router::plan_into`].
     pub fn plan(&self, input: &PlanInput<'_>) -> Vec<u32> {
         let mut out = Vec::with_capacity(self.servers.len());
@@ -328,6 +347,24 @@ mod tests {
         let input = PlanInput { seed: 42, attempt: 3, now_ms: 1_700_000_000_000, down: &[2] };
         assert_eq!(r.plan(&input), r.plan(&input));
         assert_ne!(r.plan(&PlanInput { seed: 1, ..input }), r.plan(&PlanInput { seed: 2, ..input }));
+    }
+
+    #[test]
+    fn expected_shares_match_simulated_delivery() {
+        let mut servers: Vec<Server> =
+            (0..6).map(|i| Server::new(format!("mx{i}.example.com"), if i < 3 { 10 } else { 20 })).collect();
+        servers[1].weight = 3;
+        let r = Router::new(servers);
+        for down in [vec![], vec![0], vec![1, 2], vec![0, 1, 2], vec![0, 1, 2, 3], vec![0, 1, 2, 3, 4, 5]] {
+            let (shares, queued) = r.expected_shares(&down);
+            let n = 20_000;
+            let (counts, undeliverable) = deliveries(&r, n, &down);
+            assert!((queued - undeliverable as f64 / n as f64).abs() < 1e-9, "{down:?}");
+            for (i, share) in shares.iter().enumerate() {
+                let got = *counts.get(&(i as u32)).unwrap_or(&0) as f64 / n as f64;
+                assert!((share - got).abs() < 0.01, "down {down:?} server {i}: expected {share}, simulated {got}");
+            }
+        }
     }
 
     #[test]

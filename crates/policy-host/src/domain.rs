@@ -78,6 +78,16 @@ impl DomainPolicy {
         state.cooling_until.is_some_and(|until| Instant::now() < until)
     }
 
+    /// The policy component (to build the domain again with other servers).
+    pub fn component(&self) -> &PolicyComponent {
+        &self.component
+    }
+
+    /// The domain's policy settings, as JSON.
+    pub fn settings_json(&self) -> &str {
+        &self.settings_json
+    }
+
     /// The policy component's name.
     pub fn policy_name(&self) -> &str {
         self.component.name()

@@ -25,11 +25,14 @@ pub struct Limits {
     pub call_deadline: Duration,
     /// Largest linear memory an instance may grow to.
     pub max_memory_bytes: usize,
+    /// Enforce `call_deadline` with epoch interruption. Turn off only for trusted code or to
+    /// measure what the deadline costs; without it an endless loop hangs the caller.
+    pub interruptible: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { call_deadline: Duration::from_millis(50), max_memory_bytes: 16 << 20 }
+        Limits { call_deadline: Duration::from_millis(50), max_memory_bytes: 16 << 20, interruptible: true }
     }
 }
 
@@ -63,7 +66,7 @@ impl PolicyEngine {
     /// Creates an engine and starts its epoch ticker.
     pub fn new(limits: Limits) -> Result<Self, PolicyError> {
         let mut config = Config::new();
-        config.epoch_interruption(true);
+        config.epoch_interruption(limits.interruptible);
         config.max_wasm_stack(512 << 10);
         let engine = Engine::new(&config).map_err(|e| load_error("engine", &e))?;
         // The world imports nothing, so the linker stays empty: a policy gets no capabilities.
@@ -181,8 +184,10 @@ impl PolicyComponent {
         };
         let mut store = Store::new(&self.engine.inner.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(limits.call_deadline));
+        if limits.interruptible {
+            store.epoch_deadline_trap();
+            store.set_epoch_deadline(deadline_ticks(limits.call_deadline));
+        }
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             let denied = store.data().memory_denied;
             classify(&self.name, limits, denied, e)
@@ -246,7 +251,9 @@ impl PolicyInstance {
         if self.poisoned {
             return Err(PolicyError::Poisoned { name: self.name.clone() });
         }
-        self.store.set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
+        if self.limits.interruptible {
+            self.store.set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
+        }
         call(&self.bindings, &mut self.store).map_err(|e| {
             self.poisoned = true;
             classify(&self.name, self.limits, self.store.data().memory_denied, e)

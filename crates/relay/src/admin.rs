@@ -1,10 +1,33 @@
-//! The admin HTTP listener (`[relay] admin_listen`): Prometheus metrics.
+//! The admin HTTP listener (`[relay] admin_listen`): Prometheus metrics, the domains API
+//! and the inbound-servers widget.
+//!
+//! * `GET /metrics`: Prometheus text format (no token: bind it to a private address).
+//! * `GET /api/domains`, `GET /api/domains/{domain}/servers`,
+//!   `PUT /api/domains/{domain}/servers`: need `Authorization: Bearer <relay.admin_token>`.
+//!   A PUT is validated by the same core as the widget (`422` with the same problems, nothing
+//!   applied), then applied to new deliveries at once and written to the config file.
+//! * `GET /` and the widget's files from `relay.web_root`.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
+use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use mxrelay_policy_core::{Problem, RawServer, Server, Severity, validate_servers};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::policies::Policies;
+
+/// Largest request body accepted (a server list is a few KiB).
+const MAX_BODY: usize = 64 * 1024;
 
 /// Installs the process-wide metrics recorder; call once, before anything records.
 pub fn install_metrics() -> Option<PrometheusHandle> {
@@ -17,15 +40,248 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
     }
 }
 
-/// Serves `/metrics` on `addr`; returns the address actually bound.
-pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle) -> std::io::Result<SocketAddr> {
+/// What the admin handlers share with the relay.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The metrics recorder's handle.
+    pub metrics: Option<PrometheusHandle>,
+    /// The configuration in force (the API changes its server lists).
+    pub config: Arc<RwLock<Config>>,
+    /// The policies in force.
+    pub policies: Arc<RwLock<Arc<Policies>>>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
+}
+
+/// Serves the admin API on `addr`; returns the address actually bound.
+pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = Router::new().route("/metrics", get(move || std::future::ready(metrics.render())));
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/domains", get(list_domains))
+        .route("/api/domains/{domain}/servers", get(get_servers).put(put_servers))
+        .route("/", get(index))
+        .route("/{*file}", get(static_file))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin listener stopped");
         }
     });
     Ok(bound)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    match &state.metrics {
+        Some(m) => m.render().into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed").into_response(),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ApiError {
+    error: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    problems: Vec<Problem>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: message.into(), problems: vec![] })).into_response()
+}
+
+/// Compares in time that depends only on the lengths, not on where the bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `Ok` when the request carries the configured bearer token.
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+    let expected = read(&state.config).relay.admin_token.clone();
+    let Some(expected) = expected else {
+        return Err(error(StatusCode::FORBIDDEN, "the API is disabled: set relay.admin_token to enable it"));
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(token.trim().as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) | None => Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct DomainSummary {
+    name: String,
+    policy: String,
+    servers: usize,
+}
+
+async fn list_domains(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let config = read(&state.config);
+    let list: Vec<DomainSummary> = config
+        .domains
+        .iter()
+        .map(|d| DomainSummary { name: d.name.clone(), policy: d.policy.label(), servers: d.servers.len() })
+        .collect();
+    Json(list).into_response()
+}
+
+async fn get_servers(State(state): State<AdminState>, headers: HeaderMap, UrlPath(domain): UrlPath<String>) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let config = read(&state.config);
+    match config.domain(&domain) {
+        Some(d) => Json(d.servers.clone()).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("{domain} is not a configured domain")),
+    }
+}
+
+async fn put_servers(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    UrlPath(domain): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let raw: Vec<RawServer> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be a JSON list of servers: {e}")),
+    };
+    let name = match read(&state.config).domain(&domain) {
+        Some(d) => d.name.clone(),
+        None => return error(StatusCode::NOT_FOUND, format!("{domain} is not a configured domain")),
+    };
+    let servers = match validate_servers(&raw) {
+        Ok((servers, _warnings)) => servers,
+        Err(problems) => {
+            let count = problems.iter().filter(|p| p.severity == Severity::Error).count();
+            let body = ApiError { error: format!("{count} problem(s) in the server list; nothing was changed"), problems };
+            return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
+        }
+    };
+    // Build the new policy first: if the domain's policy refuses the list, nothing changes.
+    let next = match read(&state.policies).with_domain_servers(&name, servers.clone()) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    };
+    let path = read(&state.config).path.clone();
+    if let Err(e) = persist(&path, &name, &servers) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("not saved: cannot write {}: {e}", path.display()));
+    }
+    *state.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+    {
+        let mut config = state.config.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(d) = config.domains.iter_mut().find(|d| d.name == name) {
+            d.servers = servers.clone();
+        }
+    }
+    tracing::info!(domain = %name, servers = servers.len(), "server list changed through the API");
+    Json(servers).into_response()
+}
+
+/// Writes `servers` as the domain's `[[domain.server]]` list, keeping the rest of the file
+/// (comments included), through a temporary file and a rename.
+fn persist(path: &Path, domain: &str, servers: &[Server]) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| e.to_string())?;
+    let domains = doc.get_mut("domain").and_then(toml_edit::Item::as_array_of_tables_mut).ok_or("no [[domain]] tables")?;
+    let table = domains
+        .iter_mut()
+        .find(|t| {
+            t.get("name").and_then(toml_edit::Item::as_str).is_some_and(|n| n.trim_end_matches('.').eq_ignore_ascii_case(domain))
+        })
+        .ok_or_else(|| format!("no [[domain]] named {domain}"))?;
+    let mut list = toml_edit::ArrayOfTables::new();
+    for s in servers {
+        let mut t = toml_edit::Table::new();
+        t.insert("host", toml_edit::value(s.host.clone()));
+        if s.port != mxrelay_policy_core::DEFAULT_PORT {
+            t.insert("port", toml_edit::value(i64::from(s.port)));
+        }
+        t.insert("preference", toml_edit::value(i64::from(s.preference)));
+        if s.weight != mxrelay_policy_core::DEFAULT_WEIGHT {
+            t.insert("weight", toml_edit::value(i64::from(s.weight)));
+        }
+        list.push(t);
+    }
+    table.insert("server", toml_edit::Item::ArrayOfTables(list));
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, doc.to_string()).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+async fn index(state: State<AdminState>) -> Response {
+    static_file(state, UrlPath("index.html".into())).await
+}
+
+/// The widget's files from `relay.web_root`; only plain relative names, no `..`.
+async fn static_file(State(state): State<AdminState>, UrlPath(file): UrlPath<String>) -> Response {
+    let Some(root) = read(&state.config).relay.web_root.clone() else {
+        return error(StatusCode::NOT_FOUND, "the widget is not served: set relay.web_root");
+    };
+    let safe = !file.is_empty()
+        && file.split('/').all(|part| !part.is_empty() && part != ".." && part != ".")
+        && file.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+    if !safe {
+        return error(StatusCode::NOT_FOUND, "no such file");
+    }
+    let path: PathBuf = root.join(&file);
+    let content_type = match path.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("wasm") => "application/wasm",
+        Some("json") => "application/json",
+        Some(_) | None => "application/octet-stream",
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, content_type)], bytes).into_response(),
+        Err(_) => error(StatusCode::NOT_FOUND, "no such file"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn persist_replaces_only_the_domains_servers() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("relay.toml");
+        let original = "# my relay\n[relay]\nhostname = \"r.test\"\n\n[[domain]]\nname = \"a.test\" # keep\n[[domain.server]]\nhost = \"old.a.test\"\n\n[[domain]]\nname = \"b.test\"\n[[domain.server]]\nhost = \"mx.b.test\"\npreference = 5\n";
+        std::fs::write(&path, original).expect("write");
+        let servers = vec![Server::new("new1.a.test", 10), Server { port: 2525, weight: 3, ..Server::new("new2.a.test", 20) }];
+        persist(&path, "A.test", &servers).expect("persist");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("# my relay\n") && text.contains("# keep"), "{text}");
+        assert!(
+            !text.contains("old.a.test")
+                && text.contains("new1.a.test")
+                && text.contains("port = 2525")
+                && text.contains("weight = 3"),
+            "{text}"
+        );
+        assert!(text.contains("mx.b.test") && text.contains("preference = 5"), "{text}");
+    }
 }

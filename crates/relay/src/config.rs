@@ -87,6 +87,10 @@ struct FileRelay {
     idle_timeout: Option<String>,
     #[serde(default)]
     admin_listen: Option<String>,
+    #[serde(default)]
+    admin_token: Option<String>,
+    #[serde(default)]
+    web_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -231,8 +235,12 @@ pub struct RelayConfig {
     pub max_connections_per_client: u32,
     /// A client silent for this long is disconnected with 421 (default 5 min, RFC 5321 §4.5.3.2).
     pub idle_timeout: Duration,
-    /// Admin HTTP listener (metrics, API), off when unset.
+    /// Admin HTTP listener (metrics, API, widget), off when unset.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token for the domains API; the API is off without one.
+    pub admin_token: Option<String>,
+    /// Directory of the widget's files (`web/`), served by the admin listener.
+    pub web_root: Option<PathBuf>,
 }
 
 /// `[delivery]`: sending.
@@ -382,6 +390,13 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
             })
             .ok()
     });
+    let admin_token = file.admin_token.filter(|t| {
+        let weak = t.trim().len() < 16;
+        if weak {
+            problems.push(error("relay.admin_token", "use at least 16 characters (e.g. `openssl rand -hex 16`)"));
+        }
+        !weak
+    });
     let max_message_size = file.max_message_size.unwrap_or(25 << 20);
     if max_message_size < 1024 {
         problems.push(error(
@@ -407,6 +422,8 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         max_connections_per_client,
         idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
         admin_listen,
+        admin_token,
+        web_root: file.web_root.map(|p| base.join(p)),
     }
 }
 

@@ -70,6 +70,19 @@ impl Policies {
         Ok(Policies { engine, domains })
     }
 
+    /// A copy with `domain`'s servers replaced, its policy built anew for them (same
+    /// component and settings). Fails, changing nothing, if the policy refuses the list.
+    pub fn with_domain_servers(&self, domain: &str, servers: Vec<mxrelay_policy_core::Server>) -> Result<Policies, PolicyError> {
+        let current = self
+            .domains
+            .get(domain)
+            .ok_or_else(|| PolicyError::Load { name: domain.into(), reason: "not a configured domain".into() })?;
+        let fresh = DomainPolicy::new(current.component().clone(), servers, current.settings_json().to_string())?;
+        let mut domains = self.domains.clone();
+        domains.insert(domain.to_string(), Arc::new(fresh));
+        Ok(Policies { engine: self.engine.clone(), domains })
+    }
+
     /// The engine, for reloads.
     pub fn engine(&self) -> &PolicyEngine {
         &self.engine

@@ -67,8 +67,9 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     let transport = Arc::new(Transport::new(&config.relay.hostname, &config.delivery));
     let engine = policies.engine().clone();
     let policies = Arc::new(RwLock::new(Arc::new(policies)));
-    watch_modules(config.clone(), policies.clone(), engine);
-    let deliverer = Arc::new(Deliverer::new(policies, transport, health, config.delivery.concurrency_per_server));
+    let shared_config = Arc::new(RwLock::new(config.clone()));
+    watch_modules(shared_config.clone(), policies.clone(), engine);
+    let deliverer = Arc::new(Deliverer::new(policies.clone(), transport, health, config.delivery.concurrency_per_server));
     let retry = RetryPolicy { schedule: config.delivery.retry.clone(), max_lifetime: config.delivery.max_queue_lifetime };
     let scheduler = Scheduler::new(existing, config.delivery.workers, deliverer, queue.clone(), retry, events_tx.clone());
     tokio::spawn(scheduler.run(events_rx));
@@ -87,11 +88,12 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
         listening.push(listener.local_addr().unwrap_or(addr));
         tokio::spawn(inbound::serve(listener, inbound.clone()));
     }
-    let admin = match (config.relay.admin_listen, metrics) {
-        (Some(addr), Some(handle)) => {
-            Some(crate::admin::serve(addr, handle).await.map_err(|source| StartError::Admin { addr, source })?)
+    let admin = match config.relay.admin_listen {
+        Some(addr) => {
+            let state = crate::admin::AdminState { metrics, config: shared_config, policies };
+            Some(crate::admin::serve(addr, state).await.map_err(|source| StartError::Admin { addr, source })?)
         }
-        (Some(_), None) | (None, _) => None,
+        None => None,
     };
     Ok(Relay { admin, events: events_tx, queue, listening })
 }
@@ -123,8 +125,9 @@ fn module_stamps(config: &Config) -> Vec<(std::path::PathBuf, Option<(std::time:
 /// Reloads the policies when a module file is replaced. The new set replaces the old one
 /// in one step; a module that fails to load or to accept its settings is refused and the
 /// previous one stays in service.
-fn watch_modules(config: Config, policies: Arc<RwLock<Arc<Policies>>>, engine: mxrelay_policy_host::PolicyEngine) {
-    let mut last = module_stamps(&config);
+fn watch_modules(config: Arc<RwLock<Config>>, policies: Arc<RwLock<Arc<Policies>>>, engine: mxrelay_policy_host::PolicyEngine) {
+    let current = move || config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let mut last = module_stamps(&current());
     if last.is_empty() {
         return;
     }
@@ -132,6 +135,7 @@ fn watch_modules(config: Config, policies: Arc<RwLock<Arc<Policies>>>, engine: m
         let mut tick = tokio::time::interval(MODULE_CHECK);
         loop {
             tick.tick().await;
+            let config = current();
             let now = module_stamps(&config);
             if now == last {
                 continue;

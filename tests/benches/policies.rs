@@ -1,0 +1,79 @@
+//! Custom policy modules vs the built-in component, side by side in one run: per-call plan
+//! time, the cost of the epoch deadline, and the time to reload a module.
+//! Run: `cargo bench -p mxrelay-e2e --bench policies`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mxrelay_policy_core::Server;
+use mxrelay_policy_host::{BUILTIN_COMPONENT, Limits, Message, PolicyEngine};
+
+fn servers() -> Vec<Server> {
+    let mut s: Vec<Server> =
+        ["mail", "mail2", "mail3"].iter().map(|h| Server::new(format!("{h}.mailroutedemo.com"), 10)).collect();
+    s.extend(["backup1", "backup2"].iter().map(|h| Server::new(format!("{h}.mailroutedemo.com"), 20)));
+    s.extend(["lastresort1", "lastresort2", "lastresort3"].iter().map(|h| Server::new(format!("{h}.mailroutedemo.com"), 30)));
+    s
+}
+
+fn message() -> Message {
+    Message {
+        seed: 0,
+        attempt: 1,
+        now_ms: 1_795_891_700_000,
+        down: vec![],
+        domain: "mailroutedemo.com".into(),
+        recipients: vec!["user@mailroutedemo.com".into()],
+        sender: "sender@example.net".into(),
+        size: 2048,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let modules: [(&str, Vec<u8>, &str); 4] = [
+        ("built-in", BUILTIN_COMPONENT.to_vec(), "{}"),
+        ("sticky", std::fs::read(env!("MXRELAY_TEST_POLICY_STICKY")).expect("sticky"), "{}"),
+        (
+            "canary",
+            std::fs::read(env!("MXRELAY_TEST_POLICY_CANARY")).expect("canary"),
+            r#"{"servers":["mail3.mailroutedemo.com"],"percent":10}"#,
+        ),
+        ("maintenance", std::fs::read(env!("MXRELAY_TEST_POLICY_MAINTENANCE")).expect("maintenance"), "{}"),
+    ];
+    let servers = servers();
+    let mut group = c.benchmark_group("plan call, 8 servers");
+    for interruptible in [true, false] {
+        let engine = PolicyEngine::new(Limits { interruptible, ..Limits::default() }).expect("engine");
+        for (name, bytes, settings) in &modules {
+            if !interruptible && *name != "built-in" {
+                continue;
+            }
+            let mut instance = engine.load(name, bytes).expect("load").instantiate().expect("instance");
+            let handle = instance.router(&servers, settings).expect("router");
+            let mut msg = message();
+            let label = if interruptible { (*name).to_string() } else { format!("{name}, no deadline") };
+            group.bench_function(label, |b| {
+                b.iter(|| {
+                    msg.seed += 1;
+                    black_box(instance.plan(&handle, &msg).expect("plan"));
+                })
+            });
+        }
+    }
+    group.finish();
+
+    let engine = PolicyEngine::new(Limits::default()).expect("engine");
+    let mut group = c.benchmark_group("reload");
+    group.sample_size(10);
+    let (_, sticky, _) = &modules[1];
+    group.bench_function("sticky: compile, instantiate, create router", |b| {
+        b.iter(|| {
+            let mut instance = engine.load("sticky", sticky).expect("load").instantiate().expect("instance");
+            black_box(instance.router(&servers, "{}").expect("router"));
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

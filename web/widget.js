@@ -1,0 +1,195 @@
+// The inbound-servers widget: validation and preview run in WebAssembly (the same policy
+// core as the relay), on every keystroke. Saving sends the list to the relay's admin API.
+import init, { validate, preview } from './pkg/mxrelay_policy_web.js';
+
+const PRESETS = {
+  one: [['mail.mailroutedemo.com', 10]],
+  backup: [['mail.mailroutedemo.com', 10], ['backup.mailroutedemo.com', 20]],
+  balanced: [['mail.mailroutedemo.com', 10], ['mail2.mailroutedemo.com', 10]],
+  'balanced-failover': [['mail.mailroutedemo.com', 10], ['mail2.mailroutedemo.com', 10], ['backup.mailroutedemo.com', 20]],
+  eight: [
+    ['mail.mailroutedemo.com', 10], ['mail2.mailroutedemo.com', 10], ['mail3.mailroutedemo.com', 10],
+    ['backup1.mailroutedemo.com', 20], ['backup2.mailroutedemo.com', 20],
+    ['lastresort1.mailroutedemo.com', 30], ['lastresort2.mailroutedemo.com', 30], ['lastresort3.mailroutedemo.com', 30],
+  ],
+};
+const DEFAULT_PREFERENCE = '10';
+
+const root = document.getElementById('inbound-servers');
+const rows = document.getElementById('rows');
+const template = document.getElementById('row-template');
+const previewEl = document.getElementById('preview');
+const announce = document.getElementById('announce');
+const params = new URLSearchParams(location.search);
+const domain = root.dataset.domain || params.get('domain') || '';
+const token = new URLSearchParams(location.hash.slice(1)).get('token') || '';
+let down = new Set(); // indices of servers marked down in the preview
+let lastErrors = '';
+
+function rowEls() { return [...rows.querySelectorAll('[data-testid="server-row"]')]; }
+
+function addRow(host = '', preference = DEFAULT_PREFERENCE, port = '', weight = '') {
+  const row = template.content.firstElementChild.cloneNode(true);
+  const n = rowEls().length + 1;
+  for (const [name, value, label] of [['host', host, `Server ${n} name or IP address`], ['preference', preference, `Server ${n} preference`], ['port', port, `Server ${n} port`], ['weight', weight, `Server ${n} weight`]]) {
+    const input = row.querySelector(`input[name="${name}"]`);
+    input.value = value;
+    input.setAttribute('aria-label', label);
+    const err = row.querySelector(`.field-error[data-field="${name}"]`);
+    err.id = `err-${crypto.randomUUID()}`;
+    input.setAttribute('aria-describedby', err.id);
+  }
+  row.querySelector('[data-testid="remove-server"]').setAttribute('aria-label', `Remove server ${n}`);
+  rows.appendChild(row);
+  return row;
+}
+
+function entries() {
+  return rowEls().map((row) => {
+    const v = (name) => row.querySelector(`input[name="${name}"]`).value;
+    const e = { host: v('host'), preference: v('preference') };
+    if (v('port').trim()) e.port = v('port');
+    if (v('weight').trim()) e.weight = v('weight');
+    return e;
+  });
+}
+
+function showProblems(problems) {
+  for (const row of rowEls()) {
+    for (const el of row.querySelectorAll('.field-error')) { el.hidden = true; el.textContent = ''; el.classList.remove('warning'); }
+    for (const input of row.querySelectorAll('input')) input.removeAttribute('aria-invalid');
+  }
+  const listLevel = [];
+  for (const p of problems) {
+    const row = p.index == null ? null : rowEls()[p.index];
+    if (!row) { listLevel.push(p); continue; }
+    const field = p.field === 'servers' ? 'host' : p.field;
+    const el = row.querySelector(`.field-error[data-field="${field}"]`);
+    el.hidden = false;
+    el.textContent = el.textContent ? `${el.textContent} ${p.message}` : p.message;
+    if (p.severity === 'warning') el.classList.add('warning');
+    else row.querySelector(`input[name="${field}"]`).setAttribute('aria-invalid', 'true');
+    if (field === 'port' || field === 'weight') row.querySelector('details').open = true;
+  }
+  const errors = problems.filter((p) => p.severity === 'error').map((p) => p.message).join(' ');
+  if (errors && errors !== lastErrors) announce.textContent = `${problems.filter((p) => p.severity === 'error').length} problem(s): ${errors}`;
+  lastErrors = errors;
+  document.getElementById('save').disabled = problems.some((p) => p.severity === 'error');
+  return listLevel;
+}
+
+const TIER_TITLES = ['Tried first', 'If all of these are down', 'Then, if those are down too'];
+
+function renderPreview(result, listLevel) {
+  previewEl.replaceChildren();
+  for (const p of listLevel) {
+    const el = document.createElement('p');
+    el.className = 'field-error';
+    el.dataset.testid = 'field-error';
+    el.textContent = p.message;
+    previewEl.append(el);
+  }
+  result.tiers.forEach((tier, t) => {
+    const box = document.createElement('section');
+    box.className = 'tier';
+    box.dataset.testid = 'preview-tier';
+    box.dataset.preference = tier.preference;
+    const h = document.createElement('h3');
+    h.innerHTML = `${TIER_TITLES[Math.min(t, 2)]} <span class="pref">· preference ${tier.preference}</span>`;
+    box.append(h);
+    for (const s of tier.servers) {
+      const line = document.createElement('div');
+      line.className = `flow-row${s.down ? ' down' : ''}`;
+      const addr = document.createElement('span');
+      addr.className = 'addr';
+      addr.textContent = s.address;
+      const bar = document.createElement('div');
+      bar.className = 'bar';
+      bar.innerHTML = `<span style="width:${s.receives.toFixed(1)}%"></span>`;
+      bar.setAttribute('role', 'img');
+      bar.setAttribute('aria-label', `receives ${Math.round(s.receives)}% of all mail`);
+      const share = document.createElement('span');
+      share.className = 'share';
+      share.dataset.testid = 'preview-share';
+      share.title = `${s.share.toFixed(1)}% of this tier's mail while the tier is up; now receives ${s.receives.toFixed(1)}% of all mail`;
+      share.textContent = `${Math.round(s.receives)}%`;
+      const toggle = document.createElement('button');
+      toggle.type = 'button';
+      toggle.dataset.testid = 'toggle-down';
+      toggle.setAttribute('aria-pressed', String(s.down));
+      toggle.setAttribute('aria-label', `${s.down ? 'Mark up' : 'Mark down'}: ${s.address}`);
+      toggle.textContent = s.down ? 'Mark up' : 'Mark down';
+      toggle.addEventListener('click', () => { s.down ? down.delete(s.index) : down.add(s.index); refresh(); });
+      line.append(addr, bar, share, toggle);
+      box.append(line);
+    }
+    previewEl.append(box);
+  });
+  if (result.tiers.length && result.queued > 0) {
+    const q = document.createElement('p');
+    q.className = 'queued';
+    q.dataset.testid = 'preview-queued';
+    q.textContent = result.queued >= 99.95
+      ? 'Every server is down: we keep your mail queued and retry, and deliver it as soon as a server answers.'
+      : `${Math.round(result.queued)}% of mail finds every server down: it is queued and retried.`;
+    previewEl.append(q);
+  }
+}
+
+function refresh() {
+  const list = entries();
+  down = new Set([...down].filter((i) => i < list.length));
+  const json = JSON.stringify(list);
+  const result = JSON.parse(preview(json, JSON.stringify([...down])));
+  const listLevel = showProblems(result.problems);
+  renderPreview(result, listLevel);
+}
+
+function load(list) {
+  rows.replaceChildren();
+  down.clear();
+  for (const [host, pref, port, weight] of list) addRow(host, String(pref), port ?? '', weight ?? '');
+  refresh();
+}
+
+async function save(event) {
+  event.preventDefault();
+  const status = document.getElementById('save-status');
+  if (!domain) { status.className = 'bad'; status.textContent = 'No domain given (?domain=...): nothing to save to.'; return; }
+  status.className = ''; status.textContent = 'Saving…';
+  const res = await fetch(`/api/domains/${encodeURIComponent(domain)}/servers`, {
+    method: 'PUT',
+    headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
+    body: JSON.stringify(entries()),
+  });
+  if (res.ok) { status.className = 'ok'; status.textContent = 'Saved. New mail follows this list.'; return; }
+  const body = await res.json().catch(() => ({}));
+  if (res.status === 422 && Array.isArray(body.problems)) showProblems(body.problems);
+  status.className = 'bad';
+  status.textContent = body.error || `Not saved (HTTP ${res.status}).`;
+}
+
+await init();
+rows.addEventListener('input', refresh);
+rows.addEventListener('click', (e) => {
+  const remove = e.target.closest('[data-testid="remove-server"]');
+  if (!remove) return;
+  const row = remove.closest('[data-testid="server-row"]');
+  const next = row.nextElementSibling || row.previousElementSibling;
+  row.remove();
+  down.clear();
+  refresh();
+  (next?.querySelector('input') || document.getElementById('add')).focus();
+});
+document.getElementById('add').addEventListener('click', () => { addRow().querySelector('input').focus(); refresh(); });
+document.getElementById('servers-form').addEventListener('submit', save);
+for (const b of document.querySelectorAll('[data-preset]')) b.addEventListener('click', () => load(PRESETS[b.dataset.preset]));
+
+// Start from the domain's current list when the relay serves the page, else one empty row.
+let initial = null;
+if (domain && location.protocol.startsWith('http')) {
+  const res = await fetch(`/api/domains/${encodeURIComponent(domain)}/servers`, { headers: token ? { authorization: `Bearer ${token}` } : {} }).catch(() => null);
+  if (res?.ok) initial = (await res.json()).map((s) => [s.host, s.preference, s.port === 25 ? '' : String(s.port), s.weight === 1 ? '' : String(s.weight)]);
+}
+load(initial ?? [['', DEFAULT_PREFERENCE]]);
+window.mxrelayWidget = { ready: true, validate, preview };
