@@ -70,15 +70,15 @@ pub struct Sink {
 impl Sink {
     /// Starts a sink on `ip` (a free port) with extra smtp-sink options such as `-f mail`.
     pub fn start(ip: &str, args: &[&str]) -> Sink {
+        Sink::start_at(&format!("{ip}:{}", free_port(ip)), args)
+    }
+
+    /// Starts a sink on `addr` (`IP:PORT`).
+    pub fn start_at(addr: &str, args: &[&str]) -> Sink {
         let dir = tempfile::tempdir().expect("tempdir");
         // smtp-sink drops privileges to `nobody` when run as root; it must be able to write.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-        let mut sink = Sink {
-            addr: format!("{ip}:{}", free_port(ip)),
-            args: args.iter().map(ToString::to_string).collect(),
-            dir,
-            child: None,
-        };
+        let mut sink = Sink { addr: addr.to_string(), args: args.iter().map(ToString::to_string).collect(), dir, child: None };
         sink.restart();
         sink
     }
@@ -196,8 +196,15 @@ impl Relay {
     pub fn start_with(relay: &str, domains: &str, delivery: &str) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        // Short timeouts for tests, unless the test sets its own.
+        let defaults: String =
+            [("connect_timeout", "2s"), ("command_timeout", "5s"), ("data_timeout", "5s"), ("probe_interval", "100ms")]
+                .iter()
+                .filter(|(key, _)| !delivery.contains(key))
+                .map(|(key, value)| format!("{key} = \"{value}\"\n"))
+                .collect();
         let config = format!(
-            "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ndata_timeout = \"5s\"\nprobe_interval = \"100ms\"\n{delivery}\n\n{domains}\n"
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
         );
         std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
         let mut relay = Relay { addr, dir, log: Arc::default(), child: None };

@@ -14,7 +14,7 @@ enum Expect {
     Deferred,
 }
 
-const CASES: [(&str, Expect); 13] = [
+const CASES: [(&str, Expect); 14] = [
     ("-f connect", Expect::Backup), // 5xx greeting
     ("-r connect", Expect::Backup), // 4xx greeting
     ("-f ehlo", Expect::Backup),
@@ -27,6 +27,7 @@ const CASES: [(&str, Expect); 13] = [
     ("-r .", Expect::Backup),
     ("-f .", Expect::Fails),
     ("-q mail", Expect::Backup), // connection lost before the final dot
+    ("-q data", Expect::Backup), // dropped right after DATA
     ("-q .", Expect::Deferred),  // no reply to the final dot
 ];
 

@@ -104,16 +104,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Why an API request is refused before it is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Denied {
+    /// No token is configured: the API is off.
+    Disabled,
+    /// The token is missing or wrong.
+    Unauthorized,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Disabled => error(StatusCode::FORBIDDEN, "the API is disabled: set relay.admin_token to enable it"),
+            Denied::Unauthorized => error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+        }
+    }
+}
+
 /// `Ok` when the request carries the configured bearer token.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
-    let expected = read(&state.config).relay.admin_token.clone();
-    let Some(expected) = expected else {
-        return Err(error(StatusCode::FORBIDDEN, "the API is disabled: set relay.admin_token to enable it"));
-    };
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
+    let expected = read(&state.config).relay.admin_token.clone().ok_or(Denied::Disabled)?;
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(token) if constant_time_eq(token.trim().as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) | None => Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")),
+        Some(_) | None => Err(Denied::Unauthorized),
     }
 }
 
@@ -125,8 +140,8 @@ struct DomainSummary {
 }
 
 async fn list_domains(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
+    if let Err(denied) = authorize(&state, &headers) {
+        return denied.into_response();
     }
     let config = read(&state.config);
     let list: Vec<DomainSummary> = config
@@ -138,8 +153,8 @@ async fn list_domains(State(state): State<AdminState>, headers: HeaderMap) -> Re
 }
 
 async fn get_servers(State(state): State<AdminState>, headers: HeaderMap, UrlPath(domain): UrlPath<String>) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
+    if let Err(denied) = authorize(&state, &headers) {
+        return denied.into_response();
     }
     let config = read(&state.config);
     match config.domain(&domain) {
@@ -154,8 +169,8 @@ async fn put_servers(
     UrlPath(domain): UrlPath<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
+    if let Err(denied) = authorize(&state, &headers) {
+        return denied.into_response();
     }
     let raw: Vec<RawServer> = match serde_json::from_slice(&body) {
         Ok(r) => r,

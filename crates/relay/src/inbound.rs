@@ -218,6 +218,13 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                     reply(&mut writer, "503 5.5.1 need MAIL before DATA").await?;
                 } else if txn.recipients.is_empty() {
                     reply(&mut writer, "554 5.5.1 no valid recipients").await?;
+                } else if !reader.buffer().is_empty() {
+                    // RFC 2920: DATA ends a pipelined group; the client must wait for 354.
+                    // Content sent before it is a desynchronised (or smuggling) client.
+                    tracing::warn!(%peer, "data pipelined before the 354; closing");
+                    reply(&mut writer, "554 5.5.0 improper command pipelining after DATA; closing").await?;
+                    writer.flush().await?;
+                    return Ok(());
                 } else {
                     reply(&mut writer, "354 end data with <CR><LF>.<CR><LF>").await?;
                     writer.flush().await?;

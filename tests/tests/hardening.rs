@@ -1,0 +1,267 @@
+//! Hardening, against the real relay: SMTP smuggling, abuse limits, slow clients, stalled
+//! servers, a full disk, and the admin API's limits. Each test fails if its protection is
+//! removed.
+
+use std::time::Duration;
+
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, eventually, free_port};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// A raw SMTP client: writes exactly the bytes given, reads reply lines.
+struct Raw {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Raw {
+    async fn connect(addr: &str) -> Raw {
+        let (r, w) = TcpStream::connect(addr).await.expect("connect").into_split();
+        Raw { reader: BufReader::new(r), writer: w }
+    }
+
+    /// The next complete reply (multi-line replies joined), or "" when the server closed.
+    async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line)).await {
+                Ok(Ok(0)) | Err(_) => return all,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return all,
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("write");
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// Greeting, EHLO, MAIL, RCPT: ready for DATA.
+    async fn start(addr: &str, rcpt: &str) -> Raw {
+        let mut c = Raw::connect(addr).await;
+        assert!(c.reply().await.starts_with("220"));
+        assert!(c.cmd("EHLO attacker.test").await.starts_with("250"));
+        assert!(c.cmd("MAIL FROM:<a@src.test>").await.starts_with("250"));
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).await.starts_with("250"));
+        c
+    }
+}
+
+/// Each known smuggling payload: the message carries a second, smuggled transaction after a
+/// non-standard end of data. The sink must receive the one message, with the smuggled text
+/// inside it, and never a second message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_payloads_never_become_a_second_message() {
+    let sink = Sink::start("127.0.1.70", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
+    let separators: [&[u8]; 8] =
+        [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r\n.\n", b"\r.\r\n", b"\r\r\n.\r\r\n", b"\r\n\x00.\r\n"];
+    for (seq, sep) in separators.iter().enumerate() {
+        let mut c = Raw::start(&relay.addr, "user@customer.test").await;
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        let mut payload = format!("X-Seq: {seq}\r\nSubject: innocent\r\n\r\nhello").into_bytes();
+        payload.extend_from_slice(sep);
+        payload.extend_from_slice(b"MAIL FROM:<admin@customer.test>\r\nRCPT TO:<user@customer.test>\r\nDATA\r\nX-Seq: 999\r\nSubject: smuggled\r\n\r\nsmuggled\r\n");
+        payload.extend_from_slice(format!("END-OF-MESSAGE {seq}\r\n.\r\n").as_bytes());
+        c.send(&payload).await;
+        let answer = c.reply().await;
+        assert!(answer.starts_with("250"), "separator {sep:?}: {answer}");
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+    eventually("every payload delivered whole", || sink.count() == separators.len()).await;
+    let received = sink.received();
+    assert_eq!(received.keys().copied().collect::<Vec<_>>(), (0..separators.len() as u64).collect::<Vec<_>>());
+    assert!(received.values().all(|n| *n == 1), "{received:?}");
+    let dumps = sink.dumps();
+    assert_eq!(dumps.len(), separators.len(), "a smuggled message was delivered");
+    for d in &dumps {
+        assert!(d.contains("Subject: innocent") && d.contains("Subject: smuggled"), "{d}");
+    }
+}
+
+/// Content sent before the 354 (pipelined after DATA) is refused and the session closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_pipelined_before_354_is_refused() {
+    let sink = Sink::start("127.0.1.71", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
+    let mut c = Raw::start(&relay.addr, "user@customer.test").await;
+    c.send(b"DATA\r\nSubject: early\r\n\r\nbody\r\n.\r\n").await;
+    let answer = c.reply().await;
+    assert!(answer.starts_with("554 5.5.0 improper command pipelining"), "{answer}");
+    assert_eq!(c.reply().await, "", "the session must be closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_on_connections_recipients_and_line_length() {
+    let sink = Sink::start("127.0.1.72", &[]);
+    let relay = Relay::start_with(
+        "max_connections_per_client = 2\nmax_recipients = 3",
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
+    let mut first = Raw::connect(&relay.addr).await;
+    let mut second = Raw::connect(&relay.addr).await;
+    assert!(first.reply().await.starts_with("220"));
+    assert!(second.reply().await.starts_with("220"));
+    let mut third = Raw::connect(&relay.addr).await;
+    assert!(third.reply().await.starts_with("421 4.7.0"), "a third connection from one client is refused");
+    drop((first, second));
+
+    let mut c = Raw::start(&relay.addr, "u1@customer.test").await;
+    assert!(c.cmd("RCPT TO:<u2@customer.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<u3@customer.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<u4@customer.test>").await.starts_with("452 4.5.3"));
+
+    let mut c = Raw::connect(&relay.addr).await;
+    assert!(c.reply().await.starts_with("220"));
+    let long = format!("EHLO {}", "a".repeat(5000));
+    assert!(c.cmd(&long).await.starts_with("500 5.5.6"));
+    assert_eq!(c.reply().await, "", "closed after an overlong line");
+}
+
+/// A client that goes quiet, or drips a byte at a time, is cut off at the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slowloris_clients_are_cut_off() {
+    let sink = Sink::start("127.0.1.73", &[]);
+    let relay = Relay::start_with("idle_timeout = \"1s\"", &domain_block("customer.test", &[(&sink, 10)]), "");
+    let mut quiet = Raw::connect(&relay.addr).await;
+    assert!(quiet.reply().await.starts_with("220"));
+    assert!(quiet.reply().await.starts_with("421 4.4.2"), "a silent client is told and closed");
+
+    let mut drip = Raw::connect(&relay.addr).await;
+    assert!(drip.reply().await.starts_with("220"));
+    let started = std::time::Instant::now();
+    let mut cut = false;
+    for b in b"EHLO slowloris.example.com and more and more and more".iter() {
+        if drip.writer.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), drip.reader.read(&mut buf)).await {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(n == 0 || text.starts_with("421 4.4.2"), "{text}");
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a client dripping one byte per 300 ms kept the session for {:?}", started.elapsed());
+}
+
+/// A customer server that accepts the connection and never greets: the relay gives up after
+/// the command timeout and delivers to the next server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_is_passed_over() {
+    let stalled = tokio::net::TcpListener::bind(("127.0.1.74", 0)).await.expect("bind");
+    let stalled_port = stalled.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stalled.accept().await {
+            held.push(s); // accept, then say nothing
+        }
+    });
+    let backup = Sink::start("127.0.1.75", &[]);
+    let (bh, bp) = backup.host_port();
+    let domain = format!(
+        "[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.74\"\nport = {stalled_port}\npreference = 10\n[[domain.server]]\nhost = \"{bh}\"\nport = {bp}\npreference = 20\n"
+    );
+    let relay = Relay::start(&domain, "command_timeout = \"1s\"");
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("delivered by the backup", || backup.count() == 1).await;
+    assert!(!relay.log_lines(&["no greeting within"]).is_empty(), "{}", relay.log_text());
+}
+
+/// With the disk full, the relay answers 452 and acknowledges nothing it has not stored;
+/// every message acknowledged before is delivered once the relay runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_gets_452_and_loses_nothing() {
+    // The customer's server is down while the queue fills, so nothing leaves it.
+    let sink_port = free_port("127.0.1.76");
+    let port = free_port("127.0.0.1");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = format!(
+        "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:{port}\"]\nqueue = \"queue\"\n\n[delivery]\nretry = [\"1h\"]\nprobe_interval = \"100ms\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.76\"\nport = {sink_port}\n"
+    );
+    let config_path = dir.path().join("relay.toml");
+    std::fs::write(&config_path, config).expect("config");
+    // RLIMIT_FSIZE makes writes past 4 MiB fail with EFBIG, as a full disk would (SIGXFSZ
+    // ignored, so the write fails instead of killing the process). `ulimit -f` counts KiB in
+    // bash and 512-byte blocks in dash; bash is asked for by name.
+    let script =
+        format!("trap '' XFSZ; ulimit -f 4096; exec {} run {}", mxrelay_e2e::relay_binary().display(), config_path.display());
+    let mut child = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn relay");
+    let addr = format!("127.0.0.1:{port}");
+    eventually("relay listening", || std::net::TcpStream::connect(&addr).is_ok()).await;
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for seq in 0..200u64 {
+        let mut c = Raw::start(&addr, "user@customer.test").await;
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        c.send(format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n.\r\n", "z".repeat(64 * 1024)).as_bytes()).await;
+        let answer = c.reply().await;
+        if answer.starts_with("250") {
+            acked.push(seq);
+        } else {
+            assert!(answer.starts_with("452 4.3.1"), "{answer}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the 4 MiB limit was never hit: acked {}", acked.len());
+    assert!(!acked.is_empty(), "nothing was accepted before the disk filled");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Room again, and the server is up: everything acknowledged is delivered, nothing else.
+    let sink = Sink::start_at(&format!("127.0.1.76:{sink_port}"), &[]);
+    let mut relay = std::process::Command::new(mxrelay_e2e::relay_binary())
+        .args(["run", &config_path.display().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn relay");
+    eventually("every acknowledged message delivered", || {
+        let got = sink.received();
+        acked.iter().all(|s| got.contains_key(s))
+    })
+    .await;
+    let got = sink.received();
+    assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
+    let _ = relay.kill();
+    let _ = relay.wait();
+}
+
+/// The admin API refuses bodies over its limit.
+#[test]
+fn admin_requests_are_size_limited() {
+    use std::io::{Read, Write};
+    let sink = Sink::start("127.0.1.77", &[]);
+    let relay = Relay::start_with(
+        "admin_listen = \"127.0.0.1:0\"\nadmin_token = \"0123456789abcdef0123\"",
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
+    let body = format!("[{}]", vec!["{\"host\":\"mx.example.com\"}"; 5000].join(","));
+    let mut s = std::net::TcpStream::connect(relay.admin_addr()).expect("connect");
+    write!(
+        s,
+        "PUT /api/domains/customer.test/servers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer 0123456789abcdef0123\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 413"), "{}", &response[..response.len().min(200)]);
+}
