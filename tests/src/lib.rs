@@ -247,6 +247,31 @@ impl Relay {
         }
     }
 
+    /// Sends a signal (`HUP`, `TERM`, ...) to the relay process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill").args(["-s", name, &pid]).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "kill -s {name} {pid} failed");
+    }
+
+    /// Waits (at most [`PATIENCE`]) for the relay to exit; returns whether it exited with 0.
+    pub fn wait_exit(&mut self) -> bool {
+        let mut child = self.child.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.success();
+            }
+            assert!(start.elapsed() < PATIENCE, "the relay did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Path of the relay's config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("relay.toml")
+    }
+
     /// Everything the relay logged so far.
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")

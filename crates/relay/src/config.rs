@@ -86,6 +86,8 @@ struct FileRelay {
     #[serde(default)]
     idle_timeout: Option<String>,
     #[serde(default)]
+    shutdown_timeout: Option<String>,
+    #[serde(default)]
     admin_listen: Option<String>,
     #[serde(default)]
     admin_token: Option<String>,
@@ -235,6 +237,8 @@ pub struct RelayConfig {
     pub max_connections_per_client: u32,
     /// A client silent for this long is disconnected with 421 (default 5 min, RFC 5321 §4.5.3.2).
     pub idle_timeout: Duration,
+    /// On SIGTERM, how long deliveries in flight may take to finish (default 30 s).
+    pub shutdown_timeout: Duration,
     /// Admin HTTP listener (metrics, API, widget), off when unset.
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token for the domains API; the API is off without one.
@@ -421,6 +425,7 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         max_recipients,
         max_connections_per_client,
         idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
+        shutdown_timeout: duration_field("relay.shutdown_timeout", file.shutdown_timeout, Duration::from_secs(30), problems),
         admin_listen,
         admin_token,
         web_root: file.web_root.map(|p| base.join(p)),

@@ -27,8 +27,8 @@ const MAX_ERRORS: u32 = 20;
 /// What every session needs.
 #[derive(Debug)]
 pub struct Inbound {
-    /// `[relay]` settings.
-    pub relay: RelayConfig,
+    /// `[relay]` settings; a reload replaces them for new sessions.
+    relay: std::sync::RwLock<Arc<RelayConfig>>,
     /// Domains we accept mail for (lower case).
     pub domains: std::sync::RwLock<Arc<HashSet<String>>>,
     /// The durable queue.
@@ -41,11 +41,28 @@ pub struct Inbound {
 impl Inbound {
     /// Session settings over `queue`.
     pub fn new(relay: RelayConfig, domains: HashSet<String>, queue: Queue, events: mpsc::UnboundedSender<Event>) -> Inbound {
-        Inbound { relay, domains: std::sync::RwLock::new(Arc::new(domains)), queue, events, connections: Mutex::default() }
+        Inbound {
+            relay: std::sync::RwLock::new(Arc::new(relay)),
+            domains: std::sync::RwLock::new(Arc::new(domains)),
+            queue,
+            events,
+            connections: Mutex::default(),
+        }
+    }
+
+    /// The `[relay]` settings in force.
+    pub fn settings(&self) -> Arc<RelayConfig> {
+        self.relay.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Applies reloaded settings and domains to new sessions and recipients.
+    pub fn reconfigure(&self, relay: RelayConfig, domains: HashSet<String>) {
+        *self.relay.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(relay);
+        *self.domains.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(domains);
     }
 
     fn allowed(&self, ip: IpAddr) -> bool {
-        self.relay.accept_from.iter().any(|c: &Cidr| c.contains(ip))
+        self.settings().accept_from.iter().any(|c: &Cidr| c.contains(ip))
     }
 
     fn accepts_domain(&self, domain: &str) -> bool {
@@ -56,7 +73,7 @@ impl Inbound {
     fn open_connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
         let mut map = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = map.entry(ip).or_insert(0);
-        if *count >= self.relay.max_connections_per_client {
+        if *count >= self.settings().max_connections_per_client {
             return None;
         }
         *count += 1;
@@ -116,7 +133,8 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     let (read, write) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     let mut writer = BufWriter::with_capacity(16 * 1024, write);
-    let hostname = inbound.relay.hostname.clone();
+    let settings = inbound.settings();
+    let hostname = settings.hostname.clone();
     let ip = peer.ip();
     if !inbound.allowed(ip) {
         tracing::warn!(%peer, "client not in accept_from; refused");
@@ -130,7 +148,7 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     reply(&mut writer, &format!("220 {hostname} ESMTP mxrelay")).await?;
     writer.flush().await?;
 
-    let idle = inbound.relay.idle_timeout;
+    let idle = settings.idle_timeout;
     let mut helo: Option<String> = None;
     let mut txn = Transaction::default();
     let mut errors = 0u32;
@@ -158,7 +176,7 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
             Ok(Request::Ehlo { host }) => {
                 helo = Some(host.to_string());
                 txn = Transaction::default();
-                let max = inbound.relay.max_message_size;
+                let max = settings.max_message_size;
                 reply(
                     &mut writer,
                     &format!("250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"),
@@ -175,13 +193,10 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                     reply(&mut writer, "503 5.5.1 say EHLO first").await?;
                 } else if txn.sender.is_some() {
                     reply(&mut writer, "503 5.5.1 nested MAIL command").await?;
-                } else if from.size as u64 > inbound.relay.max_message_size {
+                } else if from.size as u64 > settings.max_message_size {
                     reply(
                         &mut writer,
-                        &format!(
-                            "552 5.3.4 message size {} exceeds the limit of {} bytes",
-                            from.size, inbound.relay.max_message_size
-                        ),
+                        &format!("552 5.3.4 message size {} exceeds the limit of {} bytes", from.size, settings.max_message_size),
                     )
                     .await?;
                 } else {
@@ -194,9 +209,8 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                 let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
                 if txn.sender.is_none() {
                     reply(&mut writer, "503 5.5.1 need MAIL before RCPT").await?;
-                } else if txn.recipients.len() >= inbound.relay.max_recipients as usize {
-                    reply(&mut writer, &format!("452 4.5.3 too many recipients (limit {})", inbound.relay.max_recipients))
-                        .await?;
+                } else if txn.recipients.len() >= settings.max_recipients as usize {
+                    reply(&mut writer, &format!("452 4.5.3 too many recipients (limit {})", settings.max_recipients)).await?;
                 } else {
                     match domain {
                         Some(d) if inbound.accepts_domain(&d) => {
@@ -228,7 +242,8 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                 } else {
                     reply(&mut writer, "354 end data with <CR><LF>.<CR><LF>").await?;
                     writer.flush().await?;
-                    let answer = receive_message(&mut reader, &inbound, peer, helo.as_deref().unwrap_or(""), &txn).await?;
+                    let answer =
+                        receive_message(&mut reader, &inbound, &settings, peer, helo.as_deref().unwrap_or(""), &txn).await?;
                     txn = Transaction::default();
                     match answer {
                         Some(text) => reply(&mut writer, &text).await?,
@@ -303,6 +318,7 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
 async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
     inbound: &Inbound,
+    settings: &RelayConfig,
     peer: SocketAddr,
     helo: &str,
     txn: &Transaction,
@@ -316,15 +332,14 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     let header = format!(
         "Received: from {helo} ({ip})\r\n\tby {host} (mxrelay) with ESMTP id {id}{for_clause};\r\n\t{date}\r\n",
         ip = peer.ip(),
-        host = inbound.relay.hostname,
+        host = settings.hostname,
         id = format_id(first_id),
         date = rfc5322_date(received_ms / 1000),
     );
     let mut data = Vec::with_capacity(8 * 1024);
     data.extend_from_slice(header.as_bytes());
-    let timeout = inbound.relay.idle_timeout.max(Duration::from_secs(60));
-    let read =
-        tokio::time::timeout(timeout, read_data(reader, &mut data, inbound.relay.max_message_size + header.len() as u64)).await;
+    let timeout = settings.idle_timeout.max(Duration::from_secs(60));
+    let read = tokio::time::timeout(timeout, read_data(reader, &mut data, settings.max_message_size + header.len() as u64)).await;
     let (end, fixed) = match read {
         Err(_) => return Ok(None),
         Ok(r) => r?,
@@ -332,7 +347,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     match end {
         DataEnd::Eof => return Ok(None),
         DataEnd::TooLarge => {
-            return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", inbound.relay.max_message_size)));
+            return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", settings.max_message_size)));
         }
         DataEnd::Complete => {}
     }

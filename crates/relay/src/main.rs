@@ -156,28 +156,51 @@ fn run(path: &Path) -> ExitCode {
         let addrs: Vec<String> = relay.listening.iter().map(ToString::to_string).collect();
         let admin = relay.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         tracing::info!(listen = %addrs.join(","), admin = %admin, queue = %config.relay.queue.display(), domains = config.domains.len(), "mxrelay ready");
-        wait_for_shutdown().await;
-        tracing::info!("shutting down; queued mail stays queued");
-        let _ = relay.queue.flush().await;
+        serve_signals(relay, path, config.relay.shutdown_timeout).await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_shutdown() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+/// Runs until SIGTERM or Ctrl-C (graceful shutdown); SIGHUP reloads the configuration.
+async fn serve_signals(relay: mxrelay::relay::Relay, path: &Path, grace: std::time::Duration) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL (queued mail is safe)");
+        return std::future::pending().await;
+    };
+    loop {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => match Config::load(path) {
+                Ok(next) => match relay.reload(next) {
+                    Ok(notes) => {
+                        for note in notes {
+                            tracing::warn!(note = %note, "reload");
+                        }
+                        tracing::info!(config = %path.display(), "configuration reloaded");
+                    }
+                    Err(problems) => {
+                        for p in problems {
+                            tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
+                        }
+                    }
+                },
+                Err(ConfigError::Invalid { problems }) => {
+                    for p in problems.iter().filter(|p| p.severity == Severity::Error) {
+                        tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reload refused; the previous configuration stays in force"),
+            },
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    tracing::info!(grace = ?grace, "shutting down: no new mail accepted; letting deliveries in flight finish");
+    if relay.shutdown(grace).await {
+        tracing::info!("stopped; queued mail stays queued for the next start");
+    } else {
+        tracing::warn!("deliveries still in flight after the grace period; they will be retried on the next start");
+    }
 }
 
 fn check(path: &Path) -> ExitCode {

@@ -42,6 +42,10 @@ pub enum StartError {
 /// A running relay.
 #[derive(Debug)]
 pub struct Relay {
+    config: Arc<RwLock<Config>>,
+    policies: Arc<RwLock<Arc<Policies>>>,
+    inbound: Arc<Inbound>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
     /// The admin listener's address, when `admin_listen` is set.
     pub admin: Option<std::net::SocketAddr>,
     /// Send events to the scheduler (retry now, snapshots).
@@ -83,19 +87,59 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     let domains: HashSet<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     let inbound = Arc::new(Inbound::new(config.relay.clone(), domains, queue.clone(), events_tx.clone()));
     let mut listening = Vec::new();
+    let mut listeners = Vec::new();
     for &addr in &config.relay.listen {
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
         listening.push(listener.local_addr().unwrap_or(addr));
-        tokio::spawn(inbound::serve(listener, inbound.clone()));
+        listeners.push(tokio::spawn(inbound::serve(listener, inbound.clone())));
     }
     let admin = match config.relay.admin_listen {
         Some(addr) => {
-            let state = crate::admin::AdminState { metrics, config: shared_config, policies };
+            let state = crate::admin::AdminState { metrics, config: shared_config.clone(), policies: policies.clone() };
             Some(crate::admin::serve(addr, state).await.map_err(|source| StartError::Admin { addr, source })?)
         }
         None => None,
     };
-    Ok(Relay { admin, events: events_tx, queue, listening })
+    Ok(Relay { config: shared_config, policies, inbound, listeners, admin, events: events_tx, queue, listening })
+}
+
+impl Relay {
+    /// Applies a changed configuration: domains, server lists, policies and their settings,
+    /// intake limits and `accept_from`, the admin token. Queued and in-flight mail is
+    /// untouched. If any policy fails to load, nothing changes and the problems come back.
+    /// Returns notes about settings that only a restart applies.
+    pub fn reload(&self, next: Config) -> Result<Vec<String>, Vec<crate::config::ConfigProblem>> {
+        let engine = self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).engine().clone();
+        let fresh = Policies::load_with(engine, &next)?;
+        let mut notes = Vec::new();
+        {
+            let current = self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let restart = |key: &str, changed: bool| changed.then(|| format!("{key} changed: it takes effect after a restart"));
+            notes.extend(restart("relay.listen", current.relay.listen != next.relay.listen));
+            notes.extend(restart("relay.queue", current.relay.queue != next.relay.queue));
+            notes.extend(restart("relay.admin_listen", current.relay.admin_listen != next.relay.admin_listen));
+            notes.extend(restart("[delivery]", format!("{:?}", current.delivery) != format!("{:?}", next.delivery)));
+        }
+        let domains: HashSet<String> = next.domains.iter().map(|d| d.name.clone()).collect();
+        self.inbound.reconfigure(next.relay.clone(), domains);
+        *self.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+        *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        Ok(notes)
+    }
+
+    /// Stops accepting, lets deliveries in flight finish for at most `grace`, and writes the
+    /// queue out. Whatever was not delivered stays queued for the next start. Returns whether
+    /// the deliveries in flight finished in time.
+    pub async fn shutdown(self, grace: std::time::Duration) -> bool {
+        for l in &self.listeners {
+            l.abort();
+        }
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let _ = self.events.send(Event::Drain(done));
+        let in_time = tokio::time::timeout(grace, finished).await.is_ok();
+        let _ = self.queue.flush().await;
+        in_time
+    }
 }
 
 /// How often policy module files are checked for replacement.

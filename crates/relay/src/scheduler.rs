@@ -29,6 +29,10 @@ pub enum Event {
     RetryNow(RetryScope),
     /// Report the envelopes held (for status and tests).
     Snapshot(oneshot::Sender<Vec<Envelope>>),
+    /// Start no more deliveries; answer once those in flight have finished.
+    Drain(oneshot::Sender<()>),
+    /// Forget an envelope (operator's `queue remove`); answers whether it was queued.
+    Remove(u64, oneshot::Sender<bool>),
 }
 
 /// What `RetryNow` applies to.
@@ -71,6 +75,8 @@ pub struct Scheduler {
     queue: Queue,
     retry: RetryPolicy,
     events: mpsc::UnboundedSender<Event>,
+    /// Set when shutting down: no new deliveries; told when the last one in flight ends.
+    draining: Option<Vec<oneshot::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -100,6 +106,7 @@ impl Scheduler {
             queue,
             retry,
             events,
+            draining: None,
         };
         // After a restart everything queued is retried at once.
         s.accept(existing);
@@ -136,6 +143,9 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
         while let Some(&id) = self.ready.front() {
             if self.in_flight.contains(&id) || !self.entries.contains_key(&id) {
                 self.ready.pop_front();
@@ -192,7 +202,11 @@ impl Scheduler {
                 }
                 self.accept(envs);
             }
-            Event::Finished(env, outcome) => self.finished(*env, outcome),
+            Event::Finished(env, outcome) => {
+                self.finished(*env, outcome);
+                // After the outcome's queue update is issued, so a drain's flush covers it.
+                self.check_drained();
+            }
             Event::Recovered(server_key) => {
                 let policies = self.deliverer.policies();
                 let ids: Vec<u64> = self
@@ -219,6 +233,20 @@ impl Scheduler {
                     .collect();
                 self.retry_now(ids);
             }
+            Event::Drain(done) => {
+                self.draining.get_or_insert_with(Vec::new).push(done);
+                self.check_drained();
+            }
+            Event::Remove(id, reply) => {
+                // One in flight finishes its run; its outcome then finds no entry to keep.
+                let known = self.entries.remove(&id).is_some();
+                if known {
+                    self.fresh.remove(&id);
+                    self.queue.remove(id);
+                    tracing::info!(queue_id = %crate::queue::format_id(id), "removed by the operator");
+                }
+                let _ = reply.send(known);
+            }
             Event::Snapshot(reply) => {
                 let _ = reply.send(self.entries.values().cloned().collect());
             }
@@ -235,8 +263,21 @@ impl Scheduler {
         }
     }
 
+    fn check_drained(&mut self) {
+        if self.in_flight.is_empty()
+            && let Some(waiting) = self.draining.as_mut()
+        {
+            for done in waiting.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+
     fn finished(&mut self, mut env: Envelope, outcome: Outcome) {
         self.in_flight.remove(&env.id);
+        if !self.entries.contains_key(&env.id) {
+            return; // removed by the operator while in flight
+        }
         match outcome {
             Outcome::Done { delivered, failed } => {
                 for (rcpt, why) in &failed {

@@ -1,0 +1,55 @@
+//! Operating the relay: live reload on SIGHUP and graceful shutdown on SIGTERM.
+
+use mxrelay_e2e::{Relay, Sink, domain_block, eventually, send, send_one};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_config_and_refuses_a_broken_one() {
+    let a = Sink::start("127.0.1.80", &[]);
+    let b = Sink::start("127.0.1.81", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&a, 10)]), "");
+    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("first message at a", || a.count() == 1).await;
+    assert!(!send_one(&relay.addr, "user@second.test", 2).await, "second.test is not configured yet");
+
+    // New server list for customer.test and a new domain, applied without a restart.
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    let head = text.split("[[domain]]").next().expect("head").to_string();
+    let next = format!("{head}{}{}", domain_block("customer.test", &[(&b, 10)]), domain_block("second.test", &[(&b, 10)]));
+    std::fs::write(&path, &next).expect("write");
+    relay.signal("HUP");
+    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    assert!(send_one(&relay.addr, "user@customer.test", 3).await);
+    assert!(send_one(&relay.addr, "user@second.test", 4).await, "the new domain is accepted");
+    eventually("both at b", || b.count() == 2).await;
+    assert_eq!(a.count(), 1, "the old server list is gone");
+
+    // A broken config is refused with the errors logged; the running one stays.
+    std::fs::write(&path, next.replace("preference = 10", "preference = 70000")).expect("write");
+    relay.signal("HUP");
+    eventually("refused", || !relay.log_lines(&["reload refused", "70000"]).is_empty()).await;
+    assert!(send_one(&relay.addr, "user@customer.test", 5).await);
+    eventually("still delivered by b", || b.count() == 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_delivery_in_flight_finish_and_keeps_the_rest_queued() {
+    // The sink waits 2 s before answering DATA, so the first delivery is in flight when the
+    // relay is told to stop; one worker means the other two have not started.
+    let mut slow = Sink::start("127.0.1.82", &["-w", "2"]);
+    let mut relay = Relay::start(&domain_block("customer.test", &[(&slow, 10)]), "workers = 1\nretry = [\"1h\"]");
+    let acked = send(&relay.addr, "user@customer.test", 0..3, 3).await;
+    assert_eq!(acked.len(), 3);
+    eventually("first delivery under way", || !relay.log_lines(&["accepted"]).is_empty()).await;
+    relay.signal("TERM");
+    assert!(relay.wait_exit(), "graceful shutdown exits with 0");
+    assert!(!relay.log_lines(&["stopped; queued mail stays queued"]).is_empty(), "{}", relay.log_text());
+    assert_eq!(slow.count(), 1, "exactly the delivery in flight finished");
+
+    // The rest was kept and goes out on the next start, each message once.
+    slow.kill();
+    slow.restart();
+    relay.restart();
+    eventually("the queued two delivered", || slow.received().len() == 3).await;
+    mxrelay_e2e::assert_exactly_once(&[&slow], &acked);
+}
