@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxrelay::config::{Config, ConfigError};
+use mxrelay_config::config::{Config, ConfigError};
 
 fuzz_target!(|text: &str| {
     match Config::parse(std::path::Path::new("/fuzz/relay.toml"), text) {

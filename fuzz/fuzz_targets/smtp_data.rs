@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxrelay::data::{DataEnd, dot_stuff, read_data};
+use mxrelay_message_data::{DataEnd, dot_stuff, read_data};
 
 fuzz_target!(|input: &[u8]| {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");

@@ -53,3 +53,47 @@ async fn sigterm_lets_the_delivery_in_flight_finish_and_keeps_the_rest_queued() 
     eventually("the queued two delivered", || slow.received().len() == 3).await;
     mxrelay_e2e::assert_exactly_once(&[&slow], &acked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_list_retry_and_remove_against_a_running_relay() {
+    // The customer's server is down and no probe will notice it coming back (1 h): only the
+    // operator's retry brings the mail out.
+    let sink_addr = format!("127.0.1.83:{}", mxrelay_e2e::free_port("127.0.1.83"));
+    let (host, port) = sink_addr.split_once(':').expect("addr");
+    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let domain = format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\n");
+    let relay = Relay::start_with(
+        &format!("admin_listen = \"{admin}\"\nadmin_token = \"queue-test-token-0123456789\""),
+        &domain,
+        "retry = [\"1h\"]\nprobe_interval = \"1h\"",
+    );
+    let config = relay.config_path().display().to_string();
+    let acked = send(&relay.addr, "user@customer.test", 0..3, 3).await;
+    assert_eq!(acked.len(), 3);
+    eventually("three deferred", || relay.log_lines(&["deferred"]).len() >= 3).await;
+
+    let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "list", &config]);
+    assert!(ok && out.contains("3 queued") && out.contains("customer.test"), "{out}{err}");
+    let (ok, json, _) = mxrelay_e2e::mxrelay(&["queue", "list", &config, "--json"]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let first = list[0]["id"].as_str().expect("id").to_string();
+
+    let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "remove", &config, &first]);
+    assert!(ok && out.contains(&first), "{out}{err}");
+    let (ok, _, err) = mxrelay_e2e::mxrelay(&["queue", "remove", &config, &first]);
+    assert!(!ok && err.contains("404"), "removing twice: {err}");
+    let (_, out, _) = mxrelay_e2e::mxrelay(&["queue", "list", &config]);
+    assert!(out.contains("2 queued"), "{out}");
+
+    let sink = Sink::start_at(&sink_addr, &[]);
+    let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "retry", &config, "--domain", "customer.test"]);
+    assert!(ok && out.contains("retrying every message for customer.test"), "{out}{err}");
+    eventually("the two left delivered", || sink.count() == 2).await;
+    eventually("queue empty", || mxrelay_e2e::mxrelay(&["queue", "list", &config]).1.contains("the queue is empty")).await;
+    assert_eq!(sink.received().len(), 2, "the removed message must not be delivered");
+
+    let (ok, _, err) =
+        mxrelay_e2e::mxrelay(&["queue", "list", &relay.config_path().with_file_name("missing.toml").display().to_string()]);
+    assert!(!ok && err.contains("cannot read"), "{err}");
+}

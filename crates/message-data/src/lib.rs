@@ -5,6 +5,7 @@
 //! by a space (Postfix's `cleanup_replace_stray_cr_lf`). What is queued therefore holds only
 //! CRLF line ends, so nothing a client sends can end the message early downstream: outbound
 //! data is that canonical text, dot-stuffed, followed by `.<CR><LF>`.
+#![forbid(unsafe_code)]
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 

@@ -49,6 +49,8 @@ pub struct AdminState {
     pub config: Arc<RwLock<Config>>,
     /// The policies in force.
     pub policies: Arc<RwLock<Arc<Policies>>>,
+    /// The scheduler, for queue control.
+    pub events: tokio::sync::mpsc::UnboundedSender<crate::scheduler::Event>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -65,6 +67,9 @@ pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<Socke
         .route("/metrics", get(metrics))
         .route("/api/domains", get(list_domains))
         .route("/api/domains/{domain}/servers", get(get_servers).put(put_servers))
+        .route("/api/queue", get(list_queue))
+        .route("/api/queue/retry", axum::routing::post(retry_queue))
+        .route("/api/queue/{id}", axum::routing::delete(remove_queued))
         .route("/", get(index))
         .route("/{*file}", get(static_file))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -129,6 +134,97 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
     match given {
         Some(token) if constant_time_eq(token.trim().as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) | None => Err(Denied::Unauthorized),
+    }
+}
+
+/// One queued envelope as the queue commands show it.
+#[derive(Debug, Serialize)]
+struct QueuedView {
+    id: String,
+    domain: String,
+    sender: String,
+    recipients: Vec<String>,
+    size: u64,
+    attempts: u32,
+    age_seconds: u64,
+    next_attempt_in_seconds: i64,
+    last_error: Option<String>,
+}
+
+async fn list_queue(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&state, &headers) {
+        return denied.into_response();
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if state.events.send(crate::scheduler::Event::Snapshot(tx)).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running");
+    }
+    let Ok(mut envelopes) = rx.await else { return error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running") };
+    envelopes.sort_by_key(|e| e.id);
+    let now = crate::queue::now_ms();
+    let view: Vec<QueuedView> = envelopes
+        .into_iter()
+        .map(|e| QueuedView {
+            id: e.queue_id(),
+            age_seconds: now.saturating_sub(e.received_ms) / 1000,
+            next_attempt_in_seconds: (e.next_attempt_ms as i64 - now as i64) / 1000,
+            domain: e.domain,
+            sender: e.sender,
+            recipients: e.recipients,
+            size: e.size,
+            attempts: e.attempts,
+            last_error: e.last_error,
+        })
+        .collect();
+    Json(view).into_response()
+}
+
+/// `POST /api/queue/retry` with `{"id": "..."}`, `{"domain": "..."}` or `{}` (everything).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryRequest {
+    id: Option<String>,
+    domain: Option<String>,
+}
+
+fn parse_id(text: &str) -> Option<u64> {
+    u64::from_str_radix(text.trim(), 16).ok()
+}
+
+async fn retry_queue(State(state): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(denied) = authorize(&state, &headers) {
+        return denied.into_response();
+    }
+    let req: RetryRequest = match serde_json::from_slice(if body.is_empty() { b"{}" } else { &body }) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"id\": ...}}, {{\"domain\": ...}} or {{}}: {e}")),
+    };
+    let scope = match (req.id, req.domain) {
+        (Some(id), None) => match parse_id(&id) {
+            Some(id) => crate::scheduler::RetryScope::Id(id),
+            None => return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a queue ID (16 hex digits)")),
+        },
+        (None, Some(domain)) => crate::scheduler::RetryScope::Domain(domain.trim_end_matches('.').to_ascii_lowercase()),
+        (None, None) => crate::scheduler::RetryScope::All,
+        (Some(_), Some(_)) => return error(StatusCode::BAD_REQUEST, "give an id or a domain, not both"),
+    };
+    let _ = state.events.send(crate::scheduler::Event::RetryNow(scope));
+    (StatusCode::ACCEPTED, Json(serde_json::json!({"retrying": true}))).into_response()
+}
+
+async fn remove_queued(State(state): State<AdminState>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
+    if let Err(denied) = authorize(&state, &headers) {
+        return denied.into_response();
+    }
+    let Some(parsed) = parse_id(&id) else {
+        return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a queue ID (16 hex digits)"));
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = state.events.send(crate::scheduler::Event::Remove(parsed, tx));
+    match rx.await {
+        Ok(true) => Json(serde_json::json!({"removed": id})).into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("{id} is not in the queue")),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running"),
     }
 }
 

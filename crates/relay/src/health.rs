@@ -72,6 +72,12 @@ impl Health {
         }
     }
 
+    /// Forgets that a server is down without announcing a recovery (an operator asked for a
+    /// retry: the next delivery makes a real attempt, and marks it down again if it fails).
+    pub fn clear(&self, server: &Server) {
+        self.lock().remove(&key(server));
+    }
+
     /// Marks a server up (a delivery to it succeeded).
     pub fn mark_up(&self, server: &Server) {
         let was = self.lock().remove(&key(server));

@@ -9,17 +9,18 @@
 //!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them.
 #![forbid(unsafe_code)]
 
+pub use mxrelay_config::{config, duration};
+pub use mxrelay_message_data as data;
+
 pub mod admin;
-pub mod config;
-pub mod data;
 pub mod delivery;
-pub mod duration;
 pub mod health;
 pub mod inbound;
 pub mod outbound;
 pub mod policies;
 pub mod policy_check;
 pub mod queue;
+pub mod queue_cli;
 pub mod relay;
 pub mod scheduler;
 pub mod simulate;

@@ -51,10 +51,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queue control of a running relay (through its admin API).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
     /// Work with policy modules.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// List queued messages.
+    List {
+        /// The running relay's configuration file.
+        config: PathBuf,
+        /// Print the JSON list instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry now: one message, a domain's messages, or everything.
+    Retry {
+        /// The running relay's configuration file.
+        config: PathBuf,
+        /// A queue ID (as `queue list` shows it).
+        id: Option<String>,
+        /// Every message for this domain.
+        #[arg(long, conflicts_with = "id")]
+        domain: Option<String>,
+    },
+    /// Remove a message from the queue (it will not be delivered).
+    Remove {
+        /// The running relay's configuration file.
+        config: PathBuf,
+        /// The queue ID.
+        id: String,
     },
 }
 
@@ -79,6 +113,7 @@ fn main() -> ExitCode {
         Command::Plan { config, domain, messages, down, now_ms, rcpt, json } => {
             plan(&config, &domain, PlanOptions { messages, down: &down, now_ms, rcpt, json })
         }
+        Command::Queue { command } => queue(command),
         Command::Policy { command: PolicyCommand::Check { module, settings } } => {
             let report = mxrelay::policy_check::check(&module, &settings);
             print!("{}", report.text);
@@ -200,6 +235,50 @@ async fn serve_signals(relay: mxrelay::relay::Relay, path: &Path, grace: std::ti
         tracing::info!("stopped; queued mail stays queued for the next start");
     } else {
         tracing::warn!("deliveries still in flight after the grace period; they will be retried on the next start");
+    }
+}
+
+fn queue(command: QueueCommand) -> ExitCode {
+    use mxrelay::queue_cli::{render_list, request};
+    let path = match &command {
+        QueueCommand::List { config, .. } | QueueCommand::Retry { config, .. } | QueueCommand::Remove { config, .. } => {
+            config.clone()
+        }
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match &command {
+        QueueCommand::List { json: true, .. } => request(&config, "GET", "/api/queue", "").map(|b| b + "\n"),
+        QueueCommand::List { json: false, .. } => request(&config, "GET", "/api/queue", "").map(|b| render_list(&b)),
+        QueueCommand::Retry { id: Some(id), .. } => {
+            request(&config, "POST", "/api/queue/retry", &serde_json::json!({ "id": id }).to_string())
+                .map(|_| format!("retrying {id} now\n"))
+        }
+        QueueCommand::Retry { domain: Some(d), .. } => {
+            request(&config, "POST", "/api/queue/retry", &serde_json::json!({ "domain": d }).to_string())
+                .map(|_| format!("retrying every message for {d} now\n"))
+        }
+        QueueCommand::Retry { .. } => {
+            request(&config, "POST", "/api/queue/retry", "{}").map(|_| "retrying every queued message now\n".into())
+        }
+        QueueCommand::Remove { id, .. } => {
+            request(&config, "DELETE", &format!("/api/queue/{id}"), "").map(|_| format!("removed {id}\n"))
+        }
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

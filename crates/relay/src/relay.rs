@@ -95,7 +95,12 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     }
     let admin = match config.relay.admin_listen {
         Some(addr) => {
-            let state = crate::admin::AdminState { metrics, config: shared_config.clone(), policies: policies.clone() };
+            let state = crate::admin::AdminState {
+                metrics,
+                config: shared_config.clone(),
+                policies: policies.clone(),
+                events: events_tx.clone(),
+            };
             Some(crate::admin::serve(addr, state).await.map_err(|source| StartError::Admin { addr, source })?)
         }
         None => None,

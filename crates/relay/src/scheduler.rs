@@ -221,6 +221,24 @@ impl Scheduler {
                 self.retry_now(ids);
             }
             Event::RetryNow(scope) => {
+                // An operator's retry makes real attempts: forget the down marks of the
+                // servers involved (a failing one is marked down again at once).
+                let policies = self.deliverer.policies();
+                let domains: HashSet<&str> = self
+                    .entries
+                    .values()
+                    .filter(|e| match &scope {
+                        RetryScope::Id(id) => e.id == *id,
+                        RetryScope::Domain(d) => &e.domain == d,
+                        RetryScope::All => true,
+                    })
+                    .map(|e| e.domain.as_str())
+                    .collect();
+                for domain in domains {
+                    for server in policies.domain(domain).map(|p| p.servers()).unwrap_or_default() {
+                        self.deliverer.health().clear(server);
+                    }
+                }
                 let ids: Vec<u64> = self
                     .entries
                     .values()
