@@ -5,16 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use mxrelay_policy_core::Server;
 use mxrelay_policy_host::{BUILTIN_COMPONENT, Limits, Message, PolicyEngine};
-
-fn servers() -> Vec<Server> {
-    let mut s: Vec<Server> =
-        ["mail", "mail2", "mail3"].iter().map(|h| Server::new(format!("{h}.mailroutedemo.com"), 10)).collect();
-    s.extend(["backup1", "backup2"].iter().map(|h| Server::new(format!("{h}.mailroutedemo.com"), 20)));
-    s.extend(["lastresort1", "lastresort2", "lastresort3"].iter().map(|h| Server::new(format!("{h}.mailroutedemo.com"), 30)));
-    s
-}
 
 fn message() -> Message {
     Message {
@@ -40,7 +31,7 @@ fn bench(c: &mut Criterion) {
         ),
         ("maintenance", std::fs::read(env!("MXRELAY_TEST_POLICY_MAINTENANCE")).expect("maintenance"), "{}"),
     ];
-    let servers = servers();
+    let servers = mxrelay_policy_core::seed_page_example();
     let mut group = c.benchmark_group("plan call, 8 servers");
     for interruptible in [true, false] {
         let engine = PolicyEngine::new(Limits { interruptible, ..Limits::default() }).expect("engine");

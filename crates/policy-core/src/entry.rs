@@ -121,3 +121,21 @@ impl fmt::Display for Server {
         f.write_str(&self.address())
     }
 }
+
+/// The seed page's largest example, as `(host, preference)`: three primary servers, two
+/// backups and three last-resort servers. Tests, benchmarks and docs share it.
+pub const SEED_PAGE_EXAMPLE: [(&str, u16); 8] = [
+    ("mail.mailroutedemo.com", 10),
+    ("mail2.mailroutedemo.com", 10),
+    ("mail3.mailroutedemo.com", 10),
+    ("backup1.mailroutedemo.com", 20),
+    ("backup2.mailroutedemo.com", 20),
+    ("lastresort1.mailroutedemo.com", 30),
+    ("lastresort2.mailroutedemo.com", 30),
+    ("lastresort3.mailroutedemo.com", 30),
+];
+
+/// [`SEED_PAGE_EXAMPLE`] as validated servers.
+pub fn seed_page_example() -> Vec<Server> {
+    SEED_PAGE_EXAMPLE.iter().map(|(host, preference)| Server::new(*host, *preference)).collect()
+}

@@ -22,7 +22,10 @@ mod host;
 mod plan;
 mod validate;
 
-pub use entry::{DEFAULT_PORT, DEFAULT_PREFERENCE, DEFAULT_WEIGHT, MAX_WEIGHT, RawNumber, RawServer, Server};
+pub use entry::{
+    DEFAULT_PORT, DEFAULT_PREFERENCE, DEFAULT_WEIGHT, MAX_WEIGHT, RawNumber, RawServer, SEED_PAGE_EXAMPLE, Server,
+    seed_page_example,
+};
 pub use host::{HostKind, parse_host};
 pub use plan::{PlanInput, Router, Tier, mix64};
 pub use validate::{Field, Problem, ProblemCode, Severity, validate, validate_servers};

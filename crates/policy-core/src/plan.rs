@@ -229,16 +229,7 @@ mod tests {
     }
 
     fn seed_eight() -> Router {
-        router(&[
-            ("mail.mailroutedemo.com", 10),
-            ("mail2.mailroutedemo.com", 10),
-            ("mail3.mailroutedemo.com", 10),
-            ("backup1.mailroutedemo.com", 20),
-            ("backup2.mailroutedemo.com", 20),
-            ("lastresort1.mailroutedemo.com", 30),
-            ("lastresort2.mailroutedemo.com", 30),
-            ("lastresort3.mailroutedemo.com", 30),
-        ])
+        Router::new(crate::seed_page_example())
     }
 
     #[test]

@@ -317,17 +317,7 @@ mod tests {
 
     #[test]
     fn seed_examples_are_valid() {
-        let eight = [
-            ("mail.mailroutedemo.com", 10),
-            ("mail2.mailroutedemo.com", 10),
-            ("mail3.mailroutedemo.com", 10),
-            ("backup1.mailroutedemo.com", 20),
-            ("backup2.mailroutedemo.com", 20),
-            ("lastresort1.mailroutedemo.com", 30),
-            ("lastresort2.mailroutedemo.com", 30),
-            ("lastresort3.mailroutedemo.com", 30),
-        ];
-        let list: Vec<_> = eight.iter().map(|(h, p)| raw(h, *p)).collect();
+        let list: Vec<_> = crate::SEED_PAGE_EXAMPLE.iter().map(|(h, p)| raw(h, i64::from(*p))).collect();
         let (servers, warnings) = validate_servers(&list).expect("valid");
         assert_eq!(servers.len(), 8);
         assert!(warnings.is_empty(), "{warnings:?}");

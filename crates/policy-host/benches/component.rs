@@ -5,27 +5,11 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use mxrelay_policy_core::{PlanInput, Router, Server};
+use mxrelay_policy_core::{PlanInput, Router, seed_page_example};
 use mxrelay_policy_host::{Limits, Message, PolicyEngine};
 
-fn seed_servers() -> Vec<Server> {
-    [
-        ("mail.mailroutedemo.com", 10),
-        ("mail2.mailroutedemo.com", 10),
-        ("mail3.mailroutedemo.com", 10),
-        ("backup1.mailroutedemo.com", 20),
-        ("backup2.mailroutedemo.com", 20),
-        ("lastresort1.mailroutedemo.com", 30),
-        ("lastresort2.mailroutedemo.com", 30),
-        ("lastresort3.mailroutedemo.com", 30),
-    ]
-    .iter()
-    .map(|(h, p)| Server::new(*h, *p))
-    .collect()
-}
-
 fn bench(c: &mut Criterion) {
-    let servers = seed_servers();
+    let servers = seed_page_example();
     let router = Router::new(servers.clone());
     let mut out = Vec::with_capacity(8);
     let mut seed = 0u64;

@@ -46,6 +46,17 @@ pub enum RetryScope {
     All,
 }
 
+impl RetryScope {
+    /// Whether `env` is in the scope.
+    fn covers(&self, env: &Envelope) -> bool {
+        match self {
+            RetryScope::Id(id) => env.id == *id,
+            RetryScope::Domain(d) => &env.domain == d,
+            RetryScope::All => true,
+        }
+    }
+}
+
 /// Retry policy from the config.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -224,31 +235,14 @@ impl Scheduler {
                 // An operator's retry makes real attempts: forget the down marks of the
                 // servers involved (a failing one is marked down again at once).
                 let policies = self.deliverer.policies();
-                let domains: HashSet<&str> = self
-                    .entries
-                    .values()
-                    .filter(|e| match &scope {
-                        RetryScope::Id(id) => e.id == *id,
-                        RetryScope::Domain(d) => &e.domain == d,
-                        RetryScope::All => true,
-                    })
-                    .map(|e| e.domain.as_str())
-                    .collect();
+                let domains: HashSet<&str> =
+                    self.entries.values().filter(|e| scope.covers(e)).map(|e| e.domain.as_str()).collect();
                 for domain in domains {
                     for server in policies.domain(domain).map(|p| p.servers()).unwrap_or_default() {
                         self.deliverer.health().clear(server);
                     }
                 }
-                let ids: Vec<u64> = self
-                    .entries
-                    .values()
-                    .filter(|e| match &scope {
-                        RetryScope::Id(id) => e.id == *id,
-                        RetryScope::Domain(d) => &e.domain == d,
-                        RetryScope::All => true,
-                    })
-                    .map(|e| e.id)
-                    .collect();
+                let ids: Vec<u64> = self.entries.values().filter(|e| scope.covers(e)).map(|e| e.id).collect();
                 self.retry_now(ids);
             }
             Event::Drain(done) => {
