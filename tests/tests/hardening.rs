@@ -89,6 +89,22 @@ async fn smuggling_payloads_never_become_a_second_message() {
     }
 }
 
+/// A client that talks before the greeting is refused and the session closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_before_the_greeting_is_refused() {
+    let sink = Sink::start("127.0.1.78", &[]);
+    let relay = Relay::start_with("greet_pause = \"300ms\"", &domain_block("customer.test", &[(&sink, 10)]), "");
+    let mut early = Raw::connect(&relay.addr).await;
+    early.send(b"EHLO early.example\r\nMAIL FROM:<a@src.test>\r\n").await;
+    let answer = early.reply().await;
+    assert!(answer.starts_with("554 5.5.0 protocol synchronization error"), "{answer}");
+    assert_eq!(early.reply().await, "", "the session must be closed");
+    // A client that waits for the greeting is served.
+    let mut polite = Raw::connect(&relay.addr).await;
+    assert!(polite.reply().await.starts_with("220"));
+    assert!(polite.cmd("EHLO polite.example").await.starts_with("250"));
+}
+
 /// Content sent before the 354 (pipelined after DATA) is refused and the session closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_pipelined_before_354_is_refused() {

@@ -88,6 +88,8 @@ struct FileRelay {
     #[serde(default)]
     shutdown_timeout: Option<String>,
     #[serde(default)]
+    greet_pause: Option<String>,
+    #[serde(default)]
     admin_listen: Option<String>,
     #[serde(default)]
     admin_token: Option<String>,
@@ -239,6 +241,9 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// On SIGTERM, how long deliveries in flight may take to finish (default 30 s).
     pub shutdown_timeout: Duration,
+    /// How long to wait before the greeting for input a client should not send yet
+    /// (default 0: only input already there is caught).
+    pub greet_pause: Duration,
     /// Admin HTTP listener (metrics, API, widget), off when unset.
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token for the domains API; the API is off without one.
@@ -426,6 +431,7 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         max_connections_per_client,
         idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
         shutdown_timeout: duration_field("relay.shutdown_timeout", file.shutdown_timeout, Duration::from_secs(30), problems),
+        greet_pause: duration_field("relay.greet_pause", file.greet_pause, Duration::ZERO, problems),
         admin_listen,
         admin_token,
         web_root: file.web_root.map(|p| base.join(p)),

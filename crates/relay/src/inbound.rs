@@ -145,6 +145,16 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
         reply(&mut writer, &format!("421 4.7.0 {hostname} too many connections from {ip}, try again later")).await?;
         return writer.flush().await;
     };
+    // Early talkers: a client that sends before the greeting is not speaking SMTP in step
+    // (Exim's "synchronization error", Postfix postscreen's pregreet test). With
+    // `greet_pause` 0 this only catches input that is already there.
+    if let Ok(Ok(early)) = tokio::time::timeout(settings.greet_pause, reader.fill_buf()).await
+        && !early.is_empty()
+    {
+        tracing::warn!(%peer, "input before the greeting; closing");
+        reply(&mut writer, "554 5.5.0 protocol synchronization error: input sent before the greeting").await?;
+        return writer.flush().await;
+    }
     reply(&mut writer, &format!("220 {hostname} ESMTP mxrelay")).await?;
     writer.flush().await?;
 
