@@ -109,6 +109,8 @@ struct FileDelivery {
     probe_interval: Option<String>,
     concurrency_per_server: Option<u32>,
     workers: Option<u32>,
+    bounce_relay: Option<String>,
+    delay_warning: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +275,11 @@ pub struct DeliveryConfig {
     pub concurrency_per_server: u32,
     /// Delivery workers.
     pub workers: u32,
+    /// Where delivery status notifications for senders outside the configured domains go
+    /// (e.g. the filtering service's outbound relay). Without it they cannot be delivered.
+    pub bounce_relay: Option<Server>,
+    /// Tell the sender once when a message is still queued after this long (off when unset).
+    pub delay_warning: Option<Duration>,
 }
 
 /// The whole validated configuration.
@@ -478,7 +485,34 @@ fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> Del
     if workers == 0 {
         problems.push(error("delivery.workers", "0 would never deliver; use at least 1"));
     }
+    let bounce_relay = file.bounce_relay.and_then(|text| {
+        let (host, port) = match text.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
+                (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse::<u16>().ok())
+            }
+            _ => (text.clone(), Some(25)),
+        };
+        match (parse_host(&host), port) {
+            (Ok((_, host)), Some(port)) if port > 0 => Some(Server { port, ..Server::new(host, 0) }),
+            (Err(e), _) => {
+                problems.push(error("delivery.bounce_relay", e));
+                None
+            }
+            (Ok(_), _) => {
+                problems.push(error(
+                    "delivery.bounce_relay",
+                    format!("{text:?}: the port must be 1 to 65535, like mx.example.net:25"),
+                ));
+                None
+            }
+        }
+    });
+    let delay_warning = file
+        .delay_warning
+        .and_then(|text| parse_duration(&text).map_err(|e| problems.push(error("delivery.delay_warning", e))).ok());
     DeliveryConfig {
+        bounce_relay,
+        delay_warning,
         resolver,
         retry,
         max_queue_lifetime: duration_field(

@@ -124,7 +124,9 @@ impl Deliverer {
     /// Runs one delivery of `env` with its `data`.
     pub async fn deliver(&self, env: &Envelope, data: &[u8]) -> Outcome {
         let policies = self.policies();
-        let Some(policy) = policies.domain(&env.domain).cloned() else {
+        // Notifications (null sender) to senders outside our domains go to the bounce relay.
+        let route = policies.domain(&env.domain).or_else(|| env.sender.is_empty().then(|| policies.bounce_route()).flatten());
+        let Some(policy) = route.cloned() else {
             return Outcome::Deferred {
                 delivered: vec![],
                 failed: vec![],

@@ -387,6 +387,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
             next_attempt_ms: received_ms,
             last_error: None,
             size: data.len() as u64,
+            warned: false,
         })
         .collect();
     let items = envelopes.iter().map(|e| (e.clone(), data.clone())).collect();

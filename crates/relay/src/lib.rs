@@ -14,6 +14,7 @@ pub use mxrelay_message_data as data;
 
 pub mod admin;
 pub mod delivery;
+pub mod dsn;
 pub mod health;
 pub mod inbound;
 pub mod outbound;

@@ -14,6 +14,9 @@ use crate::config::{Config, ConfigProblem, PolicySource};
 pub struct Policies {
     engine: PolicyEngine,
     domains: BTreeMap<String, Arc<DomainPolicy>>,
+    /// The built-in policy over `delivery.bounce_relay`, for notifications to senders
+    /// outside the configured domains.
+    bounce: Option<Arc<DomainPolicy>>,
 }
 
 impl Policies {
@@ -64,10 +67,24 @@ impl Policies {
                 Err(err) => problems.push(ConfigProblem { location, severity: Severity::Error, message: err.to_string() }),
             }
         }
+        let bounce = match &config.delivery.bounce_relay {
+            None => None,
+            Some(relay) => match engine.builtin().and_then(|c| DomainPolicy::new(c, vec![relay.clone()], "{}".into())) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    problems.push(ConfigProblem {
+                        location: "delivery.bounce_relay".into(),
+                        severity: Severity::Error,
+                        message: e.to_string(),
+                    });
+                    None
+                }
+            },
+        };
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(problems);
         }
-        Ok(Policies { engine, domains })
+        Ok(Policies { engine, domains, bounce })
     }
 
     /// A copy with `domain`'s servers replaced, its policy built anew for them (same
@@ -80,12 +97,17 @@ impl Policies {
         let fresh = DomainPolicy::new(current.component().clone(), servers, current.settings_json().to_string())?;
         let mut domains = self.domains.clone();
         domains.insert(domain.to_string(), Arc::new(fresh));
-        Ok(Policies { engine: self.engine.clone(), domains })
+        Ok(Policies { engine: self.engine.clone(), domains, bounce: self.bounce.clone() })
     }
 
     /// The engine, for reloads.
     pub fn engine(&self) -> &PolicyEngine {
         &self.engine
+    }
+
+    /// Where a notification to a sender outside the configured domains goes, if anywhere.
+    pub fn bounce_route(&self) -> Option<&Arc<DomainPolicy>> {
+        self.bounce.as_ref()
     }
 
     /// The policy of a configured domain.

@@ -63,6 +63,9 @@ pub struct Envelope {
     pub last_error: Option<String>,
     /// Size of the data in bytes.
     pub size: u64,
+    /// Whether the sender was told of a delay already.
+    #[serde(default)]
+    pub warned: bool,
 }
 
 impl Envelope {
@@ -284,6 +287,7 @@ mod tests {
             next_attempt_ms: 0,
             last_error: None,
             size: 5,
+            warned: false,
         }
     }
 

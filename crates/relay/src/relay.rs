@@ -74,7 +74,12 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     let shared_config = Arc::new(RwLock::new(config.clone()));
     watch_modules(shared_config.clone(), policies.clone(), engine);
     let deliverer = Arc::new(Deliverer::new(policies.clone(), transport, health, config.delivery.concurrency_per_server));
-    let retry = RetryPolicy { schedule: config.delivery.retry.clone(), max_lifetime: config.delivery.max_queue_lifetime };
+    let retry = RetryPolicy {
+        schedule: config.delivery.retry.clone(),
+        max_lifetime: config.delivery.max_queue_lifetime,
+        delay_warning: config.delivery.delay_warning,
+        hostname: config.relay.hostname.clone(),
+    };
     let scheduler = Scheduler::new(existing, config.delivery.workers, deliverer, queue.clone(), retry, events_tx.clone());
     tokio::spawn(scheduler.run(events_rx));
     let forward = events_tx.clone();

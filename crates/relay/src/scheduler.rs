@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::delivery::{DeferReason, Deliverer, Outcome};
+use crate::dsn::{self, Action, RecipientStatus, Report};
 use crate::health;
 use crate::queue::{Envelope, Queue, now_ms};
 
@@ -57,13 +58,17 @@ impl RetryScope {
     }
 }
 
-/// Retry policy from the config.
+/// Retry and notification policy from the config.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Delays after the 1st, 2nd, ... failed attempt; the last repeats.
     pub schedule: Vec<Duration>,
-    /// Give up after this long in the queue.
+    /// Give up (and tell the sender) after this long in the queue.
     pub max_lifetime: Duration,
+    /// Tell the sender once when a message is still queued after this long.
+    pub delay_warning: Option<Duration>,
+    /// The relay's name, as the notifications' reporting MTA.
+    pub hostname: String,
 }
 
 impl RetryPolicy {
@@ -290,48 +295,139 @@ impl Scheduler {
         if !self.entries.contains_key(&env.id) {
             return; // removed by the operator while in flight
         }
-        match outcome {
+        let (failed, rest) = match outcome {
             Outcome::Done { delivered, failed } => {
-                for (rcpt, why) in &failed {
-                    tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
-                    metrics::counter!("mxrelay_failed_total").increment(1);
-                }
                 tracing::debug!(queue_id = %env.queue_id(), delivered = delivered.len(), failed = failed.len(), "done");
-                self.entries.remove(&env.id);
-                self.fresh.remove(&env.id);
-                self.queue.remove(env.id);
+                (failed, None)
             }
-            Outcome::Deferred { failed, remaining, reason, .. } => {
-                for (rcpt, why) in &failed {
-                    tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
-                    metrics::counter!("mxrelay_failed_total").increment(1);
-                }
-                env.recipients = remaining;
-                env.attempts += 1;
-                env.last_error = Some(reason.to_string());
-                let now = now_ms();
-                if now.saturating_sub(env.received_ms) >= self.retry.max_lifetime.as_millis() as u64 {
-                    tracing::warn!(queue_id = %env.queue_id(), rcpts = ?env.recipients, reason = %reason, "expired after max_queue_lifetime; giving up");
-                    metrics::counter!("mxrelay_expired_total").increment(1);
-                    self.entries.remove(&env.id);
-                    self.queue.remove(env.id);
-                } else {
-                    // A server may have come back while this run found them all down.
-                    let recovered = reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
-                    let delay = if recovered { Duration::ZERO } else { self.retry.delay(env.attempts) };
-                    env.next_attempt_ms = now + delay.as_millis() as u64;
-                    tracing::info!(queue_id = %env.queue_id(), attempts = env.attempts, retry_in = ?delay, reason = %reason, "deferred");
-                    metrics::counter!("mxrelay_deferred_total").increment(1);
-                    self.queue.update(env.clone());
-                    self.timers.push(Reverse((env.next_attempt_ms, env.id)));
-                    if recovered {
-                        self.ready.push_back(env.id);
-                    }
-                    self.entries.insert(env.id, env);
-                }
+            Outcome::Deferred { failed, remaining, reason, .. } => (failed, Some((remaining, reason))),
+        };
+        for (rcpt, why) in &failed {
+            tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
+            metrics::counter!("mxrelay_failed_total").increment(1);
+        }
+        let failed: Vec<RecipientStatus> =
+            failed.into_iter().map(|(recipient, diagnostic)| RecipientStatus { recipient, diagnostic, status: None }).collect();
+        let Some((remaining, reason)) = rest else {
+            // Done: the original goes once its failures (if any) are reported.
+            self.entries.remove(&env.id);
+            self.fresh.remove(&env.id);
+            self.notify(&env, Action::Failed, failed, true);
+            metrics::gauge!("mxrelay_queue_size").set(self.entries.len() as f64);
+            return;
+        };
+        self.notify(&env, Action::Failed, failed, false);
+        env.recipients = remaining;
+        env.attempts += 1;
+        env.last_error = Some(reason.to_string());
+        let now = now_ms();
+        let age = Duration::from_millis(now.saturating_sub(env.received_ms));
+        if age >= self.retry.max_lifetime {
+            tracing::warn!(queue_id = %env.queue_id(), rcpts = ?env.recipients, reason = %reason, "expired after max_queue_lifetime; giving up");
+            metrics::counter!("mxrelay_expired_total").increment(1);
+            self.entries.remove(&env.id);
+            let expired: Vec<RecipientStatus> = env
+                .recipients
+                .iter()
+                .map(|r| RecipientStatus {
+                    recipient: r.clone(),
+                    diagnostic: format!("delivery time expired: {reason}"),
+                    status: Some("4.4.7"),
+                })
+                .collect();
+            self.notify(&env, Action::Failed, expired, true);
+        } else {
+            if self.retry.delay_warning.is_some_and(|w| age >= w) && !env.warned {
+                env.warned = true;
+                let delayed: Vec<RecipientStatus> = env
+                    .recipients
+                    .iter()
+                    .map(|r| RecipientStatus { recipient: r.clone(), diagnostic: reason.to_string(), status: None })
+                    .collect();
+                self.notify(&env, Action::Delayed, delayed, false);
             }
+            // A server may have come back while this run found them all down.
+            let recovered = reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
+            let delay = if recovered { Duration::ZERO } else { self.retry.delay(env.attempts) };
+            env.next_attempt_ms = now + delay.as_millis() as u64;
+            tracing::info!(queue_id = %env.queue_id(), attempts = env.attempts, retry_in = ?delay, reason = %reason, "deferred");
+            metrics::counter!("mxrelay_deferred_total").increment(1);
+            self.queue.update(env.clone());
+            self.timers.push(Reverse((env.next_attempt_ms, env.id)));
+            if recovered {
+                self.ready.push_back(env.id);
+            }
+            self.entries.insert(env.id, env);
         }
         metrics::gauge!("mxrelay_queue_size").set(self.entries.len() as f64);
+    }
+
+    /// Queues a notification to the sender of `env` about `recipients` (nothing to report:
+    /// nothing is sent), then removes the original from disk if `remove_original`. Never a
+    /// notification about a notification: those have the null sender.
+    fn notify(&self, env: &Envelope, action: Action, recipients: Vec<RecipientStatus>, remove_original: bool) {
+        let queue = self.queue.clone();
+        if recipients.is_empty() || env.sender.is_empty() {
+            if !recipients.is_empty() {
+                tracing::info!(queue_id = %env.queue_id(), "no notification for a message with the null sender");
+            }
+            if remove_original {
+                queue.remove(env.id);
+            }
+            return;
+        }
+        let Some((_, sender_domain)) = env.sender.rsplit_once('@') else {
+            tracing::warn!(queue_id = %env.queue_id(), sender = %env.sender, "sender has no domain; no notification");
+            if remove_original {
+                queue.remove(env.id);
+            }
+            return;
+        };
+        let sender_domain = sender_domain.trim_end_matches('.').to_ascii_lowercase();
+        let (events, hostname, env) = (self.events.clone(), self.retry.hostname.clone(), env.clone());
+        let retry_until_secs = match action {
+            Action::Delayed => Some((env.received_ms + self.retry.max_lifetime.as_millis() as u64) / 1000),
+            Action::Failed => None,
+        };
+        tokio::spawn(async move {
+            // Reading the original before it is removed: its headers go into the report.
+            let original = queue.read_data(env.id).unwrap_or_default();
+            let now = now_ms();
+            let report = Report {
+                action,
+                reporting_mta: &hostname,
+                queue_id: env.id,
+                arrival_secs: env.received_ms / 1000,
+                now_secs: now / 1000,
+                retry_until_secs,
+                sender: &env.sender,
+                recipients: &recipients,
+            };
+            let body = Arc::new(dsn::build(&report, &original));
+            let notice = Envelope {
+                id: queue.next_id(),
+                sender: String::new(),
+                domain: sender_domain,
+                recipients: vec![env.sender.clone()],
+                received_ms: now,
+                attempts: 0,
+                next_attempt_ms: now,
+                last_error: None,
+                size: body.len() as u64,
+                warned: true,
+            };
+            match queue.insert(vec![(notice.clone(), body.clone())]).await {
+                Ok(()) => {
+                    tracing::info!(queue_id = %env.queue_id(), notice = %notice.queue_id(), sender = %env.sender, ?action, "delivery status notification queued");
+                    metrics::counter!("mxrelay_notifications_total").increment(1);
+                    let _ = events.send(Event::Accepted(vec![notice], body));
+                }
+                Err(e) => tracing::error!(queue_id = %env.queue_id(), error = %e, "could not queue the notification"),
+            }
+            if remove_original {
+                queue.remove(env.id);
+            }
+        });
     }
 
     fn any_server_up(&self, domain: &str) -> bool {

@@ -1,0 +1,77 @@
+//! Delivery status notifications (RFC 3464) to the sender: on permanent failure, on expiry,
+//! and once on delay; delivered like any message, with the null sender; never one for a
+//! notification.
+
+use mxrelay_e2e::{Relay, Sink, eventually, send_one};
+
+fn relay_with(customer: &str, bounce: &Sink, delivery: &str) -> Relay {
+    let (bh, bp) = bounce.host_port();
+    Relay::start(
+        &format!("[[domain]]\nname = \"customer.test\"\n{customer}"),
+        &format!("bounce_relay = \"{bh}:{bp}\"\n{delivery}"),
+    )
+}
+
+fn server(sink: &Sink) -> String {
+    let (h, p) = sink.host_port();
+    format!("[[domain.server]]\nhost = \"{h}\"\nport = {p}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_reported_to_the_sender_once() {
+    let rejecting = Sink::start("127.0.1.100", &["-f", "rcpt"]);
+    let bounces = Sink::start("127.0.1.101", &[]);
+    let relay = relay_with(&server(&rejecting), &bounces, "retry = [\"1h\"]");
+    assert!(send_one(&relay.addr, "user@customer.test", 7).await);
+    // smtp-sink writes its dumps with LF line ends; a complete report ends with its closing boundary.
+    let complete = |d: &String| d.trim_end().ends_with("--");
+    eventually("one notification", || bounces.dumps().iter().filter(|d| complete(d)).count() == 1).await;
+    let dsn = &bounces.dumps()[0];
+    for needle in [
+        "X-Mail-Args: <>",
+        "X-Rcpt-Args: <sender@src.test>",
+        "Content-Type: multipart/report; report-type=delivery-status",
+        "Final-Recipient: rfc822; user@customer.test",
+        "Action: failed",
+        "Status: 5.",
+        "Diagnostic-Code: smtp;",
+        "Content-Type: text/rfc822-headers",
+        "X-Seq: 7",
+    ] {
+        assert!(dsn.contains(needle), "missing {needle:?} in\n{dsn}");
+    }
+    assert!(!dsn.contains("END-OF-MESSAGE"), "only headers of the original are returned");
+
+    // A notification that fails is not reported: mail from <> to a rejecting server.
+    let relay2 = relay_with(&server(&rejecting), &bounces, "retry = [\"1h\"]");
+    let out = std::process::Command::new("swaks")
+        .args(["--server", &relay2.addr, "--from", "<>", "--to", "user@customer.test", "--timeout", "10"])
+        .output()
+        .expect("swaks");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("MAIL FROM:<>"), "{}", String::from_utf8_lossy(&out.stdout));
+    eventually("null-sender failure logged", || {
+        !relay2.log_lines(&["no notification for a message with the null sender"]).is_empty()
+    })
+    .await;
+    assert_eq!(bounces.dumps().len(), 1, "a notification about a notification was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_and_delay_are_reported() {
+    let bounces = Sink::start("127.0.1.102", &[]);
+    let down = format!("[[domain.server]]\nhost = \"127.0.1.103\"\nport = {}\n", mxrelay_e2e::free_port("127.0.1.103"));
+    // Still queued after 300 ms: one "delayed" notice; expired after 2 s: one "failed".
+    let relay = relay_with(
+        &down,
+        &bounces,
+        "retry = [\"200ms\"]\ndelay_warning = \"300ms\"\nmax_queue_lifetime = \"2s\"\nprobe_interval = \"1h\"",
+    );
+    assert!(send_one(&relay.addr, "user@customer.test", 9).await);
+    eventually("two notices", || bounces.dumps().iter().filter(|d| d.trim_end().ends_with("--")).count() == 2).await;
+    let dumps = bounces.dumps();
+    let delayed = dumps.iter().find(|d| d.contains("Action: delayed")).expect("a delayed notice");
+    assert!(delayed.contains("Will-Retry-Until:") && delayed.contains("Status: 4."), "{delayed}");
+    let failed = dumps.iter().find(|d| d.contains("Action: failed")).expect("a failed notice");
+    assert!(failed.contains("Status: 4.4.7") && failed.contains("delivery time expired"), "{failed}");
+    assert!(!relay.log_lines(&["expired after max_queue_lifetime"]).is_empty());
+}
