@@ -5,24 +5,31 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use mxrelay_policy_host::{BUILTIN_COMPONENT, Limits, Message, PolicyEngine};
+use mxrelay_policy_host::{BUILTIN_COMPONENT, Envelope, Limits, Message, PolicyEngine};
 
-fn message() -> Message {
+fn message(wants_envelope: bool) -> Message {
     Message {
         seed: 0,
         attempt: 1,
         now_ms: 1_795_891_700_000,
         down: vec![],
-        domain: "mailroutedemo.com".into(),
-        recipients: vec!["user@mailroutedemo.com".into()],
-        sender: "sender@example.net".into(),
-        size: 2048,
+        envelope: wants_envelope.then(|| Envelope {
+            recipients: vec!["user@mailroutedemo.com".into()],
+            sender: "sender@example.net".into(),
+            size: 2048,
+        }),
     }
 }
 
 fn bench(c: &mut Criterion) {
-    let modules: [(&str, Vec<u8>, &str); 4] = [
+    let modules: [(&str, Vec<u8>, &str); 5] = [
         ("built-in", BUILTIN_COMPONENT.to_vec(), "{}"),
+        // A custom module doing exactly the built-in's work: the overhead of being custom.
+        (
+            "custom module, built-in logic",
+            std::fs::read(env!("MXRELAY_TEST_POLICY_HOSTILE")).expect("hostile"),
+            r#"{"mode":"fine"}"#,
+        ),
         ("sticky", std::fs::read(env!("MXRELAY_TEST_POLICY_STICKY")).expect("sticky"), "{}"),
         (
             "canary",
@@ -40,8 +47,8 @@ fn bench(c: &mut Criterion) {
                 continue;
             }
             let mut instance = engine.load(name, bytes).expect("load").instantiate().expect("instance");
-            let handle = instance.router(&servers, settings).expect("router");
-            let mut msg = message();
+            let handle = instance.router("mailroutedemo.com", &servers, settings).expect("router");
+            let mut msg = message(handle.wants_envelope());
             let label = if interruptible { (*name).to_string() } else { format!("{name}, no deadline") };
             group.bench_function(label, |b| {
                 b.iter(|| {
@@ -56,11 +63,11 @@ fn bench(c: &mut Criterion) {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
     let mut group = c.benchmark_group("reload");
     group.sample_size(10);
-    let (_, sticky, _) = &modules[1];
+    let (_, sticky, _) = &modules[2];
     group.bench_function("sticky: compile, instantiate, create router", |b| {
         b.iter(|| {
             let mut instance = engine.load("sticky", sticky).expect("load").instantiate().expect("instance");
-            black_box(instance.router(&servers, "{}").expect("router"));
+            black_box(instance.router("mailroutedemo.com", &servers, "{}").expect("router"));
         })
     });
     group.finish();

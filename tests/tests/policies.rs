@@ -67,21 +67,21 @@ fn sticky_keeps_a_mailbox_on_one_server() {
 #[test]
 fn sticky_moves_only_the_dead_servers_mailboxes() {
     use mxrelay_policy_core::Server;
-    use mxrelay_policy_host::{DomainPolicy, Limits, Message, PlanSource, PolicyEngine};
+    use mxrelay_policy_host::{DomainPolicy, Limits, PlanRequest, PlanSource, PolicyEngine};
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
     let bytes = std::fs::read(policy_module!(STICKY)).expect("module");
     let component = engine.load("sticky", &bytes).expect("load");
     let servers: Vec<Server> = (1..=4).map(|n| Server::new(format!("mx{n}.example.com"), 10)).collect();
-    let policy = DomainPolicy::new(component, servers, "{}".into()).expect("policy");
+    let policy = DomainPolicy::new(component, "example.com", servers, "{}".into()).expect("policy");
     let first = |rcpt: &str, down: Vec<u32>| {
-        let plan = policy.plan(&Message {
+        let recipients = [rcpt.to_string()];
+        let plan = policy.plan(&PlanRequest {
             seed: 0,
             attempt: 1,
             now_ms: 0,
-            down,
-            domain: "example.com".into(),
-            recipients: vec![rcpt.into()],
-            sender: String::new(),
+            down: &down,
+            recipients: &recipients,
+            sender: "",
             size: 0,
         });
         assert!(matches!(plan.source, PlanSource::Component), "{:?}", plan.source);
@@ -221,22 +221,13 @@ async fn replaced_modules_reload_and_broken_ones_are_refused() {
 #[test]
 fn a_module_that_keeps_failing_is_set_aside() {
     use mxrelay_policy_core::Server;
-    use mxrelay_policy_host::{DomainPolicy, Limits, Message, PlanSource, PolicyEngine, PolicyError};
+    use mxrelay_policy_host::{DomainPolicy, Limits, PlanRequest, PlanSource, PolicyEngine, PolicyError};
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
     let bytes = std::fs::read(policy_module!(HOSTILE)).expect("module");
     let component = engine.load("hostile", &bytes).expect("load");
     let servers = vec![Server::new("a.example.com", 10), Server::new("b.example.com", 20)];
-    let policy = DomainPolicy::new(component, servers, r#"{"mode":"loop"}"#.into()).expect("policy");
-    let msg = Message {
-        seed: 1,
-        attempt: 1,
-        now_ms: 0,
-        down: vec![0],
-        domain: "example.com".into(),
-        recipients: vec![],
-        sender: String::new(),
-        size: 0,
-    };
+    let policy = DomainPolicy::new(component, "example.com", servers, r#"{"mode":"loop"}"#.into()).expect("policy");
+    let msg = PlanRequest { seed: 1, attempt: 1, now_ms: 0, down: &[0], recipients: &[], sender: "", size: 0 };
     for round in 0..3 {
         assert!(!policy.is_cooling_down(), "set aside after only {round} failures");
         let plan = policy.plan(&msg);

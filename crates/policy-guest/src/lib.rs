@@ -16,6 +16,7 @@ pub struct Builtin {
 
 impl Policy for Builtin {
     type Settings = NoSettings;
+    const WANTS_ENVELOPE: bool = false;
 
     fn new(servers: Vec<Server>, _settings: NoSettings) -> Result<Self, Vec<Problem>> {
         Ok(Builtin { router: Router::new(servers) })

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use mxrelay_policy_core::{self as core, PlanInput};
 
-use crate::Message;
 use crate::engine::{PolicyComponent, PolicyInstance, RouterHandle};
 use crate::error::PolicyError;
+use crate::{Envelope, Message};
 
 /// Consecutive failures after which a component is set aside for [`COOL_DOWN`].
 const FAILURES_BEFORE_COOL_DOWN: u32 = 3;
@@ -22,6 +22,43 @@ pub enum PlanSource {
     Component,
     /// The component failed (or is cooling down after failures); the built-in core planned.
     Fallback(PolicyError),
+}
+
+/// One message, as the relay describes it; borrowed, so a call copies only what the policy
+/// reads.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanRequest<'a> {
+    /// Seed for the policy's randomness.
+    pub seed: u64,
+    /// 1 for the first attempt, then 2, 3, ...
+    pub attempt: u32,
+    /// The clock, ms since the epoch.
+    pub now_ms: u64,
+    /// Servers known to be down.
+    pub down: &'a [u32],
+    /// Recipients for this domain.
+    pub recipients: &'a [String],
+    /// Envelope sender (empty for `<>`).
+    pub sender: &'a str,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl PlanRequest<'_> {
+    /// The WIT message, with the envelope only if the router reads it.
+    fn message(&self, wants_envelope: bool) -> Message {
+        Message {
+            seed: self.seed,
+            attempt: self.attempt,
+            now_ms: self.now_ms,
+            down: self.down.to_vec(),
+            envelope: wants_envelope.then(|| Envelope {
+                recipients: self.recipients.to_vec(),
+                sender: self.sender.to_string(),
+                size: self.size,
+            }),
+        }
+    }
 }
 
 /// A checked plan: every server index exactly once, in the order to try them.
@@ -49,6 +86,7 @@ struct State {
 /// A domain's server list bound to its policy component.
 pub struct DomainPolicy {
     component: PolicyComponent,
+    domain: String,
     settings_json: String,
     fallback: core::Router,
     state: Mutex<State>,
@@ -66,10 +104,26 @@ impl std::fmt::Debug for DomainPolicy {
 impl DomainPolicy {
     /// Instantiates the component and builds its router; fails if either fails (e.g. the
     /// policy refuses the settings), so a bad configuration is refused at load time.
-    pub fn new(component: PolicyComponent, servers: Vec<core::Server>, settings_json: String) -> Result<Self, PolicyError> {
+    pub fn new(
+        component: PolicyComponent,
+        domain: &str,
+        servers: Vec<core::Server>,
+        settings_json: String,
+    ) -> Result<Self, PolicyError> {
         let fallback = core::Router::new(servers);
-        let live = start(&component, fallback.servers(), &settings_json)?;
-        Ok(DomainPolicy { component, settings_json, fallback, state: Mutex::new(State { live: Some(live), ..State::default() }) })
+        let live = start(&component, domain, fallback.servers(), &settings_json)?;
+        Ok(DomainPolicy {
+            component,
+            domain: domain.to_string(),
+            settings_json,
+            fallback,
+            state: Mutex::new(State { live: Some(live), ..State::default() }),
+        })
+    }
+
+    /// The domain this policy routes.
+    pub fn domain(&self) -> &str {
+        &self.domain
     }
 
     /// Whether the component is set aside after repeated failures (the core plans meanwhile).
@@ -105,18 +159,18 @@ impl DomainPolicy {
 
     /// The plan for one message. Never fails: when the component cannot answer, or answers
     /// with an invalid plan, the built-in core plans instead and the source says why.
-    pub fn plan(&self, msg: &Message) -> Plan {
-        let error = match self.try_component(msg) {
+    pub fn plan(&self, request: &PlanRequest<'_>) -> Plan {
+        let error = match self.try_component(request) {
             Ok(order) => {
                 return Plan { order, source: PlanSource::Component };
             }
             Err(e) => e,
         };
-        let input = PlanInput { seed: msg.seed, attempt: msg.attempt, now_ms: msg.now_ms, down: &msg.down };
+        let input = PlanInput { seed: request.seed, attempt: request.attempt, now_ms: request.now_ms, down: request.down };
         Plan { order: self.fallback.plan(&input), source: PlanSource::Fallback(error) }
     }
 
-    fn try_component(&self, msg: &Message) -> Result<Vec<u32>, PolicyError> {
+    fn try_component(&self, request: &PlanRequest<'_>) -> Result<Vec<u32>, PolicyError> {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(until) = state.cooling_until {
             if Instant::now() < until {
@@ -125,9 +179,11 @@ impl DomainPolicy {
             state.cooling_until = None;
         }
         let result = match state.live.as_mut() {
-            Some(live) => live.instance.plan(&live.router, msg),
-            None => start(&self.component, self.fallback.servers(), &self.settings_json)
-                .and_then(|mut live| live.instance.plan(&live.router, msg).map(|plan| (plan, live)))
+            Some(live) => live.instance.plan(&live.router, &request.message(live.router.wants_envelope())),
+            None => start(&self.component, &self.domain, self.fallback.servers(), &self.settings_json)
+                .and_then(|mut live| {
+                    live.instance.plan(&live.router, &request.message(live.router.wants_envelope())).map(|plan| (plan, live))
+                })
                 .map(|(plan, live)| {
                     state.live = Some(live);
                     plan
@@ -153,8 +209,8 @@ impl DomainPolicy {
     }
 }
 
-fn start(component: &PolicyComponent, servers: &[core::Server], settings_json: &str) -> Result<Live, PolicyError> {
+fn start(component: &PolicyComponent, domain: &str, servers: &[core::Server], settings_json: &str) -> Result<Live, PolicyError> {
     let mut instance = component.instantiate()?;
-    let router = instance.router(servers, settings_json)?;
+    let router = instance.router(domain, servers, settings_json)?;
     Ok(Live { instance, router })
 }

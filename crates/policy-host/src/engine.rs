@@ -218,12 +218,18 @@ fn classify(name: &str, limits: Limits, memory_denied: bool, e: wasmtime::Error)
 pub struct RouterHandle {
     resource: ResourceAny,
     servers: usize,
+    wants_envelope: bool,
 }
 
 impl RouterHandle {
     /// How many servers the router was built with.
     pub fn servers(&self) -> usize {
         self.servers
+    }
+
+    /// Whether the policy reads the envelope; when false, send `envelope: None`.
+    pub fn wants_envelope(&self) -> bool {
+        self.wants_envelope
     }
 }
 
@@ -277,12 +283,17 @@ impl PolicyInstance {
         Ok(problems.into_iter().map(convert::problem_from_wit).collect())
     }
 
-    /// Builds the policy's router for a validated server list and the domain's settings (JSON).
-    pub fn router(&mut self, servers: &[core::Server], settings_json: &str) -> Result<RouterHandle, PolicyError> {
+    /// Builds the policy's router for a domain, its validated servers and its settings (JSON).
+    pub fn router(&mut self, domain: &str, servers: &[core::Server], settings_json: &str) -> Result<RouterHandle, PolicyError> {
         let wit: Vec<_> = servers.iter().map(convert::server_to_wit).collect();
-        let created = self.guarded(|b, store| b.mxrelay_policy_routing().router().call_create(store, &wit, settings_json))?;
+        let created =
+            self.guarded(|b, store| b.mxrelay_policy_routing().router().call_create(store, domain, &wit, settings_json))?;
         match created {
-            Ok(resource) => Ok(RouterHandle { resource, servers: servers.len() }),
+            Ok(resource) => {
+                let wants_envelope =
+                    self.guarded(|b, store| b.mxrelay_policy_routing().router().call_wants_envelope(store, resource))?;
+                Ok(RouterHandle { resource, servers: servers.len(), wants_envelope })
+            }
             Err(problems) => Err(PolicyError::Settings {
                 name: self.name.clone(),
                 problems: problems.into_iter().map(convert::problem_from_wit).collect(),

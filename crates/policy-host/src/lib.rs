@@ -16,7 +16,7 @@ mod domain;
 mod engine;
 mod error;
 
-pub use domain::{DomainPolicy, Plan, PlanSource};
+pub use domain::{DomainPolicy, Plan, PlanRequest, PlanSource};
 pub use engine::{Limits, PolicyComponent, PolicyEngine, PolicyInstance, RouterHandle};
 pub use error::{InvalidPlan, PolicyError, check_plan};
 
@@ -29,8 +29,8 @@ pub mod bindings {
     });
 }
 
-/// The message description a policy plans for (the WIT `message` record).
-pub use bindings::mxrelay::policy::types::Message;
+/// The message description a policy plans for (the WIT `message` record) and its envelope.
+pub use bindings::mxrelay::policy::types::{Envelope, Message};
 
 /// The built-in policy component, built from `crates/policy-guest` by this crate's build script.
 pub const BUILTIN_COMPONENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builtin-policy.wasm"));

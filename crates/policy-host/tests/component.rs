@@ -2,7 +2,7 @@
 
 use mxrelay_policy_core::golden::{self, ExpectedProblem};
 use mxrelay_policy_core::{Router, Server};
-use mxrelay_policy_host::{DomainPolicy, Limits, Message, PlanSource, PolicyEngine, PolicyError};
+use mxrelay_policy_host::{DomainPolicy, Limits, Message, PlanRequest, PlanSource, PolicyEngine, PolicyError};
 
 fn vectors() -> golden::Vectors {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(golden::PATH);
@@ -10,16 +10,8 @@ fn vectors() -> golden::Vectors {
 }
 
 fn message(seed: u64, down: Vec<u32>) -> Message {
-    Message {
-        seed,
-        attempt: 1,
-        now_ms: 0,
-        down,
-        domain: "mailroutedemo.com".into(),
-        recipients: vec!["postmaster@mailroutedemo.com".into()],
-        sender: String::new(),
-        size: 2048,
-    }
+    // The built-in policy does not read the envelope, so none is sent (as the relay does).
+    Message { seed, attempt: 1, now_ms: 0, down, envelope: None }
 }
 
 #[test]
@@ -30,7 +22,7 @@ fn component_matches_golden_vectors() {
     let mut checked = 0;
     for case in &vectors.plans {
         let (router, _) = Router::from_raw(&case.servers).expect("valid");
-        let handle = instance.router(router.servers(), "{}").expect("router");
+        let handle = instance.router("mailroutedemo.com", router.servers(), "{}").expect("router");
         for v in &case.plans {
             let msg = Message { attempt: v.attempt, now_ms: v.now_ms, ..message(v.seed, v.down.clone()) };
             let got = instance.plan(&handle, &msg).expect("plan");
@@ -66,8 +58,8 @@ fn component_validation_messages_equal_native_ones() {
 fn domain_policy_plans_through_the_component() {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
     let servers = vec![Server::new("a.example.com", 10), Server::new("b.example.com", 20)];
-    let policy = DomainPolicy::new(engine.builtin().expect("builtin"), servers, "{}".into()).expect("domain");
-    let plan = policy.plan(&message(7, vec![0]));
+    let policy = DomainPolicy::new(engine.builtin().expect("builtin"), "example.com", servers, "{}".into()).expect("domain");
+    let plan = policy.plan(&PlanRequest { seed: 7, attempt: 1, now_ms: 0, down: &[0], recipients: &[], sender: "", size: 0 });
     assert_eq!(plan.order, vec![1, 0]);
     assert!(matches!(plan.source, PlanSource::Component), "{:?}", plan.source);
 }
@@ -77,4 +69,12 @@ fn garbage_bytes_are_refused_with_a_load_error() {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
     let err = engine.load("junk.wasm", b"\0asm\x0d\0\x01\0garbage").expect_err("must refuse");
     assert!(matches!(err, PolicyError::Load { ref name, .. } if name == "junk.wasm"), "{err}");
+}
+
+#[test]
+fn the_built_in_policy_asks_for_no_envelope() {
+    let engine = PolicyEngine::new(Limits::default()).expect("engine");
+    let mut instance = engine.builtin().expect("builtin").instantiate().expect("instance");
+    let handle = instance.router("example.com", &[Server::new("a.example.com", 10)], "{}").expect("router");
+    assert!(!handle.wants_envelope(), "plan calls of the built-in policy must stay free of strings");
 }

@@ -67,13 +67,11 @@ pub struct Message {
     pub now_ms: u64,
     /// Indices of servers the relay knows to be down.
     pub down: Vec<u32>,
-    /// Recipient domain (lower case).
-    pub domain: String,
-    /// Recipient addresses for this domain.
+    /// Recipient addresses for this domain (empty unless [`Policy::WANTS_ENVELOPE`]).
     pub recipients: Vec<String>,
-    /// Envelope sender; empty for the null reverse path.
+    /// Envelope sender; empty for the null reverse path (and unless [`Policy::WANTS_ENVELOPE`]).
     pub sender: String,
-    /// Message size in bytes.
+    /// Message size in bytes (0 unless [`Policy::WANTS_ENVELOPE`]).
     pub size: u64,
 }
 
@@ -94,6 +92,11 @@ pub trait Policy: Sized + 'static {
     /// The domain's `[domain.policy_config]` table. Use `#[serde(deny_unknown_fields)]` so a
     /// misspelt setting is an error that names it.
     type Settings: serde::de::DeserializeOwned + Default;
+
+    /// Whether `plan` reads the envelope (recipients, sender, size). The relay sends it only
+    /// to policies that say so, which keeps a plan call to a few numbers. Policies that route
+    /// by seed, clock and down servers alone should set this to `false`.
+    const WANTS_ENVELOPE: bool = true;
 
     /// Prepares the policy for a domain's (validated) servers and settings. Return problems
     /// naming the setting (in `host`) when the settings cannot work with these servers.
@@ -175,8 +178,8 @@ pub mod glue {
         P::validate(&raw).into_iter().map(problem).collect()
     }
 
-    /// `create` for policy `P`.
-    pub fn create<P: Policy>(servers: Vec<wit::Server>, settings: &str) -> Result<P, Vec<wit::Problem>> {
+    /// `create` for policy `P` (the domain is not passed on: policies are per domain anyway).
+    pub fn create<P: Policy>(_domain: &str, servers: Vec<wit::Server>, settings: &str) -> Result<P, Vec<wit::Problem>> {
         let servers = servers
             .into_iter()
             .map(|s| Server { host: s.host, port: s.port, preference: s.preference, weight: s.weight.max(1) })
@@ -187,16 +190,8 @@ pub mod glue {
 
     /// The SDK's message from the WIT record.
     pub fn message(m: wit::Message) -> Message {
-        Message {
-            seed: m.seed,
-            attempt: m.attempt,
-            now_ms: m.now_ms,
-            down: m.down,
-            domain: m.domain,
-            recipients: m.recipients,
-            sender: m.sender,
-            size: m.size,
-        }
+        let (recipients, sender, size) = m.envelope.map_or_else(Default::default, |e| (e.recipients, e.sender, e.size));
+        Message { seed: m.seed, attempt: m.attempt, now_ms: m.now_ms, down: m.down, recipients, sender, size }
     }
 }
 
@@ -226,14 +221,19 @@ macro_rules! export_policy {
 
             impl $crate::bindings::exports::mxrelay::policy::routing::GuestRouter for __MxrelayPolicyRouter {
                 fn create(
+                    domain: ::std::string::String,
                     servers: ::std::vec::Vec<$crate::bindings::mxrelay::policy::types::Server>,
                     settings: ::std::string::String,
                 ) -> ::std::result::Result<
                     $crate::bindings::exports::mxrelay::policy::routing::Router,
                     ::std::vec::Vec<$crate::bindings::mxrelay::policy::types::Problem>,
                 > {
-                    $crate::glue::create::<$policy>(servers, &settings)
+                    $crate::glue::create::<$policy>(&domain, servers, &settings)
                         .map(|p| $crate::bindings::exports::mxrelay::policy::routing::Router::new(__MxrelayPolicyRouter(p)))
+                }
+
+                fn wants_envelope(&self) -> bool {
+                    <$policy as $crate::Policy>::WANTS_ENVELOPE
                 }
 
                 fn plan(&self, msg: $crate::bindings::mxrelay::policy::types::Message) -> ::std::vec::Vec<u32> {

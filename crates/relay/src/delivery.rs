@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mxrelay_policy_core::mix64;
-use mxrelay_policy_host::{Message, PlanSource};
+use mxrelay_policy_host::{PlanRequest, PlanSource};
 use tokio::sync::Semaphore;
 
 use crate::health::{self, Health};
@@ -144,18 +144,17 @@ impl Deliverer {
                 reason: DeferReason::AllServersDown,
             };
         }
-        let msg = Message {
+        let request = PlanRequest {
             seed: self.next_seed(&env.domain),
             attempt: env.attempts + 1,
             now_ms: now_ms(),
-            down,
-            domain: env.domain.clone(),
-            recipients: env.recipients.clone(),
-            sender: env.sender.clone(),
+            down: &down,
+            recipients: &env.recipients,
+            sender: &env.sender,
             size: env.size,
         };
         let started = std::time::Instant::now();
-        let plan = policy.plan(&msg);
+        let plan = policy.plan(&request);
         metrics::histogram!("mxrelay_policy_call_seconds").record(started.elapsed().as_secs_f64());
         match &plan.source {
             PlanSource::Component => {}

@@ -55,7 +55,7 @@ impl Policies {
                     }
                 }
             };
-            match DomainPolicy::new(component, domain.servers.clone(), domain.policy_settings_json.clone()) {
+            match DomainPolicy::new(component, &domain.name, domain.servers.clone(), domain.policy_settings_json.clone()) {
                 Ok(p) => {
                     domains.insert(domain.name.clone(), Arc::new(p));
                 }
@@ -69,17 +69,19 @@ impl Policies {
         }
         let bounce = match &config.delivery.bounce_relay {
             None => None,
-            Some(relay) => match engine.builtin().and_then(|c| DomainPolicy::new(c, vec![relay.clone()], "{}".into())) {
-                Ok(p) => Some(Arc::new(p)),
-                Err(e) => {
-                    problems.push(ConfigProblem {
-                        location: "delivery.bounce_relay".into(),
-                        severity: Severity::Error,
-                        message: e.to_string(),
-                    });
-                    None
+            Some(relay) => {
+                match engine.builtin().and_then(|c| DomainPolicy::new(c, "bounce-relay", vec![relay.clone()], "{}".into())) {
+                    Ok(p) => Some(Arc::new(p)),
+                    Err(e) => {
+                        problems.push(ConfigProblem {
+                            location: "delivery.bounce_relay".into(),
+                            severity: Severity::Error,
+                            message: e.to_string(),
+                        });
+                        None
+                    }
                 }
-            },
+            }
         };
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(problems);
@@ -94,7 +96,8 @@ impl Policies {
             .domains
             .get(domain)
             .ok_or_else(|| PolicyError::Load { name: domain.into(), reason: "not a configured domain".into() })?;
-        let fresh = DomainPolicy::new(current.component().clone(), servers, current.settings_json().to_string())?;
+        let fresh =
+            DomainPolicy::new(current.component().clone(), current.domain(), servers, current.settings_json().to_string())?;
         let mut domains = self.domains.clone();
         domains.insert(domain.to_string(), Arc::new(fresh));
         Ok(Policies { engine: self.engine.clone(), domains, bounce: self.bounce.clone() })

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use mxrelay_policy_core::golden;
 use mxrelay_policy_core::{Router, Server};
-use mxrelay_policy_host::{Limits, Message, PolicyEngine, PolicyError, PolicyInstance, RouterHandle};
+use mxrelay_policy_host::{Envelope, Limits, Message, PolicyEngine, PolicyError, PolicyInstance, RouterHandle};
 
 const VECTORS: &str = include_str!("../../../tests/golden/vectors.json");
 
@@ -32,25 +32,46 @@ struct Run {
 }
 
 impl Run {
-    fn plan(&mut self, router: &RouterHandle, msg: &Message) -> Result<(), PolicyError> {
+    /// One plan call, sending the envelope only to a policy that reads it, as the relay does.
+    fn plan(&mut self, router: &RouterHandle, msg: &Probe) -> Result<(), PolicyError> {
+        let message = Message {
+            seed: msg.seed,
+            attempt: msg.attempt,
+            now_ms: msg.now_ms,
+            down: msg.down.clone(),
+            envelope: router.wants_envelope().then(|| Envelope {
+                recipients: msg.recipients.clone(),
+                sender: msg.sender.clone(),
+                size: 2048,
+            }),
+        };
         let t0 = Instant::now();
-        self.instance.plan(router, msg)?;
+        self.instance.plan(router, &message)?;
         self.times.push(t0.elapsed());
         self.calls += 1;
         Ok(())
     }
 }
 
-fn message(seed: u64, down: Vec<u32>) -> Message {
-    Message {
+/// One message of a scenario.
+#[derive(Debug, Clone)]
+struct Probe {
+    seed: u64,
+    attempt: u32,
+    now_ms: u64,
+    down: Vec<u32>,
+    recipients: Vec<String>,
+    sender: String,
+}
+
+fn message(seed: u64, down: Vec<u32>) -> Probe {
+    Probe {
         seed,
         attempt: 1,
         now_ms: 1_795_891_700_000,
         down,
-        domain: "example.com".into(),
         recipients: vec!["user@example.com".into()],
         sender: "sender@example.net".into(),
-        size: 2048,
     }
 }
 
@@ -125,7 +146,7 @@ fn scenarios(run: &mut Run, settings_json: &str, text: &mut String) -> Result<()
         let (router, _) = Router::from_raw(&case.servers).map_err(|p| format!("{}: {p:?}", case.name))?;
         let Some(handle) = create(run, router.servers(), settings_json, &case.name)? else { continue };
         for v in &case.plans {
-            run.plan(&handle, &Message { attempt: v.attempt, now_ms: v.now_ms, ..message(v.seed, v.down.clone()) })
+            run.plan(&handle, &Probe { attempt: v.attempt, now_ms: v.now_ms, ..message(v.seed, v.down.clone()) })
                 .map_err(|e| format!("{} (seed {}, down {:?}): {e}", case.name, v.seed, v.down))?;
         }
         run.instance.drop_router(handle).map_err(|e| e.to_string())?;
@@ -135,19 +156,19 @@ fn scenarios(run: &mut Run, settings_json: &str, text: &mut String) -> Result<()
     // Hostile inputs: extremes of every field the host passes.
     let many: Vec<Server> = (0..256).map(|i| Server::new(format!("mx{i}.example.com"), (i % 16) as u16 * 10)).collect();
     let one = vec![Server::new("mx.example.com", 10)];
-    let cases: Vec<(&str, &[Server], Message)> = vec![
+    let cases: Vec<(&str, &[Server], Probe)> = vec![
         ("one server, down", &one, message(1, vec![0])),
         ("256 servers in 16 tiers", &many, message(2, vec![])),
         ("256 servers, all down", &many, message(3, (0..256).collect())),
         (
             "extreme seed, attempt and clock",
             &many,
-            Message { attempt: u32::MAX, now_ms: u64::MAX, ..message(u64::MAX, vec![255, 0]) },
+            Probe { attempt: u32::MAX, now_ms: u64::MAX, ..message(u64::MAX, vec![255, 0]) },
         ),
         (
             "1000 long recipients",
             &one,
-            Message {
+            Probe {
                 recipients: (0..1000).map(|i| format!("{}{i}@example.com", "r".repeat(200))).collect(),
                 ..message(4, vec![])
             },
@@ -155,19 +176,14 @@ fn scenarios(run: &mut Run, settings_json: &str, text: &mut String) -> Result<()
         (
             "empty and unicode strings",
             &one,
-            Message {
-                domain: String::new(),
-                sender: "ünïcødé@exämple.com".into(),
-                recipients: vec![String::new()],
-                ..message(5, vec![])
-            },
+            Probe { sender: "ünïcødé@exämple.com".into(), recipients: vec![String::new()], ..message(5, vec![]) },
         ),
         ("down list with repeats", &many, message(6, vec![3, 3, 3, 7])),
     ];
     for (name, servers, msg) in &cases {
         let Some(handle) = create(run, servers, settings_json, name)? else { continue };
         for seed in 0..20 {
-            run.plan(&handle, &Message { seed: msg.seed.wrapping_add(seed), ..msg.clone() })
+            run.plan(&handle, &Probe { seed: msg.seed.wrapping_add(seed), ..msg.clone() })
                 .map_err(|e| format!("hostile input \"{name}\": {e}"))?;
         }
         run.instance.drop_router(handle).map_err(|e| e.to_string())?;
@@ -179,7 +195,7 @@ fn scenarios(run: &mut Run, settings_json: &str, text: &mut String) -> Result<()
 /// The router for one scenario, `None` when the module refuses the settings for this server
 /// list (a mismatch of settings and servers, not a fault of the module).
 fn create(run: &mut Run, servers: &[Server], settings_json: &str, case: &str) -> Result<Option<RouterHandle>, String> {
-    match run.instance.router(servers, settings_json) {
+    match run.instance.router("example.com", servers, settings_json) {
         Ok(h) => Ok(Some(h)),
         Err(PolicyError::Settings { problems, .. }) => {
             let why = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use mxrelay_policy_core::{Router, Server, parse_host};
-use mxrelay_policy_host::{DomainPolicy, Message};
+use mxrelay_policy_host::{DomainPolicy, PlanRequest};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
@@ -103,19 +103,9 @@ pub fn simulate(domain: &str, policy: &DomainPolicy, scenario: &Scenario<'_>) ->
     let mut counts = vec![0u64; servers.len()];
     let mut undeliverable = 0;
     let mut fallbacks = 0;
-    let mut msg = Message {
-        seed: 0,
-        attempt: 1,
-        now_ms,
-        down: down.to_vec(),
-        domain: domain.to_string(),
-        recipients: vec![rcpt.to_string()],
-        sender: String::new(),
-        size: 0,
-    };
+    let recipients = [rcpt.to_string()];
     for seed in 0..messages {
-        msg.seed = seed;
-        let plan = policy.plan(&msg);
+        let plan = policy.plan(&PlanRequest { seed, attempt: 1, now_ms, down, recipients: &recipients, sender: "", size: 0 });
         match plan.source {
             mxrelay_policy_host::PlanSource::Component => {}
             mxrelay_policy_host::PlanSource::Fallback(_) => fallbacks += 1,

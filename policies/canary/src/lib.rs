@@ -60,6 +60,7 @@ fn names(setting: &str, server: &Server) -> bool {
 
 impl Policy for Canary {
     type Settings = Settings;
+    const WANTS_ENVELOPE: bool = false;
 
     fn new(servers: Vec<Server>, settings: Settings) -> Result<Self, Vec<Problem>> {
         let mut problems = Vec::new();

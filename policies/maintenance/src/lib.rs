@@ -72,6 +72,7 @@ pub fn parse_utc(text: &str) -> Option<u64> {
 
 impl Policy for Maintenance {
     type Settings = Settings;
+    const WANTS_ENVELOPE: bool = false;
 
     fn new(servers: Vec<Server>, settings: Settings) -> Result<Self, Vec<Problem>> {
         let mut problems = Vec::new();

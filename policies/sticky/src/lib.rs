@@ -40,6 +40,7 @@ impl Sticky {
 
 impl Policy for Sticky {
     type Settings = Settings;
+    const WANTS_ENVELOPE: bool = true;
 
     fn new(servers: Vec<Server>, _settings: Settings) -> Result<Self, Vec<Problem>> {
         let server_hash = servers.iter().map(|s| fnv(s.address().as_bytes())).collect();
@@ -50,10 +51,13 @@ impl Policy for Sticky {
         let key = Self::key(msg);
         let mut up = Vec::with_capacity(self.server_hash.len());
         let mut down = Vec::new();
+        let mut scored: Vec<(f64, u32)> = Vec::with_capacity(self.server_hash.len());
         for tier in self.router.tiers() {
-            let mut members = tier.members.clone();
-            members.sort_by(|a, b| self.score(key, *b).total_cmp(&self.score(key, *a)));
-            for i in members {
+            // One score per server (a logarithm each), then sort: not one per comparison.
+            scored.clear();
+            scored.extend(tier.members.iter().map(|&i| (self.score(key, i), i)));
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            for &(_, i) in &scored {
                 if msg.down.contains(&i) { down.push(i) } else { up.push(i) }
             }
         }
