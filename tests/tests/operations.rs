@@ -85,6 +85,10 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     assert!(!ok && err.contains("404"), "removing twice: {err}");
     let (_, out, _) = mxrelay_e2e::mxrelay(&["queue", "list", &config]);
     assert!(out.contains("2 queued"), "{out}");
+    let metrics = mxrelay_e2e::http_get(&admin, "/metrics");
+    assert_eq!(mxrelay_e2e::metric(&metrics, "mxrelay_queue_size "), Some(2.0), "{metrics}");
+    let age = mxrelay_e2e::metric(&metrics, "mxrelay_queue_oldest_seconds ").expect("queue age metric");
+    assert!(age > 0.0 && age < 60.0, "oldest queued message is {age} s old");
 
     let sink = Sink::start_at(&sink_addr, &[]);
     let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "retry", &config, "--domain", "customer.test"]);

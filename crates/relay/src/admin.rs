@@ -87,6 +87,16 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    // Queue size and age are read at scrape time: computing the age on every change would
+    // cost a pass over the queue per message.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if state.events.send(crate::scheduler::Event::Stats(tx)).is_ok()
+        && let Ok((size, oldest)) = rx.await
+    {
+        metrics::gauge!("mxrelay_queue_size").set(size as f64);
+        let age_ms = oldest.map_or(0, |t| crate::queue::now_ms().saturating_sub(t));
+        metrics::gauge!("mxrelay_queue_oldest_seconds").set(age_ms as f64 / 1000.0);
+    }
     match &state.metrics {
         Some(m) => m.render().into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed").into_response(),

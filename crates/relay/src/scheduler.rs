@@ -30,6 +30,8 @@ pub enum Event {
     RetryNow(RetryScope),
     /// Report the envelopes held (for status and tests).
     Snapshot(oneshot::Sender<Vec<Envelope>>),
+    /// Report how many envelopes are queued and when the oldest arrived (ms since the epoch).
+    Stats(oneshot::Sender<(usize, Option<u64>)>),
     /// Start no more deliveries; answer once those in flight have finished.
     Drain(oneshot::Sender<()>),
     /// Forget an envelope (operator's `queue remove`); answers whether it was queued.
@@ -263,6 +265,10 @@ impl Scheduler {
                     tracing::info!(queue_id = %crate::queue::format_id(id), "removed by the operator");
                 }
                 let _ = reply.send(known);
+            }
+            Event::Stats(reply) => {
+                let oldest = self.entries.values().map(|e| e.received_ms).min();
+                let _ = reply.send((self.entries.len(), oldest));
             }
             Event::Snapshot(reply) => {
                 let _ = reply.send(self.entries.values().cloned().collect());
