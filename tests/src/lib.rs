@@ -227,10 +227,12 @@ impl Relay {
         let log = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("mxrelay ready") {
+                let ready = line.contains("mxrelay ready");
+                // Into the log first: whoever is woken by `ready` may look for this line.
+                log.lock().expect("log").push(line);
+                if ready {
                     let _ = ready_tx.send(());
                 }
-                log.lock().expect("log").push(line);
             }
         });
         self.child = Some(child);

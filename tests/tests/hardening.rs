@@ -131,7 +131,18 @@ async fn limits_on_connections_recipients_and_line_length() {
     assert!(second.reply().await.starts_with("220"));
     let mut third = Raw::connect(&relay.addr).await;
     assert!(third.reply().await.starts_with("421 4.7.0"), "a third connection from one client is refused");
-    drop((first, second));
+    assert!(first.cmd("QUIT").await.starts_with("221") && second.cmd("QUIT").await.starts_with("221"));
+    drop((first, second, third));
+    // The relay frees a slot when a session's task ends, a moment after its 221: wait for it.
+    let started = std::time::Instant::now();
+    loop {
+        let mut probe = Raw::connect(&relay.addr).await;
+        if probe.reply().await.starts_with("220") {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "connection slots were never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let mut c = Raw::start(&relay.addr, "u1@customer.test").await;
     assert!(c.cmd("RCPT TO:<u2@customer.test>").await.starts_with("250"));

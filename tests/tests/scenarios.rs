@@ -49,6 +49,14 @@ async fn s2_primary_and_backup_fail_over_and_back() {
     eventually("all 500 delivered", || primary.received().len() + backup.received().len() == 500).await;
     assert_exactly_once(&[&primary, &backup], &acked);
     assert!(backup.count() >= 250, "the backup took over: {}", backup.count());
+    // Health memory: once marked down, the dead primary costs no connection per message
+    // (Postfix probes it again for every new connection). Only deliveries already on their
+    // way when it died may try it.
+    let attempts_at_dead_primary = relay.log_lines(&["outcome=\"unreachable\"", &primary.addr]).len();
+    assert!(
+        (1..=20).contains(&attempts_at_dead_primary),
+        "{attempts_at_dead_primary} connection attempts to the dead primary for 350 messages"
+    );
 
     primary.restart();
     eventually("primary marked up again", || !relay.log_lines(&["server is up again", &primary.addr]).is_empty()).await;
