@@ -23,17 +23,6 @@ fn bad(text: &str) -> String {
     format!("{text:?} is not a duration; write a whole number and a unit: 250ms, 30s, 5m, 4h or 5d")
 }
 
-/// Formats a duration the way the config writes it.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis() as u64;
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms >= size && ms.is_multiple_of(size) {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,7 +36,5 @@ mod tests {
         for bad in ["", "5", "m", "1.5h", "-1s", "5 parsecs", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

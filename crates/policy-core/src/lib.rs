@@ -11,7 +11,7 @@
 //!   the clock are inputs, so the same inputs always give the same plan.
 //!
 //! It performs no I/O and is compiled natively, to the built-in WebAssembly component and
-//! to the browser module; `tests/golden/plans.json` keeps the three in agreement.
+//! to the browser module; `tests/golden/vectors.json` keeps the three in agreement.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -271,11 +271,6 @@ impl PolicyInstance {
         self.store.data().peak_memory
     }
 
-    /// Whether an earlier failure left this instance unusable.
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned
-    }
-
     /// Asks the policy to validate a server list as typed.
     pub fn validate(&mut self, raw: &[core::RawServer]) -> Result<Vec<core::Problem>, PolicyError> {
         let wit: Vec<_> = raw.iter().map(convert::raw_to_wit).collect();

@@ -198,18 +198,6 @@ impl Queue {
         let value = table.get(id).map_err(|e| QueueError::Read(e.to_string()))?;
         value.map(|v| v.value().to_vec()).ok_or_else(|| QueueError::Read(format!("no data for {}", format_id(id))))
     }
-
-    /// Every envelope on disk (for `queue list` and tests).
-    pub fn envelopes(&self) -> Result<Vec<Envelope>, QueueError> {
-        let rx = self.db.begin_read().map_err(|e| QueueError::Read(e.to_string()))?;
-        let table = rx.open_table(ENVELOPES).map_err(|e| QueueError::Read(e.to_string()))?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(|e| QueueError::Read(e.to_string()))? {
-            let (_, v) = row.map_err(|e| QueueError::Read(e.to_string()))?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| QueueError::Read(e.to_string()))?);
-        }
-        Ok(out)
-    }
 }
 
 /// Milliseconds since the Unix epoch.
