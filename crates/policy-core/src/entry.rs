@@ -102,9 +102,16 @@ impl Server {
         Server { host: host.into(), port: DEFAULT_PORT, preference, weight: DEFAULT_WEIGHT }
     }
 
-    /// Whether the host is a DNS name or an IP literal.
+    /// Whether the host is a DNS name or an IP literal. Cheap: a validated host is already
+    /// normalised (IPv6 without brackets, IPv4 dotted quad), so nothing is parsed again.
     pub fn kind(&self) -> HostKind {
-        crate::host::parse_host(&self.host).map_or(HostKind::Name, |(kind, _)| kind)
+        if self.host.contains(':') {
+            HostKind::Ipv6
+        } else if self.host.parse::<core::net::Ipv4Addr>().is_ok() {
+            HostKind::Ipv4
+        } else {
+            HostKind::Name
+        }
     }
 
     /// `host:port`, with IPv6 literals in brackets: `[2001:db8::1]:25`.

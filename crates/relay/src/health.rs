@@ -14,18 +14,18 @@ use mxrelay_policy_core::Server;
 use tokio::sync::mpsc;
 
 use crate::outbound::Transport;
+use crate::scheduler::Event;
 
 #[derive(Debug, Clone)]
 struct DownState {
     since: Instant,
-    reason: String,
 }
 
 /// Which servers are down, shared by every delivery.
 #[derive(Debug, Clone)]
 pub struct Health {
     down: Arc<Mutex<HashMap<String, DownState>>>,
-    recovered: mpsc::UnboundedSender<String>,
+    events: mpsc::UnboundedSender<Event>,
     probe_interval: Duration,
 }
 
@@ -35,9 +35,9 @@ pub fn key(server: &Server) -> String {
 }
 
 impl Health {
-    /// Health memory that reports recovered servers (by key) on `recovered`.
-    pub fn new(probe_interval: Duration, recovered: mpsc::UnboundedSender<String>) -> Health {
-        Health { down: Arc::default(), recovered, probe_interval }
+    /// Health memory that tells the scheduler when a server (by key) answers again.
+    pub fn new(probe_interval: Duration, events: mpsc::UnboundedSender<Event>) -> Health {
+        Health { down: Arc::default(), events, probe_interval }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, DownState>> {
@@ -60,7 +60,7 @@ impl Health {
         let newly = match self.lock().entry(key(server)) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(DownState { since: Instant::now(), reason: reason.to_string() });
+                slot.insert(DownState { since: Instant::now() });
                 true
             }
         };
@@ -84,7 +84,7 @@ impl Health {
         if let Some(state) = was {
             tracing::info!(server = %key(server), down_for = ?state.since.elapsed(), "server is up again");
             metrics::gauge!("mxrelay_server_up", "server" => key(server)).set(1.0);
-            let _ = self.recovered.send(key(server));
+            let _ = self.events.send(Event::Recovered(key(server)));
         }
     }
 
@@ -112,10 +112,5 @@ impl Health {
                 return;
             }
         }
-    }
-
-    /// Servers currently down with the reason, for status output.
-    pub fn snapshot(&self) -> Vec<(String, Duration, String)> {
-        self.lock().iter().map(|(k, s)| (k.clone(), s.since.elapsed(), s.reason.clone())).collect()
     }
 }

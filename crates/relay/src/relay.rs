@@ -66,8 +66,7 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
         tracing::info!(queued = existing.len(), "resuming queued mail");
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (recovered_tx, mut recovered_rx) = mpsc::unbounded_channel::<String>();
-    let health = Health::new(config.delivery.probe_interval, recovered_tx);
+    let health = Health::new(config.delivery.probe_interval, events_tx.clone());
     let transport = Arc::new(Transport::new(&config.relay.hostname, &config.delivery));
     let engine = policies.engine().clone();
     let policies = Arc::new(RwLock::new(Arc::new(policies)));
@@ -82,12 +81,6 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     };
     let scheduler = Scheduler::new(existing, config.delivery.workers, deliverer, queue.clone(), retry, events_tx.clone());
     tokio::spawn(scheduler.run(events_rx));
-    let forward = events_tx.clone();
-    tokio::spawn(async move {
-        while let Some(server) = recovered_rx.recv().await {
-            let _ = forward.send(Event::Recovered(server));
-        }
-    });
 
     let domains: HashSet<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     let inbound = Arc::new(Inbound::new(config.relay.clone(), domains, queue.clone(), events_tx.clone()));
