@@ -1,0 +1,74 @@
+//! `delivery.concurrency_per_server`: never more simultaneous deliveries to one server.
+//! A minimal SMTP server counts its open transactions and keeps each one open for a moment,
+//! so that deliveries overlap whenever the relay lets them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use mxrelay_e2e::{Relay, eventually, send};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+/// Accepts mail; returns (messages received, peak simultaneous transactions).
+async fn counting_server(listener: TcpListener) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (received, active, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, a, p) = (received.clone(), active, peak.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (r, a, p) = (r.clone(), a.clone(), p.clone());
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 counting ESMTP\r\n").await;
+                let mut in_data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let upper = line.to_ascii_uppercase();
+                    let answer: &[u8] = if in_data {
+                        if line != "." {
+                            continue;
+                        }
+                        in_data = false;
+                        // Hold the transaction open so concurrent ones overlap here.
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        a.fetch_sub(1, Ordering::SeqCst);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        b"250 2.0.0 ok\r\n"
+                    } else if upper.starts_with("EHLO") {
+                        b"250 counting\r\n"
+                    } else if upper.starts_with("MAIL") {
+                        let now = a.fetch_add(1, Ordering::SeqCst) + 1;
+                        p.fetch_max(now, Ordering::SeqCst);
+                        b"250 2.1.0 ok\r\n"
+                    } else if upper.starts_with("DATA") {
+                        in_data = true;
+                        b"354 go ahead\r\n"
+                    } else if upper.starts_with("QUIT") {
+                        let _ = write.write_all(b"221 bye\r\n").await;
+                        break;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if write.write_all(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (received, peak)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_to_one_server_never_exceed_the_limit() {
+    let listener = TcpListener::bind("127.0.1.110:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (received, peak) = counting_server(listener).await;
+    let domain = format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.110\"\nport = {port}\n");
+    let relay = Relay::start(&domain, "concurrency_per_server = 2\nworkers = 16");
+    let acked = send(&relay.addr, "user@customer.test", 0..12, 12).await;
+    assert_eq!(acked.len(), 12);
+    eventually("all 12 delivered", || received.load(Ordering::SeqCst) == 12).await;
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak == 2, "peak of {peak} simultaneous deliveries to one server with concurrency_per_server = 2");
+}
