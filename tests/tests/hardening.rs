@@ -226,11 +226,13 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     // bash and 512-byte blocks in dash; bash is asked for by name.
     let script =
         format!("trap '' XFSZ; ulimit -f 4096; exec {} run {}", mxrelay_e2e::relay_binary().display(), config_path.display());
-    let mut child = std::process::Command::new("bash")
-        .args(["-c", &script])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn relay");
+    let child = KillOnDrop(
+        std::process::Command::new("bash")
+            .args(["-c", &script])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn relay"),
+    );
     let addr = format!("127.0.0.1:{port}");
     eventually("relay listening", || std::net::TcpStream::connect(&addr).is_ok()).await;
     let mut acked = Vec::new();
@@ -249,16 +251,17 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     }
     assert!(refused > 0, "the 4 MiB limit was never hit: acked {}", acked.len());
     assert!(!acked.is_empty(), "nothing was accepted before the disk filled");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 
     // Room again, and the server is up: everything acknowledged is delivered, nothing else.
     let sink = Sink::start_at(&format!("127.0.1.76:{sink_port}"), &[]);
-    let mut relay = std::process::Command::new(mxrelay_e2e::relay_binary())
-        .args(["run", &config_path.display().to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn relay");
+    let _relay = KillOnDrop(
+        std::process::Command::new(mxrelay_e2e::relay_binary())
+            .args(["run", &config_path.display().to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn relay"),
+    );
     eventually("every acknowledged message delivered", || {
         let got = sink.received();
         acked.iter().all(|s| got.contains_key(s))
@@ -266,8 +269,16 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     .await;
     let got = sink.received();
     assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
-    let _ = relay.kill();
-    let _ = relay.wait();
+}
+
+/// A child process killed when the test ends, also when it panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The admin API refuses bodies over its limit.
