@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing mxrelay needs on a fresh Debian machine (idempotent).
 #   scripts/setup.sh          Rust wasm targets only (enough to build and run the relay)
-#   scripts/setup.sh --test   also the test peers: Postfix's smtp-sink/smtp-source, swaks,
+#   scripts/setup.sh --test   also the test peers: Postfix (smtp-sink/smtp-source and test-owned
+#                             instances for interop), swaks with TLS,
 #                             dnsmasq, dig, and the browser-test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ done
 pkgs=()
 command -v smtp-sink >/dev/null || command -v /usr/sbin/smtp-sink >/dev/null || pkgs+=(postfix)
 command -v swaks >/dev/null || pkgs+=(swaks)
+# swaks --tls needs Perl's TLS modules (Recommends, which --no-install-recommends leaves out).
+perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || pkgs+=(libio-socket-ssl-perl libnet-ssleay-perl)
 command -v dnsmasq >/dev/null || command -v /usr/sbin/dnsmasq >/dev/null || pkgs+=(dnsmasq-base)
 command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
 [ -x /usr/bin/chromium ] || pkgs+=(chromium)
@@ -26,7 +29,8 @@ command -v node >/dev/null || pkgs+=(nodejs npm)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${pkgs[*]}"
   need_root apt-get -o DPkg::Lock::Timeout=600 update -qq
-  # Postfix is only wanted for smtp-sink/smtp-source: no mail system is configured or started.
+  # No system-wide mail system is configured or started: the tests run smtp-sink/smtp-source
+  # and their own Postfix instances (postfix -c DIR) on loopback ports.
   echo "postfix postfix/main_mailer_type select No configuration" | need_root debconf-set-selections
   need_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi

@@ -3,6 +3,8 @@
 //! * [`Sink`]: Postfix's `smtp-sink` as a customer server on `127.0.1.N`, dumping every
 //!   message to a file so tests can check which messages arrived, and how often.
 //! * [`Relay`]: the real `mxrelay` binary with a generated config, its log captured.
+//! * [`postfix::Postfix`]: a test-owned Postfix instance (interop, TLS peer).
+//! * [`certs::TestCa`]: certificates made in the test.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
 //!   returns the sequence numbers that got a `250`.
 //!
@@ -20,6 +22,9 @@ use std::time::{Duration, Instant};
 
 use mail_send::SmtpClient;
 use tokio::sync::Semaphore;
+
+pub mod certs;
+pub mod postfix;
 
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(30);

@@ -95,6 +95,10 @@ struct FileRelay {
     admin_token: Option<String>,
     #[serde(default)]
     web_root: Option<PathBuf>,
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +125,10 @@ struct FileDomain {
     policy: Option<String>,
     #[serde(default)]
     policy_config: Option<toml::Table>,
+    #[serde(default)]
+    tls: Option<String>,
+    #[serde(default)]
+    tls_ca: Option<PathBuf>,
     #[serde(default)]
     server: Vec<FileServer>,
 }
@@ -169,6 +177,33 @@ pub struct DomainConfig {
     pub policy_settings_json: String,
     /// Its inbound servers, validated.
     pub servers: Vec<Server>,
+    /// Whether deliveries use STARTTLS.
+    pub tls: TlsMode,
+    /// CA certificates (PEM) the servers' certificates must chain to; unset: not verified.
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Outbound TLS for a domain (`tls = ...`), after Postfix's `smtp_tls_security_level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// Never STARTTLS (Postfix `none`).
+    None,
+    /// STARTTLS when offered; in clear when not offered or the handshake fails (Postfix `may`).
+    Opportunistic,
+    /// STARTTLS or nothing: a server that does not offer it, or whose handshake fails, counts
+    /// as a failed server and the next one is tried (Postfix `encrypt`, or `secure` with `tls_ca`).
+    Required,
+}
+
+impl TlsMode {
+    /// The value as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::None => "none",
+            TlsMode::Opportunistic => "opportunistic",
+            TlsMode::Required => "required",
+        }
+    }
 }
 
 /// An address range from `accept_from`.
@@ -252,6 +287,10 @@ pub struct RelayConfig {
     pub admin_token: Option<String>,
     /// Directory of the widget's files (`web/`), served by the admin listener.
     pub web_root: Option<PathBuf>,
+    /// Certificate chain (PEM) offered with STARTTLS; STARTTLS is offered when it is set.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[delivery]`: sending.
@@ -413,6 +452,20 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         }
         !weak
     });
+    let tls_cert = file.tls_cert.map(|p| base.join(p));
+    let tls_key = file.tls_key.map(|p| base.join(p));
+    match (&tls_cert, &tls_key) {
+        (Some(_), None) => problems.push(error("relay.tls_key", "relay.tls_cert is set: set tls_key to its private key file")),
+        (None, Some(_)) => problems.push(error("relay.tls_cert", "relay.tls_key is set: set tls_cert to its certificate file")),
+        (Some(_), Some(_)) | (None, None) => {}
+    }
+    for (key, path) in [("relay.tls_cert", &tls_cert), ("relay.tls_key", &tls_key)] {
+        if let Some(p) = path
+            && !p.is_file()
+        {
+            problems.push(error(key, format!("{} is not a file", p.display())));
+        }
+    }
     let max_message_size = file.max_message_size.unwrap_or(25 << 20);
     if max_message_size < 1024 {
         problems.push(error(
@@ -442,6 +495,8 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         admin_listen,
         admin_token,
         web_root: file.web_root.map(|p| base.join(p)),
+        tls_cert,
+        tls_key,
     }
 }
 
@@ -566,6 +621,30 @@ fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<Config
                 format!("{} is not a file; use \"builtin\" or the path of a .wasm policy component", path.display()),
             ));
         }
+        let tls = match d.tls.as_deref().map(str::trim) {
+            None | Some("opportunistic") => TlsMode::Opportunistic,
+            Some("none") => TlsMode::None,
+            Some("required") => TlsMode::Required,
+            Some(other) => {
+                problems.push(error(
+                    format!("{location}: tls"),
+                    format!("{other:?} is not a TLS mode; use \"none\", \"opportunistic\" or \"required\""),
+                ));
+                TlsMode::Opportunistic
+            }
+        };
+        let tls_ca = d.tls_ca.map(|p| base.join(p));
+        if let Some(ca) = &tls_ca {
+            if !ca.is_file() {
+                problems.push(error(format!("{location}: tls_ca"), format!("{} is not a file", ca.display())));
+            }
+            if tls == TlsMode::None {
+                problems.push(error(
+                    format!("{location}: tls_ca"),
+                    "tls = \"none\" never checks a certificate; remove tls_ca or change tls",
+                ));
+            }
+        }
         let policy_settings_json = serde_json::to_string(&d.policy_config.unwrap_or_default()).unwrap_or_else(|_| "{}".into());
         let raw: Vec<RawServer> = d
             .server
@@ -581,7 +660,7 @@ fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<Config
         match validate_servers(&raw) {
             Ok((servers, warnings)) => {
                 problems.extend(warnings.into_iter().map(as_config));
-                out.push(DomainConfig { name, policy, policy_settings_json, servers });
+                out.push(DomainConfig { name, policy, policy_settings_json, servers, tls, tls_ca });
             }
             Err(found) => problems.extend(found.into_iter().map(as_config)),
         }

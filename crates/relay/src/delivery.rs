@@ -10,7 +10,7 @@ use mxrelay_policy_host::{PlanRequest, PlanSource};
 use tokio::sync::Semaphore;
 
 use crate::health::{self, Health};
-use crate::outbound::{Outgoing, RcptVerdict, ServerVerdict, Transport};
+use crate::outbound::{Outgoing, RcptVerdict, ServerVerdict, TlsTarget, Transport};
 use crate::policies::Policies;
 use crate::queue::{Envelope, now_ms};
 
@@ -134,6 +134,7 @@ impl Deliverer {
                 reason: DeferReason::UnknownDomain,
             };
         };
+        let tls = policies.tls(&env.domain);
         let servers = policy.servers();
         let down = self.health.down_indices(servers);
         if down.len() == servers.len() {
@@ -189,7 +190,7 @@ impl Deliverer {
             let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data };
             let mut verdict = ServerVerdict::Unreachable(format!("{server_key}: no address"));
             for addr in &addrs {
-                verdict = self.transport.send(*addr, &outgoing).await;
+                verdict = self.transport.send(*addr, &outgoing, TlsTarget { settings: &tls, host: &server.host }).await;
                 match verdict {
                     ServerVerdict::Unreachable(_) => continue,
                     ServerVerdict::Completed { .. }

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use smtp_proto::Request;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
 use crate::data::{DataEnd, read_data, rfc5322_date};
@@ -25,7 +26,6 @@ const MAX_COMMAND_LINE: usize = 4096;
 const MAX_ERRORS: u32 = 20;
 
 /// What every session needs.
-#[derive(Debug)]
 pub struct Inbound {
     /// `[relay]` settings; a reload replaces them for new sessions.
     relay: std::sync::RwLock<Arc<RelayConfig>>,
@@ -35,17 +35,32 @@ pub struct Inbound {
     pub queue: Queue,
     /// Where accepted envelopes are announced.
     pub events: mpsc::UnboundedSender<Event>,
+    /// STARTTLS, when `tls_cert`/`tls_key` are set; a reload re-reads the files.
+    tls: std::sync::RwLock<Option<TlsAcceptor>>,
     connections: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound").field("relay", &self.relay).field("queue", &self.queue).finish_non_exhaustive()
+    }
 }
 
 impl Inbound {
     /// Session settings over `queue`.
-    pub fn new(relay: RelayConfig, domains: HashSet<String>, queue: Queue, events: mpsc::UnboundedSender<Event>) -> Inbound {
+    pub fn new(
+        relay: RelayConfig,
+        tls: Option<TlsAcceptor>,
+        domains: HashSet<String>,
+        queue: Queue,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Inbound {
         Inbound {
             relay: std::sync::RwLock::new(Arc::new(relay)),
             domains: std::sync::RwLock::new(Arc::new(domains)),
             queue,
             events,
+            tls: std::sync::RwLock::new(tls),
             connections: Mutex::default(),
         }
     }
@@ -56,9 +71,14 @@ impl Inbound {
     }
 
     /// Applies reloaded settings and domains to new sessions and recipients.
-    pub fn reconfigure(&self, relay: RelayConfig, domains: HashSet<String>) {
+    pub fn reconfigure(&self, relay: RelayConfig, tls: Option<TlsAcceptor>, domains: HashSet<String>) {
         *self.relay.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(relay);
+        *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
         *self.domains.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(domains);
+    }
+
+    fn tls_acceptor(&self) -> Option<TlsAcceptor> {
+        self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     fn allowed(&self, ip: IpAddr) -> bool {
@@ -128,6 +148,23 @@ struct Transaction {
     recipients: Vec<String>,
 }
 
+/// One client connection, before and after STARTTLS.
+struct Session<'a> {
+    inbound: &'a Arc<Inbound>,
+    settings: Arc<RelayConfig>,
+    peer: SocketAddr,
+    /// Protocol and cipher once TLS is active, for the Received header and logs.
+    tls: Option<String>,
+}
+
+/// Why a conversation stopped.
+enum SessionEnd {
+    /// QUIT, an error that closes, or the client went away.
+    Closed,
+    /// `220` was sent to STARTTLS: the handshake comes next.
+    StartTls,
+}
+
 async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
@@ -158,6 +195,49 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     reply(&mut writer, &format!("220 {hostname} ESMTP mxrelay")).await?;
     writer.flush().await?;
 
+    let acceptor = inbound.tls_acceptor();
+    let mut session = Session { inbound: &inbound, settings, peer, tls: None };
+    match converse(&session, &mut reader, &mut writer, acceptor.is_some()).await? {
+        SessionEnd::Closed => Ok(()),
+        SessionEnd::StartTls => {
+            let Some(acceptor) = acceptor else { return Ok(()) };
+            // `converse` refused STARTTLS with input behind it, so no plaintext is carried
+            // over into the encrypted session (RFC 3207 §6, CVE-2011-0411).
+            let stream = reader.into_inner().reunite(writer.into_inner()).map_err(std::io::Error::other)?;
+            let handshake = tokio::time::timeout(session.settings.idle_timeout, acceptor.accept(stream)).await;
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake failed");
+                    return Ok(());
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return Ok(());
+                }
+            };
+            session.tls = Some(crate::tls::describe(tls.get_ref().1));
+            tracing::debug!(%peer, tls = session.tls.as_deref().unwrap_or(""), "TLS established");
+            metrics::counter!("mxrelay_inbound_tls_sessions_total").increment(1);
+            let (read, write) = tokio::io::split(tls);
+            let mut reader = BufReader::with_capacity(64 * 1024, read);
+            let mut writer = BufWriter::with_capacity(16 * 1024, write);
+            converse(&session, &mut reader, &mut writer, false).await.map(|_| ())
+        }
+    }
+}
+
+/// The command loop. After STARTTLS the client starts again from EHLO (RFC 3207 §4.2), so
+/// the encrypted session is a fresh conversation.
+async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    session: &Session<'_>,
+    reader: &mut BufReader<R>,
+    writer: &mut BufWriter<W>,
+    offer_tls: bool,
+) -> std::io::Result<SessionEnd> {
+    let Session { inbound, settings, peer, .. } = session;
+    let peer = *peer;
+    let hostname = &settings.hostname;
     let idle = settings.idle_timeout;
     let mut helo: Option<String> = None;
     let mut txn = Transaction::default();
@@ -165,20 +245,23 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     let mut line = Vec::with_capacity(512);
     loop {
         line.clear();
-        let read = tokio::time::timeout(idle, (&mut reader).take(MAX_COMMAND_LINE as u64 + 1).read_until(b'\n', &mut line)).await;
+        let read =
+            tokio::time::timeout(idle, (&mut *reader).take(MAX_COMMAND_LINE as u64 + 1).read_until(b'\n', &mut line)).await;
         let n = match read {
             Err(_) => {
-                reply(&mut writer, &format!("421 4.4.2 {hostname} idle for {}s, closing", idle.as_secs())).await?;
-                return writer.flush().await;
+                reply(writer, &format!("421 4.4.2 {hostname} idle for {}s, closing", idle.as_secs())).await?;
+                writer.flush().await?;
+                return Ok(SessionEnd::Closed);
             }
             Ok(r) => r?,
         };
         if n == 0 {
-            return Ok(());
+            return Ok(SessionEnd::Closed);
         }
         if line.last() != Some(&b'\n') {
-            reply(&mut writer, "500 5.5.6 command line too long; closing").await?;
-            return writer.flush().await;
+            reply(writer, "500 5.5.6 command line too long; closing").await?;
+            writer.flush().await?;
+            return Ok(SessionEnd::Closed);
         }
         let parsed = Request::parse(&mut line.iter());
         let mut quit = false;
@@ -187,94 +270,107 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                 helo = Some(host.to_string());
                 txn = Transaction::default();
                 let max = settings.max_message_size;
+                let starttls = if offer_tls { "250-STARTTLS\r\n" } else { "" };
                 reply(
-                    &mut writer,
-                    &format!("250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"),
+                    writer,
+                    &format!(
+                        "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"
+                    ),
                 )
                 .await?;
             }
             Ok(Request::Helo { host }) => {
                 helo = Some(host.to_string());
                 txn = Transaction::default();
-                reply(&mut writer, &format!("250 {hostname}")).await?;
+                reply(writer, &format!("250 {hostname}")).await?;
             }
             Ok(Request::Mail { from }) => {
                 if helo.is_none() {
-                    reply(&mut writer, "503 5.5.1 say EHLO first").await?;
+                    reply(writer, "503 5.5.1 say EHLO first").await?;
                 } else if txn.sender.is_some() {
-                    reply(&mut writer, "503 5.5.1 nested MAIL command").await?;
+                    reply(writer, "503 5.5.1 nested MAIL command").await?;
                 } else if from.size as u64 > settings.max_message_size {
                     reply(
-                        &mut writer,
+                        writer,
                         &format!("552 5.3.4 message size {} exceeds the limit of {} bytes", from.size, settings.max_message_size),
                     )
                     .await?;
                 } else {
                     txn.sender = Some(from.address.to_string());
-                    reply(&mut writer, "250 2.1.0 sender ok").await?;
+                    reply(writer, "250 2.1.0 sender ok").await?;
                 }
             }
             Ok(Request::Rcpt { to }) => {
                 let address = to.address.to_string();
                 let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
                 if txn.sender.is_none() {
-                    reply(&mut writer, "503 5.5.1 need MAIL before RCPT").await?;
+                    reply(writer, "503 5.5.1 need MAIL before RCPT").await?;
                 } else if txn.recipients.len() >= settings.max_recipients as usize {
-                    reply(&mut writer, &format!("452 4.5.3 too many recipients (limit {})", settings.max_recipients)).await?;
+                    reply(writer, &format!("452 4.5.3 too many recipients (limit {})", settings.max_recipients)).await?;
                 } else {
                     match domain {
                         Some(d) if inbound.accepts_domain(&d) => {
                             let local = address.rsplit_once('@').map_or("", |(l, _)| l);
                             txn.recipients.push(format!("{local}@{d}"));
-                            reply(&mut writer, "250 2.1.5 recipient ok").await?;
+                            reply(writer, "250 2.1.5 recipient ok").await?;
                         }
                         Some(d) => {
                             tracing::info!(%peer, rcpt = %address, "relaying denied");
-                            reply(&mut writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}"))
-                                .await?;
+                            reply(writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}")).await?;
                         }
-                        None => reply(&mut writer, "550 5.1.3 recipient address needs a domain").await?,
+                        None => reply(writer, "550 5.1.3 recipient address needs a domain").await?,
                     }
                 }
             }
             Ok(Request::Data) => {
                 if txn.sender.is_none() {
-                    reply(&mut writer, "503 5.5.1 need MAIL before DATA").await?;
+                    reply(writer, "503 5.5.1 need MAIL before DATA").await?;
                 } else if txn.recipients.is_empty() {
-                    reply(&mut writer, "554 5.5.1 no valid recipients").await?;
+                    reply(writer, "554 5.5.1 no valid recipients").await?;
                 } else if !reader.buffer().is_empty() {
                     // RFC 2920: DATA ends a pipelined group; the client must wait for 354.
                     // Content sent before it is a desynchronised (or smuggling) client.
                     tracing::warn!(%peer, "data pipelined before the 354; closing");
-                    reply(&mut writer, "554 5.5.0 improper command pipelining after DATA; closing").await?;
+                    reply(writer, "554 5.5.0 improper command pipelining after DATA; closing").await?;
                     writer.flush().await?;
-                    return Ok(());
+                    return Ok(SessionEnd::Closed);
                 } else {
-                    reply(&mut writer, "354 end data with <CR><LF>.<CR><LF>").await?;
+                    reply(writer, "354 end data with <CR><LF>.<CR><LF>").await?;
                     writer.flush().await?;
-                    let answer =
-                        receive_message(&mut reader, &inbound, &settings, peer, helo.as_deref().unwrap_or(""), &txn).await?;
+                    let answer = receive_message(reader, session, helo.as_deref().unwrap_or(""), &txn).await?;
                     txn = Transaction::default();
                     match answer {
-                        Some(text) => reply(&mut writer, &text).await?,
-                        None => return Ok(()),
+                        Some(text) => reply(writer, &text).await?,
+                        None => return Ok(SessionEnd::Closed),
                     }
                 }
             }
             Ok(Request::Rset) => {
                 txn = Transaction::default();
-                reply(&mut writer, "250 2.0.0 reset").await?;
+                reply(writer, "250 2.0.0 reset").await?;
             }
-            Ok(Request::Noop { .. }) => reply(&mut writer, "250 2.0.0 ok").await?,
+            Ok(Request::Noop { .. }) => reply(writer, "250 2.0.0 ok").await?,
             Ok(Request::Quit) => {
-                reply(&mut writer, &format!("221 2.0.0 {hostname} closing")).await?;
+                reply(writer, &format!("221 2.0.0 {hostname} closing")).await?;
                 quit = true;
             }
-            Ok(Request::Vrfy { .. }) => {
-                reply(&mut writer, "252 2.5.0 cannot verify, but will accept and attempt delivery").await?
+            Ok(Request::Vrfy { .. }) => reply(writer, "252 2.5.0 cannot verify, but will accept and attempt delivery").await?,
+            Ok(Request::Bdat { .. }) => reply(writer, "502 5.5.1 CHUNKING is not offered; use DATA").await?,
+            Ok(Request::StartTls) if session.tls.is_some() => reply(writer, "503 5.5.1 TLS is already active").await?,
+            Ok(Request::StartTls) if !offer_tls => reply(writer, "502 5.5.1 STARTTLS is not configured").await?,
+            Ok(Request::StartTls) => {
+                if !reader.buffer().is_empty() {
+                    // Commands pipelined behind STARTTLS would be read as if sent encrypted
+                    // (the STARTTLS command injection of CVE-2011-0411): refuse them all.
+                    tracing::warn!(%peer, "input pipelined after STARTTLS; closing");
+                    reply(writer, "554 5.5.0 improper command pipelining after STARTTLS; closing").await?;
+                    writer.flush().await?;
+                    return Ok(SessionEnd::Closed);
+                }
+                reply(writer, "220 2.0.0 ready to start TLS").await?;
+                writer.flush().await?;
+                return Ok(SessionEnd::StartTls);
             }
-            Ok(Request::Bdat { .. }) => reply(&mut writer, "502 5.5.1 CHUNKING is not offered; use DATA").await?,
-            Ok(Request::StartTls) => reply(&mut writer, "502 5.5.1 STARTTLS is not configured").await?,
             Ok(
                 Request::Lhlo { .. }
                 | Request::Auth { .. }
@@ -285,7 +381,7 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                 | Request::Burl { .. },
             ) => {
                 errors += 1;
-                reply(&mut writer, "502 5.5.1 command not implemented").await?;
+                reply(writer, "502 5.5.1 command not implemented").await?;
             }
             Err(e) => {
                 errors += 1;
@@ -306,11 +402,11 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                     | smtp_proto::Error::ResponseTooLong
                     | smtp_proto::Error::InvalidResponse { .. } => "500 5.5.2 syntax error".to_string(),
                 };
-                reply(&mut writer, &text).await?;
+                reply(writer, &text).await?;
             }
         }
         if errors >= MAX_ERRORS {
-            reply(&mut writer, "421 4.7.0 too many errors, closing").await?;
+            reply(writer, "421 4.7.0 too many errors, closing").await?;
             quit = true;
         }
         // PIPELINING: answer in one write once the client's pipelined commands are consumed.
@@ -318,7 +414,7 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
             writer.flush().await?;
         }
         if quit {
-            return Ok(());
+            return Ok(SessionEnd::Closed);
         }
     }
 }
@@ -327,12 +423,17 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
 /// `None` when the client went away mid-data).
 async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
-    inbound: &Inbound,
-    settings: &RelayConfig,
-    peer: SocketAddr,
+    session: &Session<'_>,
     helo: &str,
     txn: &Transaction,
 ) -> std::io::Result<Option<String>> {
+    let Session { inbound, settings, peer, tls } = session;
+    let peer = *peer;
+    // RFC 3848: ESMTPS for mail received over TLS.
+    let (with, tls_clause) = match tls {
+        Some(t) => ("ESMTPS", format!(" (using {t})")),
+        None => ("ESMTP", String::new()),
+    };
     let received_ms = now_ms();
     let first_id = inbound.queue.next_id();
     let for_clause = match txn.recipients.as_slice() {
@@ -340,7 +441,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         _ => String::new(),
     };
     let header = format!(
-        "Received: from {helo} ({ip})\r\n\tby {host} (mxrelay) with ESMTP id {id}{for_clause};\r\n\t{date}\r\n",
+        "Received: from {helo} ({ip})\r\n\tby {host} (mxrelay) with {with}{tls_clause} id {id}{for_clause};\r\n\t{date}\r\n",
         ip = peer.ip(),
         host = settings.hostname,
         id = format_id(first_id),

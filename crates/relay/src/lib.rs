@@ -6,7 +6,8 @@
 //! * [`policies`]: each domain's policy component, loaded once;
 //! * [`simulate`]: `mxrelay plan`, the policy run on simulated messages;
 //! * [`inbound`] → [`queue`] → [`scheduler`] → [`delivery`] → [`outbound`]: the relay's path
-//!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them.
+//!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them;
+//! * [`tls`]: STARTTLS in and out.
 #![forbid(unsafe_code)]
 
 pub use mxrelay_config::{config, duration};
@@ -25,3 +26,4 @@ pub mod queue_cli;
 pub mod relay;
 pub mod scheduler;
 pub mod simulate;
+pub mod tls;

@@ -145,9 +145,16 @@ fn load(path: &Path) -> Option<(Config, Policies)> {
         }
     };
     print_problems(&config.warnings);
-    match Policies::load(&config) {
-        Ok(p) => Some((config, p)),
-        Err(problems) => {
+    let policies = Policies::load(&config);
+    let tls = mxrelay::tls::acceptor(&config.relay).map_err(|p| vec![p]);
+    match (policies, tls) {
+        (Ok(p), Ok(_)) => Some((config, p)),
+        (Err(mut problems), tls) => {
+            problems.extend(tls.err().into_iter().flatten());
+            print_problems(&problems);
+            None
+        }
+        (Ok(_), Err(problems)) => {
             print_problems(&problems);
             None
         }

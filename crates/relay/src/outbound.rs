@@ -8,10 +8,16 @@
 //! * `5xx` to MAIL or DATA → [`ServerVerdict::PermFailed`]: the message fails;
 //! * a `RCPT` reply decides for that recipient alone ([`RcptVerdict`] in [`ServerVerdict::Completed`]);
 //! * no reply to the final `.` → [`ServerVerdict::Unknown`]: defer, possibly delivered twice.
+//!
+//! TLS follows the domain's `tls` mode: a server that does not offer STARTTLS, refuses it or
+//! fails the handshake is a failed session when TLS is required, and is used in clear when it
+//! is opportunistic. Nothing is sent in clear on a connection meant to be encrypted.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
@@ -19,12 +25,14 @@ use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use mail_send::SmtpClient;
 use mxrelay_policy_core::{HostKind, Server};
-use smtp_proto::{EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, Response};
-use tokio::io::AsyncWriteExt;
+use smtp_proto::{EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, TlsMode};
 use crate::data::dot_stuff;
+use crate::tls::OutboundTls;
 
 /// How long an idle connection is kept for reuse.
 const IDLE_REUSE: Duration = Duration::from_secs(5);
@@ -78,17 +86,77 @@ pub struct Outgoing<'a> {
     pub data: &'a [u8],
 }
 
+/// The TLS a delivery asks for, and the name the server's certificate must carry.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsTarget<'a> {
+    /// The domain's TLS settings.
+    pub settings: &'a OutboundTls,
+    /// The server's host name or IP literal, as configured.
+    pub host: &'a str,
+}
+
 /// A transaction's result, or a reused connection that turned out to be closed.
 enum Attempt {
     Verdict(ServerVerdict),
     Stale(String),
 }
 
+/// A connection to a server, in clear or after STARTTLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 struct Session {
-    client: SmtpClient<TcpStream>,
+    client: SmtpClient<Conn>,
     capabilities: u32,
     sent: u32,
+    /// Protocol and cipher when the session is encrypted.
+    tls: Option<String>,
 }
+
+/// Why STARTTLS did not give an encrypted session.
+enum StartTlsFailure {
+    /// The server answered STARTTLS with an error; the session goes on in clear.
+    Refused(SmtpClient<TcpStream>, String),
+    /// The handshake (or the EHLO after it) failed; the connection is gone.
+    Broken(String),
+}
+
+/// Idle connections are kept per address and per TLS settings.
+type PoolKey = (SocketAddr, Arc<str>);
 
 /// Resolves servers, keeps idle connections and runs transactions.
 pub struct Transport {
@@ -97,7 +165,7 @@ pub struct Transport {
     connect_timeout: Duration,
     command_timeout: Duration,
     data_timeout: Duration,
-    idle: Mutex<HashMap<SocketAddr, Vec<(Session, Instant)>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<(Session, Instant)>>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -179,9 +247,9 @@ impl Transport {
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<Session> {
+    fn take_idle(&self, key: &PoolKey) -> Option<Session> {
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(key)?;
         while let Some((session, since)) = list.pop() {
             if since.elapsed() < IDLE_REUSE {
                 return Some(session);
@@ -190,23 +258,22 @@ impl Transport {
         None
     }
 
-    fn put_idle(&self, addr: SocketAddr, session: Session) {
+    fn put_idle(&self, key: &PoolKey, session: Session) {
         if session.sent >= MAX_REUSE {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.entry(addr).or_default().push((session, Instant::now()));
+        idle.entry(key.clone()).or_default().push((session, Instant::now()));
     }
 
     /// Drops every idle connection to `addrs` (the server was found down).
     pub fn forget(&self, addrs: &[SocketAddr]) {
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for a in addrs {
-            idle.remove(a);
-        }
+        idle.retain(|(addr, _), _| !addrs.contains(addr));
     }
 
-    async fn open(&self, addr: SocketAddr) -> Result<Session, ServerVerdict> {
+    /// Connects, reads the greeting and says EHLO.
+    async fn greet(&self, addr: SocketAddr) -> Result<(SmtpClient<TcpStream>, u32), ServerVerdict> {
         let mut client = SmtpClient::connect(addr, self.connect_timeout)
             .await
             .map_err(|e| ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e))))?;
@@ -223,13 +290,86 @@ impl Transport {
             .ehlo(&self.hostname)
             .await
             .map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e))))?;
-        Ok(Session { client, capabilities: ehlo.capabilities, sent: 0 })
+        Ok((client, ehlo.capabilities))
+    }
+
+    /// A new session with the TLS the domain asks for.
+    async fn open(&self, addr: SocketAddr, tls: TlsTarget<'_>) -> Result<Session, ServerVerdict> {
+        let plain = |client: SmtpClient<TcpStream>, capabilities| Session {
+            client: SmtpClient { stream: Conn::Plain(client.stream), timeout: client.timeout },
+            capabilities,
+            sent: 0,
+            tls: None,
+        };
+        let (client, capabilities) = self.greet(addr).await?;
+        let offered = capabilities & EXT_START_TLS != 0;
+        let failure = match (tls.settings.mode, offered) {
+            (TlsMode::None, _) | (TlsMode::Opportunistic, false) => return Ok(plain(client, capabilities)),
+            (TlsMode::Required, false) => {
+                let mut client = client;
+                let _ = client.stream.write_all(b"QUIT\r\n").await;
+                return Err(ServerVerdict::SessionFailed(format!(
+                    "{addr}: does not offer STARTTLS, and the domain requires TLS"
+                )));
+            }
+            (TlsMode::Opportunistic | TlsMode::Required, true) => match self.start_tls(addr, client, tls).await {
+                Ok(session) => return Ok(session),
+                Err(failure) => failure,
+            },
+        };
+        match (tls.settings.mode, failure) {
+            (TlsMode::Required, StartTlsFailure::Refused(mut client, why)) => {
+                let _ = client.stream.write_all(b"QUIT\r\n").await;
+                Err(ServerVerdict::SessionFailed(format!("{addr}: {why}, and the domain requires TLS")))
+            }
+            (TlsMode::Required, StartTlsFailure::Broken(why)) => {
+                Err(ServerVerdict::SessionFailed(format!("{addr}: {why}, and the domain requires TLS")))
+            }
+            (TlsMode::None | TlsMode::Opportunistic, StartTlsFailure::Refused(client, why)) => {
+                tracing::info!(%addr, why, "STARTTLS refused; delivering in clear (tls = opportunistic)");
+                Ok(plain(client, capabilities))
+            }
+            (TlsMode::None | TlsMode::Opportunistic, StartTlsFailure::Broken(why)) => {
+                // The connection is gone: a new one, in clear this time.
+                tracing::info!(%addr, why, "TLS failed; delivering in clear on a new connection (tls = opportunistic)");
+                let (client, capabilities) = self.greet(addr).await?;
+                Ok(plain(client, capabilities))
+            }
+        }
+    }
+
+    /// STARTTLS, the handshake, and EHLO again (RFC 3207 §4.2: forget what was said before).
+    async fn start_tls(
+        &self,
+        addr: SocketAddr,
+        mut client: SmtpClient<TcpStream>,
+        tls: TlsTarget<'_>,
+    ) -> Result<Session, StartTlsFailure> {
+        match client.cmd(b"STARTTLS\r\n").await {
+            Ok(r) if r.code == 220 => {}
+            Ok(r) => return Err(StartTlsFailure::Refused(client, format!("STARTTLS refused: {}", reply_text(&r)))),
+            Err(e) => return Err(StartTlsFailure::Broken(format!("STARTTLS: {}", error_text(&e)))),
+        }
+        let name = crate::tls::server_name(tls.host).map_err(StartTlsFailure::Broken)?;
+        let stream = tokio::time::timeout(self.command_timeout, tls.settings.connector().connect(name, client.stream))
+            .await
+            .map_err(|_| StartTlsFailure::Broken(format!("TLS handshake: no answer within {:?}", self.command_timeout)))?
+            .map_err(|e| StartTlsFailure::Broken(format!("TLS handshake: {e}")))?;
+        let described = crate::tls::describe(stream.get_ref().1);
+        let mut client = SmtpClient { stream: Conn::Tls(Box::new(stream)), timeout: client.timeout };
+        let ehlo = client
+            .ehlo(&self.hostname)
+            .await
+            .map_err(|e| StartTlsFailure::Broken(format!("EHLO after STARTTLS: {}", error_text(&e))))?;
+        tracing::debug!(%addr, tls = described, "TLS established");
+        Ok(Session { client, capabilities: ehlo.capabilities, sent: 0, tls: Some(described) })
     }
 
     /// Offers `msg` to one address: a reused connection when one is idle, else a new one.
-    pub async fn send(&self, addr: SocketAddr, msg: &Outgoing<'_>) -> ServerVerdict {
-        if let Some(session) = self.take_idle(addr) {
-            match self.transaction(addr, session, msg).await {
+    pub async fn send(&self, addr: SocketAddr, msg: &Outgoing<'_>, tls: TlsTarget<'_>) -> ServerVerdict {
+        let key: PoolKey = (addr, tls.settings.pool_key().clone());
+        if let Some(session) = self.take_idle(&key) {
+            match self.transaction(&key, session, msg).await {
                 Attempt::Verdict(verdict) => return verdict,
                 // A cached connection the server has since closed: not the server's fault.
                 Attempt::Stale(why) => {
@@ -237,8 +377,8 @@ impl Transport {
                 }
             }
         }
-        match self.open(addr).await {
-            Ok(session) => match self.transaction(addr, session, msg).await {
+        match self.open(addr, tls).await {
+            Ok(session) => match self.transaction(&key, session, msg).await {
                 Attempt::Verdict(verdict) => verdict,
                 Attempt::Stale(why) => ServerVerdict::SessionFailed(format!("{addr}: {why}")),
             },
@@ -246,10 +386,10 @@ impl Transport {
         }
     }
 
-    async fn transaction(&self, addr: SocketAddr, s: Session, msg: &Outgoing<'_>) -> Attempt {
+    async fn transaction(&self, key: &PoolKey, s: Session, msg: &Outgoing<'_>) -> Attempt {
         let reused = s.sent > 0;
         let mut failed_before_reply = None;
-        let verdict = self.transaction_inner(addr, s, msg, &mut failed_before_reply).await;
+        let verdict = self.transaction_inner(key, s, msg, &mut failed_before_reply).await;
         match failed_before_reply {
             Some(why) if reused => Attempt::Stale(why),
             _ => Attempt::Verdict(verdict),
@@ -258,11 +398,12 @@ impl Transport {
 
     async fn transaction_inner(
         &self,
-        addr: SocketAddr,
+        key: &PoolKey,
         mut s: Session,
         msg: &Outgoing<'_>,
         failed_before_reply: &mut Option<String>,
     ) -> ServerVerdict {
+        let addr = key.0;
         let mut mail = format!("MAIL FROM:<{}>", msg.sender);
         if s.capabilities & EXT_SIZE != 0 {
             mail.push_str(&format!(" SIZE={}", msg.data.len()));
@@ -288,6 +429,7 @@ impl Transport {
             let batch = commands.concat();
             let sent = tokio::time::timeout(self.command_timeout, async {
                 s.client.stream.write_all(batch.as_bytes()).await?;
+                s.client.stream.flush().await?;
                 s.client.read_many(commands.len()).await
             })
             .await
@@ -325,7 +467,7 @@ impl Transport {
         }
         let mail_reply = &replies[0];
         if mail_reply.code >= 400 {
-            self.reset(addr, s).await;
+            self.reset(key, s).await;
             let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
             return if mail_reply.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
         }
@@ -346,15 +488,16 @@ impl Transport {
             if data_reply.is_some_and(|r| r.code == 354) {
                 // A server that says 354 with no recipients: end the empty transaction cleanly.
                 let _ = s.client.stream.write_all(b".\r\n").await;
+                let _ = s.client.stream.flush().await;
                 let _ = s.client.read().await;
             }
-            self.reset(addr, s).await;
+            self.reset(key, s).await;
             return ServerVerdict::Completed { rcpts, reply: String::new() };
         }
         match data_reply {
             Some(r) if r.code == 354 => {}
             Some(r) => {
-                self.reset(addr, s).await;
+                self.reset(key, s).await;
                 let text = format!("{addr}: DATA: {}", reply_text(r));
                 return if r.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
             }
@@ -362,10 +505,11 @@ impl Transport {
         }
         let mut wire = Vec::new();
         dot_stuff(msg.data, &mut wire);
-        if let Err(e) = tokio::time::timeout(self.data_timeout, s.client.stream.write_all(&wire))
-            .await
-            .unwrap_or(Err(std::io::ErrorKind::TimedOut.into()))
-        {
+        let sent = async {
+            s.client.stream.write_all(&wire).await?;
+            s.client.stream.flush().await
+        };
+        if let Err(e) = tokio::time::timeout(self.data_timeout, sent).await.unwrap_or(Err(std::io::ErrorKind::TimedOut.into())) {
             return ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}"));
         }
         let final_reply = match tokio::time::timeout(self.data_timeout, s.client.read()).await {
@@ -377,29 +521,32 @@ impl Transport {
             }
             Ok(Ok(r)) => r,
         };
-        let text = format!("{addr}: {}", reply_text(&final_reply));
+        let text = match &s.tls {
+            Some(tls) => format!("{addr} ({tls}): {}", reply_text(&final_reply)),
+            None => format!("{addr}: {}", reply_text(&final_reply)),
+        };
         match final_reply.code {
             200..=299 => {
                 s.sent += 1;
-                self.put_idle(addr, s);
+                self.put_idle(key, s);
                 ServerVerdict::Completed { rcpts, reply: text }
             }
             421 => ServerVerdict::SessionFailed(text),
             400..=499 => {
-                self.put_idle(addr, s);
+                self.put_idle(key, s);
                 ServerVerdict::TempFailed(text)
             }
             _ => {
-                self.put_idle(addr, s);
+                self.put_idle(key, s);
                 ServerVerdict::PermFailed(text)
             }
         }
     }
 
     /// Ends a failed transaction and keeps the connection if the server agrees.
-    async fn reset(&self, addr: SocketAddr, mut s: Session) {
+    async fn reset(&self, key: &PoolKey, mut s: Session) {
         if s.client.rset().await.is_ok() {
-            self.put_idle(addr, s);
+            self.put_idle(key, s);
         }
     }
 

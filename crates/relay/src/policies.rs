@@ -8,12 +8,15 @@ use mxrelay_policy_core::Severity;
 use mxrelay_policy_host::{DomainPolicy, Limits, PolicyComponent, PolicyEngine, PolicyError};
 
 use crate::config::{Config, ConfigProblem, PolicySource};
+use crate::tls::OutboundTls;
 
 /// Every configured domain's policy, ready to plan.
 #[derive(Debug, Clone)]
 pub struct Policies {
     engine: PolicyEngine,
     domains: BTreeMap<String, Arc<DomainPolicy>>,
+    /// Each domain's outbound TLS (loaded with the policies so a bad `tls_ca` is refused the same way).
+    tls: BTreeMap<String, OutboundTls>,
     /// The built-in policy over `delivery.bounce_relay`, for notifications to senders
     /// outside the configured domains.
     bounce: Option<Arc<DomainPolicy>>,
@@ -33,8 +36,15 @@ impl Policies {
     pub fn load_with(engine: PolicyEngine, config: &Config) -> Result<Policies, Vec<ConfigProblem>> {
         let mut components: BTreeMap<String, PolicyComponent> = BTreeMap::new();
         let mut domains = BTreeMap::new();
+        let mut tls = BTreeMap::new();
         let mut problems = Vec::new();
         for domain in &config.domains {
+            match OutboundTls::for_domain(domain) {
+                Ok(t) => {
+                    tls.insert(domain.name.clone(), t);
+                }
+                Err(p) => problems.push(p),
+            }
             let location = format!("domain {}: policy", domain.name);
             let component = match components.entry(domain.policy.label()) {
                 Entry::Occupied(e) => e.get().clone(),
@@ -86,7 +96,7 @@ impl Policies {
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(problems);
         }
-        Ok(Policies { engine, domains, bounce })
+        Ok(Policies { engine, domains, tls, bounce })
     }
 
     /// A copy with `domain`'s servers replaced, its policy built anew for them (same
@@ -100,7 +110,7 @@ impl Policies {
             DomainPolicy::new(current.component().clone(), current.domain(), servers, current.settings_json().to_string())?;
         let mut domains = self.domains.clone();
         domains.insert(domain.to_string(), Arc::new(fresh));
-        Ok(Policies { engine: self.engine.clone(), domains, bounce: self.bounce.clone() })
+        Ok(Policies { engine: self.engine.clone(), domains, tls: self.tls.clone(), bounce: self.bounce.clone() })
     }
 
     /// The engine, for reloads.
@@ -111,6 +121,11 @@ impl Policies {
     /// Where a notification to a sender outside the configured domains goes, if anywhere.
     pub fn bounce_route(&self) -> Option<&Arc<DomainPolicy>> {
         self.bounce.as_ref()
+    }
+
+    /// A domain's outbound TLS; opportunistic for anything else (notifications via `bounce_relay`).
+    pub fn tls(&self, domain: &str) -> OutboundTls {
+        self.tls.get(domain).cloned().unwrap_or_else(OutboundTls::opportunistic)
     }
 
     /// The policy of a configured domain.

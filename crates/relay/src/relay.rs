@@ -29,6 +29,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The STARTTLS certificate or key is unusable.
+    #[error("{0}")]
+    Tls(crate::config::ConfigProblem),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -59,6 +62,7 @@ pub struct Relay {
 /// Starts the relay: opens the queue (resuming what it holds), binds the listeners and
 /// starts delivering. Runs until the process ends.
 pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartError> {
+    let tls = crate::tls::acceptor(&config.relay).map_err(StartError::Tls)?;
     static METRICS: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = std::sync::OnceLock::new();
     let metrics = METRICS.get_or_init(crate::admin::install_metrics).clone();
     let (queue, existing) = Queue::open(&config.relay.queue)?;
@@ -83,7 +87,7 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
     tokio::spawn(scheduler.run(events_rx));
 
     let domains: HashSet<String> = config.domains.iter().map(|d| d.name.clone()).collect();
-    let inbound = Arc::new(Inbound::new(config.relay.clone(), domains, queue.clone(), events_tx.clone()));
+    let inbound = Arc::new(Inbound::new(config.relay.clone(), tls, domains, queue.clone(), events_tx.clone()));
     let mut listening = Vec::new();
     let mut listeners = Vec::new();
     for &addr in &config.relay.listen {
@@ -108,12 +112,14 @@ pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartEr
 
 impl Relay {
     /// Applies a changed configuration: domains, server lists, policies and their settings,
-    /// intake limits and `accept_from`, the admin token. Queued and in-flight mail is
+    /// intake limits and `accept_from`, the admin token, the TLS certificate and each domain's TLS. Queued and in-flight mail is
     /// untouched. If any policy fails to load, nothing changes and the problems come back.
     /// Returns notes about settings that only a restart applies.
     pub fn reload(&self, next: Config) -> Result<Vec<String>, Vec<crate::config::ConfigProblem>> {
         let engine = self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).engine().clone();
         let fresh = Policies::load_with(engine, &next)?;
+        // Certificate files are read again, so a renewed certificate takes effect on SIGHUP.
+        let tls = crate::tls::acceptor(&next.relay).map_err(|p| vec![p])?;
         let mut notes = Vec::new();
         {
             let current = self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -124,7 +130,7 @@ impl Relay {
             notes.extend(restart("[delivery]", format!("{:?}", current.delivery) != format!("{:?}", next.delivery)));
         }
         let domains: HashSet<String> = next.domains.iter().map(|d| d.name.clone()).collect();
-        self.inbound.reconfigure(next.relay.clone(), domains);
+        self.inbound.reconfigure(next.relay.clone(), tls, domains);
         *self.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
         *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
         Ok(notes)

@@ -1,0 +1,272 @@
+//! TLS both ways and interop with Postfix: swaks with STARTTLS into the relay, Postfix as
+//! the filtering tier relaying into mxrelay over TLS, and mxrelay delivering to Postfix with
+//! each outbound TLS mode. Certificates are made in the test (rcgen).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+use mxrelay_e2e::certs::TestCa;
+use mxrelay_e2e::postfix::{Listener, Postfix};
+use mxrelay_e2e::{Relay, Sink, assert_exactly_once, domain_block, eventually, free_port, mxrelay, send};
+
+fn swaks(args: &[&str]) -> (bool, String) {
+    let out =
+        Command::new("swaks").args(["--timeout", "10"]).args(args).output().unwrap_or_else(|e| {
+            panic!("cannot run swaks ({e}); install Debian's swaks package (the README's test command does)")
+        });
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn quoted(path: &std::path::Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// A `[[domain]]` with TLS settings and `(port, preference)` servers on 127.0.0.1 or a sink.
+fn tls_domain(name: &str, tls: &str, servers: &[(&str, u16, u16)]) -> String {
+    let mut out = format!("[[domain]]\nname = \"{name}\"\n{tls}\n");
+    for (host, port, pref) in servers {
+        out.push_str(&format!("[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = {pref}\n"));
+    }
+    out
+}
+
+/// An `smtpd` listener with its own name and certificate.
+fn tls_listener(name: &str, cert: &mxrelay_e2e::certs::CertFiles) -> Listener {
+    Listener {
+        port: free_port("127.0.0.1"),
+        options: vec![
+            ("myhostname".into(), name.into()),
+            ("smtpd_tls_security_level".into(), "may".into()),
+            ("smtpd_tls_cert_file".into(), cert.cert.display().to_string()),
+            ("smtpd_tls_key_file".into(), cert.key.display().to_string()),
+        ],
+    }
+}
+
+/// Reads one (possibly multi-line) SMTP reply.
+fn read_reply(reader: &mut BufReader<TcpStream>) -> String {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).expect("read") == 0 {
+            return all;
+        }
+        all.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return all;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_starttls_with_swaks_and_no_command_injection() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("mxrelay test CA");
+    let server = ca.issue(certs.path(), "relay", &["relay.test", "127.0.0.1"]);
+    let sink = Sink::start("127.0.1.110", &[]);
+    let relay = Relay::start_with(
+        &format!("tls_cert = {}\ntls_key = {}", quoted(&server.cert), quoted(&server.key)),
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
+
+    let (ok, out) = swaks(&[
+        "--server",
+        &relay.addr,
+        "--tls",
+        "--from",
+        "a@src.test",
+        "--to",
+        "user@customer.test",
+        "--header",
+        "X-Seq: 1",
+        "--body",
+        "END-OF-MESSAGE 1",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("250-STARTTLS"), "STARTTLS is offered: {out}");
+    assert!(out.contains("TLS started"), "{out}");
+    // Without --tls the same relay still takes mail in clear (STARTTLS is offered, not forced).
+    let (ok, out) = swaks(&[
+        "--server",
+        &relay.addr,
+        "--from",
+        "a@src.test",
+        "--to",
+        "user@customer.test",
+        "--header",
+        "X-Seq: 2",
+        "--body",
+        "END-OF-MESSAGE 2",
+    ]);
+    assert!(ok, "{out}");
+    eventually("both delivered", || sink.count() == 2).await;
+    let dumps = sink.dumps();
+    let tls = dumps.iter().find(|d| d.contains("X-Seq: 1")).expect("message 1");
+    assert!(tls.contains("with ESMTPS (using TLSv1.3"), "RFC 3848 ESMTPS in the Received header: {tls}");
+    let clear = dumps.iter().find(|d| d.contains("X-Seq: 2")).expect("message 2");
+    assert!(clear.contains("(mxrelay) with ESMTP id"), "{clear}");
+
+    // Commands pipelined behind STARTTLS must never be taken as if they came encrypted.
+    let stream = TcpStream::connect(&relay.addr).expect("connect");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    assert!(read_reply(&mut reader).starts_with("220"));
+    writer.write_all(b"EHLO x\r\n").expect("write");
+    assert!(read_reply(&mut reader).contains("STARTTLS"));
+    writer.write_all(b"STARTTLS\r\nMAIL FROM:<a@src.test>\r\n").expect("write");
+    let answer = read_reply(&mut reader);
+    assert!(answer.starts_with("554 5.5.0 improper command pipelining after STARTTLS"), "{answer}");
+    assert_eq!(read_reply(&mut reader), "", "the connection is closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_upstream_relays_into_mxrelay_over_tls() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("mxrelay test CA");
+    let server = ca.issue(certs.path(), "relay", &["relay.test", "127.0.0.1"]);
+    let sink = Sink::start("127.0.1.111", &[]);
+    let relay = Relay::start_with(
+        &format!("tls_cert = {}\ntls_key = {}", quoted(&server.cert), quoted(&server.key)),
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
+    // The filtering tier: Postfix takes the mail and must hand it to mxrelay encrypted.
+    let front = Listener { port: free_port("127.0.0.1"), options: vec![] };
+    let postfix = Postfix::start(
+        &["customer.test"],
+        &relay.addr,
+        std::slice::from_ref(&front),
+        &format!(
+            "smtp_tls_security_level = secure\nsmtp_tls_CAfile = {}\nsmtp_tls_secure_cert_match = relay.test\nsmtp_tls_verify_cert_match = relay.test\nsmtp_tls_loglevel = 1",
+            ca.write(certs.path(), "ca.crt").display()
+        ),
+    );
+    let acked = send(&format!("127.0.0.1:{}", front.port), "user@customer.test", 0..20, 4).await;
+    assert_eq!(acked.len(), 20, "Postfix accepted every message");
+    eventually("all relayed through mxrelay", || sink.count() == 20).await;
+    assert_exactly_once(&[&sink], &acked);
+    for dump in sink.dumps() {
+        assert!(dump.contains("by relay.test (mxrelay) with ESMTPS (using TLSv1."), "{dump}");
+        assert!(dump.contains("by mx.customer.test (Postfix) with ESMTP"), "{dump}");
+    }
+    let log = postfix.log();
+    assert!(log.contains("Verified TLS connection established to 127.0.0.1"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("customer CA");
+    let rogue_ca = TestCa::new("someone else");
+    let good = ca.issue(certs.path(), "good", &["127.0.0.1"]);
+    let rogue = rogue_ca.issue(certs.path(), "rogue", &["127.0.0.1"]);
+    let mailbox = Sink::start("127.0.1.112", &[]);
+    // Tier 10 speaks no TLS at all (smtp-sink offers no STARTTLS).
+    let clear = Sink::start("127.0.1.113", &[]);
+    let (rogue_l, good_l) = (tls_listener("rogue.customer.test", &rogue), tls_listener("good.customer.test", &good));
+    let postfix = Postfix::start(&["customer.test"], &mailbox.addr, &[rogue_l.clone(), good_l.clone()], "");
+    let (clear_host, clear_port) = clear.host_port();
+    let domain = tls_domain(
+        "customer.test",
+        &format!("tls = \"required\"\ntls_ca = {}", quoted(&ca.write(certs.path(), "ca.crt"))),
+        &[(clear_host, clear_port, 10), ("127.0.0.1", rogue_l.port, 20), ("127.0.0.1", good_l.port, 30)],
+    );
+    let relay = Relay::start(&domain, "");
+    let acked = send(&relay.addr, "user@customer.test", 0..10, 2).await;
+    assert_eq!(acked.len(), 10);
+    eventually("all delivered by the verified server", || mailbox.count() == 10).await;
+    assert_exactly_once(&[&mailbox], &acked);
+    assert_eq!(clear.count(), 0, "nothing went to the server without TLS");
+    for dump in mailbox.dumps() {
+        assert!(dump.contains("by good.customer.test (Postfix) with ESMTPS"), "{dump}");
+        assert!(!dump.contains("rogue.customer.test"), "the server with the wrong certificate got it: {dump}");
+    }
+    assert!(!relay.log_lines(&["does not offer STARTTLS, and the domain requires TLS"]).is_empty(), "{}", relay.log_text());
+    assert!(!relay.log_lines(&["invalid peer certificate", "requires TLS"]).is_empty(), "{}", relay.log_text());
+    drop(postfix);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_encrypts_when_offered_and_none_never_does() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    // A self-signed-style certificate nobody vouches for: opportunistic TLS still uses it.
+    let server = TestCa::new("private CA").issue(certs.path(), "mx", &["mx.customer.test"]);
+    let mailbox = Sink::start("127.0.1.114", &[]);
+    let plain = Sink::start("127.0.1.115", &[]);
+    let l = tls_listener("mx.customer.test", &server);
+    let _postfix = Postfix::start(&["may.test", "never.test"], &mailbox.addr, std::slice::from_ref(&l), "");
+    let (plain_host, plain_port) = plain.host_port();
+    let domains = [
+        tls_domain("may.test", "", &[("127.0.0.1", l.port, 10)]),
+        tls_domain("never.test", "tls = \"none\"", &[("127.0.0.1", l.port, 10)]),
+        tls_domain("clear.test", "tls = \"opportunistic\"", &[(plain_host, plain_port, 10)]),
+    ]
+    .concat();
+    let relay = Relay::start(&domains, "");
+    assert_eq!(send(&relay.addr, "user@may.test", 0..3, 1).await.len(), 3);
+    assert_eq!(send(&relay.addr, "user@never.test", 10..13, 1).await.len(), 3);
+    assert_eq!(send(&relay.addr, "user@clear.test", 20..23, 1).await.len(), 3);
+    eventually("all delivered", || mailbox.count() == 6 && plain.count() == 3).await;
+    for dump in mailbox.dumps() {
+        let encrypted = dump.contains("by mx.customer.test (Postfix) with ESMTPS");
+        if dump.contains("To: user@may.test") {
+            assert!(encrypted, "opportunistic uses the offered STARTTLS: {dump}");
+        } else {
+            assert!(!encrypted && dump.contains("with ESMTP id"), "tls = none never starts TLS: {dump}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_falls_back_to_clear_when_the_handshake_fails() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let server = TestCa::new("private CA").issue(certs.path(), "mx", &["127.0.0.1"]);
+    let mailbox = Sink::start("127.0.1.116", &[]);
+    // Offers STARTTLS but only with protocols rustls refuses: every handshake fails.
+    let mut l = tls_listener("old.customer.test", &server);
+    l.options.push(("smtpd_tls_protocols".into(), "<=TLSv1.1".into()));
+    let postfix = Postfix::start(&["may.test", "must.test"], &mailbox.addr, std::slice::from_ref(&l), "");
+    let domains = [
+        tls_domain("may.test", "", &[("127.0.0.1", l.port, 10)]),
+        tls_domain("must.test", "tls = \"required\"", &[("127.0.0.1", l.port, 10)]),
+    ]
+    .concat();
+    let relay = Relay::start(&domains, "retry = [\"1h\"]");
+    assert_eq!(send(&relay.addr, "user@may.test", 0..2, 1).await.len(), 2);
+    assert_eq!(send(&relay.addr, "user@must.test", 10..12, 1).await.len(), 2);
+    eventually("opportunistic mail delivered in clear", || mailbox.count() == 2).await;
+    eventually("required mail deferred", || relay.log_lines(&["deferred"]).len() >= 2).await;
+    assert!(mailbox.dumps().iter().all(|d| d.contains("To: user@may.test")), "required mail must not go out in clear");
+    assert!(!relay.log_lines(&["TLS failed; delivering in clear"]).is_empty(), "{}", relay.log_text());
+    drop(postfix);
+}
+
+#[test]
+fn bad_tls_settings_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").expect("write");
+    let write = |name: &str, relay: &str, domain: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n{relay}\n\n[[domain]]\nname = \"customer.test\"\n{domain}\n[[domain.server]]\nhost = \"192.0.2.1\"\n"
+        );
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let junk = quoted(&junk);
+    let cases = [
+        (write("a.toml", &format!("tls_cert = {junk}"), ""), "relay.tls_key: relay.tls_cert is set"),
+        (write("b.toml", &format!("tls_cert = {junk}\ntls_key = {junk}"), ""), "relay.tls_cert:"),
+        (write("c.toml", "", "tls = \"always\""), "domain customer.test: tls: \"always\" is not a TLS mode"),
+        (write("d.toml", "", &format!("tls_ca = {junk}")), "domain customer.test: tls_ca:"),
+        (write("e.toml", "", "tls = \"none\"\ntls_ca = \"missing.pem\""), "is not a file"),
+    ];
+    for (path, expected) in cases {
+        let (ok, _, err) = mxrelay(&["check", &path]);
+        assert!(!ok, "{path} must be refused");
+        assert!(err.contains(expected), "{path}: expected {expected:?} in:\n{err}");
+    }
+}
