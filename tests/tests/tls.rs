@@ -119,6 +119,41 @@ async fn inbound_starttls_with_swaks_and_no_command_injection() {
     let answer = read_reply(&mut reader);
     assert!(answer.starts_with("554 5.5.0 improper command pipelining after STARTTLS"), "{answer}");
     assert_eq!(read_reply(&mut reader), "", "the connection is closed");
+
+    // A renewed certificate (here from another CA) is picked up on SIGHUP, without a restart.
+    let renewed_ca = TestCa::new("renewal CA");
+    let renewed_ca_file = renewed_ca.write(certs.path(), "renewed-ca.crt");
+    let verify_with_renewed_ca = || {
+        swaks(&[
+            "--server",
+            &relay.addr,
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            &renewed_ca_file.display().to_string(),
+            "--from",
+            "a@src.test",
+            "--to",
+            "user@customer.test",
+            "--quit-after",
+            "EHLO",
+        ])
+    };
+    assert!(!verify_with_renewed_ca().0, "the old certificate does not verify against the new CA");
+    let renewed = renewed_ca.issue(certs.path(), "renewed", &["relay.test", "127.0.0.1"]);
+    // A key that does not fit the certificate is refused, and the old pair stays in service.
+    std::fs::copy(&renewed.key, &server.key).expect("replace key");
+    relay.signal("HUP");
+    eventually("refused", || !relay.log_lines(&["reload refused", "relay.tls_key"]).is_empty()).await;
+    assert!(
+        swaks(&["--server", &relay.addr, "--tls", "--to", "user@customer.test", "--quit-after", "EHLO"]).0,
+        "the old pair still serves"
+    );
+    std::fs::copy(&renewed.cert, &server.cert).expect("replace cert");
+    relay.signal("HUP");
+    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    let (ok, out) = verify_with_renewed_ca();
+    assert!(ok, "the renewed certificate is served after SIGHUP: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
