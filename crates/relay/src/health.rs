@@ -46,12 +46,17 @@ impl Health {
 
     /// Whether the server is currently marked down.
     pub fn is_down(&self, server: &Server) -> bool {
-        self.lock().contains_key(&key(server))
+        let down = self.lock();
+        // Nearly always nothing is down: skip building the key.
+        !down.is_empty() && down.contains_key(&key(server))
     }
 
     /// Indices of the servers in `servers` that are marked down.
     pub fn down_indices(&self, servers: &[Server]) -> Vec<u32> {
         let down = self.lock();
+        if down.is_empty() {
+            return Vec::new();
+        }
         (0..servers.len() as u32).filter(|&i| down.contains_key(&key(&servers[i as usize]))).collect()
     }
 

@@ -101,6 +101,9 @@ enum Attempt {
     Stale(String),
 }
 
+/// The connection failed before the server replied to anything in this transaction.
+struct NoReply(String);
+
 /// A connection to a server, in clear or after STARTTLS.
 enum Conn {
     Plain(TcpStream),
@@ -388,21 +391,14 @@ impl Transport {
 
     async fn transaction(&self, key: &PoolKey, s: Session, msg: &Outgoing<'_>) -> Attempt {
         let reused = s.sent > 0;
-        let mut failed_before_reply = None;
-        let verdict = self.transaction_inner(key, s, msg, &mut failed_before_reply).await;
-        match failed_before_reply {
-            Some(why) if reused => Attempt::Stale(why),
-            _ => Attempt::Verdict(verdict),
+        match self.transaction_inner(key, s, msg).await {
+            Ok(verdict) => Attempt::Verdict(verdict),
+            Err(NoReply(why)) if reused => Attempt::Stale(why),
+            Err(NoReply(why)) => Attempt::Verdict(ServerVerdict::SessionFailed(format!("{}: connection lost: {why}", key.0))),
         }
     }
 
-    async fn transaction_inner(
-        &self,
-        key: &PoolKey,
-        mut s: Session,
-        msg: &Outgoing<'_>,
-        failed_before_reply: &mut Option<String>,
-    ) -> ServerVerdict {
+    async fn transaction_inner(&self, key: &PoolKey, mut s: Session, msg: &Outgoing<'_>) -> Result<ServerVerdict, NoReply> {
         let addr = key.0;
         let mut mail = format!("MAIL FROM:<{}>", msg.sender);
         if s.capabilities & EXT_SIZE != 0 {
@@ -415,7 +411,9 @@ impl Transport {
         let utf8_envelope = !msg.sender.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
         if utf8_envelope {
             if s.capabilities & EXT_SMTP_UTF8 == 0 {
-                return ServerVerdict::PermFailed(format!("{addr}: the address needs SMTPUTF8, which the server does not offer"));
+                return Ok(ServerVerdict::PermFailed(format!(
+                    "{addr}: the address needs SMTPUTF8, which the server does not offer"
+                )));
             }
             mail.push_str(" SMTPUTF8");
         }
@@ -436,10 +434,7 @@ impl Transport {
             .unwrap_or(Err(mail_send::Error::Timeout));
             match sent {
                 Ok(r) => r,
-                Err(e) => {
-                    *failed_before_reply = Some(error_text(&e));
-                    return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
-                }
+                Err(e) => return Err(NoReply(error_text(&e))),
             }
         } else {
             let mut replies = Vec::with_capacity(commands.len());
@@ -452,24 +447,22 @@ impl Transport {
                             break;
                         }
                     }
+                    Err(e) if i == 0 => return Err(NoReply(error_text(&e))),
                     Err(e) => {
-                        if i == 0 {
-                            *failed_before_reply = Some(error_text(&e));
-                        }
-                        return ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e)));
+                        return Ok(ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e))));
                     }
                 }
             }
             replies
         };
         if let Some(r) = replies.iter().find(|r| r.code == 421) {
-            return ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r)));
+            return Ok(ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r))));
         }
         let mail_reply = &replies[0];
         if mail_reply.code >= 400 {
             self.reset(key, s).await;
             let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
-            return if mail_reply.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
+            return Ok(if mail_reply.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) });
         }
         let rcpts: Vec<RcptVerdict> = msg
             .recipients
@@ -492,16 +485,16 @@ impl Transport {
                 let _ = s.client.read().await;
             }
             self.reset(key, s).await;
-            return ServerVerdict::Completed { rcpts, reply: String::new() };
+            return Ok(ServerVerdict::Completed { rcpts, reply: String::new() });
         }
         match data_reply {
             Some(r) if r.code == 354 => {}
             Some(r) => {
                 self.reset(key, s).await;
                 let text = format!("{addr}: DATA: {}", reply_text(r));
-                return if r.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) };
+                return Ok(if r.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) });
             }
-            None => return ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")),
+            None => return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA"))),
         }
         let mut wire = Vec::new();
         dot_stuff(msg.data, &mut wire);
@@ -510,14 +503,14 @@ impl Transport {
             s.client.stream.flush().await
         };
         if let Err(e) = tokio::time::timeout(self.data_timeout, sent).await.unwrap_or(Err(std::io::ErrorKind::TimedOut.into())) {
-            return ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}"));
+            return Ok(ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}")));
         }
         let final_reply = match tokio::time::timeout(self.data_timeout, s.client.read()).await {
             Err(_) => {
-                return ServerVerdict::Unknown(format!("{addr}: no reply to the final dot within {:?}", self.data_timeout));
+                return Ok(ServerVerdict::Unknown(format!("{addr}: no reply to the final dot within {:?}", self.data_timeout)));
             }
             Ok(Err(e)) => {
-                return ServerVerdict::Unknown(format!("{addr}: after the final dot: {}", error_text(&e)));
+                return Ok(ServerVerdict::Unknown(format!("{addr}: after the final dot: {}", error_text(&e))));
             }
             Ok(Ok(r)) => r,
         };
@@ -525,7 +518,7 @@ impl Transport {
             Some(tls) => format!("{addr} ({tls}): {}", reply_text(&final_reply)),
             None => format!("{addr}: {}", reply_text(&final_reply)),
         };
-        match final_reply.code {
+        Ok(match final_reply.code {
             200..=299 => {
                 s.sent += 1;
                 self.put_idle(key, s);
@@ -540,7 +533,7 @@ impl Transport {
                 self.put_idle(key, s);
                 ServerVerdict::PermFailed(text)
             }
-        }
+        })
     }
 
     /// Ends a failed transaction and keeps the connection if the server agrees.
