@@ -343,6 +343,15 @@ pub fn mxrelay(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs Debian's `swaks` (a real SMTP client) with `args`; returns success and its output.
+pub fn swaks(args: &[&str]) -> (bool, String) {
+    let out =
+        Command::new("swaks").args(["--timeout", "10"]).args(args).output().unwrap_or_else(|e| {
+            panic!("cannot run swaks ({e}); install Debian's swaks package (the README's test command does)")
+        });
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
 /// A `[[domain]]` block for `name` with `(sink, preference)` servers.
 pub fn domain_block(name: &str, servers: &[(&Sink, u16)]) -> String {
     let mut out = format!("[[domain]]\nname = \"{name}\"\n");

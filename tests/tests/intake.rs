@@ -1,17 +1,7 @@
 //! Receiving: no open relay, accept_from, size limits, ESMTP extensions, with swaks as the
 //! sending client.
 
-use std::process::Command;
-
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, wait_until};
-
-fn swaks(args: &[&str]) -> (bool, String) {
-    let out =
-        Command::new("swaks").args(["--timeout", "10"]).args(args).output().unwrap_or_else(|e| {
-            panic!("cannot run swaks ({e}); install Debian's swaks package (the README's test command does)")
-        });
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-}
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, swaks, wait_until};
 
 #[test]
 fn refuses_foreign_domains_and_accepts_customer_domains() {

@@ -4,19 +4,11 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::Command;
 
+use mxrelay_e2e::certs::CertFiles;
 use mxrelay_e2e::certs::TestCa;
 use mxrelay_e2e::postfix::{Listener, Postfix};
-use mxrelay_e2e::{Relay, Sink, assert_exactly_once, domain_block, eventually, free_port, mxrelay, send};
-
-fn swaks(args: &[&str]) -> (bool, String) {
-    let out =
-        Command::new("swaks").args(["--timeout", "10"]).args(args).output().unwrap_or_else(|e| {
-            panic!("cannot run swaks ({e}); install Debian's swaks package (the README's test command does)")
-        });
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-}
+use mxrelay_e2e::{Relay, Sink, assert_exactly_once, domain_block, eventually, free_port, mxrelay, send, swaks};
 
 fn quoted(path: &std::path::Path) -> String {
     format!("{:?}", path.display().to_string())
@@ -59,17 +51,32 @@ fn read_reply(reader: &mut BufReader<TcpStream>) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inbound_starttls_with_swaks_and_no_command_injection() {
+/// A relay offering STARTTLS with a certificate from a fresh test CA, delivering
+/// customer.test to a sink on `sink_ip`.
+struct TlsRelay {
+    certs: tempfile::TempDir,
+    ca: TestCa,
+    server: CertFiles,
+    sink: Sink,
+    relay: Relay,
+}
+
+fn tls_relay(sink_ip: &str) -> TlsRelay {
     let certs = tempfile::tempdir().expect("tempdir");
     let ca = TestCa::new("mxrelay test CA");
     let server = ca.issue(certs.path(), "relay", &["relay.test", "127.0.0.1"]);
-    let sink = Sink::start("127.0.1.110", &[]);
+    let sink = Sink::start(sink_ip, &[]);
     let relay = Relay::start_with(
         &format!("tls_cert = {}\ntls_key = {}", quoted(&server.cert), quoted(&server.key)),
         &domain_block("customer.test", &[(&sink, 10)]),
         "",
     );
+    TlsRelay { certs, ca, server, sink, relay }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_starttls_with_swaks_and_no_command_injection() {
+    let TlsRelay { certs, server, sink, relay, .. } = tls_relay("127.0.1.110");
 
     let (ok, out) = swaks(&[
         "--server",
@@ -158,15 +165,7 @@ async fn inbound_starttls_with_swaks_and_no_command_injection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_upstream_relays_into_mxrelay_over_tls() {
-    let certs = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new("mxrelay test CA");
-    let server = ca.issue(certs.path(), "relay", &["relay.test", "127.0.0.1"]);
-    let sink = Sink::start("127.0.1.111", &[]);
-    let relay = Relay::start_with(
-        &format!("tls_cert = {}\ntls_key = {}", quoted(&server.cert), quoted(&server.key)),
-        &domain_block("customer.test", &[(&sink, 10)]),
-        "",
-    );
+    let TlsRelay { certs, ca, sink, relay, .. } = tls_relay("127.0.1.111");
     // The filtering tier: Postfix takes the mail and must hand it to mxrelay encrypted.
     let front = Listener { port: free_port("127.0.0.1"), options: vec![] };
     let postfix = Postfix::start(
