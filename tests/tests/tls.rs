@@ -8,7 +8,9 @@ use std::net::TcpStream;
 use mxrelay_e2e::certs::CertFiles;
 use mxrelay_e2e::certs::TestCa;
 use mxrelay_e2e::postfix::{Listener, Postfix};
-use mxrelay_e2e::{Relay, Sink, assert_exactly_once, domain_block, eventually, free_port, mxrelay, send, swaks};
+use mxrelay_e2e::{
+    Relay, Sink, assert_exactly_once, domain_block, eventually, free_port, http_get, metric, mxrelay, send, swaks,
+};
 
 fn quoted(path: &std::path::Path) -> String {
     format!("{:?}", path.display().to_string())
@@ -207,7 +209,7 @@ async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
         &format!("tls = \"required\"\ntls_ca = {}", quoted(&ca.write(certs.path(), "ca.crt"))),
         &[(clear_host, clear_port, 10), ("127.0.0.1", rogue_l.port, 20), ("127.0.0.1", good_l.port, 30)],
     );
-    let relay = Relay::start(&domain, "");
+    let relay = Relay::start_with(&format!("admin_listen = \"127.0.0.1:{}\"", free_port("127.0.0.1")), &domain, "");
     let acked = send(&relay.addr, "user@customer.test", 0..10, 2).await;
     assert_eq!(acked.len(), 10);
     eventually("all delivered by the verified server", || mailbox.count() == 10).await;
@@ -219,6 +221,11 @@ async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
     }
     assert!(!relay.log_lines(&["does not offer STARTTLS, and the domain requires TLS"]).is_empty(), "{}", relay.log_text());
     assert!(!relay.log_lines(&["invalid peer certificate", "requires TLS"]).is_empty(), "{}", relay.log_text());
+    let metrics = http_get(&relay.admin_addr(), "/metrics");
+    let series = |result: &str| metric(&metrics, &format!("mxrelay_outbound_connections_total{{result=\"{result}\"}}"));
+    assert!(series("encrypted").is_some_and(|n| n >= 1.0), "{metrics}");
+    assert!(series("failed").is_some_and(|n| n >= 2.0), "the sink without TLS and the rogue server: {metrics}");
+    assert_eq!(series("clear"), None, "no connection went on in clear: {metrics}");
     drop(postfix);
 }
 

@@ -296,8 +296,19 @@ impl Transport {
         Ok((client, ehlo.capabilities))
     }
 
-    /// A new session with the TLS the domain asks for.
+    /// A new session with the TLS the domain asks for, counted by how it ended up.
     async fn open(&self, addr: SocketAddr, tls: TlsTarget<'_>) -> Result<Session, ServerVerdict> {
+        let opened = self.negotiate(addr, tls).await;
+        let result = match &opened {
+            Ok(Session { tls: Some(_), .. }) => "encrypted",
+            Ok(Session { tls: None, .. }) => "clear",
+            Err(_) => "failed",
+        };
+        metrics::counter!("mxrelay_outbound_connections_total", "result" => result).increment(1);
+        opened
+    }
+
+    async fn negotiate(&self, addr: SocketAddr, tls: TlsTarget<'_>) -> Result<Session, ServerVerdict> {
         let plain = |client: SmtpClient<TcpStream>, capabilities| Session {
             client: SmtpClient { stream: Conn::Plain(client.stream), timeout: client.timeout },
             capabilities,
