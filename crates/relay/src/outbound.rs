@@ -381,7 +381,13 @@ impl Transport {
 
     /// Offers `msg` to one address: a reused connection when one is idle, else a new one.
     pub async fn send(&self, addr: SocketAddr, msg: &Outgoing<'_>, tls: TlsTarget<'_>) -> ServerVerdict {
-        let key: PoolKey = (addr, tls.settings.pool_key().clone());
+        // A verified session was checked against one host name: reuse it only for that name.
+        let pool = if tls.settings.verified {
+            format!("{} {}", tls.settings.pool_key(), tls.host).into()
+        } else {
+            tls.settings.pool_key().clone()
+        };
+        let key: PoolKey = (addr, pool);
         if let Some(session) = self.take_idle(&key) {
             match self.transaction(&key, session, msg).await {
                 Attempt::Verdict(verdict) => return verdict,
