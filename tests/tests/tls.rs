@@ -302,7 +302,8 @@ fn bad_tls_settings_are_refused_naming_the_key() {
         (write("a.toml", &format!("tls_cert = {junk}"), ""), "relay.tls_key: relay.tls_cert is set"),
         (write("b.toml", &format!("tls_cert = {junk}\ntls_key = {junk}"), ""), "relay.tls_cert:"),
         (write("c.toml", "", "tls = \"always\""), "domain customer.test: tls: \"always\" is not a TLS mode"),
-        (write("d.toml", "", &format!("tls_ca = {junk}")), "domain customer.test: tls_ca:"),
+        (write("d.toml", "", &format!("tls = \"required\"\ntls_ca = {junk}")), "domain customer.test: tls_ca:"),
+        (write("f.toml", "", &format!("tls_ca = {junk}")), "checks certificates only with tls = \"required\""),
         (write("e.toml", "", "tls = \"none\"\ntls_ca = \"missing.pem\""), "is not a file"),
     ];
     for (path, expected) in cases {

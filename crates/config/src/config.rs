@@ -638,10 +638,13 @@ fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<Config
             if !ca.is_file() {
                 problems.push(error(format!("{location}: tls_ca"), format!("{} is not a file", ca.display())));
             }
-            if tls == TlsMode::None {
+            if tls != TlsMode::Required {
                 problems.push(error(
                     format!("{location}: tls_ca"),
-                    "tls = \"none\" never checks a certificate; remove tls_ca or change tls",
+                    format!(
+                        "checks certificates only with tls = \"required\" (with \"{}\" a failed check would still deliver); set tls = \"required\" or remove tls_ca",
+                        tls.as_str()
+                    ),
                 ));
             }
         }
