@@ -3,7 +3,9 @@
 //! preferred tier mid-stream moves every message exactly once to the next tier, and that
 //! traffic returns when the tier comes back.
 
-use mxrelay_e2e::{Relay, Sink, assert_exactly_once, domain_block, eventually, send};
+use mxrelay_e2e::{
+    Relay, Sink, assert_delivered, assert_exactly_once, domain_block, eventually, received_by_all, send, unanswered_final_dots,
+};
 
 /// Deferred mail would wait an hour: within the test only a recovery can deliver it.
 const DELIVERY: &str = "retry = [\"1h\"]";
@@ -29,7 +31,8 @@ async fn s1_one_server_queues_while_down_and_drains_when_it_returns() {
     assert_eq!(acked.len(), 600, "the relay accepts while the server is down");
     mx.restart();
     eventually("queued mail delivered once the server answers again", || mx.received().len() == 600).await;
-    assert_exactly_once(&[&mx], &acked);
+    // A delivery cut off after its final dot may repeat: the server may have kept it.
+    assert_delivered(&[&mx], &acked, unanswered_final_dots(&relay));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,8 +49,13 @@ async fn s2_primary_and_backup_fail_over_and_back() {
     eventually("mid-stream", || primary.count() >= 150).await;
     primary.kill();
     acked.extend(sender.await.expect("sender"));
-    eventually("all 500 delivered", || primary.received().len() + backup.received().len() == 500).await;
-    assert_exactly_once(&[&primary, &backup], &acked);
+    // A delivery whose final dot the primary never answered waits for it to come back (it
+    // may have the message); everything else is at the backup, once.
+    eventually("all 500 delivered or waiting for the primary", || {
+        received(&[&primary, &backup]) + unanswered_final_dots(&relay) >= 500
+    })
+    .await;
+    assert!(received_by_all(&[&primary, &backup]).values().all(|n| *n == 1), "nothing arrived twice so far");
     assert!(backup.count() >= 250, "the backup took over: {}", backup.count());
     // Health memory: once marked down, the dead primary costs no connection per message
     // (Postfix probes it again for every new connection). Only deliveries already on their
@@ -65,7 +73,8 @@ async fn s2_primary_and_backup_fail_over_and_back() {
     eventually("new mail at the primary", || primary.received().keys().filter(|s| **s >= 500).count() == 100).await;
     assert_eq!(backup.count(), before, "traffic returned to the primary");
     acked.extend(back);
-    assert_exactly_once(&[&primary, &backup], &acked);
+    eventually("all 600 delivered", || received(&[&primary, &backup]) == 600).await;
+    assert_delivered(&[&primary, &backup], &acked, unanswered_final_dots(&relay));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,8 +107,12 @@ async fn s4_two_balanced_fail_over_to_the_third_and_back() {
     a.kill();
     b.kill();
     acked.extend(sender.await.expect("sender"));
-    eventually("all 1000 delivered", || a.received().len() + b.received().len() + c.received().len() == 1000).await;
-    assert_exactly_once(&[&a, &b, &c], &acked);
+    // Deliveries whose final dot a dying primary never answered wait for it (see s2).
+    eventually("all 1000 delivered or waiting for the primaries", || {
+        received(&[&a, &b, &c]) + unanswered_final_dots(&relay) >= 1000
+    })
+    .await;
+    assert!(received_by_all(&[&a, &b, &c]).values().all(|n| *n == 1), "nothing arrived twice so far");
     assert!(c.count() >= 300, "the third server took over: {}", c.count());
 
     a.restart();
@@ -113,7 +126,7 @@ async fn s4_two_balanced_fail_over_to_the_third_and_back() {
     acked.extend(send(&relay.addr, RCPT, 1000..1200, 10).await);
     eventually("1200 delivered", || received(&[&a, &b, &c]) == 1200).await;
     assert_eq!(c.count(), before, "traffic returned to the primaries");
-    assert_exactly_once(&[&a, &b, &c], &acked);
+    assert_delivered(&[&a, &b, &c], &acked, unanswered_final_dots(&relay));
 }
 
 fn received(sinks: &[&Sink]) -> usize {
