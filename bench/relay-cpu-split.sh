@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# mxrelay's own CPU per message, intake and delivery measured apart (its /proc CPU time).
+#   usage: bench/relay-cpu-split.sh        env: N=5000 SIZE=2048 SESS=20 RUNS=3
+# Intake: smtp-source -> mxrelay while the two servers are down (mail stays queued).
+# Delivery: the two smtp-sinks start; the relay's probe sees them and drains the queue.
+# Prints msg/s and µs of mxrelay CPU per message for each phase, per run.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
+source "$SHARED/lib.sh"
+N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
+BIN=$ROOT/target/release/mxrelay
+[ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
+W=$(mktemp -d); P=
+trap '[ -n "$P" ] && kill $P 2>/dev/null; sinks_stop_all; rm -rf $W' EXIT
+cat > "$W/relay.toml" <<TOML
+[relay]
+hostname = "mxrelay.test"
+listen = ["127.0.0.1:2626"]
+queue = "queue"
+[delivery]
+probe_interval = "300ms"
+[[domain]]
+name = "customer.test"
+[[domain.server]]
+host = "127.0.1.1"
+preference = 10
+[[domain.server]]
+host = "127.0.1.2"
+preference = 10
+TOML
+cpu() { awk '{print ($14+$15)/100}' "/proc/$P/stat"; }
+rate() { awk -v n="$N" -v t="$1" 'BEGIN{printf "%.0f", n/t}'; }
+per_msg() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/n}'; }
+for i in $(seq "$RUNS"); do
+  sinks_stop_all; rm -rf "$W/queue"
+  MXRELAY_LOG=info "$BIN" run "$W/relay.toml" 2> "$W/log" & P=$!
+  until grep -q "mxrelay ready" "$W/log"; do sleep 0.05; done
+  c0=$(cpu); t0=$(now)
+  smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test 127.0.0.1:2626
+  ta=$(now); c1=$(cpu)
+  sleep 0.5; c2=$(cpu)   # settle: the deferrals of the last messages
+  t1=$(now); sink_start 127.0.1.1; sink_start 127.0.1.2
+  until [ "$(sinks_total 127.0.1.1 127.0.1.2)" -ge "$N" ]; do sleep 0.02; done
+  te=$(now); c3=$(cpu)
+  echo "run $i: intake $(rate "$(elapsed "$t0" "$ta")") msg/s, $(per_msg "$c0" "$c1") µs CPU/msg | delivery $(rate "$(elapsed "$t1" "$te")") msg/s, $(per_msg "$c2" "$c3") µs CPU/msg"
+  kill $P; wait $P 2>/dev/null; P=
+done
