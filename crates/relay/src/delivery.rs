@@ -2,7 +2,6 @@
 //! servers' verdicts into an outcome for every recipient.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mxrelay_policy_core::mix64;
@@ -71,7 +70,7 @@ pub struct Deliverer {
     health: Health,
     concurrency_per_server: u32,
     per_server: Mutex<HashMap<String, Arc<Semaphore>>>,
-    seeds: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    seeds: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -103,9 +102,13 @@ impl Deliverer {
 
     fn limit(&self, server_key: &str) -> Arc<Semaphore> {
         let mut map = self.per_server.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(server_key.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency_per_server as usize)))
-            .clone()
+        // Looked up before inserting: this runs per message, the key is new only once.
+        if let Some(limit) = map.get(server_key) {
+            return limit.clone();
+        }
+        let limit = Arc::new(Semaphore::new(self.concurrency_per_server as usize));
+        map.insert(server_key.to_string(), limit.clone());
+        limit
     }
 
     /// Consecutive seeds per domain: the core's Weyl sequence then gives each server of a tier
@@ -113,12 +116,13 @@ impl Deliverer {
     /// restarts do not always favour the same server.
     fn next_seed(&self, domain: &str) -> u64 {
         let mut map = self.seeds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let counter = map
-            .entry(domain.to_string())
-            .or_insert_with(|| Arc::new(AtomicU64::new(mix64(now_ms() ^ mix64(domain.len() as u64)))))
-            .clone();
-        drop(map);
-        counter.fetch_add(1, Ordering::Relaxed)
+        if let Some(next) = map.get_mut(domain) {
+            *next = next.wrapping_add(1);
+            return *next;
+        }
+        let start = mix64(now_ms() ^ mix64(domain.len() as u64));
+        map.insert(domain.to_string(), start);
+        start
     }
 
     /// Runs one delivery of `env` with its `data`.

@@ -226,12 +226,16 @@ impl Scheduler {
                 self.check_drained();
             }
             Event::Recovered(server_key) => {
+                // Which domains list the server, decided once per domain, not per envelope.
                 let policies = self.deliverer.policies();
+                let mut lists_server: HashMap<&str, bool> = HashMap::new();
                 let ids: Vec<u64> = self
                     .entries
                     .values()
                     .filter(|e| {
-                        policies.domain(&e.domain).is_some_and(|p| p.servers().iter().any(|s| health::key(s) == server_key))
+                        *lists_server.entry(e.domain.as_str()).or_insert_with(|| {
+                            policies.domain(&e.domain).is_some_and(|p| p.servers().iter().any(|s| health::key(s) == server_key))
+                        })
                     })
                     .map(|e| e.id)
                     .collect();
