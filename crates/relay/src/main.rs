@@ -131,8 +131,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the config and its policies; prints problems one per line to stderr.
-fn load(path: &Path) -> Option<(Config, Policies)> {
+/// A configuration with everything it refers to loaded: policies and the STARTTLS identity.
+struct Loaded {
+    config: Config,
+    policies: Policies,
+    tls: Option<mxrelay::tls::TlsAcceptor>,
+}
+
+/// Loads the config, its policies and its certificate; prints problems one per line to stderr.
+fn load(path: &Path) -> Option<Loaded> {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(ConfigError::Invalid { problems }) => {
@@ -145,16 +152,10 @@ fn load(path: &Path) -> Option<(Config, Policies)> {
         }
     };
     print_problems(&config.warnings);
-    let policies = Policies::load(&config);
-    let tls = mxrelay::tls::acceptor(&config.relay).map_err(|p| vec![p]);
-    match (policies, tls) {
-        (Ok(p), Ok(_)) => Some((config, p)),
-        (Err(mut problems), tls) => {
-            problems.extend(tls.err().into_iter().flatten());
-            print_problems(&problems);
-            None
-        }
-        (Ok(_), Err(problems)) => {
+    match (Policies::load(&config), mxrelay::tls::acceptor(&config.relay)) {
+        (Ok(policies), Ok(tls)) => Some(Loaded { config, policies, tls }),
+        (policies, tls) => {
+            let problems: Vec<ConfigProblem> = policies.err().into_iter().flatten().chain(tls.err()).collect();
             print_problems(&problems);
             None
         }
@@ -177,7 +178,7 @@ fn run(path: &Path) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let Some((config, policies)) = load(path) else {
+    let Some(Loaded { config, policies, tls }) = load(path) else {
         return ExitCode::FAILURE;
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -188,7 +189,7 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let relay = match mxrelay::relay::start(&config, policies).await {
+        let relay = match mxrelay::relay::start(&config, policies, tls).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -291,7 +292,7 @@ fn queue(command: QueueCommand) -> ExitCode {
 
 fn check(path: &Path) -> ExitCode {
     match load(path) {
-        Some((config, _)) => {
+        Some(Loaded { config, .. }) => {
             let servers: usize = config.domains.iter().map(|d| d.servers.len()).sum();
             println!("{}: ok ({} domains, {servers} servers)", path.display(), config.domains.len());
             ExitCode::SUCCESS
@@ -311,7 +312,7 @@ struct PlanOptions<'a> {
 
 fn plan(path: &Path, domain: &str, opts: PlanOptions<'_>) -> ExitCode {
     let PlanOptions { messages, down, now_ms, rcpt, json } = opts;
-    let Some((config, policies)) = load(path) else {
+    let Some(Loaded { config, policies, .. }) = load(path) else {
         return ExitCode::FAILURE;
     };
     let Some(domain_config) = config.domain(domain) else {

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
+use crate::tls::TlsAcceptor;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -29,9 +30,6 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The STARTTLS certificate or key is unusable.
-    #[error("{0}")]
-    Tls(crate::config::ConfigProblem),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -59,10 +57,10 @@ pub struct Relay {
     pub listening: Vec<std::net::SocketAddr>,
 }
 
-/// Starts the relay: opens the queue (resuming what it holds), binds the listeners and
-/// starts delivering. Runs until the process ends.
-pub async fn start(config: &Config, policies: Policies) -> Result<Relay, StartError> {
-    let tls = crate::tls::acceptor(&config.relay).map_err(StartError::Tls)?;
+/// Starts the relay with `policies` and the STARTTLS acceptor `tls` loaded from `config`
+/// ([`crate::tls::acceptor`]): opens the queue (resuming what it holds), binds the listeners
+/// and starts delivering. Runs until the process ends.
+pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>) -> Result<Relay, StartError> {
     static METRICS: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = std::sync::OnceLock::new();
     let metrics = METRICS.get_or_init(crate::admin::install_metrics).clone();
     let (queue, existing) = Queue::open(&config.relay.queue)?;

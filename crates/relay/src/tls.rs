@@ -14,7 +14,8 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::{ClientConfig, CommonState, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+pub use tokio_rustls::TlsAcceptor;
+use tokio_rustls::TlsConnector;
 
 use crate::config::{ConfigProblem, DomainConfig, RelayConfig, TlsMode};
 use mxrelay_policy_core::Severity;
