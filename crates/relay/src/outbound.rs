@@ -161,6 +161,17 @@ enum StartTlsFailure {
 /// Idle connections are kept per address and per TLS settings.
 type PoolKey = (SocketAddr, Arc<str>);
 
+/// Where a session to `addr` with `tls` may be reused. A verified session was checked
+/// against one host name, so it is reused only for that name.
+fn pool_key(addr: SocketAddr, tls: TlsTarget<'_>) -> PoolKey {
+    let pool = if tls.settings.verified {
+        format!("{} {}", tls.settings.pool_key(), tls.host).into()
+    } else {
+        tls.settings.pool_key().clone()
+    };
+    (addr, pool)
+}
+
 /// Resolves servers, keeps idle connections and runs transactions.
 pub struct Transport {
     hostname: String,
@@ -381,13 +392,7 @@ impl Transport {
 
     /// Offers `msg` to one address: a reused connection when one is idle, else a new one.
     pub async fn send(&self, addr: SocketAddr, msg: &Outgoing<'_>, tls: TlsTarget<'_>) -> ServerVerdict {
-        // A verified session was checked against one host name: reuse it only for that name.
-        let pool = if tls.settings.verified {
-            format!("{} {}", tls.settings.pool_key(), tls.host).into()
-        } else {
-            tls.settings.pool_key().clone()
-        };
-        let key: PoolKey = (addr, pool);
+        let key = pool_key(addr, tls);
         if let Some(session) = self.take_idle(&key) {
             match self.transaction(&key, session, msg).await {
                 Attempt::Verdict(verdict) => return verdict,
@@ -569,5 +574,46 @@ impl Transport {
             .map_err(|e| error_text(&e))?;
         let _ = client.stream.write_all(b"QUIT\r\n").await;
         if greeting.code == 220 { Ok(()) } else { Err(reply_text(&greeting)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DomainConfig, PolicySource};
+
+    fn domain(tls: TlsMode, tls_ca: Option<std::path::PathBuf>) -> DomainConfig {
+        DomainConfig {
+            name: "customer.test".into(),
+            policy: PolicySource::Builtin,
+            policy_settings_json: "{}".into(),
+            servers: vec![],
+            tls,
+            tls_ca,
+        }
+    }
+
+    #[test]
+    fn verified_sessions_are_pooled_per_host_name_and_others_per_setting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, params.self_signed(&key).expect("ca").pem()).expect("write");
+        let verified = OutboundTls::for_domain(&domain(TlsMode::Required, Some(ca))).expect("verified");
+        let encrypted = OutboundTls::for_domain(&domain(TlsMode::Required, None)).expect("encrypt");
+        let opportunistic = OutboundTls::for_domain(&domain(TlsMode::Opportunistic, None)).expect("may");
+        let addr: SocketAddr = "192.0.2.1:25".parse().expect("addr");
+        let key = |settings: &OutboundTls, host: &str| pool_key(addr, TlsTarget { settings, host });
+
+        assert_ne!(key(&verified, "mx1.customer.test"), key(&verified, "mx2.customer.test"), "checked against one name");
+        assert_eq!(key(&encrypted, "mx1.customer.test"), key(&encrypted, "mx2.customer.test"), "no name was checked");
+        assert_ne!(
+            key(&encrypted, "mx1.customer.test"),
+            key(&opportunistic, "mx1.customer.test"),
+            "a clear session never serves required"
+        );
+        assert_ne!(key(&verified, "mx1.customer.test"), key(&encrypted, "mx1.customer.test"));
     }
 }
