@@ -136,7 +136,6 @@ impl Scheduler {
             self.ready.push_back(env.id);
             self.entries.insert(env.id, env);
         }
-        metrics::gauge!("mxrelay_queue_size").set(self.entries.len() as f64);
     }
 
     /// Runs until `rx` closes.
@@ -323,7 +322,6 @@ impl Scheduler {
             self.entries.remove(&env.id);
             self.fresh.remove(&env.id);
             self.notify(&env, Action::Failed, failed, true);
-            metrics::gauge!("mxrelay_queue_size").set(self.entries.len() as f64);
             return;
         };
         self.notify(&env, Action::Failed, failed, false);
@@ -369,7 +367,6 @@ impl Scheduler {
             }
             self.entries.insert(env.id, env);
         }
-        metrics::gauge!("mxrelay_queue_size").set(self.entries.len() as f64);
     }
 
     /// Queues a notification to the sender of `env` about `recipients` (nothing to report:
