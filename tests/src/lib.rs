@@ -298,12 +298,25 @@ impl Drop for Relay {
 
 /// `GET path` from an HTTP server on `addr`; returns the body.
 pub fn http_get(addr: &str, path: &str) -> String {
+    http_request(addr, "GET", path, None, "").1
+}
+
+/// One HTTP/1.1 request, with a bearer `token` when given; returns the status and the body.
+pub fn http_request(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write request");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write request");
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    // The server may close before reading an oversized body; what it answered is still there.
+    let _ = stream.read_to_string(&mut response);
+    let status = response.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
 }
 
 /// The value of a Prometheus sample whose line starts with `series` (name and labels).

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, eventually, free_port};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, eventually, free_port, http_request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -284,7 +284,6 @@ impl Drop for KillOnDrop {
 /// The admin API refuses bodies over its limit.
 #[test]
 fn admin_requests_are_size_limited() {
-    use std::io::{Read, Write};
     let sink = Sink::start("127.0.1.77", &[]);
     let relay = Relay::start_with(
         "admin_listen = \"127.0.0.1:0\"\nadmin_token = \"0123456789abcdef0123\"",
@@ -292,14 +291,38 @@ fn admin_requests_are_size_limited() {
         "",
     );
     let body = format!("[{}]", vec!["{\"host\":\"mx.example.com\"}"; 5000].join(","));
-    let mut s = std::net::TcpStream::connect(relay.admin_addr()).expect("connect");
-    write!(
-        s,
-        "PUT /api/domains/customer.test/servers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer 0123456789abcdef0123\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response);
-    assert!(response.starts_with("HTTP/1.1 413"), "{}", &response[..response.len().min(200)]);
+    let (status, _) =
+        http_request(&relay.admin_addr(), "PUT", "/api/domains/customer.test/servers", Some("0123456789abcdef0123"), &body);
+    assert_eq!(status, 413);
+}
+
+/// No API read or write without the token, on every route; none at all without a token set.
+#[test]
+fn every_api_route_needs_the_token() {
+    const TOKEN: &str = "0123456789abcdef0123";
+    let sink = Sink::start("127.0.1.78", &[]);
+    let block = domain_block("customer.test", &[(&sink, 10)]);
+    let relay = Relay::start_with(&format!("admin_listen = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\""), &block, "");
+    let admin = relay.admin_addr();
+    let servers = r#"[{"host":"mx.example.com"}]"#;
+    let routes = [
+        ("GET", "/api/domains", ""),
+        ("GET", "/api/domains/customer.test/servers", ""),
+        ("PUT", "/api/domains/customer.test/servers", servers),
+        ("GET", "/api/queue", ""),
+        ("POST", "/api/queue/retry", "{}"),
+        ("DELETE", "/api/queue/0000000000000001", ""),
+    ];
+    for (method, path, body) in routes {
+        assert_eq!(http_request(&admin, method, path, None, body).0, 401, "{method} {path} without a token");
+        assert_eq!(http_request(&admin, method, path, Some("0123456789abcdef012X"), body).0, 401, "{method} {path}");
+    }
+    assert_eq!(http_request(&admin, "GET", "/api/domains/customer.test/servers", Some(TOKEN), "").0, 200);
+    let config = std::fs::read_to_string(relay.config_path()).expect("config");
+    assert!(!config.contains("mx.example.com"), "a refused PUT changed the server list: {config}");
+
+    let open = Relay::start_with("admin_listen = \"127.0.0.1:0\"", &block, "");
+    for (method, path, body) in routes {
+        assert_eq!(http_request(&open.admin_addr(), method, path, Some(TOKEN), body).0, 403, "{method} {path}: the API is off");
+    }
 }

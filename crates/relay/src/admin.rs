@@ -16,7 +16,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -137,13 +137,21 @@ impl IntoResponse for Denied {
     }
 }
 
-/// `Ok` when the request carries the configured bearer token.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
-    let expected = read(&state.config).relay.admin_token.clone().ok_or(Denied::Disabled)?;
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if constant_time_eq(token.trim().as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) | None => Err(Denied::Unauthorized),
+/// Proof that the request carries the configured bearer token: an `/api/*` handler takes it
+/// as an argument, and a request without it is refused before the handler runs.
+struct Authorized;
+
+impl axum::extract::FromRequestParts<AdminState> for Authorized {
+    type Rejection = Denied;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AdminState) -> Result<Self, Denied> {
+        let expected = read(&state.config).relay.admin_token.clone().ok_or(Denied::Disabled)?;
+        let given =
+            parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if constant_time_eq(token.trim().as_bytes(), expected.as_bytes()) => Ok(Authorized),
+            Some(_) | None => Err(Denied::Unauthorized),
+        }
     }
 }
 
@@ -161,10 +169,7 @@ struct QueuedView {
     last_error: Option<String>,
 }
 
-async fn list_queue(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
-    }
+async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if state.events.send(crate::scheduler::Event::Snapshot(tx)).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running");
@@ -201,10 +206,7 @@ fn parse_id(text: &str) -> Option<u64> {
     u64::from_str_radix(text.trim(), 16).ok()
 }
 
-async fn retry_queue(State(state): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
-    }
+async fn retry_queue(_: Authorized, State(state): State<AdminState>, body: Bytes) -> Response {
     let req: RetryRequest = match serde_json::from_slice(if body.is_empty() { b"{}" } else { &body }) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"id\": ...}}, {{\"domain\": ...}} or {{}}: {e}")),
@@ -222,10 +224,7 @@ async fn retry_queue(State(state): State<AdminState>, headers: HeaderMap, body: 
     (StatusCode::ACCEPTED, Json(serde_json::json!({"retrying": true}))).into_response()
 }
 
-async fn remove_queued(State(state): State<AdminState>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
-    }
+async fn remove_queued(_: Authorized, State(state): State<AdminState>, UrlPath(id): UrlPath<String>) -> Response {
     let Some(parsed) = parse_id(&id) else {
         return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a queue ID (16 hex digits)"));
     };
@@ -245,10 +244,7 @@ struct DomainSummary {
     servers: usize,
 }
 
-async fn list_domains(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
-    }
+async fn list_domains(_: Authorized, State(state): State<AdminState>) -> Response {
     let config = read(&state.config);
     let list: Vec<DomainSummary> = config
         .domains
@@ -258,10 +254,7 @@ async fn list_domains(State(state): State<AdminState>, headers: HeaderMap) -> Re
     Json(list).into_response()
 }
 
-async fn get_servers(State(state): State<AdminState>, headers: HeaderMap, UrlPath(domain): UrlPath<String>) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
-    }
+async fn get_servers(_: Authorized, State(state): State<AdminState>, UrlPath(domain): UrlPath<String>) -> Response {
     let config = read(&state.config);
     match config.domain(&domain) {
         Some(d) => Json(d.servers.clone()).into_response(),
@@ -269,15 +262,7 @@ async fn get_servers(State(state): State<AdminState>, headers: HeaderMap, UrlPat
     }
 }
 
-async fn put_servers(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-    UrlPath(domain): UrlPath<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
-    }
+async fn put_servers(_: Authorized, State(state): State<AdminState>, UrlPath(domain): UrlPath<String>, body: Bytes) -> Response {
     let raw: Vec<RawServer> = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be a JSON list of servers: {e}")),
