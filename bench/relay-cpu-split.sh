@@ -8,27 +8,13 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
 source "$SHARED/lib.sh"
+source "$ROOT/bench/lib.sh"
 N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
 BIN=$ROOT/target/release/mxrelay
 [ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
 W=$(mktemp -d); P=
 trap '[ -n "$P" ] && kill $P 2>/dev/null; sinks_stop_all; rm -rf $W' EXIT
-cat > "$W/relay.toml" <<TOML
-[relay]
-hostname = "mxrelay.test"
-listen = ["127.0.0.1:2626"]
-queue = "queue"
-[delivery]
-probe_interval = "300ms"
-[[domain]]
-name = "customer.test"
-[[domain.server]]
-host = "127.0.1.1"
-preference = 10
-[[domain.server]]
-host = "127.0.1.2"
-preference = 10
-TOML
+relay_toml 127.0.0.1:2626 queue "probe_interval = \"300ms\"" 127.0.1.1 127.0.1.2 > "$W/relay.toml"
 cpu() { awk '{print ($14+$15)/100}' "/proc/$P/stat"; }
 rate() { awk -v n="$N" -v t="$1" 'BEGIN{printf "%.0f", n/t}'; }
 per_msg() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/n}'; }

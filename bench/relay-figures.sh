@@ -5,6 +5,7 @@
 # Memory: the domain's only server refuses connections, so accepted mail stays queued.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$ROOT/bench/lib.sh"
 N=${N:-5000}; SESS=${SESS:-20}; QUEUED=${QUEUED:-10000}
 (cd "$ROOT" && cargo build --release -q -p mxrelay -p mxrelay-e2e)
 BIN=$ROOT/target/release/mxrelay; GEN=$ROOT/target/release/mxrelay-loadgen
@@ -13,9 +14,7 @@ trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$W"' EXIT
 rss() { awk '/VmRSS/{printf "%.1f MB", $2/1024}' "/proc/$1/status"; }
 start_relay() {  # start_relay NAME PORT SERVERS...
   local name=$1 port=$2; shift 2
-  { printf '[relay]\nhostname = "bench.test"\nlisten = ["127.0.0.1:%s"]\nqueue = "%s"\nmax_connections_per_client = 1000\n' "$port" "$name-queue"
-    printf '[delivery]\nretry = ["1h"]\n[[domain]]\nname = "customer.test"\n'
-    for s in "$@"; do printf '[[domain.server]]\nhost = "%s"\nport = %s\npreference = 10\n' "${s%:*}" "${s#*:}"; done; } > "$W/$name.toml"
+  relay_toml "127.0.0.1:$port" "$name-queue" 'retry = ["1h"]' "$@" > "$W/$name.toml"
   MXRELAY_LOG=warn,mxrelay=info "$BIN" run "$W/$name.toml" 2> "$W/$name.log" & PIDS+=($!)
   until grep -q "mxrelay ready" "$W/$name.log"; do sleep 0.05; done
 }

@@ -9,6 +9,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
 source "$SHARED/lib.sh"
+source "$ROOT/bench/lib.sh"
 N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
 SINKS=(127.0.1.1 127.0.1.2)
 MX_ADDR=127.0.0.1:2626
@@ -16,22 +17,7 @@ BIN=$ROOT/target/release/mxrelay
 [ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
 WORK=$(mktemp -d); trap 'kill $(cat $WORK/mx.pid 2>/dev/null) 2>/dev/null; sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
 
-cat > "$WORK/relay.toml" <<TOML
-[relay]
-hostname = "mxrelay.test"
-listen = ["$MX_ADDR"]
-queue = "queue"
-[delivery]
-resolver = "$DNS_IP:53"
-[[domain]]
-name = "customer.test"
-[[domain.server]]
-host = "mx1.customer.test"
-preference = 10
-[[domain.server]]
-host = "mx2.customer.test"
-preference = 10
-TOML
+relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
 
 wait_total() {  # wait_total TARGET -> seconds timestamp when the sinks reached it
   local end=$(( $(date +%s) + 600 ))
