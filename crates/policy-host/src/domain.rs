@@ -178,17 +178,13 @@ impl DomainPolicy {
             }
             state.cooling_until = None;
         }
-        let result = match state.live.as_mut() {
-            Some(live) => live.instance.plan(&live.router, &request.message(live.router.wants_envelope())),
+        // After a failure the instance was dropped: start a fresh one for this call.
+        let result = match &mut state.live {
+            Some(live) => Ok(live),
             None => start(&self.component, &self.domain, self.fallback.servers(), &self.settings_json)
-                .and_then(|mut live| {
-                    live.instance.plan(&live.router, &request.message(live.router.wants_envelope())).map(|plan| (plan, live))
-                })
-                .map(|(plan, live)| {
-                    state.live = Some(live);
-                    plan
-                }),
-        };
+                .map(|live| state.live.insert(live)),
+        }
+        .and_then(|live| live.instance.plan(&live.router, &request.message(live.router.wants_envelope())));
         match result {
             Ok(plan) => {
                 state.consecutive_failures = 0;
