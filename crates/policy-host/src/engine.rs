@@ -41,6 +41,8 @@ struct EngineInner {
     linker: Linker<StoreState>,
     limits: Limits,
     stop_ticker: Arc<AtomicBool>,
+    /// The built-in policy, compiled on first use and shared by every domain and reload.
+    builtin: std::sync::OnceLock<PolicyPre<StoreState>>,
 }
 
 impl Drop for EngineInner {
@@ -85,7 +87,8 @@ impl PolicyEngine {
                 }
             })
             .map_err(|e| PolicyError::Load { name: "engine".into(), reason: format!("cannot start epoch ticker: {e}") })?;
-        Ok(PolicyEngine { inner: Arc::new(EngineInner { engine, linker, limits, stop_ticker }) })
+        let inner = EngineInner { engine, linker, limits, stop_ticker, builtin: std::sync::OnceLock::new() };
+        Ok(PolicyEngine { inner: Arc::new(inner) })
     }
 
     /// The limits every call runs under.
@@ -93,17 +96,28 @@ impl PolicyEngine {
         self.inner.limits
     }
 
-    /// Compiles the built-in policy.
+    /// The built-in policy; compiled once per engine (about 80 ms), then shared.
     pub fn builtin(&self) -> Result<PolicyComponent, PolicyError> {
-        self.load("builtin", BUILTIN_COMPONENT)
+        let pre = match self.inner.builtin.get() {
+            Some(pre) => pre.clone(),
+            None => {
+                let pre = self.compile("builtin", BUILTIN_COMPONENT)?;
+                self.inner.builtin.get_or_init(|| pre).clone()
+            }
+        };
+        Ok(PolicyComponent { engine: self.clone(), pre, name: "builtin".into() })
     }
 
     /// Compiles and pre-instantiates a policy component; fails unless it implements the world.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<PolicyComponent, PolicyError> {
+        let pre = self.compile(name, bytes)?;
+        Ok(PolicyComponent { engine: self.clone(), pre, name: name.into() })
+    }
+
+    fn compile(&self, name: &str, bytes: &[u8]) -> Result<PolicyPre<StoreState>, PolicyError> {
         let component = Component::new(&self.inner.engine, bytes).map_err(|e| load_error(name, &e))?;
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| load_error(name, &e))?;
-        let pre = PolicyPre::new(instance_pre).map_err(|e| load_error(name, &e))?;
-        Ok(PolicyComponent { engine: self.clone(), pre, name: name.into() })
+        PolicyPre::new(instance_pre).map_err(|e| load_error(name, &e))
     }
 }
 
