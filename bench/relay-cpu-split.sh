@@ -10,7 +10,7 @@ SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
 source "$SHARED/lib.sh"
 source "$ROOT/bench/lib.sh"
 N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
-BIN=$ROOT/target/release/mxrelay
+BIN=${BIN:-$ROOT/target/release/mxrelay}
 [ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
 W=$(mktemp -d); P=
 trap '[ -n "$P" ] && kill $P 2>/dev/null; sinks_stop_all; rm -rf $W' EXIT

@@ -13,7 +13,7 @@ source "$ROOT/bench/lib.sh"
 N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
 SINKS=(127.0.1.1 127.0.1.2)
 MX_ADDR=127.0.0.1:2626
-BIN=$ROOT/target/release/mxrelay
+BIN=${BIN:-$ROOT/target/release/mxrelay}
 [ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
 WORK=$(mktemp -d); trap 'kill $(cat $WORK/mx.pid 2>/dev/null) 2>/dev/null; sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
 

@@ -221,11 +221,13 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     );
     let config_path = dir.path().join("relay.toml");
     std::fs::write(&config_path, config).expect("config");
-    // RLIMIT_FSIZE makes writes past 4 MiB fail with EFBIG, as a full disk would (SIGXFSZ
-    // ignored, so the write fails instead of killing the process). `ulimit -f` counts KiB in
-    // bash and 512-byte blocks in dash; bash is asked for by name.
+    // RLIMIT_FSIZE makes writes past 20 MiB in any one file fail with EFBIG, as a full disk
+    // would (SIGXFSZ ignored, so the write fails instead of killing the process). The journal
+    // segments (16 MiB) fit; the redb index does not, so checkpoints start failing and, two
+    // full segments later, new mail is refused. `ulimit -f` counts KiB in bash and 512-byte
+    // blocks in dash; bash is asked for by name.
     let script =
-        format!("trap '' XFSZ; ulimit -f 4096; exec {} run {}", mxrelay_e2e::relay_binary().display(), config_path.display());
+        format!("trap '' XFSZ; ulimit -f 20480; exec {} run {}", mxrelay_e2e::relay_binary().display(), config_path.display());
     let child = KillOnDrop(
         std::process::Command::new("bash")
             .args(["-c", &script])
@@ -237,10 +239,10 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     eventually("relay listening", || std::net::TcpStream::connect(&addr).is_ok()).await;
     let mut acked = Vec::new();
     let mut refused = 0;
-    for seq in 0..200u64 {
+    for seq in 0..400u64 {
         let mut c = Raw::start(&addr, "user@customer.test").await;
         assert!(c.cmd("DATA").await.starts_with("354"));
-        c.send(format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n.\r\n", "z".repeat(64 * 1024)).as_bytes()).await;
+        c.send(format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n.\r\n", "z".repeat(256 * 1024)).as_bytes()).await;
         let answer = c.reply().await;
         if answer.starts_with("250") {
             acked.push(seq);
@@ -249,7 +251,7 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
             refused += 1;
         }
     }
-    assert!(refused > 0, "the 4 MiB limit was never hit: acked {}", acked.len());
+    assert!(refused > 0, "the 20 MiB limit was never hit: acked {}", acked.len());
     assert!(!acked.is_empty(), "nothing was accepted before the disk filled");
     drop(child);
 

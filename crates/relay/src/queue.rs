@@ -1,24 +1,30 @@
-//! The durable queue: envelopes and message data in redb, written by one thread that
-//! groups concurrent writes into one fsync'd commit.
+//! The durable queue: a write-ahead journal for durability, redb as the index.
 //!
-//! A message is acknowledged with `250` only after the commit holding it returned with
-//! `Durability::Immediate`. Removals after delivery and schedule updates are written with
-//! `Durability::None` and become durable with the next immediate commit: a crash can at worst
-//! deliver a message twice, never lose one.
+//! A message is acknowledged with `250` only after the journal record holding it is on disk:
+//! the writer thread folds concurrent inserts into one group commit, one `write` and one
+//! `fdatasync` for all of them. The same operations reach redb later, in large batches
+//! committed without a sync, and redb is committed durably about once a second (a
+//! checkpoint), after which the journal segments before it are deleted. After a crash the
+//! segments left are replayed into redb at startup.
+//!
+//! Removals after delivery and schedule updates are journaled without their own sync and
+//! become durable with the next group commit of new mail: a crash can at worst deliver a
+//! message twice, never lose one.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
+use std::time::{Duration, Instant};
 
+use mxrelay_journal::{self as journal, Batch, Journal, Next, Record, SegmentEnd, SegmentReader};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 const ENVELOPES: TableDefinition<u64, &[u8]> = TableDefinition::new("envelopes");
 const DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("data");
-/// Most operations folded into one commit.
-const MAX_BATCH: usize = 1024;
 
 /// Why the queue cannot do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,19 +86,35 @@ pub fn format_id(id: u64) -> String {
     format!("{id:016X}")
 }
 
+/// Folded into one group commit at most.
+const MAX_BATCH: usize = 1024;
+/// Journaled operations wait until this many are waiting before they are written to redb
+/// (or until [`Timing::apply_after`]).
+const APPLY_MAX_OPS: usize = 2048;
+/// Full journal segments that may wait for a checkpoint before new mail is refused.
+const MAX_SEGMENTS_BEHIND: u64 = 2;
+
+/// When the writer moves journaled operations on to redb.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// Journaled operations wait at most this long before they are written to redb.
+    apply_after: Duration,
+    /// How often redb is committed durably, after which the segments it covers are retired.
+    checkpoint_every: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { apply_after: Duration::from_millis(20), checkpoint_every: Duration::from_secs(1) }
+    }
+}
+
 enum Op {
     Insert(Vec<(Envelope, Arc<Vec<u8>>)>),
     Update(Envelope),
     Remove(u64),
-}
-
-impl Op {
-    fn needs_sync(&self) -> bool {
-        match self {
-            Op::Insert(_) => true,
-            Op::Update(_) | Op::Remove(_) => false,
-        }
-    }
+    /// Everything before it is written to redb and committed durably.
+    Checkpoint,
 }
 
 struct Request {
@@ -100,12 +122,23 @@ struct Request {
     done: Option<oneshot::Sender<Result<(), QueueError>>>,
 }
 
+/// A journaled operation not yet written to redb, its envelope already serialized.
+enum Pending {
+    Insert { id: u64, envelope: Vec<u8>, data: Arc<Vec<u8>> },
+    Update { id: u64, envelope: Vec<u8> },
+    Remove(u64),
+}
+
+/// Message data journaled but not yet in redb, for [`Queue::read_data`].
+type Unapplied = Arc<Mutex<HashMap<u64, Arc<Vec<u8>>>>>;
+
 /// Handle to the queue; cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
     db: Arc<Database>,
-    writer: mpsc::UnboundedSender<Request>,
-    writer_thread: Arc<std::sync::Mutex<Option<thread::JoinHandle<()>>>>,
+    unapplied: Unapplied,
+    writer: mpsc::Sender<Request>,
+    writer_thread: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -116,17 +149,21 @@ impl std::fmt::Debug for Queue {
 }
 
 impl Queue {
-    /// Opens (or creates) the queue in `dir` and returns it with every envelope it holds.
+    /// Opens (or creates) the queue in `dir`, replays the journal left by a crash, and
+    /// returns the queue with every envelope it holds.
     pub fn open(dir: &Path) -> Result<(Queue, Vec<Envelope>), QueueError> {
+        Queue::open_with(dir, Timing::default())
+    }
+
+    fn open_with(dir: &Path, timing: Timing) -> Result<(Queue, Vec<Envelope>), QueueError> {
         let open_err = |reason: String| QueueError::Open { path: dir.into(), reason };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let journal_dir = dir.join("journal");
+        std::fs::create_dir_all(&journal_dir).map_err(|e| open_err(e.to_string()))?;
         let db = Database::create(dir.join("queue.redb")).map_err(|e| open_err(e.to_string()))?;
+        let last_seq = replay(&db, &journal_dir).map_err(open_err)?;
+        let journal = Journal::start(&journal_dir, last_seq + 1, 0).map_err(|e| open_err(e.to_string()))?;
         let mut envelopes = Vec::new();
         {
-            let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-            tx.open_table(ENVELOPES).map_err(|e| open_err(e.to_string()))?;
-            tx.open_table(DATA).map_err(|e| open_err(e.to_string()))?;
-            tx.commit().map_err(|e| open_err(e.to_string()))?;
             let rx = db.begin_read().map_err(|e| open_err(e.to_string()))?;
             let table = rx.open_table(ENVELOPES).map_err(|e| open_err(e.to_string()))?;
             for row in table.iter().map_err(|e| open_err(e.to_string()))? {
@@ -138,14 +175,27 @@ impl Queue {
         }
         let last = envelopes.iter().map(|e| e.id).max().unwrap_or(0);
         let db = Arc::new(db);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let writer_db = db.clone();
+        let unapplied = Unapplied::default();
+        let (tx, rx) = mpsc::channel();
+        let mut writer = Writer {
+            db: db.clone(),
+            timing,
+            journal,
+            rotate_first: false,
+            checkpointed: last_seq,
+            pending: Vec::new(),
+            pending_since: None,
+            unapplied: unapplied.clone(),
+            last_checkpoint: Instant::now(),
+            batch: Batch::default(),
+        };
         let handle = thread::Builder::new()
             .name("queue-writer".into())
-            .spawn(move || writer(&writer_db, rx))
+            .spawn(move || writer.run(&rx))
             .map_err(|e| open_err(e.to_string()))?;
         let next_id = Arc::new(AtomicU64::new(last.max(now_ms() << 12) + 1));
-        Ok((Queue { db, writer: tx, writer_thread: Arc::new(std::sync::Mutex::new(Some(handle))), next_id }, envelopes))
+        let writer_thread = Arc::new(Mutex::new(Some(handle)));
+        Ok((Queue { db, unapplied, writer: tx, writer_thread, next_id }, envelopes))
     }
 
     /// Writes what is pending and closes the database (the last handle must call this to
@@ -180,9 +230,10 @@ impl Queue {
         let _ = self.writer.send(Request { op: Op::Remove(id), done: None });
     }
 
-    /// Waits until every earlier request has been written (used on shutdown and in tests).
+    /// Waits until every earlier request is written to redb and committed durably (used on
+    /// shutdown and in tests).
     pub async fn flush(&self) -> Result<(), QueueError> {
-        self.request(Op::Insert(Vec::new())).await
+        self.request(Op::Checkpoint).await
     }
 
     async fn request(&self, op: Op) -> Result<(), QueueError> {
@@ -193,6 +244,11 @@ impl Queue {
 
     /// The message data of an envelope.
     pub fn read_data(&self, id: u64) -> Result<Vec<u8>, QueueError> {
+        // The journaled-but-unapplied map first: the writer removes data from it only after
+        // redb has it, so one of the two always does.
+        if let Some(data) = self.unapplied.lock().map_err(|_| QueueError::Closed)?.get(&id) {
+            return Ok(data.to_vec());
+        }
         let rx = self.db.begin_read().map_err(|e| QueueError::Read(e.to_string()))?;
         let table = rx.open_table(DATA).map_err(|e| QueueError::Read(e.to_string()))?;
         let value = table.get(id).map_err(|e| QueueError::Read(e.to_string()))?;
@@ -200,64 +256,327 @@ impl Queue {
     }
 }
 
+fn envelope_json(env: &Envelope) -> Vec<u8> {
+    // Plain fields only: serializing cannot fail.
+    serde_json::to_vec(env).expect("an Envelope always serializes")
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn writer(db: &Database, mut rx: mpsc::UnboundedReceiver<Request>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+/// Brings redb up to date from the journal segments a crash left, in one durable commit,
+/// then retires them. A damaged segment is kept aside as `*.wal.damaged` for the operator.
+/// Returns the last sequence number seen.
+fn replay(db: &Database, dir: &Path) -> Result<u64, String> {
+    let segments = journal::segments(dir).map_err(|e| e.to_string())?;
+    let mut tx = db.begin_write().map_err(|e| e.to_string())?;
+    tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+    let mut damaged = Vec::new();
+    {
+        let mut tables = Tables::open(&tx)?;
+        for segment in &segments {
+            let mut reader = SegmentReader::open(segment).map_err(|e| e.to_string())?;
+            let mut records = 0u64;
+            let end = loop {
+                match reader.next_record().map_err(|e| format!("{}: {e}", segment.path.display()))? {
+                    Next::Record(record) => {
+                        tables.apply_record(record)?;
+                        records += 1;
+                    }
+                    Next::End(end) => break end,
+                }
+            };
+            let path = segment.path.display();
+            match end {
+                SegmentEnd::Clean => tracing::info!(segment = %path, records, "journal replayed"),
+                // A write whose sync never returned, or a recycled segment's older records.
+                SegmentEnd::Torn { offset, reason } => {
+                    tracing::info!(segment = %path, records, offset, reason, "journal replayed up to an unacknowledged tail")
+                }
+                SegmentEnd::Corrupt { offset, reason } => {
+                    tracing::error!(segment = %path, records, offset, reason, "journal segment damaged; kept as .damaged");
+                    damaged.push(segment.path.clone());
+                }
             }
         }
-        let result = commit(db, &batch).map_err(QueueError::Write);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, ops = batch.len(), "queue commit failed; nothing in it was acknowledged");
+    }
+    tx.commit().map_err(|e| e.to_string())?;
+    for path in &damaged {
+        std::fs::rename(path, path.with_extension("wal.damaged")).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let replayed: Vec<_> = segments.iter().filter(|s| !damaged.contains(&s.path)).cloned().collect();
+    journal::retire(dir, &replayed).map_err(|e| e.to_string())?;
+    Ok(segments.last().map_or(0, |s| s.seq))
+}
+
+/// The two tables inside one write transaction.
+struct Tables<'t> {
+    envelopes: redb::Table<'t, u64, &'static [u8]>,
+    data: redb::Table<'t, u64, &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(tx: &'t redb::WriteTransaction) -> Result<Self, String> {
+        Ok(Tables {
+            envelopes: tx.open_table(ENVELOPES).map_err(|e| e.to_string())?,
+            data: tx.open_table(DATA).map_err(|e| e.to_string())?,
+        })
+    }
+
+    fn apply_record(&mut self, record: Record<'_>) -> Result<(), String> {
+        match record {
+            Record::Insert { id, envelope, data } => self.insert(id, envelope, data),
+            Record::Update { id, envelope } => self.update(id, envelope),
+            Record::Remove { id } => self.remove(id),
         }
-        for req in batch.drain(..) {
-            if let Some(done) = req.done {
-                let _ = done.send(result.clone());
-            }
+    }
+
+    fn insert(&mut self, id: u64, envelope: &[u8], data: &[u8]) -> Result<(), String> {
+        self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
+        self.data.insert(id, data).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn update(&mut self, id: u64, envelope: &[u8]) -> Result<(), String> {
+        // An update racing a removal must not resurrect the envelope.
+        if self.envelopes.get(id).map_err(|e| e.to_string())?.is_some() {
+            self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
         }
+        Ok(())
+    }
+
+    fn remove(&mut self, id: u64) -> Result<(), String> {
+        self.envelopes.remove(id).map_err(|e| e.to_string())?;
+        self.data.remove(id).map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 
-fn commit(db: &Database, batch: &[Request]) -> Result<(), String> {
-    let mut tx = db.begin_write().map_err(|e| e.to_string())?;
-    let durability = if batch.iter().any(|r| r.op.needs_sync()) { Durability::Immediate } else { Durability::None };
-    tx.set_durability(durability).map_err(|e| e.to_string())?;
-    {
-        let mut envelopes = tx.open_table(ENVELOPES).map_err(|e| e.to_string())?;
-        let mut data = tx.open_table(DATA).map_err(|e| e.to_string())?;
-        for req in batch {
-            match &req.op {
-                Op::Insert(items) => {
-                    for (env, bytes) in items {
-                        let json = serde_json::to_vec(env).map_err(|e| e.to_string())?;
-                        envelopes.insert(env.id, json.as_slice()).map_err(|e| e.to_string())?;
-                        data.insert(env.id, bytes.as_slice()).map_err(|e| e.to_string())?;
-                    }
+/// The queue's only writer: journals each group commit, acknowledges it, and writes the
+/// operations to redb later in large batches.
+struct Writer {
+    db: Arc<Database>,
+    timing: Timing,
+    journal: Journal,
+    /// Set when a journal write failed: its segment may end in a torn record, so nothing may
+    /// follow it there.
+    rotate_first: bool,
+    /// Every segment up to this one is in redb durably.
+    checkpointed: u64,
+    pending: Vec<Pending>,
+    pending_since: Option<Instant>,
+    unapplied: Unapplied,
+    last_checkpoint: Instant,
+    batch: Batch,
+}
+
+impl Writer {
+    fn run(&mut self, rx: &mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let first = match self.next_deadline() {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            };
+            match first {
+                Ok(r) => batch.push(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.on_time();
+                    continue;
                 }
-                Op::Update(env) => {
-                    // An update racing a removal must not resurrect the envelope.
-                    if envelopes.get(env.id).map_err(|e| e.to_string())?.is_some() {
-                        let json = serde_json::to_vec(env).map_err(|e| e.to_string())?;
-                        envelopes.insert(env.id, json.as_slice()).map_err(|e| e.to_string())?;
-                    }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
                 }
-                Op::Remove(id) => {
-                    envelopes.remove(*id).map_err(|e| e.to_string())?;
-                    data.remove(*id).map_err(|e| e.to_string())?;
-                }
+            }
+            self.group_commit(&mut batch);
+            self.on_time();
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "final queue checkpoint failed; the journal will be replayed at the next start");
+        }
+    }
+
+    /// When the timer work (apply, checkpoint) is due next, if any is waiting.
+    fn next_deadline(&self) -> Option<Instant> {
+        let apply = self.pending_since.map(|t| t + self.timing.apply_after);
+        let checkpoint = (!self.journal.is_empty()).then_some(self.last_checkpoint + self.timing.checkpoint_every);
+        match (apply, checkpoint) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        }
+    }
+
+    fn on_time(&mut self) {
+        let now = Instant::now();
+        let result = if !self.journal.is_empty() && now >= self.last_checkpoint + self.timing.checkpoint_every {
+            self.checkpoint()
+        } else if self.pending_since.is_some_and(|t| now >= t + self.timing.apply_after) || self.pending.len() >= APPLY_MAX_OPS {
+            self.apply(Durability::None)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "queue index update failed; the journal keeps the operations");
+            // Retried after another wait, not in a busy loop.
+            if self.pending_since.is_some() {
+                self.pending_since = Some(now);
             }
         }
     }
-    tx.commit().map_err(|e| e.to_string())
+
+    /// Journals a batch with one write and, if it holds new mail, one `fdatasync`, then
+    /// answers its waiters.
+    fn group_commit(&mut self, batch: &mut Vec<Request>) {
+        self.batch.clear();
+        let mut staged = Vec::with_capacity(batch.len());
+        let mut inserts = false;
+        let mut encoded = Ok(());
+        for req in batch.iter() {
+            match &req.op {
+                Op::Insert(items) => {
+                    inserts = true;
+                    for (env, data) in items {
+                        let envelope = envelope_json(env);
+                        encoded = encoded.and(self.batch.push(&Record::Insert { id: env.id, envelope: &envelope, data }));
+                        staged.push(Pending::Insert { id: env.id, envelope, data: data.clone() });
+                    }
+                }
+                Op::Update(env) => {
+                    let envelope = envelope_json(env);
+                    encoded = encoded.and(self.batch.push(&Record::Update { id: env.id, envelope: &envelope }));
+                    staged.push(Pending::Update { id: env.id, envelope });
+                }
+                Op::Remove(id) => {
+                    encoded = encoded.and(self.batch.push(&Record::Remove { id: *id }));
+                    staged.push(Pending::Remove(*id));
+                }
+                Op::Checkpoint => {}
+            }
+        }
+        let written = encoded.map_err(|e| e.to_string()).and_then(|()| self.journal_write(inserts));
+        if let Err(e) = &written {
+            tracing::error!(error = %e, "queue journal write failed; its new mail was not acknowledged");
+        }
+        // Only after the data is findable may the sender hear that it was queued.
+        let mut unapplied = self.unapplied.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for op in staged {
+            match op {
+                Pending::Insert { .. } if written.is_err() => {}
+                Pending::Insert { id, ref data, .. } => {
+                    unapplied.insert(id, data.clone());
+                    self.pending.push(op);
+                }
+                Pending::Update { .. } | Pending::Remove(_) => self.pending.push(op),
+            }
+        }
+        drop(unapplied);
+        if !self.pending.is_empty() && self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+        }
+        let written = written.map_err(QueueError::Write);
+        let mut checkpointed = None;
+        for req in batch.drain(..) {
+            let Some(done) = req.done else { continue };
+            let answer = match req.op {
+                Op::Checkpoint => checkpointed.get_or_insert_with(|| self.checkpoint()).clone(),
+                Op::Insert(_) | Op::Update(_) | Op::Remove(_) => written.clone(),
+            };
+            let _ = done.send(answer);
+        }
+    }
+
+    fn journal_write(&mut self, sync: bool) -> Result<(), String> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        if self.rotate_first || (self.batch.len() as u64) > self.journal.remaining() {
+            // A full segment is a good moment to checkpoint: the next one starts anyway.
+            self.rotate().map_err(|e| e.to_string())?;
+            if let Err(e) = self.checkpoint_rotated() {
+                tracing::error!(error = %e, "queue checkpoint failed; the journal keeps the operations");
+            }
+        }
+        // redb failing to take what the journal holds (a full disk): the journal must not
+        // grow without end, and the unapplied operations are held in memory.
+        let behind = self.journal.seq() - 1 - self.checkpointed;
+        if sync && behind >= MAX_SEGMENTS_BEHIND {
+            return Err(format!("the queue index is {behind} journal segments behind (checkpoints fail); new mail refused"));
+        }
+        let result = self.journal.append(&mut self.batch).and_then(|()| if sync { self.journal.sync() } else { Ok(()) });
+        self.rotate_first = result.is_err();
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Continues in a new segment, so that a checkpoint covers the older ones whole.
+    fn rotate(&mut self) -> Result<(), journal::JournalError> {
+        // Updates and removals are not synced when written; the old segment keeps them.
+        if !self.rotate_first {
+            self.journal.finish()?;
+        }
+        let next = Journal::start(self.journal.dir(), self.journal.seq() + 1, self.batch.len() as u64)?;
+        self.journal = next;
+        self.rotate_first = false;
+        Ok(())
+    }
+
+    /// Writes the pending operations to redb in one transaction.
+    fn apply(&mut self, durability: Durability) -> Result<(), QueueError> {
+        let write = |pending: &[Pending]| -> Result<(), String> {
+            let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
+            tx.set_durability(durability).map_err(|e| e.to_string())?;
+            {
+                let mut tables = Tables::open(&tx)?;
+                for op in pending {
+                    match op {
+                        Pending::Insert { id, envelope, data } => tables.insert(*id, envelope, data)?,
+                        Pending::Update { id, envelope } => tables.update(*id, envelope)?,
+                        Pending::Remove(id) => tables.remove(*id)?,
+                    }
+                }
+            }
+            tx.commit().map_err(|e| e.to_string())
+        };
+        write(&self.pending).map_err(QueueError::Write)?;
+        let mut unapplied = self.unapplied.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for op in self.pending.drain(..) {
+            if let Pending::Insert { id, .. } = op {
+                unapplied.remove(&id);
+            }
+        }
+        self.pending_since = None;
+        Ok(())
+    }
+
+    /// Commits redb durably with everything journaled so far, then drops the segments that
+    /// commit covers. Also run when nothing is pending: it makes the earlier non-durable
+    /// commits durable.
+    fn checkpoint(&mut self) -> Result<(), QueueError> {
+        if !self.journal.is_empty() {
+            self.rotate().map_err(|e| QueueError::Write(e.to_string()))?;
+        }
+        self.checkpoint_rotated()
+    }
+
+    /// The checkpoint for every segment before the current one.
+    fn checkpoint_rotated(&mut self) -> Result<(), QueueError> {
+        // Set first: a failing checkpoint is retried a second later, not in a busy loop.
+        self.last_checkpoint = Instant::now();
+        self.apply(Durability::Immediate)?;
+        let current = self.journal.seq();
+        self.checkpointed = current - 1;
+        let old: Vec<_> = journal::segments(self.journal.dir())
+            .map_err(|e| QueueError::Write(e.to_string()))?
+            .into_iter()
+            .filter(|s| s.seq < current)
+            .collect();
+        journal::retire(self.journal.dir(), &old).map_err(|e| QueueError::Write(e.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -303,5 +622,90 @@ mod tests {
         assert_eq!(q.read_data(kept.id).expect("data"), b"hello");
         assert!(q.read_data(removed.id).is_err());
         assert!(q.next_id() > kept.id);
+    }
+
+    /// The writer leaves redb alone for an hour: everything since `open` is in the journal
+    /// only, as after a crash.
+    const JOURNAL_ONLY: Timing = Timing { apply_after: Duration::from_secs(3600), checkpoint_every: Duration::from_secs(3600) };
+
+    /// A copy of the queue directory as a crash would leave it: taken while the writer is idle.
+    fn crash_copy(from: &Path) -> tempfile::TempDir {
+        let to = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(from.join("queue.redb"), to.path().join("queue.redb")).expect("copy redb");
+        std::fs::create_dir(to.path().join("journal")).expect("mkdir");
+        for segment in journal::segments(&from.join("journal")).expect("segments") {
+            let name = segment.path.file_name().expect("name");
+            std::fs::copy(&segment.path, to.path().join("journal").join(name)).expect("copy segment");
+        }
+        to
+    }
+
+    #[tokio::test]
+    async fn acknowledged_mail_is_in_the_journal_before_redb_has_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        let b = envelope(&q, "b@customer.test");
+        let c = envelope(&q, "c@customer.test");
+        let items = [&a, &b, &c].map(|e| (e.clone(), Arc::new(format!("data of {}", e.id).into_bytes())));
+        q.insert(items.to_vec()).await.expect("insert");
+        // Readable at once, although redb does not have it yet.
+        assert_eq!(q.read_data(b.id).expect("data"), format!("data of {}", b.id).into_bytes());
+        q.remove(a.id);
+        let mut b2 = b.clone();
+        b2.attempts = 3;
+        q.update(b2.clone());
+        // Removals and updates become durable with the next insert's sync.
+        let d = envelope(&q, "d@customer.test");
+        q.insert(vec![(d.clone(), Arc::new(b"last".to_vec()))]).await.expect("insert");
+
+        let crashed = crash_copy(dir.path());
+        let (replayed, mut existing) = Queue::open(crashed.path()).expect("replay");
+        existing.sort_by_key(|e| e.id);
+        assert_eq!(existing, vec![b2, c.clone(), d.clone()], "removed one gone, updated one updated");
+        assert_eq!(replayed.read_data(c.id).expect("data"), format!("data of {}", c.id).into_bytes());
+        assert_eq!(replayed.read_data(d.id).expect("data"), b"last");
+        assert!(journal::segments(&crashed.path().join("journal")).expect("segments").len() == 1, "replayed segments retired");
+        replayed.close();
+        q.close();
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_loses_only_what_was_never_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        q.insert(vec![(a.clone(), Arc::new(b"kept".to_vec()))]).await.expect("insert");
+        let crashed = crash_copy(dir.path());
+        // Half a record after the acknowledged one: a group commit whose sync never returned.
+        let segment = &journal::segments(&crashed.path().join("journal")).expect("segments")[0];
+        let mut bytes = std::fs::read(&segment.path).expect("read");
+        let end = bytes.iter().rposition(|&b| b != 0).expect("records") + 1;
+        bytes[end..end + 6].copy_from_slice(&[0x40, 0, 0, 0, 0xde, 0xad]);
+        std::fs::write(&segment.path, &bytes).expect("write");
+        let (replayed, existing) = Queue::open(crashed.path()).expect("replay");
+        assert_eq!(existing, vec![a.clone()]);
+        assert_eq!(replayed.read_data(a.id).expect("data"), b"kept");
+        replayed.close();
+        q.close();
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_moves_everything_to_redb_and_retires_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        q.insert(vec![(a.clone(), Arc::new(b"x".to_vec()))]).await.expect("insert");
+        q.flush().await.expect("checkpoint");
+        // Only the (empty) segment started by the checkpoint is left to replay.
+        let crashed = crash_copy(dir.path());
+        let segments = journal::segments(&crashed.path().join("journal")).expect("segments");
+        assert_eq!(segments.len(), 1);
+        let mut reader = SegmentReader::open(&segments[0]).expect("open");
+        assert!(matches!(reader.next_record().expect("read"), Next::End(SegmentEnd::Clean)));
+        let (replayed, existing) = Queue::open(crashed.path()).expect("reopen");
+        assert_eq!(existing, vec![a]);
+        replayed.close();
+        q.close();
     }
 }
