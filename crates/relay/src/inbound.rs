@@ -165,9 +165,11 @@ enum SessionEnd {
     StartTls,
 }
 
-async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> std::io::Result<()> {
+async fn session(mut stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
+    // Borrowed halves: owned ones would `shutdown` the socket before it is closed anyway,
+    // one more system call per connection.
+    let (read, write) = stream.split();
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     let mut writer = BufWriter::with_capacity(16 * 1024, write);
     let settings = inbound.settings();
@@ -203,7 +205,7 @@ async fn session(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
             let Some(acceptor) = acceptor else { return Ok(()) };
             // `converse` refused STARTTLS with input behind it, so no plaintext is carried
             // over into the encrypted session (RFC 3207 §6, CVE-2011-0411).
-            let stream = reader.into_inner().reunite(writer.into_inner()).map_err(std::io::Error::other)?;
+            drop((reader, writer));
             let handshake = tokio::time::timeout(session.settings.idle_timeout, acceptor.accept(stream)).await;
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,

@@ -2,10 +2,10 @@
 //!
 //! A message is acknowledged with `250` only after the journal record holding it is on disk:
 //! the writer thread folds concurrent inserts into one group commit, one `write` and one
-//! `fdatasync` for all of them. The same operations reach redb later, in large batches
-//! committed without a sync, and redb is committed durably about once a second (a
-//! checkpoint), after which the journal segments before it are deleted. After a crash the
-//! segments left are replayed into redb at startup.
+//! `fdatasync` for all of them. The index thread puts the same operations into redb later,
+//! in large batches committed without a sync, and commits redb durably about once a second
+//! (a checkpoint), after which the journal segments it covers are retired. The journal never
+//! waits for redb. After a crash the segments left are replayed into redb at startup.
 //!
 //! Removals after delivery and schedule updates are journaled without their own sync and
 //! become durable with the next group commit of new mail: a crash can at worst deliver a
@@ -88,8 +88,8 @@ pub fn format_id(id: u64) -> String {
 
 /// Folded into one group commit at most.
 const MAX_BATCH: usize = 1024;
-/// Journaled operations wait until this many are waiting before they are written to redb
-/// (or until [`Timing::apply_after`]).
+/// Journaled operations are handed to the indexer when this many are waiting (or after
+/// [`Timing::apply_after`]).
 const APPLY_MAX_OPS: usize = 2048;
 /// Full journal segments that may wait for a checkpoint before new mail is refused.
 const MAX_SEGMENTS_BEHIND: u64 = 2;
@@ -177,16 +177,30 @@ impl Queue {
         let db = Arc::new(db);
         let unapplied = Unapplied::default();
         let (tx, rx) = mpsc::channel();
-        let mut writer = Writer {
+        let checkpointed = Arc::new(AtomicU64::new(last_seq));
+        let (index, index_rx) = mpsc::channel();
+        let mut indexer = Indexer {
             db: db.clone(),
-            timing,
-            journal,
-            rotate_first: false,
-            checkpointed: last_seq,
+            dir: journal_dir,
             pending: Vec::new(),
-            pending_since: None,
             unapplied: unapplied.clone(),
-            last_checkpoint: Instant::now(),
+            checkpointed: checkpointed.clone(),
+        };
+        let indexer = thread::Builder::new()
+            .name("queue-index".into())
+            .spawn(move || indexer.run(&index_rx))
+            .map_err(|e| open_err(e.to_string()))?;
+        let mut writer = Writer {
+            journal,
+            timing,
+            rotate_first: false,
+            checkpointed,
+            last_rotation: Instant::now(),
+            unapplied: unapplied.clone(),
+            to_index: Vec::new(),
+            to_index_since: None,
+            index,
+            indexer: Some(indexer),
             batch: Batch::default(),
         };
         let handle = thread::Builder::new()
@@ -354,21 +368,24 @@ impl<'t> Tables<'t> {
     }
 }
 
-/// The queue's only writer: journals each group commit, acknowledges it, and writes the
-/// operations to redb later in large batches.
+/// The queue's journal writer: journals each group commit, acknowledges it, and hands the
+/// operations on to the [`Indexer`].
 struct Writer {
-    db: Arc<Database>,
-    timing: Timing,
     journal: Journal,
+    timing: Timing,
     /// Set when a journal write failed: its segment may end in a torn record, so nothing may
     /// follow it there.
     rotate_first: bool,
-    /// Every segment up to this one is in redb durably.
-    checkpointed: u64,
-    pending: Vec<Pending>,
-    pending_since: Option<Instant>,
+    /// Every segment up to this one is in redb durably (the indexer moves it on).
+    checkpointed: Arc<AtomicU64>,
+    last_rotation: Instant,
     unapplied: Unapplied,
-    last_checkpoint: Instant,
+    /// Journaled operations collected for the indexer, which gets them in batches: one
+    /// wake-up per [`Timing::apply_after`], not one per group commit.
+    to_index: Vec<Pending>,
+    to_index_since: Option<Instant>,
+    index: mpsc::Sender<IndexMsg>,
+    indexer: Option<thread::JoinHandle<()>>,
     batch: Batch,
 }
 
@@ -397,36 +414,53 @@ impl Writer {
             self.group_commit(&mut batch);
             self.on_time();
         }
-        if let Err(e) = self.checkpoint() {
-            tracing::error!(error = %e, "final queue checkpoint failed; the journal will be replayed at the next start");
+        // Closing: the last checkpoint covers the current segment too.
+        self.hand_over();
+        let (done, wait) = oneshot::channel();
+        let finished = if self.rotate_first { Ok(()) } else { self.journal.finish() };
+        match finished {
+            Ok(()) => {
+                let _ = self.index.send(IndexMsg::Checkpoint { through: self.journal.seq(), done: Some(done) });
+                if let Ok(Err(e)) = wait.blocking_recv() {
+                    tracing::error!(error = %e, "final queue checkpoint failed; the journal will be replayed at the next start");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "final journal sync failed; the journal will be replayed at the next start"),
+        }
+        // The indexer ends when its channel closes.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.index, closed));
+        if let Some(indexer) = self.indexer.take() {
+            let _ = indexer.join();
         }
     }
 
-    /// When the timer work (apply, checkpoint) is due next, if any is waiting.
+    /// When the next timed work is due: handing operations to the indexer, or rotating and
+    /// checkpointing the current segment if it holds anything.
     fn next_deadline(&self) -> Option<Instant> {
-        let apply = self.pending_since.map(|t| t + self.timing.apply_after);
-        let checkpoint = (!self.journal.is_empty()).then_some(self.last_checkpoint + self.timing.checkpoint_every);
-        match (apply, checkpoint) {
-            (Some(a), Some(c)) => Some(a.min(c)),
-            (a, c) => a.or(c),
+        let hand_over = self.to_index_since.map(|t| t + self.timing.apply_after);
+        let rotation = (!self.journal.is_empty()).then_some(self.last_rotation + self.timing.checkpoint_every);
+        match (hand_over, rotation) {
+            (Some(h), Some(r)) => Some(h.min(r)),
+            (h, r) => h.or(r),
         }
     }
 
     fn on_time(&mut self) {
         let now = Instant::now();
-        let result = if !self.journal.is_empty() && now >= self.last_checkpoint + self.timing.checkpoint_every {
-            self.checkpoint()
-        } else if self.pending_since.is_some_and(|t| now >= t + self.timing.apply_after) || self.pending.len() >= APPLY_MAX_OPS {
-            self.apply(Durability::None)
-        } else {
-            Ok(())
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "queue index update failed; the journal keeps the operations");
-            // Retried after another wait, not in a busy loop.
-            if self.pending_since.is_some() {
-                self.pending_since = Some(now);
-            }
+        if !self.journal.is_empty() && now >= self.last_rotation + self.timing.checkpoint_every {
+            self.checkpoint(None);
+        } else if self.to_index_since.is_some_and(|t| now >= t + self.timing.apply_after) || self.to_index.len() >= APPLY_MAX_OPS
+        {
+            self.hand_over();
+        }
+    }
+
+    /// Sends the collected operations to the indexer.
+    fn hand_over(&mut self) {
+        self.to_index_since = None;
+        if !self.to_index.is_empty() {
+            let _ = self.index.send(IndexMsg::Ops(std::mem::take(&mut self.to_index)));
         }
     }
 
@@ -462,32 +496,33 @@ impl Writer {
         let written = encoded.map_err(|e| e.to_string()).and_then(|()| self.journal_write(inserts));
         if let Err(e) = &written {
             tracing::error!(error = %e, "queue journal write failed; its new mail was not acknowledged");
+            // Not acknowledged, so not queued. Updates and removals still reach redb: they
+            // were never promised to be durable on their own.
+            staged.retain(|op| !matches!(op, Pending::Insert { .. }));
         }
-        // Only after the data is findable may the sender hear that it was queued.
-        let mut unapplied = self.unapplied.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for op in staged {
-            match op {
-                Pending::Insert { .. } if written.is_err() => {}
-                Pending::Insert { id, ref data, .. } => {
-                    unapplied.insert(id, data.clone());
-                    self.pending.push(op);
+        {
+            // Only after the data is findable may the sender hear that it was queued.
+            let mut unapplied = self.unapplied.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for op in &staged {
+                if let Pending::Insert { id, data, .. } = op {
+                    unapplied.insert(*id, data.clone());
                 }
-                Pending::Update { .. } | Pending::Remove(_) => self.pending.push(op),
             }
         }
-        drop(unapplied);
-        if !self.pending.is_empty() && self.pending_since.is_none() {
-            self.pending_since = Some(Instant::now());
+        if !staged.is_empty() {
+            self.to_index.extend(staged);
+            self.to_index_since.get_or_insert_with(Instant::now);
         }
         let written = written.map_err(QueueError::Write);
-        let mut checkpointed = None;
         for req in batch.drain(..) {
-            let Some(done) = req.done else { continue };
-            let answer = match req.op {
-                Op::Checkpoint => checkpointed.get_or_insert_with(|| self.checkpoint()).clone(),
-                Op::Insert(_) | Op::Update(_) | Op::Remove(_) => written.clone(),
-            };
-            let _ = done.send(answer);
+            match req.op {
+                Op::Checkpoint => self.checkpoint(req.done),
+                Op::Insert(_) | Op::Update(_) | Op::Remove(_) => {
+                    if let Some(done) = req.done {
+                        let _ = done.send(written.clone());
+                    }
+                }
+            }
         }
     }
 
@@ -498,13 +533,12 @@ impl Writer {
         if self.rotate_first || (self.batch.len() as u64) > self.journal.remaining() {
             // A full segment is a good moment to checkpoint: the next one starts anyway.
             self.rotate().map_err(|e| e.to_string())?;
-            if let Err(e) = self.checkpoint_rotated() {
-                tracing::error!(error = %e, "queue checkpoint failed; the journal keeps the operations");
-            }
+            self.hand_over();
+            let _ = self.index.send(IndexMsg::Checkpoint { through: self.journal.seq() - 1, done: None });
         }
         // redb failing to take what the journal holds (a full disk): the journal must not
-        // grow without end, and the unapplied operations are held in memory.
-        let behind = self.journal.seq() - 1 - self.checkpointed;
+        // grow without end, and the indexer holds the unapplied operations in memory.
+        let behind = self.journal.seq() - 1 - self.checkpointed.load(Ordering::Acquire);
         if sync && behind >= MAX_SEGMENTS_BEHIND {
             return Err(format!("the queue index is {behind} journal segments behind (checkpoints fail); new mail refused"));
         }
@@ -515,6 +549,7 @@ impl Writer {
 
     /// Continues in a new segment, so that a checkpoint covers the older ones whole.
     fn rotate(&mut self) -> Result<(), journal::JournalError> {
+        self.last_rotation = Instant::now();
         // Updates and removals are not synced when written; the old segment keeps them.
         if !self.rotate_first {
             self.journal.finish()?;
@@ -523,6 +558,68 @@ impl Writer {
         self.journal = next;
         self.rotate_first = false;
         Ok(())
+    }
+
+    /// Asks the indexer to commit redb durably with every segment before a new one, which
+    /// starts here if the current one holds anything.
+    fn checkpoint(&mut self, done: Option<oneshot::Sender<Result<(), QueueError>>>) {
+        if !self.journal.is_empty() || self.rotate_first {
+            if let Err(e) = self.rotate() {
+                // Retried at the next rotation time (`rotate` set it), not in a busy loop.
+                tracing::error!(error = %e, "journal rotation failed");
+                if let Some(done) = done {
+                    let _ = done.send(Err(QueueError::Write(e.to_string())));
+                }
+                return;
+            }
+        }
+        self.last_rotation = Instant::now();
+        self.hand_over();
+        let _ = self.index.send(IndexMsg::Checkpoint { through: self.journal.seq() - 1, done });
+    }
+}
+
+/// What the writer hands the indexer, in journal order.
+enum IndexMsg {
+    /// Journaled operations.
+    Ops(Vec<Pending>),
+    /// Commit redb durably, then retire the segments up to `through`.
+    Checkpoint { through: u64, done: Option<oneshot::Sender<Result<(), QueueError>>> },
+}
+
+/// Writes the journaled operations to redb in the batches the writer hands over, without a
+/// sync, and commits durably at each checkpoint: on its own thread, so that the journal never
+/// waits for redb.
+struct Indexer {
+    db: Arc<Database>,
+    dir: PathBuf,
+    /// Operations not yet in redb: a failed write is retried with the next batch.
+    pending: Vec<Pending>,
+    unapplied: Unapplied,
+    checkpointed: Arc<AtomicU64>,
+}
+
+impl Indexer {
+    fn run(&mut self, rx: &mpsc::Receiver<IndexMsg>) {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                IndexMsg::Ops(ops) => {
+                    self.pending.extend(ops);
+                    if let Err(e) = self.apply(Durability::None) {
+                        tracing::error!(error = %e, "queue index update failed; the journal keeps the operations");
+                    }
+                }
+                IndexMsg::Checkpoint { through, done } => {
+                    let result = self.checkpoint(through);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "queue checkpoint failed; the journal keeps the operations");
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(result);
+                    }
+                }
+            }
+        }
     }
 
     /// Writes the pending operations to redb in one transaction.
@@ -549,33 +646,21 @@ impl Writer {
                 unapplied.remove(&id);
             }
         }
-        self.pending_since = None;
         Ok(())
     }
 
-    /// Commits redb durably with everything journaled so far, then drops the segments that
-    /// commit covers. Also run when nothing is pending: it makes the earlier non-durable
-    /// commits durable.
-    fn checkpoint(&mut self) -> Result<(), QueueError> {
-        if !self.journal.is_empty() {
-            self.rotate().map_err(|e| QueueError::Write(e.to_string()))?;
-        }
-        self.checkpoint_rotated()
-    }
-
-    /// The checkpoint for every segment before the current one.
-    fn checkpoint_rotated(&mut self) -> Result<(), QueueError> {
-        // Set first: a failing checkpoint is retried a second later, not in a busy loop.
-        self.last_checkpoint = Instant::now();
+    /// Commits redb durably with everything received so far, which includes every operation
+    /// of the segments up to `through`, then retires those segments. Also run when nothing
+    /// is pending: it makes the earlier non-durable commits durable.
+    fn checkpoint(&mut self, through: u64) -> Result<(), QueueError> {
         self.apply(Durability::Immediate)?;
-        let current = self.journal.seq();
-        self.checkpointed = current - 1;
-        let old: Vec<_> = journal::segments(self.journal.dir())
+        self.checkpointed.fetch_max(through, Ordering::AcqRel);
+        let covered: Vec<_> = journal::segments(&self.dir)
             .map_err(|e| QueueError::Write(e.to_string()))?
             .into_iter()
-            .filter(|s| s.seq < current)
+            .filter(|s| s.seq <= through)
             .collect();
-        journal::retire(self.journal.dir(), &old).map_err(|e| QueueError::Write(e.to_string()))
+        journal::retire(&self.dir, &covered).map_err(|e| QueueError::Write(e.to_string()))
     }
 }
 
