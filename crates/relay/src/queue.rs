@@ -563,15 +563,15 @@ impl Writer {
     /// Asks the indexer to commit redb durably with every segment before a new one, which
     /// starts here if the current one holds anything.
     fn checkpoint(&mut self, done: Option<oneshot::Sender<Result<(), QueueError>>>) {
-        if !self.journal.is_empty() || self.rotate_first {
-            if let Err(e) = self.rotate() {
-                // Retried at the next rotation time (`rotate` set it), not in a busy loop.
-                tracing::error!(error = %e, "journal rotation failed");
-                if let Some(done) = done {
-                    let _ = done.send(Err(QueueError::Write(e.to_string())));
-                }
-                return;
+        if (!self.journal.is_empty() || self.rotate_first)
+            && let Err(e) = self.rotate()
+        {
+            // Retried at the next rotation time (`rotate` set it), not in a busy loop.
+            tracing::error!(error = %e, "journal rotation failed");
+            if let Some(done) = done {
+                let _ = done.send(Err(QueueError::Write(e.to_string())));
             }
+            return;
         }
         self.last_rotation = Instant::now();
         self.hand_over();
