@@ -115,6 +115,8 @@ enum Op {
     Remove(u64),
     /// Everything before it is written to redb and committed durably.
     Checkpoint,
+    /// Deferred updates or removals are waiting (sent only to a writer asleep without a timer).
+    Wake,
 }
 
 struct Request {
@@ -138,8 +140,43 @@ pub struct Queue {
     db: Arc<Database>,
     unapplied: Unapplied,
     writer: mpsc::Sender<Request>,
+    /// Updates and removals, picked up by the writer when it next wakes.
+    deferred: Deferred,
     writer_thread: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
     next_id: Arc<AtomicU64>,
+}
+
+/// Updates and removals need no sync of their own, so they do not wake the writer (a
+/// wake-up per delivered message would cost more than the write): it takes them with its
+/// next group commit or timer. Only a writer asleep with no timer set is woken.
+#[derive(Clone, Default)]
+struct Deferred {
+    ops: Arc<Mutex<Vec<Op>>>,
+    /// The writer sleeps without a deadline and must be woken for deferred operations.
+    writer_asleep: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Deferred {
+    fn push(&self, op: Op, writer: &mpsc::Sender<Request>) {
+        self.ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(op);
+        if self.writer_asleep.swap(false, Ordering::SeqCst) {
+            let _ = writer.send(Request { op: Op::Wake, done: None });
+        }
+    }
+
+    fn take(&self) -> Vec<Op> {
+        std::mem::take(&mut *self.ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Marks the writer asleep unless something is waiting; true if it may sleep.
+    fn may_sleep(&self) -> bool {
+        self.writer_asleep.store(true, Ordering::SeqCst);
+        let empty = self.ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty();
+        if !empty {
+            self.writer_asleep.store(false, Ordering::SeqCst);
+        }
+        empty
+    }
 }
 
 impl std::fmt::Debug for Queue {
@@ -176,6 +213,7 @@ impl Queue {
         let last = envelopes.iter().map(|e| e.id).max().unwrap_or(0);
         let db = Arc::new(db);
         let unapplied = Unapplied::default();
+        let deferred = Deferred::default();
         let (tx, rx) = mpsc::channel();
         let checkpointed = Arc::new(AtomicU64::new(last_seq));
         let (index, index_rx) = mpsc::channel();
@@ -199,6 +237,7 @@ impl Queue {
             unapplied: unapplied.clone(),
             to_index: Vec::new(),
             to_index_since: None,
+            deferred: deferred.clone(),
             index,
             indexer: Some(indexer),
             batch: Batch::default(),
@@ -209,7 +248,7 @@ impl Queue {
             .map_err(|e| open_err(e.to_string()))?;
         let next_id = Arc::new(AtomicU64::new(last.max(now_ms() << 12) + 1));
         let writer_thread = Arc::new(Mutex::new(Some(handle)));
-        Ok((Queue { db, unapplied, writer: tx, writer_thread, next_id }, envelopes))
+        Ok((Queue { db, unapplied, writer: tx, deferred, writer_thread, next_id }, envelopes))
     }
 
     /// Writes what is pending and closes the database (the last handle must call this to
@@ -236,12 +275,12 @@ impl Queue {
 
     /// Records a new schedule or recipient list (not waited for; durable with the next insert).
     pub fn update(&self, env: Envelope) {
-        let _ = self.writer.send(Request { op: Op::Update(env), done: None });
+        self.deferred.push(Op::Update(env), &self.writer);
     }
 
     /// Forgets a finished envelope (not waited for; durable with the next insert).
     pub fn remove(&self, id: u64) {
-        let _ = self.writer.send(Request { op: Op::Remove(id), done: None });
+        self.deferred.push(Op::Remove(id), &self.writer);
     }
 
     /// Waits until every earlier request is written to redb and committed durably (used on
@@ -384,6 +423,7 @@ struct Writer {
     /// wake-up per [`Timing::apply_after`], not one per group commit.
     to_index: Vec<Pending>,
     to_index_since: Option<Instant>,
+    deferred: Deferred,
     index: mpsc::Sender<IndexMsg>,
     indexer: Option<thread::JoinHandle<()>>,
     batch: Batch,
@@ -394,15 +434,15 @@ impl Writer {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             let first = match self.next_deadline() {
+                None if !self.deferred.may_sleep() => Ok(Request { op: Op::Wake, done: None }),
                 None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
                 Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
             };
+            // Deferred operations first: a flush must cover those made before it.
+            batch.extend(self.deferred.take().into_iter().map(|op| Request { op, done: None }));
             match first {
                 Ok(r) => batch.push(r),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.on_time();
-                    continue;
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             while batch.len() < MAX_BATCH {
@@ -411,10 +451,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.group_commit(&mut batch);
+            if !batch.is_empty() {
+                self.group_commit(&mut batch);
+            }
             self.on_time();
         }
-        // Closing: the last checkpoint covers the current segment too.
+        // Closing: what is deferred, and a last checkpoint that covers the current segment.
+        batch.extend(self.deferred.take().into_iter().map(|op| Request { op, done: None }));
+        self.group_commit(&mut batch);
         self.hand_over();
         let (done, wait) = oneshot::channel();
         let finished = if self.rotate_first { Ok(()) } else { self.journal.finish() };
@@ -490,7 +534,7 @@ impl Writer {
                     encoded = encoded.and(self.batch.push(&Record::Remove { id: *id }));
                     staged.push(Pending::Remove(*id));
                 }
-                Op::Checkpoint => {}
+                Op::Checkpoint | Op::Wake => {}
             }
         }
         let written = encoded.map_err(|e| e.to_string()).and_then(|()| self.journal_write(inserts));
@@ -517,7 +561,7 @@ impl Writer {
         for req in batch.drain(..) {
             match req.op {
                 Op::Checkpoint => self.checkpoint(req.done),
-                Op::Insert(_) | Op::Update(_) | Op::Remove(_) => {
+                Op::Insert(_) | Op::Update(_) | Op::Remove(_) | Op::Wake => {
                     if let Some(done) = req.done {
                         let _ = done.send(written.clone());
                     }
@@ -791,6 +835,23 @@ mod tests {
         let (replayed, existing) = Queue::open(crashed.path()).expect("reopen");
         assert_eq!(existing, vec![a]);
         replayed.close();
+        q.close();
+    }
+
+    #[tokio::test]
+    async fn a_removal_reaches_redb_without_more_mail_to_carry_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open(dir.path()).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        q.insert(vec![(a.clone(), Arc::new(b"x".to_vec()))]).await.expect("insert");
+        // After the checkpoint the writer has nothing timed left and sleeps until woken.
+        q.flush().await.expect("checkpoint");
+        q.remove(a.id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while q.read_data(a.id).is_ok() {
+            assert!(Instant::now() < deadline, "the removal never reached redb: the sleeping writer was not woken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         q.close();
     }
 }
