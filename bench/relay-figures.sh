@@ -8,7 +8,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
 N=${N:-5000}; SESS=${SESS:-20}; QUEUED=${QUEUED:-10000}
 (cd "$ROOT" && cargo build --release -q -p mxrelay -p mxrelay-e2e)
-BIN=$ROOT/target/release/mxrelay; GEN=$ROOT/target/release/mxrelay-loadgen
+BIN=${BIN:-$ROOT/target/release/mxrelay}; GEN=$ROOT/target/release/mxrelay-loadgen
 W=$(mktemp -d); PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$W"' EXIT
 rss() { awk '/VmRSS/{printf "%.1f MB", $2/1024}' "/proc/$1/status"; }

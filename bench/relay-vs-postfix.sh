@@ -26,20 +26,21 @@ wait_total() {  # wait_total TARGET -> seconds timestamp when the sinks reached 
   return 1
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
-measure() {  # measure TARGET_ADDR -> msg/s end to end
-  local t0 te
+measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU per message to $WORK/cpu
+  local t0 te TIMEFORMAT="%U %S"
   t0=$(now)
-  smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test "$1" > "$WORK/source.out" 2>&1
+  { time smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test "$1" > "$WORK/source.out" 2>&1; } 2> "$WORK/time"
   wait_total "$N" || echo "TIMEOUT" >&2
   te=$(now)
+  awk -v n="$N" '{printf "%.0f", ($1+$2)*1e6/n}' "$WORK/time" > "$WORK/cpu"
   awk -v n="$N" -v t="$(elapsed "$t0" "$te")" 'BEGIN{printf "%.1f", n/t}'
 }
 
 dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
-direct=(); postfix=(); mx=(); split=()
+direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=()
 for i in $(seq "$RUNS"); do
   sinks_stop_all; sink_start 127.0.1.1
-  direct+=("$(measure 127.0.1.1:25)")
+  direct+=("$(measure 127.0.1.1:25)"); src_direct+=("$(cat "$WORK/cpu")")
 
   sinks_stop_all; for ip in "${SINKS[@]}"; do sink_start "$ip"; done
   pf_stop; queue_purge; pf_start; sleep 1
@@ -50,7 +51,7 @@ for i in $(seq "$RUNS"); do
   rm -rf "$WORK/queue"
   "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & echo $! > "$WORK/mx.pid"
   until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
-  mx+=("$(measure $MX_ADDR)")
+  mx+=("$(measure $MX_ADDR)"); src_mx+=("$(cat "$WORK/cpu")")
   split+=("$(sink_count 127.0.1.1)/$(sink_count 127.0.1.2)")
   kill "$(cat "$WORK/mx.pid")"; wait "$(cat "$WORK/mx.pid")" 2>/dev/null
   echo "run $i: direct ${direct[-1]}  postfix ${postfix[-1]}  mxrelay ${mx[-1]} msg/s (mxrelay split ${split[-1]})"
@@ -65,3 +66,4 @@ echo "| smtp-source -> mxrelay -> 2 sinks | ${mx[*]} | $m |"
 echo
 awk -v m="$m" -v p="$p" -v d="$d" 'BEGIN{printf "mxrelay / Postfix = %.2fx   mxrelay / direct = %.2f\n", m/p, m/d}'
 echo "mxrelay per-sink split: ${split[*]}"
+echo "smtp-source's own CPU per message (µs): direct ${src_direct[*]} (median $(median "${src_direct[@]}")), into mxrelay ${src_mx[*]} (median $(median "${src_mx[@]}"))"
