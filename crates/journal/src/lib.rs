@@ -371,6 +371,38 @@ pub fn retire(dir: &Path, covered: &[Segment]) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// Writes zeros from `from` up to `to`: not a sparse extension, so that later syncs only
+/// overwrite allocated blocks.
+fn fill_with_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = zeros.len().min((to - at) as usize);
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Makes a spare segment ahead of time if there is none, so that starting the next segment
+/// is a rename and not 16 MiB of zeros written while mail waits. Meant for a thread other
+/// than the journal's writer. Returns whether it made one.
+pub fn prepare_spare(dir: &Path) -> Result<bool, JournalError> {
+    if !files(dir, SPARE_SUFFIX)?.is_empty() {
+        return Ok(false);
+    }
+    // Written under a name `segments` and `Journal::start` ignore, then renamed: a spare is
+    // never taken half made.
+    let tmp = dir.join(format!("prepared{SPARE_SUFFIX}.tmp"));
+    let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_error(&tmp))?;
+    fill_with_zeros(&file, 0, SEGMENT_BYTES).map_err(io_error(&tmp))?;
+    file.sync_all().map_err(io_error(&tmp))?;
+    let spare = dir.join(format!("{:016x}{SPARE_SUFFIX}", u64::MAX));
+    std::fs::rename(&tmp, &spare).map_err(io_error(&tmp))?;
+    sync_dir(dir)?;
+    Ok(true)
+}
+
 /// The segment being appended to.
 #[derive(Debug)]
 pub struct Journal {
@@ -400,16 +432,7 @@ impl Journal {
             None => OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_error(&path))?,
         };
         let capacity = file.metadata().map_err(io_error(&path))?.len();
-        if capacity < wanted {
-            // Zeros, not a sparse extension: later syncs then only overwrite allocated blocks.
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = capacity;
-            while at < wanted {
-                let n = zeros.len().min((wanted - at) as usize);
-                file.write_all_at(&zeros[..n], at).map_err(io_error(&path))?;
-                at += n as u64;
-            }
-        }
+        fill_with_zeros(&file, capacity, wanted).map_err(io_error(&path))?;
         file.sync_all().map_err(io_error(&path))?;
         sync_dir(dir)?;
         let capacity = capacity.max(wanted);
@@ -632,5 +655,17 @@ mod tests {
         retire(dir.path(), &segments(dir.path()).expect("list")).expect("retire");
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(left.len(), SPARES_KEPT, "{left:?}");
+    }
+
+    #[test]
+    fn a_prepared_spare_is_taken_by_the_next_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(prepare_spare(dir.path()).expect("prepare"));
+        assert!(!prepare_spare(dir.path()).expect("prepare"), "one spare is enough");
+        assert!(segments(dir.path()).expect("list").is_empty(), "a spare is not a segment");
+        let j = Journal::start(dir.path(), 5, 0).expect("start");
+        assert_eq!(j.remaining(), SEGMENT_BYTES);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(format!("{:016x}.wal", 5))], "the spare became segment 5");
     }
 }

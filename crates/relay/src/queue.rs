@@ -648,6 +648,7 @@ struct Indexer {
 
 impl Indexer {
     fn run(&mut self, rx: &mpsc::Receiver<IndexMsg>) {
+        self.prepare_spare();
         while let Ok(msg) = rx.recv() {
             match msg {
                 IndexMsg::Ops(ops) => {
@@ -664,8 +665,16 @@ impl Indexer {
                     if let Some(done) = done {
                         let _ = done.send(result);
                     }
+                    self.prepare_spare();
                 }
             }
+        }
+    }
+
+    /// Keeps a spare segment ready, so the writer never waits for a new one to be written.
+    fn prepare_spare(&self) {
+        if let Err(e) = journal::prepare_spare(&self.dir) {
+            tracing::warn!(error = %e, "could not prepare a spare journal segment; the writer will make its own");
         }
     }
 
