@@ -298,8 +298,8 @@ impl Queue {
 
     /// The message data of an envelope.
     pub fn read_data(&self, id: u64) -> Result<Vec<u8>, QueueError> {
-        // The journaled-but-unapplied map first: the writer removes data from it only after
-        // redb has it, so one of the two always does.
+        // The journaled-but-unapplied map first: the index thread removes data from it only
+        // after redb has it, so one of the two always does.
         if let Some(data) = self.unapplied.lock().map_err(|_| QueueError::Closed)?.get(&id) {
             return Ok(data.to_vec());
         }
@@ -805,7 +805,7 @@ mod tests {
         assert_eq!(existing, vec![b2, c.clone(), d.clone()], "removed one gone, updated one updated");
         assert_eq!(replayed.read_data(c.id).expect("data"), format!("data of {}", c.id).into_bytes());
         assert_eq!(replayed.read_data(d.id).expect("data"), b"last");
-        assert!(journal::segments(&crashed.path().join("journal")).expect("segments").len() == 1, "replayed segments retired");
+        assert_eq!(journal::segments(&crashed.path().join("journal")).expect("segments").len(), 1, "replayed segments retired");
         replayed.close();
         q.close();
     }
