@@ -284,6 +284,107 @@ async fn opportunistic_falls_back_to_clear_when_the_handshake_fails() {
     drop(postfix);
 }
 
+/// A scripted server that offers STARTTLS and answers it with `454` (RFC 3207 §4: "TLS not
+/// available due to temporary reason"), then takes mail in clear on the same connection.
+/// Each line of the transcript is `connection-number command`.
+struct Refuses454 {
+    port: u16,
+    transcript: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Refuses454 {
+    fn start() -> Refuses454 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let transcript = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = transcript.clone();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { return };
+                let log = log.clone();
+                std::thread::spawn(move || Refuses454::serve(n, stream, &log));
+            }
+        });
+        Refuses454 { port, transcript }
+    }
+
+    fn serve(n: usize, stream: TcpStream, log: &std::sync::Mutex<Vec<String>>) -> Option<()> {
+        let mut out = stream.try_clone().ok()?;
+        let mut input = BufReader::new(stream);
+        let note = |what: &str| log.lock().expect("transcript").push(format!("{n} {what}"));
+        out.write_all(b"220 scripted ESMTP\r\n").ok()?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if input.read_line(&mut line).ok()? == 0 {
+                return Some(());
+            }
+            let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+            note(&verb);
+            let answer: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-scripted\r\n250-PIPELINING\r\n250 STARTTLS\r\n",
+                "STARTTLS" => b"454 4.7.0 TLS not available due to temporary reason\r\n",
+                "DATA" => {
+                    out.write_all(b"354 go ahead\r\n").ok()?;
+                    let mut body = String::new();
+                    while line != ".\r\n" {
+                        line.clear();
+                        if input.read_line(&mut line).ok()? == 0 {
+                            return Some(());
+                        }
+                        body.push_str(&line);
+                    }
+                    note(&format!("MESSAGE {}", body.lines().find(|l| l.starts_with("To: ")).unwrap_or("")));
+                    b"250 2.0.0 queued\r\n"
+                }
+                "QUIT" => {
+                    out.write_all(b"221 2.0.0 bye\r\n").ok()?;
+                    return Some(());
+                }
+                _ => b"250 2.0.0 ok\r\n",
+            };
+            out.write_all(answer).ok()?;
+        }
+    }
+
+    fn transcript(&self) -> Vec<String> {
+        self.transcript.lock().expect("transcript").clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_454_to_starttls_means_clear_on_the_same_connection_only_when_opportunistic() {
+    let server = Refuses454::start();
+    let domains = [
+        tls_domain("may.test", "tls = \"opportunistic\"", &[("127.0.0.1", server.port, 10)]),
+        tls_domain("must.test", "tls = \"required\"", &[("127.0.0.1", server.port, 10)]),
+    ]
+    .concat();
+    let relay = Relay::start(&domains, "retry = [\"1h\"]");
+    assert_eq!(send(&relay.addr, "user@must.test", 10..11, 1).await.len(), 1);
+    assert_eq!(send(&relay.addr, "user@may.test", 0..1, 1).await.len(), 1);
+    eventually("opportunistic mail delivered", || server.transcript().iter().any(|l| l.contains("MESSAGE"))).await;
+    eventually("required mail deferred", || !relay.log_lines(&["deferred"]).is_empty()).await;
+    let transcript = server.transcript();
+    // The delivery went on in clear on the connection whose STARTTLS got the 454.
+    let message = transcript.iter().find(|l| l.contains("MESSAGE")).expect("message");
+    assert!(message.ends_with("To: user@may.test"), "{transcript:?}");
+    let conn = message.split_whitespace().next().expect("connection");
+    let on_conn: Vec<&str> = transcript
+        .iter()
+        .filter(|l| l.split_whitespace().next() == Some(conn))
+        .map(|l| l.split_once(' ').expect("line").1)
+        .collect();
+    let starttls = on_conn.iter().position(|c| *c == "STARTTLS").expect("STARTTLS asked for");
+    let mail = on_conn.iter().position(|c| *c == "MAIL").expect("MAIL");
+    assert!(starttls < mail, "{on_conn:?}");
+    // Required mail never reached the server in clear: one message in all, and no MAIL
+    // command on any connection but the opportunistic one.
+    assert_eq!(transcript.iter().filter(|l| l.contains("MESSAGE")).count(), 1, "{transcript:?}");
+    assert_eq!(transcript.iter().filter(|l| l.ends_with(" MAIL")).count(), 1, "{transcript:?}");
+    assert!(!relay.log_lines(&["STARTTLS refused; delivering in clear"]).is_empty(), "{}", relay.log_text());
+}
+
 #[test]
 fn bad_tls_settings_are_refused_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
