@@ -307,12 +307,19 @@ impl<R: Read> SegmentReader<R> {
         if checksum(self.seq, &self.body) != crc {
             return Ok(self.end(torn("checksum mismatch")));
         }
-        if let Err(e) = Record::decode(&self.body) {
-            return Ok(self.end(SegmentEnd::Corrupt { offset, reason: e.to_string() }));
+        // Fields, not methods, from here: the record borrows `body` while `offset` or
+        // `ended` change.
+        match Record::decode(&self.body) {
+            Ok(record) => {
+                self.offset += HEADER_BYTES as u64 + u64::from(len);
+                Ok(Next::Record(record))
+            }
+            Err(e) => {
+                let end = SegmentEnd::Corrupt { offset, reason: e.to_string() };
+                self.ended = Some(end.clone());
+                Ok(Next::End(end))
+            }
         }
-        self.offset += HEADER_BYTES as u64 + u64::from(len);
-        // Decoded twice (a cheap slice split) to return the borrow only on success.
-        Record::decode(&self.body).map(Next::Record).map_err(std::io::Error::other)
     }
 
     fn end(&mut self, end: SegmentEnd) -> Next<'static> {
@@ -521,19 +528,8 @@ mod tests {
         list.iter().map(|r| format!("{r:?}")).collect()
     }
 
-    fn read_all(bytes: &[u8], seq: u64) -> (Vec<String>, SegmentEnd) {
-        let mut reader = SegmentReader::new(Cursor::new(bytes), bytes.len() as u64, seq);
-        let mut seen = Vec::new();
-        loop {
-            match reader.next_record().expect("in-memory read") {
-                Next::Record(r) => seen.push(format!("{r:?}")),
-                Next::End(end) => return (seen, end),
-            }
-        }
-    }
-
-    fn read_segment(segment: &Segment) -> (Vec<String>, SegmentEnd) {
-        let mut reader = SegmentReader::open(segment).expect("open");
+    /// Every record a reader gives, and how the segment ends.
+    fn collect<R: Read>(mut reader: SegmentReader<R>) -> (Vec<String>, SegmentEnd) {
         let mut seen = Vec::new();
         loop {
             match reader.next_record().expect("read") {
@@ -541,6 +537,14 @@ mod tests {
                 Next::End(end) => return (seen, end),
             }
         }
+    }
+
+    fn read_all(bytes: &[u8], seq: u64) -> (Vec<String>, SegmentEnd) {
+        collect(SegmentReader::new(Cursor::new(bytes), bytes.len() as u64, seq))
+    }
+
+    fn read_segment(segment: &Segment) -> (Vec<String>, SegmentEnd) {
+        collect(SegmentReader::open(segment).expect("open"))
     }
 
     #[test]
