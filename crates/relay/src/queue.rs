@@ -125,11 +125,22 @@ struct Request {
     done: Option<oneshot::Sender<Result<(), QueueError>>>,
 }
 
-/// A journaled operation not yet written to redb, its envelope already serialized.
+/// A queue operation with its envelope serialized: journaled as it is, then written to redb.
 enum Pending {
     Insert { id: u64, envelope: Vec<u8>, data: Arc<Vec<u8>> },
     Update { id: u64, envelope: Vec<u8> },
     Remove(u64),
+}
+
+impl Pending {
+    /// The same operation as a journal record: what is journaled and what replay applies.
+    fn record(&self) -> Record<'_> {
+        match self {
+            Pending::Insert { id, envelope, data } => Record::Insert { id: *id, envelope, data },
+            Pending::Update { id, envelope } => Record::Update { id: *id, envelope },
+            Pending::Remove(id) => Record::Remove { id: *id },
+        }
+    }
 }
 
 /// Message data journaled but not yet in redb, for [`Queue::read_data`].
@@ -229,7 +240,7 @@ impl Queue {
             .name("queue-index".into())
             .spawn(move || indexer.run(&index_rx))
             .map_err(|e| open_err(e.to_string()))?;
-        let mut writer = Writer {
+        let writer = Writer {
             journal,
             timing,
             rotate_first: false,
@@ -240,7 +251,7 @@ impl Queue {
             to_index_since: None,
             deferred: deferred.clone(),
             index,
-            indexer: Some(indexer),
+            indexer,
             batch: Batch::default(),
         };
         let handle = thread::Builder::new()
@@ -336,7 +347,7 @@ fn replay(db: &Database, dir: &Path) -> Result<u64, String> {
             let end = loop {
                 match reader.next_record().map_err(|e| format!("{}: {e}", segment.path.display()))? {
                     Next::Record(record) => {
-                        tables.apply_record(record)?;
+                        tables.apply(record)?;
                         records += 1;
                     }
                     Next::End(end) => break end,
@@ -379,31 +390,24 @@ impl<'t> Tables<'t> {
         })
     }
 
-    fn apply_record(&mut self, record: Record<'_>) -> Result<(), String> {
+    /// One operation, from the writer or from replay.
+    fn apply(&mut self, record: Record<'_>) -> Result<(), String> {
         match record {
-            Record::Insert { id, envelope, data } => self.insert(id, envelope, data),
-            Record::Update { id, envelope } => self.update(id, envelope),
-            Record::Remove { id } => self.remove(id),
+            Record::Insert { id, envelope, data } => {
+                self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
+                self.data.insert(id, data).map_err(|e| e.to_string())?;
+            }
+            // An update racing a removal must not resurrect the envelope.
+            Record::Update { id, envelope } => {
+                if self.envelopes.get(id).map_err(|e| e.to_string())?.is_some() {
+                    self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
+                }
+            }
+            Record::Remove { id } => {
+                self.envelopes.remove(id).map_err(|e| e.to_string())?;
+                self.data.remove(id).map_err(|e| e.to_string())?;
+            }
         }
-    }
-
-    fn insert(&mut self, id: u64, envelope: &[u8], data: &[u8]) -> Result<(), String> {
-        self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
-        self.data.insert(id, data).map_err(|e| e.to_string())?;
-        Ok(())
-    }
-
-    fn update(&mut self, id: u64, envelope: &[u8]) -> Result<(), String> {
-        // An update racing a removal must not resurrect the envelope.
-        if self.envelopes.get(id).map_err(|e| e.to_string())?.is_some() {
-            self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    fn remove(&mut self, id: u64) -> Result<(), String> {
-        self.envelopes.remove(id).map_err(|e| e.to_string())?;
-        self.data.remove(id).map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -426,12 +430,12 @@ struct Writer {
     to_index_since: Option<Instant>,
     deferred: Deferred,
     index: mpsc::Sender<IndexMsg>,
-    indexer: Option<thread::JoinHandle<()>>,
+    indexer: thread::JoinHandle<()>,
     batch: Batch,
 }
 
 impl Writer {
-    fn run(&mut self, rx: &mpsc::Receiver<Request>) {
+    fn run(mut self, rx: &mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             let first = match self.next_deadline() {
@@ -473,30 +477,34 @@ impl Writer {
             Err(e) => tracing::error!(error = %e, "final journal sync failed; the journal will be replayed at the next start"),
         }
         // The indexer ends when its channel closes.
-        let (closed, _) = mpsc::channel();
-        drop(std::mem::replace(&mut self.index, closed));
-        if let Some(indexer) = self.indexer.take() {
-            let _ = indexer.join();
-        }
+        let Writer { index, indexer, .. } = self;
+        drop(index);
+        let _ = indexer.join();
     }
 
-    /// When the next timed work is due: handing operations to the indexer, or rotating and
-    /// checkpointing the current segment if it holds anything.
+    /// When the current segment is due to be closed and checkpointed, if it holds anything.
+    fn checkpoint_due(&self) -> Option<Instant> {
+        (!self.journal.is_empty()).then_some(self.last_rotation + self.timing.checkpoint_every)
+    }
+
+    /// When the collected operations are due at the indexer, if there are any.
+    fn hand_over_due(&self) -> Option<Instant> {
+        self.to_index_since.map(|t| t + self.timing.apply_after)
+    }
+
+    /// When the next timed work is due.
     fn next_deadline(&self) -> Option<Instant> {
-        let hand_over = self.to_index_since.map(|t| t + self.timing.apply_after);
-        let rotation = (!self.journal.is_empty()).then_some(self.last_rotation + self.timing.checkpoint_every);
-        match (hand_over, rotation) {
-            (Some(h), Some(r)) => Some(h.min(r)),
-            (h, r) => h.or(r),
+        match (self.checkpoint_due(), self.hand_over_due()) {
+            (Some(c), Some(h)) => Some(c.min(h)),
+            (c, h) => c.or(h),
         }
     }
 
     fn on_time(&mut self) {
         let now = Instant::now();
-        if !self.journal.is_empty() && now >= self.last_rotation + self.timing.checkpoint_every {
+        if self.checkpoint_due().is_some_and(|at| now >= at) {
             self.checkpoint(None);
-        } else if self.to_index_since.is_some_and(|t| now >= t + self.timing.apply_after) || self.to_index.len() >= APPLY_MAX_OPS
-        {
+        } else if self.hand_over_due().is_some_and(|at| now >= at) || self.to_index.len() >= APPLY_MAX_OPS {
             self.hand_over();
         }
     }
@@ -514,30 +522,20 @@ impl Writer {
     fn group_commit(&mut self, batch: &mut Vec<Request>) {
         self.batch.clear();
         let mut staged = Vec::with_capacity(batch.len());
-        let mut inserts = false;
-        let mut encoded = Ok(());
         for req in batch.iter() {
             match &req.op {
-                Op::Insert(items) => {
-                    inserts = true;
-                    for (env, data) in items {
-                        let envelope = envelope_json(env);
-                        encoded = encoded.and(self.batch.push(&Record::Insert { id: env.id, envelope: &envelope, data }));
-                        staged.push(Pending::Insert { id: env.id, envelope, data: data.clone() });
-                    }
-                }
-                Op::Update(env) => {
-                    let envelope = envelope_json(env);
-                    encoded = encoded.and(self.batch.push(&Record::Update { id: env.id, envelope: &envelope }));
-                    staged.push(Pending::Update { id: env.id, envelope });
-                }
-                Op::Remove(id) => {
-                    encoded = encoded.and(self.batch.push(&Record::Remove { id: *id }));
-                    staged.push(Pending::Remove(*id));
-                }
+                Op::Insert(items) => staged.extend(items.iter().map(|(env, data)| Pending::Insert {
+                    id: env.id,
+                    envelope: envelope_json(env),
+                    data: data.clone(),
+                })),
+                Op::Update(env) => staged.push(Pending::Update { id: env.id, envelope: envelope_json(env) }),
+                Op::Remove(id) => staged.push(Pending::Remove(*id)),
                 Op::Checkpoint | Op::Wake => {}
             }
         }
+        let inserts = staged.iter().any(|op| matches!(op, Pending::Insert { .. }));
+        let encoded: Result<(), _> = staged.iter().try_for_each(|op| self.batch.push(&op.record()));
         let written = encoded.map_err(|e| e.to_string()).and_then(|()| self.journal_write(inserts));
         if let Err(e) = &written {
             tracing::error!(error = %e, "queue journal write failed; its new mail was not acknowledged");
@@ -578,8 +576,7 @@ impl Writer {
         if self.rotate_first || (self.batch.len() as u64) > self.journal.remaining() {
             // A full segment is a good moment to checkpoint: the next one starts anyway.
             self.rotate().map_err(|e| e.to_string())?;
-            self.hand_over();
-            let _ = self.index.send(IndexMsg::Checkpoint { through: self.journal.seq() - 1, done: None });
+            self.ask_checkpoint(None);
         }
         // redb failing to take what the journal holds (a full disk): the journal must not
         // grow without end, and the indexer holds the unapplied operations in memory.
@@ -605,20 +602,25 @@ impl Writer {
         Ok(())
     }
 
-    /// Asks the indexer to commit redb durably with every segment before a new one, which
-    /// starts here if the current one holds anything.
+    /// Starts a new segment if the current one holds anything, and asks for a checkpoint of
+    /// every segment before it.
     fn checkpoint(&mut self, done: Option<oneshot::Sender<Result<(), QueueError>>>) {
         if (!self.journal.is_empty() || self.rotate_first)
             && let Err(e) = self.rotate()
         {
-            // Retried at the next rotation time (`rotate` set it), not in a busy loop.
+            // Retried at the next checkpoint time (`rotate` set it), not in a busy loop.
             tracing::error!(error = %e, "journal rotation failed");
             if let Some(done) = done {
                 let _ = done.send(Err(QueueError::Write(e.to_string())));
             }
             return;
         }
-        self.last_rotation = Instant::now();
+        self.ask_checkpoint(done);
+    }
+
+    /// Hands over what is collected, then asks the indexer to commit redb durably and retire
+    /// the segments before the current one: the indexer has every operation of those by then.
+    fn ask_checkpoint(&mut self, done: Option<oneshot::Sender<Result<(), QueueError>>>) {
         self.hand_over();
         let _ = self.index.send(IndexMsg::Checkpoint { through: self.journal.seq() - 1, done });
     }
@@ -685,13 +687,7 @@ impl Indexer {
             tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
             {
                 let mut tables = Tables::open(&tx)?;
-                for op in pending {
-                    match op {
-                        Pending::Insert { id, envelope, data } => tables.insert(*id, envelope, data)?,
-                        Pending::Update { id, envelope } => tables.update(*id, envelope)?,
-                        Pending::Remove(id) => tables.remove(*id)?,
-                    }
-                }
+                pending.iter().try_for_each(|op| tables.apply(op.record()))?;
             }
             tx.commit().map_err(|e| e.to_string())
         };
