@@ -827,6 +827,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_damaged_segment_is_replayed_up_to_the_damage_and_kept_for_the_operator() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        q.insert(vec![(a.clone(), Arc::new(b"kept".to_vec()))]).await.expect("insert");
+        let crashed = crash_copy(dir.path());
+        // After the acknowledged record, one whose checksum is right but whose kind is unknown
+        // (the journal's format: length, CRC-32 of sequence number and body, body).
+        let segment = journal::segments(&crashed.path().join("journal")).expect("segments").remove(0);
+        let mut bytes = std::fs::read(&segment.path).expect("read");
+        let end = bytes.iter().rposition(|&b| b != 0).expect("records") + 1;
+        let body = [9u8, 0, 0, 0, 0, 0, 0, 0, 1];
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&segment.seq.to_le_bytes());
+        crc.update(&body);
+        let record = [&(body.len() as u32).to_le_bytes()[..], &crc.finalize().to_le_bytes(), &body].concat();
+        bytes[end..end + record.len()].copy_from_slice(&record);
+        std::fs::write(&segment.path, &bytes).expect("write");
+
+        let (replayed, existing) = Queue::open(crashed.path()).expect("replay");
+        assert_eq!(existing, vec![a], "the records before the damage are replayed");
+        assert!(segment.path.with_extension("wal.damaged").is_file(), "the damaged segment is kept aside");
+        assert!(!segment.path.exists(), "and not replayed again");
+        replayed.close();
+        q.close();
+    }
+
+    #[tokio::test]
     async fn a_checkpoint_moves_everything_to_redb_and_retires_the_journal() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
