@@ -1,4 +1,14 @@
-# Shared by the bench scripts: the relay config they run.
+# Shared by the bench scripts: where things are, the usual sizes, the binary, the config.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
+N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
+# BIN: the mxrelay to measure. Given, it is used as it is (to compare builds side by side);
+# otherwise this checkout's release build, brought up to date first so no stale binary is measured.
+if [ -z "${BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release -q -p mxrelay) || exit 1
+  BIN=$ROOT/target/release/mxrelay
+fi
+
 # relay_toml LISTEN QUEUE DELIVERY_LINES SERVER...
 #   One domain, customer.test, whose servers (host or host:port) all have preference 10.
 #   DELIVERY_LINES go under [delivery] (\n-separated, may be empty).

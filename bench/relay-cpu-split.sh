@@ -1,17 +1,12 @@
 #!/usr/bin/env bash
 # mxrelay's own CPU per message, intake and delivery measured apart (its /proc CPU time).
-#   usage: bench/relay-cpu-split.sh        env: N=5000 SIZE=2048 SESS=20 RUNS=3
+#   usage: bench/relay-cpu-split.sh        env: N=5000 SIZE=2048 SESS=20 RUNS=3 BIN=(this checkout)
 # Intake: smtp-source -> mxrelay while the two servers are down (mail stays queued).
 # Delivery: the two smtp-sinks start; the relay's probe sees them and drains the queue.
 # Prints msg/s and µs of mxrelay CPU per message for each phase, per run.
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
+source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
-source "$ROOT/bench/lib.sh"
-N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
-BIN=${BIN:-$ROOT/target/release/mxrelay}
-[ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
 W=$(mktemp -d); P=
 trap '[ -n "$P" ] && kill $P 2>/dev/null; sinks_stop_all; rm -rf $W' EXIT
 relay_toml 127.0.0.1:2626 queue "probe_interval = \"300ms\"" 127.0.1.1 127.0.1.2 > "$W/relay.toml"

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Acceptance latency (p50/p99) and memory: RSS idle and with 10k queued messages.
-#   usage: bench/relay-figures.sh          env: N=5000 SESS=20 QUEUED=10000
+#   usage: bench/relay-figures.sh          env: N=5000 SESS=20 QUEUED=10000 BIN=(this checkout)
 # Latency: mxrelay-loadgen -> mxrelay -> two smtp-sinks (fsync on).
 # Memory: the domain's only server refuses connections, so accepted mail stays queued.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-source "$ROOT/bench/lib.sh"
-N=${N:-5000}; SESS=${SESS:-20}; QUEUED=${QUEUED:-10000}
-(cd "$ROOT" && cargo build --release -q -p mxrelay -p mxrelay-e2e)
-BIN=${BIN:-$ROOT/target/release/mxrelay}; GEN=$ROOT/target/release/mxrelay-loadgen
+source "$(dirname "$0")/lib.sh"
+QUEUED=${QUEUED:-10000}
+(cd "$ROOT" && cargo build --release -q -p mxrelay-e2e)
+GEN=$ROOT/target/release/mxrelay-loadgen
 W=$(mktemp -d); PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$W"' EXIT
 rss() { awk '/VmRSS/{printf "%.1f MB", $2/1024}' "/proc/$1/status"; }

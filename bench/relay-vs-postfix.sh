@@ -2,19 +2,14 @@
 # End-to-end throughput, side by side in one run: smtp-source -> {direct sink, Postfix,
 # mxrelay} -> two equal-preference smtp-sinks, fsync on (the methodology of
 # ../shared/bench/postfix/bench-throughput.sh, whose helpers this sources).
-#   usage: bench/relay-vs-postfix.sh      env: N=5000 SIZE=2048 SESS=20 RUNS=3
+#   usage: bench/relay-vs-postfix.sh      env: N=5000 SIZE=2048 SESS=20 RUNS=3 BIN=(this checkout)
 # Needs Postfix set up as the reference relay first: bash ../shared/bench/postfix/setup.sh
 # Prints a table of medians and the ratios mxrelay/Postfix and mxrelay/direct.
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${SHARED:-$ROOT/../shared/bench/postfix}
+source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
-source "$ROOT/bench/lib.sh"
-N=${N:-5000}; SIZE=${SIZE:-2048}; SESS=${SESS:-20}; RUNS=${RUNS:-3}
 SINKS=(127.0.1.1 127.0.1.2)
 MX_ADDR=127.0.0.1:2626
-BIN=${BIN:-$ROOT/target/release/mxrelay}
-[ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p mxrelay)
 WORK=$(mktemp -d); trap 'kill $(cat $WORK/mx.pid 2>/dev/null) 2>/dev/null; sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
 
 relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
