@@ -81,19 +81,15 @@ impl Inbound {
         self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    fn allowed(&self, ip: IpAddr) -> bool {
-        self.settings().accept_from.iter().any(|c: &Cidr| c.contains(ip))
-    }
-
     fn accepts_domain(&self, domain: &str) -> bool {
         self.domains.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(domain)
     }
 
-    /// Counts a connection from `ip`; `None` when the client is over its limit.
-    fn open_connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+    /// Counts a connection from `ip`; `None` when the client already has `limit`.
+    fn open_connection(self: &Arc<Self>, ip: IpAddr, limit: u32) -> Option<ConnectionSlot> {
         let mut map = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = map.entry(ip).or_insert(0);
-        if *count >= self.settings().max_connections_per_client {
+        if *count >= limit {
             return None;
         }
         *count += 1;
@@ -172,15 +168,16 @@ async fn session(mut stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>)
     let (read, write) = stream.split();
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     let mut writer = BufWriter::with_capacity(16 * 1024, write);
+    // One snapshot of the settings for the whole connection, even across a reload.
     let settings = inbound.settings();
     let hostname = settings.hostname.clone();
     let ip = peer.ip();
-    if !inbound.allowed(ip) {
+    if !settings.accept_from.iter().any(|c: &Cidr| c.contains(ip)) {
         tracing::warn!(%peer, "client not in accept_from; refused");
         reply(&mut writer, &format!("554 5.7.1 {ip} is not allowed to send mail through {hostname}")).await?;
         return writer.flush().await;
     }
-    let Some(_slot) = inbound.open_connection(ip) else {
+    let Some(_slot) = inbound.open_connection(ip, settings.max_connections_per_client) else {
         reply(&mut writer, &format!("421 4.7.0 {hostname} too many connections from {ip}, try again later")).await?;
         return writer.flush().await;
     };
