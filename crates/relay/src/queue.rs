@@ -764,6 +764,25 @@ mod tests {
     /// only, as after a crash.
     const JOURNAL_ONLY: Timing = Timing { apply_after: Duration::from_secs(3600), checkpoint_every: Duration::from_secs(3600) };
 
+    /// Writes `bytes(sequence number)` right after the records of the queue's only segment.
+    fn write_after_records(queue_dir: &Path, bytes: impl FnOnce(u64) -> Vec<u8>) -> journal::Segment {
+        let segment = journal::segments(&queue_dir.join("journal")).expect("segments").remove(0);
+        let mut content = std::fs::read(&segment.path).expect("read");
+        let end = content.iter().rposition(|&b| b != 0).expect("records") + 1;
+        let extra = bytes(segment.seq);
+        content[end..end + extra.len()].copy_from_slice(&extra);
+        std::fs::write(&segment.path, &content).expect("write");
+        segment
+    }
+
+    /// A queue that leaves redb alone, holding one acknowledged message with `data`.
+    async fn journal_only_with_one(dir: &Path, data: &[u8]) -> (Queue, Envelope) {
+        let (q, _) = Queue::open_with(dir, JOURNAL_ONLY).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        q.insert(vec![(a.clone(), Arc::new(data.to_vec()))]).await.expect("insert");
+        (q, a)
+    }
+
     /// A copy of the queue directory as a crash would leave it: taken while the writer is idle.
     fn crash_copy(from: &Path) -> tempfile::TempDir {
         let to = tempfile::tempdir().expect("tempdir");
@@ -809,16 +828,10 @@ mod tests {
     #[tokio::test]
     async fn a_torn_tail_loses_only_what_was_never_acknowledged() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
-        let a = envelope(&q, "a@customer.test");
-        q.insert(vec![(a.clone(), Arc::new(b"kept".to_vec()))]).await.expect("insert");
+        let (q, a) = journal_only_with_one(dir.path(), b"kept").await;
         let crashed = crash_copy(dir.path());
         // Half a record after the acknowledged one: a group commit whose sync never returned.
-        let segment = &journal::segments(&crashed.path().join("journal")).expect("segments")[0];
-        let mut bytes = std::fs::read(&segment.path).expect("read");
-        let end = bytes.iter().rposition(|&b| b != 0).expect("records") + 1;
-        bytes[end..end + 6].copy_from_slice(&[0x40, 0, 0, 0, 0xde, 0xad]);
-        std::fs::write(&segment.path, &bytes).expect("write");
+        write_after_records(crashed.path(), |_| vec![0x40, 0, 0, 0, 0xde, 0xad]);
         let (replayed, existing) = Queue::open(crashed.path()).expect("replay");
         assert_eq!(existing, vec![a.clone()]);
         assert_eq!(replayed.read_data(a.id).expect("data"), b"kept");
@@ -829,22 +842,17 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_segment_is_replayed_up_to_the_damage_and_kept_for_the_operator() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
-        let a = envelope(&q, "a@customer.test");
-        q.insert(vec![(a.clone(), Arc::new(b"kept".to_vec()))]).await.expect("insert");
+        let (q, a) = journal_only_with_one(dir.path(), b"kept").await;
         let crashed = crash_copy(dir.path());
         // After the acknowledged record, one whose checksum is right but whose kind is unknown
         // (the journal's format: length, CRC-32 of sequence number and body, body).
-        let segment = journal::segments(&crashed.path().join("journal")).expect("segments").remove(0);
-        let mut bytes = std::fs::read(&segment.path).expect("read");
-        let end = bytes.iter().rposition(|&b| b != 0).expect("records") + 1;
-        let body = [9u8, 0, 0, 0, 0, 0, 0, 0, 1];
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&segment.seq.to_le_bytes());
-        crc.update(&body);
-        let record = [&(body.len() as u32).to_le_bytes()[..], &crc.finalize().to_le_bytes(), &body].concat();
-        bytes[end..end + record.len()].copy_from_slice(&record);
-        std::fs::write(&segment.path, &bytes).expect("write");
+        let segment = write_after_records(crashed.path(), |seq| {
+            let body = [9u8, 0, 0, 0, 0, 0, 0, 0, 1];
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&seq.to_le_bytes());
+            crc.update(&body);
+            [&(body.len() as u32).to_le_bytes()[..], &crc.finalize().to_le_bytes(), &body].concat()
+        });
 
         let (replayed, existing) = Queue::open(crashed.path()).expect("replay");
         assert_eq!(existing, vec![a], "the records before the damage are replayed");
@@ -857,9 +865,7 @@ mod tests {
     #[tokio::test]
     async fn a_checkpoint_moves_everything_to_redb_and_retires_the_journal() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (q, _) = Queue::open_with(dir.path(), JOURNAL_ONLY).expect("open");
-        let a = envelope(&q, "a@customer.test");
-        q.insert(vec![(a.clone(), Arc::new(b"x".to_vec()))]).await.expect("insert");
+        let (q, a) = journal_only_with_one(dir.path(), b"x").await;
         q.flush().await.expect("checkpoint");
         // Only the (empty) segment started by the checkpoint is left to replay.
         let crashed = crash_copy(dir.path());
