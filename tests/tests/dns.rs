@@ -1,24 +1,46 @@
 //! Servers given by host name: resolved through the `[delivery] resolver` override (a
 //! dnsmasq on loopback, as the Postfix reference setup uses), failover included, and a name
-//! that does not resolve is passed over like an unreachable server.
+//! that does not resolve is passed over like an unreachable server. A reused connection
+//! needs no lookup.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use mxrelay_e2e::{PATIENCE, Relay, Sink, eventually, free_port, send_one, wait_until};
 
-struct Dnsmasq(Child);
+struct Dnsmasq {
+    child: Child,
+    /// `IP:port` it answers on.
+    addr: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
 
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Dnsmasq {
+    /// How many A queries for `name` it has answered.
+    fn a_queries(&self, name: &str) -> usize {
+        let needle = format!("query[A] {name} ");
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains(&needle)).count()
     }
 }
 
-fn dnsmasq(port: u16, records: &[(&str, &str)]) -> Dnsmasq {
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// dnsmasq on `ip` (one per test, so tests that run at once cannot pick the same port).
+fn dnsmasq(ip: &str, records: &[(&str, &str)]) -> Dnsmasq {
+    let port = free_port(ip);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("dnsmasq.log");
     let mut cmd = Command::new("dnsmasq");
-    cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--listen-address=127.0.0.1", "--bind-interfaces"])
-        .args(["--no-resolv", "--no-hosts", "--no-poll", "--local=/test/", "--user=root"])
+    cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--bind-interfaces"])
+        .args(["--no-resolv", "--no-hosts", "--no-poll", "--local=/test/", "--user=root", "--log-queries"])
+        .arg(format!("--log-facility={}", log.display()))
+        .arg(format!("--listen-address={ip}"))
         .arg(format!("--port={port}"));
     for (name, ip) in records {
         cmd.arg(format!("--host-record={name},{ip}"));
@@ -27,14 +49,14 @@ fn dnsmasq(port: u16, records: &[(&str, &str)]) -> Dnsmasq {
         cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
             panic!("cannot start dnsmasq ({e}); install Debian's dnsmasq-base (the README's test command does)")
         });
-    let server = Dnsmasq(child);
+    let server = Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir };
     let answers = || {
         Command::new("dig")
-            .args(["+short", "+time=1", "+tries=1", "-p", &port.to_string(), "@127.0.0.1", records[0].0])
+            .args(["+short", "+time=1", "+tries=1", "-p", &port.to_string(), &format!("@{ip}"), records[0].0])
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == records[0].1)
     };
-    assert!(wait_until(PATIENCE, answers), "dnsmasq on port {port} does not answer");
+    assert!(wait_until(PATIENCE, answers), "dnsmasq on {ip}:{port} does not answer");
     server
 }
 
@@ -42,14 +64,13 @@ fn dnsmasq(port: u16, records: &[(&str, &str)]) -> Dnsmasq {
 async fn host_names_resolve_through_the_configured_resolver() {
     let mut mx1 = Sink::start("127.0.1.91", &[]);
     let mx2 = Sink::start("127.0.1.92", &[]);
-    let dns_port = free_port("127.0.0.1");
-    let _dns = dnsmasq(dns_port, &[("mx1.customer.test", "127.0.1.91"), ("mx2.customer.test", "127.0.1.92")]);
+    let dns = dnsmasq("127.0.53.91", &[("mx1.customer.test", "127.0.1.91"), ("mx2.customer.test", "127.0.1.92")]);
     let (_, p1) = mx1.host_port();
     let (_, p2) = mx2.host_port();
     let domain = format!(
         "[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"nxdomain.customer.test\"\npreference = 5\n[[domain.server]]\nhost = \"mx1.customer.test\"\nport = {p1}\npreference = 10\n[[domain.server]]\nhost = \"mx2.customer.test\"\nport = {p2}\npreference = 20\n"
     );
-    let relay = Relay::start(&domain, &format!("resolver = \"127.0.0.1:{dns_port}\""));
+    let relay = Relay::start(&domain, &format!("resolver = \"{}\"", dns.addr));
     for seq in 0..3 {
         assert!(send_one(&relay.addr, "user@customer.test", seq).await);
     }
@@ -58,4 +79,25 @@ async fn host_names_resolve_through_the_configured_resolver() {
     mx1.kill();
     assert!(send_one(&relay.addr, "user@customer.test", 3).await);
     eventually("failover to mx2 by name", || mx2.count() == 1).await;
+}
+
+/// Like Postfix's connection cache by next hop: a message for a server that has an idle
+/// connection goes over it without a DNS lookup (dnsmasq answers with TTL 0, so nothing is
+/// cached by the resolver either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_needs_no_dns_lookup() {
+    let mx = Sink::start("127.0.1.93", &[]);
+    let dns = dnsmasq("127.0.53.93", &[("ready.customer.test", "127.0.1.93"), ("mx.customer.test", "127.0.1.93")]);
+    let (_, port) = mx.host_port();
+    let domain = format!(
+        "[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"mx.customer.test\"\nport = {port}\npreference = 10\n"
+    );
+    let relay = Relay::start(&domain, &format!("resolver = \"{}\"", dns.addr));
+    for seq in 0..5 {
+        assert!(send_one(&relay.addr, "user@customer.test", seq).await);
+        // The delivery's log line comes after its connection went back to the pool.
+        eventually("delivered", || relay.log_lines(&["outcome=\"delivered\""]).len() == seq as usize + 1).await;
+    }
+    assert_eq!(mx.count(), 5);
+    assert_eq!(dns.a_queries("mx.customer.test"), 1, "one lookup, then the connection is reused: {}", relay.log_text());
 }

@@ -9,7 +9,7 @@ use mxrelay_policy_host::{PlanRequest, PlanSource};
 use tokio::sync::Semaphore;
 
 use crate::health::{self, Health};
-use crate::outbound::{Outgoing, RcptVerdict, ServerVerdict, TlsTarget, Transport};
+use crate::outbound::{Outgoing, RcptVerdict, ServerVerdict, Transport};
 use crate::policies::Policies;
 use crate::queue::{Envelope, now_ms};
 
@@ -181,29 +181,9 @@ impl Deliverer {
             if self.health.is_down(server) {
                 continue;
             }
-            let addrs = match self.transport.addresses(server).await {
-                Ok(a) => a,
-                Err(why) => {
-                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
-                    self.health.mark_down(server, &why, &self.transport);
-                    last_reason = DeferReason::Failed(why);
-                    continue;
-                }
-            };
             let _permit = self.limit(&server_key).acquire_owned().await;
             let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data };
-            let mut verdict = ServerVerdict::Unreachable(format!("{server_key}: no address"));
-            for addr in &addrs {
-                verdict = self.transport.send(*addr, &outgoing, TlsTarget { settings: &tls, host: &server.host }).await;
-                match verdict {
-                    ServerVerdict::Unreachable(_) => continue,
-                    ServerVerdict::Completed { .. }
-                    | ServerVerdict::SessionFailed(_)
-                    | ServerVerdict::TempFailed(_)
-                    | ServerVerdict::PermFailed(_)
-                    | ServerVerdict::Unknown(_) => break,
-                }
-            }
+            let verdict = self.transport.send(server, &outgoing, &tls).await;
             match verdict {
                 ServerVerdict::Completed { rcpts, reply } => {
                     let mut still = Vec::new();
@@ -229,7 +209,7 @@ impl Deliverer {
                 }
                 ServerVerdict::Unreachable(why) => {
                     tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
-                    self.transport.forget(&addrs);
+                    self.transport.forget(server);
                     self.health.mark_down(server, &why, &self.transport);
                     last_reason = DeferReason::Failed(why);
                 }

@@ -38,6 +38,9 @@ use crate::tls::OutboundTls;
 const IDLE_REUSE: Duration = Duration::from_secs(5);
 /// Most messages sent over one connection before it is closed.
 const MAX_REUSE: u32 = 500;
+/// How long a connection is reused at most (Postfix `smtp_connection_reuse_time_limit`), so a
+/// busy server's changed DNS records take effect: a reused connection skips the lookup.
+const MAX_REUSE_AGE: Duration = Duration::from_secs(300);
 /// Most addresses tried for one host name (Postfix `smtp_mx_address_limit` counts per MX).
 const MAX_ADDRESSES: usize = 10;
 
@@ -88,11 +91,11 @@ pub struct Outgoing<'a> {
 
 /// The TLS a delivery asks for, and the name the server's certificate must carry.
 #[derive(Debug, Clone, Copy)]
-pub struct TlsTarget<'a> {
+struct TlsTarget<'a> {
     /// The domain's TLS settings.
-    pub settings: &'a OutboundTls,
+    settings: &'a OutboundTls,
     /// The server's host name or IP literal, as configured.
-    pub host: &'a str,
+    host: &'a str,
 }
 
 /// A transaction's result, or a reused connection that turned out to be closed.
@@ -144,6 +147,9 @@ impl AsyncWrite for Conn {
 
 struct Session {
     client: SmtpClient<Conn>,
+    /// The address connected to.
+    addr: SocketAddr,
+    opened: Instant,
     capabilities: u32,
     sent: u32,
     /// Protocol and cipher when the session is encrypted.
@@ -158,18 +164,18 @@ enum StartTlsFailure {
     Broken(String),
 }
 
-/// Idle connections are kept per address and per TLS settings.
-type PoolKey = (SocketAddr, Arc<str>);
+/// Idle connections are kept per server (`host:port`) and per TLS settings. Keyed by the
+/// server rather than its address, a reused connection needs no DNS lookup (as Postfix's
+/// connection cache by next hop), and a session verified against a host name serves only it.
+type PoolKey = (String, Arc<str>);
 
-/// Where a session to `addr` with `tls` may be reused. A verified session was checked
-/// against one host name, so it is reused only for that name.
-fn pool_key(addr: SocketAddr, tls: TlsTarget<'_>) -> PoolKey {
-    let pool = if tls.settings.verified {
-        format!("{} {}", tls.settings.pool_key(), tls.host).into()
-    } else {
-        tls.settings.pool_key().clone()
-    };
-    (addr, pool)
+fn pool_key(server: &Server, tls: &OutboundTls) -> PoolKey {
+    (server.address(), tls.pool_key().clone())
+}
+
+/// Whether a connection may carry another message.
+fn reusable(sent: u32, age: Duration) -> bool {
+    sent < MAX_REUSE && age < MAX_REUSE_AGE
 }
 
 /// Resolves servers, keeps idle connections and runs transactions.
@@ -273,17 +279,18 @@ impl Transport {
     }
 
     fn put_idle(&self, key: &PoolKey, session: Session) {
-        if session.sent >= MAX_REUSE {
+        if !reusable(session.sent, session.opened.elapsed()) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         idle.entry(key.clone()).or_default().push((session, Instant::now()));
     }
 
-    /// Drops every idle connection to `addrs` (the server was found down).
-    pub fn forget(&self, addrs: &[SocketAddr]) {
+    /// Drops every idle connection to `server` (it was found down).
+    pub fn forget(&self, server: &Server) {
+        let address = server.address();
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.retain(|(addr, _), _| !addrs.contains(addr));
+        idle.retain(|(to, _), _| *to != address);
     }
 
     /// Connects, reads the greeting and says EHLO.
@@ -320,8 +327,11 @@ impl Transport {
     }
 
     async fn negotiate(&self, addr: SocketAddr, tls: TlsTarget<'_>) -> Result<Session, ServerVerdict> {
+        let opened = Instant::now();
         let plain = |client: SmtpClient<TcpStream>, capabilities| Session {
             client: SmtpClient { stream: Conn::Plain(client.stream), timeout: client.timeout },
+            addr,
+            opened,
             capabilities,
             sent: 0,
             tls: None,
@@ -387,13 +397,15 @@ impl Transport {
             .await
             .map_err(|e| StartTlsFailure::Broken(format!("EHLO after STARTTLS: {}", error_text(&e))))?;
         tracing::debug!(%addr, tls = described, "TLS established");
-        Ok(Session { client, capabilities: ehlo.capabilities, sent: 0, tls: Some(described) })
+        Ok(Session { client, addr, opened: Instant::now(), capabilities: ehlo.capabilities, sent: 0, tls: Some(described) })
     }
 
-    /// Offers `msg` to one address: a reused connection when one is idle, else a new one.
-    pub async fn send(&self, addr: SocketAddr, msg: &Outgoing<'_>, tls: TlsTarget<'_>) -> ServerVerdict {
-        let key = pool_key(addr, tls);
+    /// Offers `msg` to a server: over an idle connection to it when there is one, else to
+    /// each of its addresses in turn until one is reachable.
+    pub async fn send(&self, server: &Server, msg: &Outgoing<'_>, settings: &OutboundTls) -> ServerVerdict {
+        let key = pool_key(server, settings);
         if let Some(session) = self.take_idle(&key) {
+            let addr = session.addr;
             match self.transaction(&key, session, msg).await {
                 Attempt::Verdict(verdict) => return verdict,
                 // A cached connection the server has since closed: not the server's fault.
@@ -402,26 +414,43 @@ impl Transport {
                 }
             }
         }
-        match self.open(addr, tls).await {
-            Ok(session) => match self.transaction(&key, session, msg).await {
-                Attempt::Verdict(verdict) => verdict,
-                Attempt::Stale(why) => ServerVerdict::SessionFailed(format!("{addr}: {why}")),
-            },
-            Err(verdict) => verdict,
+        let addrs = match self.addresses(server).await {
+            Ok(addrs) => addrs,
+            Err(why) => return ServerVerdict::Unreachable(why),
+        };
+        let tls = TlsTarget { settings, host: &server.host };
+        let mut verdict = ServerVerdict::Unreachable(format!("{}: no address", key.0));
+        for addr in addrs {
+            verdict = match self.open(addr, tls).await {
+                Ok(session) => match self.transaction(&key, session, msg).await {
+                    Attempt::Verdict(verdict) => verdict,
+                    Attempt::Stale(why) => ServerVerdict::SessionFailed(format!("{addr}: {why}")),
+                },
+                Err(verdict) => verdict,
+            };
+            match verdict {
+                ServerVerdict::Unreachable(_) => continue,
+                ServerVerdict::Completed { .. }
+                | ServerVerdict::SessionFailed(_)
+                | ServerVerdict::TempFailed(_)
+                | ServerVerdict::PermFailed(_)
+                | ServerVerdict::Unknown(_) => break,
+            }
         }
+        verdict
     }
 
     async fn transaction(&self, key: &PoolKey, s: Session, msg: &Outgoing<'_>) -> Attempt {
-        let reused = s.sent > 0;
+        let (reused, addr) = (s.sent > 0, s.addr);
         match self.transaction_inner(key, s, msg).await {
             Ok(verdict) => Attempt::Verdict(verdict),
             Err(NoReply(why)) if reused => Attempt::Stale(why),
-            Err(NoReply(why)) => Attempt::Verdict(ServerVerdict::SessionFailed(format!("{}: connection lost: {why}", key.0))),
+            Err(NoReply(why)) => Attempt::Verdict(ServerVerdict::SessionFailed(format!("{addr}: connection lost: {why}"))),
         }
     }
 
     async fn transaction_inner(&self, key: &PoolKey, mut s: Session, msg: &Outgoing<'_>) -> Result<ServerVerdict, NoReply> {
-        let addr = key.0;
+        let addr = s.addr;
         let mut mail = format!("MAIL FROM:<{}>", msg.sender);
         if s.capabilities & EXT_SIZE != 0 {
             mail.push_str(&format!(" SIZE={}", msg.data.len()));
@@ -593,8 +622,12 @@ mod tests {
         }
     }
 
+    fn server(host: &str, port: u16) -> Server {
+        Server { port, ..Server::new(host, 10) }
+    }
+
     #[test]
-    fn verified_sessions_are_pooled_per_host_name_and_others_per_setting() {
+    fn sessions_are_pooled_per_server_and_tls_setting() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -604,16 +637,21 @@ mod tests {
         let verified = OutboundTls::for_domain(&domain(TlsMode::Required, Some(ca))).expect("verified");
         let encrypted = OutboundTls::for_domain(&domain(TlsMode::Required, None)).expect("encrypt");
         let opportunistic = OutboundTls::for_domain(&domain(TlsMode::Opportunistic, None)).expect("may");
-        let addr: SocketAddr = "192.0.2.1:25".parse().expect("addr");
-        let key = |settings: &OutboundTls, host: &str| pool_key(addr, TlsTarget { settings, host });
+        let (mx1, mx2) = (server("mx1.customer.test", 25), server("mx2.customer.test", 25));
 
-        assert_ne!(key(&verified, "mx1.customer.test"), key(&verified, "mx2.customer.test"), "checked against one name");
-        assert_eq!(key(&encrypted, "mx1.customer.test"), key(&encrypted, "mx2.customer.test"), "no name was checked");
-        assert_ne!(
-            key(&encrypted, "mx1.customer.test"),
-            key(&opportunistic, "mx1.customer.test"),
-            "a clear session never serves required"
-        );
-        assert_ne!(key(&verified, "mx1.customer.test"), key(&encrypted, "mx1.customer.test"));
+        assert_ne!(pool_key(&mx1, &verified), pool_key(&mx2, &verified), "checked against one name");
+        assert_ne!(pool_key(&mx1, &encrypted), pool_key(&mx2, &encrypted), "one server's connections");
+        assert_ne!(pool_key(&mx1, &encrypted), pool_key(&server("mx1.customer.test", 2525), &encrypted), "per port");
+        assert_ne!(pool_key(&mx1, &encrypted), pool_key(&mx1, &opportunistic), "a clear session never serves required");
+        assert_ne!(pool_key(&mx1, &verified), pool_key(&mx1, &encrypted));
+        assert_eq!(pool_key(&mx1, &encrypted), pool_key(&server("mx1.customer.test", 25), &encrypted));
+    }
+
+    #[test]
+    fn connections_are_reused_for_a_bounded_count_and_time() {
+        assert!(reusable(0, Duration::ZERO));
+        assert!(reusable(MAX_REUSE - 1, MAX_REUSE_AGE - Duration::from_millis(1)));
+        assert!(!reusable(MAX_REUSE, Duration::ZERO), "count limit");
+        assert!(!reusable(1, MAX_REUSE_AGE), "age limit: changed DNS records take effect");
     }
 }
