@@ -4,7 +4,8 @@
 # ../shared/bench/postfix/bench-throughput.sh, whose helpers this sources).
 #   usage: bench/relay-vs-postfix.sh      env: N=5000 SIZE=2048 SESS=20 RUNS=3 BIN=(this checkout)
 # Needs Postfix set up as the reference relay first: bash ../shared/bench/postfix/setup.sh
-# Prints a table of medians and the ratios mxrelay/Postfix and mxrelay/direct.
+# Prints a table of medians, the ratios mxrelay/Postfix and mxrelay/direct, and the CPU per
+# message of smtp-source and of mxrelay.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
@@ -32,7 +33,8 @@ measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU pe
 }
 
 dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
-direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=()
+direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); relay_cpu=()
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 for i in $(seq "$RUNS"); do
   sinks_stop_all; sink_start 127.0.1.1
   direct+=("$(measure 127.0.1.1:25)"); src_direct+=("$(cat "$WORK/cpu")")
@@ -46,7 +48,9 @@ for i in $(seq "$RUNS"); do
   rm -rf "$WORK/queue"
   "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & echo $! > "$WORK/mx.pid"
   until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
+  c0=$(cpu_ticks "$(cat "$WORK/mx.pid")")
   mx+=("$(measure $MX_ADDR)"); src_mx+=("$(cat "$WORK/cpu")")
+  relay_cpu+=("$(awk -v a="$c0" -v b="$(cpu_ticks "$(cat "$WORK/mx.pid")")" -v hz="$(getconf CLK_TCK)" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/hz/n}')")
   split+=("$(sink_count 127.0.1.1)/$(sink_count 127.0.1.2)")
   kill "$(cat "$WORK/mx.pid")"; wait "$(cat "$WORK/mx.pid")" 2>/dev/null
   echo "run $i: direct ${direct[-1]}  postfix ${postfix[-1]}  mxrelay ${mx[-1]} msg/s (mxrelay split ${split[-1]})"
@@ -62,3 +66,4 @@ echo
 awk -v m="$m" -v p="$p" -v d="$d" 'BEGIN{printf "mxrelay / Postfix = %.2fx   mxrelay / direct = %.2f\n", m/p, m/d}'
 echo "mxrelay per-sink split: ${split[*]}"
 echo "smtp-source's own CPU per message (µs): direct ${src_direct[*]} (median $(median "${src_direct[@]}")), into mxrelay ${src_mx[*]} (median $(median "${src_mx[@]}"))"
+echo "mxrelay's CPU per message (µs), intake and delivery: ${relay_cpu[*]} (median $(median "${relay_cpu[@]}"))"
