@@ -3,13 +3,13 @@
 //! Accepted mail becomes durable by appending one record per envelope to the current
 //! segment file and calling `fdatasync` once for the whole group commit: one write and one
 //! sync, however many sessions share them. The queue's index (redb) is brought up to date
-//! from the same operations later, in large batches, and checkpointed now and then; after a
-//! crash, the segments left since the last checkpoint are replayed into it in order.
+//! from the same operations later, in batches, and checkpointed now and then; after a crash,
+//! the segments left since the last checkpoint are replayed into it in order.
 //!
 //! A segment is `<sequence as 16 hex digits>.wal`, written in full (with zeros) when it is
 //! created and recycled after a checkpoint (as `<sequence>.spare`) instead of deleted: a
-//! sync that only overwrites blocks already on disk needs no file system metadata of its
-//! own, which makes it about half as costly. Each record's checksum covers the segment's
+//! sync that only overwrites blocks already on disk allocates none, which makes it about
+//! half as costly. Each record's checksum covers the segment's
 //! sequence number, so the records a recycled segment held before do not read back. Records:
 //!
 //! ```text
@@ -439,8 +439,12 @@ impl Journal {
             None => OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_error(&path))?,
         };
         let capacity = file.metadata().map_err(io_error(&path))?.len();
-        fill_with_zeros(&file, capacity, wanted).map_err(io_error(&path))?;
-        file.sync_all().map_err(io_error(&path))?;
+        // A spare's zeros are on disk already (synced when it was made or finished): only a
+        // new or too small file is written here, while the writer waits.
+        if capacity < wanted {
+            fill_with_zeros(&file, capacity, wanted).map_err(io_error(&path))?;
+            file.sync_all().map_err(io_error(&path))?;
+        }
         sync_dir(dir)?;
         let capacity = capacity.max(wanted);
         Ok(Journal { dir: dir.to_path_buf(), path, seq, file, written: 0, capacity })
