@@ -9,6 +9,11 @@ if [ -z "${BIN:-}" ]; then
   BIN=$ROOT/target/release/mxrelay
 fi
 
+# cpu_seconds PID: user + system CPU the process has used so far.
+cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15)/hz}' "/proc/$1/stat"; }
+# us_per_msg BEFORE AFTER: CPU seconds between two cpu_seconds readings, in µs per message of N.
+us_per_msg() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/n}'; }
+
 # relay_toml LISTEN QUEUE DELIVERY_LINES SERVER...
 #   One domain, customer.test, whose servers (host or host:port) all have preference 10.
 #   DELIVERY_LINES go under [delivery] (\n-separated, may be empty).

@@ -10,20 +10,18 @@ source "$SHARED/lib.sh"
 W=$(mktemp -d); P=
 trap '[ -n "$P" ] && kill $P 2>/dev/null; sinks_stop_all; rm -rf $W' EXIT
 relay_toml 127.0.0.1:2626 queue "probe_interval = \"300ms\"" 127.0.1.1 127.0.1.2 > "$W/relay.toml"
-cpu() { awk '{print ($14+$15)/100}' "/proc/$P/stat"; }
 rate() { awk -v n="$N" -v t="$1" 'BEGIN{printf "%.0f", n/t}'; }
-per_msg() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/n}'; }
 for i in $(seq "$RUNS"); do
   sinks_stop_all; rm -rf "$W/queue"
   MXRELAY_LOG=info "$BIN" run "$W/relay.toml" 2> "$W/log" & P=$!
   until grep -q "mxrelay ready" "$W/log"; do sleep 0.05; done
-  c0=$(cpu); t0=$(now)
+  c0=$(cpu_seconds $P); t0=$(now)
   smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test 127.0.0.1:2626
-  ta=$(now); c1=$(cpu)
-  sleep 0.5; c2=$(cpu)   # settle: the deferrals of the last messages
+  ta=$(now); c1=$(cpu_seconds $P)
+  sleep 0.5; c2=$(cpu_seconds $P)   # settle: the deferrals of the last messages
   t1=$(now); sink_start 127.0.1.1; sink_start 127.0.1.2
   until [ "$(sinks_total 127.0.1.1 127.0.1.2)" -ge "$N" ]; do sleep 0.02; done
-  te=$(now); c3=$(cpu)
-  echo "run $i: intake $(rate "$(elapsed "$t0" "$ta")") msg/s, $(per_msg "$c0" "$c1") µs CPU/msg | delivery $(rate "$(elapsed "$t1" "$te")") msg/s, $(per_msg "$c2" "$c3") µs CPU/msg"
+  te=$(now); c3=$(cpu_seconds $P)
+  echo "run $i: intake $(rate "$(elapsed "$t0" "$ta")") msg/s, $(us_per_msg "$c0" "$c1") µs CPU/msg | delivery $(rate "$(elapsed "$t1" "$te")") msg/s, $(us_per_msg "$c2" "$c3") µs CPU/msg"
   kill $P; wait $P 2>/dev/null; P=
 done

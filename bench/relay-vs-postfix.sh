@@ -34,7 +34,6 @@ measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU pe
 
 dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
 direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); relay_cpu=()
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 for i in $(seq "$RUNS"); do
   sinks_stop_all; sink_start 127.0.1.1
   direct+=("$(measure 127.0.1.1:25)"); src_direct+=("$(cat "$WORK/cpu")")
@@ -48,9 +47,9 @@ for i in $(seq "$RUNS"); do
   rm -rf "$WORK/queue"
   "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & echo $! > "$WORK/mx.pid"
   until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
-  c0=$(cpu_ticks "$(cat "$WORK/mx.pid")")
+  c0=$(cpu_seconds "$(cat "$WORK/mx.pid")")
   mx+=("$(measure $MX_ADDR)"); src_mx+=("$(cat "$WORK/cpu")")
-  relay_cpu+=("$(awk -v a="$c0" -v b="$(cpu_ticks "$(cat "$WORK/mx.pid")")" -v hz="$(getconf CLK_TCK)" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/hz/n}')")
+  relay_cpu+=("$(us_per_msg "$c0" "$(cpu_seconds "$(cat "$WORK/mx.pid")")")")
   split+=("$(sink_count 127.0.1.1)/$(sink_count 127.0.1.2)")
   kill "$(cat "$WORK/mx.pid")"; wait "$(cat "$WORK/mx.pid")" 2>/dev/null
   echo "run $i: direct ${direct[-1]}  postfix ${postfix[-1]}  mxrelay ${mx[-1]} msg/s (mxrelay split ${split[-1]})"
