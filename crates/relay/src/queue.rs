@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -165,7 +165,7 @@ pub struct Queue {
 struct Deferred {
     ops: Arc<Mutex<Vec<Op>>>,
     /// The writer sleeps without a deadline and must be woken for deferred operations.
-    writer_asleep: Arc<std::sync::atomic::AtomicBool>,
+    writer_asleep: Arc<AtomicBool>,
 }
 
 impl Deferred {
