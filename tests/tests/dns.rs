@@ -83,10 +83,10 @@ async fn host_names_resolve_through_the_configured_resolver() {
 
 /// Like Postfix's connection cache by next hop: a message for a server that has an idle
 /// connection goes over it without a DNS lookup (dnsmasq answers with TTL 0, so nothing is
-/// cached by the resolver either).
+/// cached by the resolver either), and a new connection looks the name up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_connection_needs_no_dns_lookup() {
-    let mx = Sink::start("127.0.1.93", &[]);
+    let mut mx = Sink::start("127.0.1.93", &[]);
     let dns = dnsmasq("127.0.53.93", &[("ready.customer.test", "127.0.1.93"), ("mx.customer.test", "127.0.1.93")]);
     let (_, port) = mx.host_port();
     let domain = format!(
@@ -100,4 +100,11 @@ async fn a_reused_connection_needs_no_dns_lookup() {
     }
     assert_eq!(mx.count(), 5);
     assert_eq!(dns.a_queries("mx.customer.test"), 1, "one lookup, then the connection is reused: {}", relay.log_text());
+
+    // The server restarts: its idle connection is gone, and the new one starts with a lookup.
+    mx.kill();
+    mx.restart();
+    assert!(send_one(&relay.addr, "user@customer.test", 5).await);
+    eventually("delivered after the restart", || relay.log_lines(&["outcome=\"delivered\""]).len() == 6).await;
+    assert_eq!(dns.a_queries("mx.customer.test"), 2, "a new connection resolves the name: {}", relay.log_text());
 }
