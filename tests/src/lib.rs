@@ -367,9 +367,21 @@ pub fn swaks(args: &[&str]) -> (bool, String) {
 
 /// A `[[domain]]` block for `name` with `(sink, preference)` servers.
 pub fn domain_block(name: &str, servers: &[(&Sink, u16)]) -> String {
-    let mut out = format!("[[domain]]\nname = \"{name}\"\n");
-    for (sink, pref) in servers {
-        let (host, port) = sink.host_port();
+    let servers: Vec<(&str, u16, u16)> = servers
+        .iter()
+        .map(|(sink, pref)| {
+            let (host, port) = sink.host_port();
+            (host, port, *pref)
+        })
+        .collect();
+    domain_with(name, "", &servers)
+}
+
+/// A `[[domain]]` block for `name`: the `extra` lines (`tls`, `policy`, ...), then the
+/// `(host, port, preference)` servers.
+pub fn domain_with(name: &str, extra: &str, servers: &[(&str, u16, u16)]) -> String {
+    let mut out = format!("[[domain]]\nname = \"{name}\"\n{extra}\n");
+    for (host, port, pref) in servers {
         out.push_str(&format!("[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = {pref}\n"));
     }
     out

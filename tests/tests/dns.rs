@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, eventually, free_port, send_one, wait_until};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_with, eventually, free_port, send_one, wait_until};
 
 struct Dnsmasq {
     child: Child,
@@ -67,9 +67,8 @@ async fn host_names_resolve_through_the_configured_resolver() {
     let dns = dnsmasq("127.0.53.91", &[("mx1.customer.test", "127.0.1.91"), ("mx2.customer.test", "127.0.1.92")]);
     let (_, p1) = mx1.host_port();
     let (_, p2) = mx2.host_port();
-    let domain = format!(
-        "[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"nxdomain.customer.test\"\npreference = 5\n[[domain.server]]\nhost = \"mx1.customer.test\"\nport = {p1}\npreference = 10\n[[domain.server]]\nhost = \"mx2.customer.test\"\nport = {p2}\npreference = 20\n"
-    );
+    let servers = [("nxdomain.customer.test", 25, 5), ("mx1.customer.test", p1, 10), ("mx2.customer.test", p2, 20)];
+    let domain = domain_with("customer.test", "", &servers);
     let relay = Relay::start(&domain, &format!("resolver = \"{}\"", dns.addr));
     for seq in 0..3 {
         assert!(send_one(&relay.addr, "user@customer.test", seq).await);
@@ -89,9 +88,7 @@ async fn a_reused_connection_needs_no_dns_lookup() {
     let mut mx = Sink::start("127.0.1.93", &[]);
     let dns = dnsmasq("127.0.53.93", &[("ready.customer.test", "127.0.1.93"), ("mx.customer.test", "127.0.1.93")]);
     let (_, port) = mx.host_port();
-    let domain = format!(
-        "[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"mx.customer.test\"\nport = {port}\npreference = 10\n"
-    );
+    let domain = domain_with("customer.test", "", &[("mx.customer.test", port, 10)]);
     let relay = Relay::start(&domain, &format!("resolver = \"{}\"", dns.addr));
     for seq in 0..5 {
         assert!(send_one(&relay.addr, "user@customer.test", seq).await);

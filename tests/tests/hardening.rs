@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, eventually, free_port, http_request};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -199,9 +199,7 @@ async fn a_stalled_server_is_passed_over() {
     });
     let backup = Sink::start("127.0.1.75", &[]);
     let (bh, bp) = backup.host_port();
-    let domain = format!(
-        "[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.74\"\nport = {stalled_port}\npreference = 10\n[[domain.server]]\nhost = \"{bh}\"\nport = {bp}\npreference = 20\n"
-    );
+    let domain = domain_with("customer.test", "", &[("127.0.1.74", stalled_port, 10), (bh, bp, 20)]);
     let relay = Relay::start(&domain, "command_timeout = \"1s\"");
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
     eventually("delivered by the backup", || backup.count() == 1).await;

@@ -1,7 +1,7 @@
 //! Custom policy modules: the examples' behaviour through `mxrelay plan --json`, sticky
 //! routing through the component, `mxrelay policy check`, and hot reload in a running relay.
 
-use mxrelay_e2e::{Relay, Sink, eventually, mxrelay, policy_module, send};
+use mxrelay_e2e::{Relay, Sink, domain_with, eventually, mxrelay, policy_module, send};
 use serde_json::Value;
 
 fn write_config(dir: &std::path::Path, domain_block: &str) -> String {
@@ -155,10 +155,8 @@ async fn hostile_modules_never_stop_delivery() {
     let modes = ["loop", "memory", "panic", "garbage"];
     let mut domains = String::new();
     for mode in modes {
-        domains.push_str(&format!(
-            "[[domain]]\nname = \"{mode}.test\"\npolicy = \"{}\"\n[domain.policy_config]\nmode = \"{mode}\"\n[[domain.server]]\nhost = \"{ah}\"\nport = {ap}\npreference = 10\n[[domain.server]]\nhost = \"{bh}\"\nport = {bp}\npreference = 20\n",
-            policy_module!(HOSTILE)
-        ));
+        let extra = format!("policy = \"{}\"\n[domain.policy_config]\nmode = \"{mode}\"", policy_module!(HOSTILE));
+        domains.push_str(&domain_with(&format!("{mode}.test"), &extra, &[(ah, ap, 10), (bh, bp, 20)]));
     }
     let relay = Relay::start_with("admin_listen = \"127.0.0.1:0\"", &domains, "retry = [\"1h\"]");
     let mut acked = Vec::new();
@@ -188,10 +186,8 @@ async fn replaced_modules_reload_and_broken_ones_are_refused() {
     let modules = tempfile::tempdir().expect("dir");
     let module = modules.path().join("policy.wasm");
     std::fs::copy(policy_module!(STICKY), &module).expect("copy");
-    let domain = format!(
-        "[[domain]]\nname = \"customer.test\"\npolicy = \"{}\"\n[[domain.server]]\nhost = \"{ah}\"\nport = {ap}\npreference = 10\n[[domain.server]]\nhost = \"{bh}\"\nport = {bp}\npreference = 10\n",
-        module.display()
-    );
+    let policy = format!("policy = \"{}\"", module.display());
+    let domain = domain_with("customer.test", &policy, &[(ah, ap, 10), (bh, bp, 10)]);
     let relay = Relay::start(&domain, "retry = [\"1h\"]");
     // Sticky: one mailbox, one server.
     send(&relay.addr, "alice@customer.test", 0..20, 4).await;

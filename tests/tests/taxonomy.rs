@@ -1,7 +1,7 @@
 //! The delivery outcome taxonomy against a sink that answers chosen codes: which failures
 //! move on to the next server, which fail the message, which defer it.
 
-use mxrelay_e2e::{Relay, Sink, eventually, send_one};
+use mxrelay_e2e::{Relay, Sink, domain_block, eventually, send_one};
 
 /// What must happen to a message whose primary server misbehaves in one way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,14 +36,8 @@ async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
     let primaries: Vec<Sink> =
         CASES.iter().map(|(args, _)| Sink::start("127.0.1.20", &args.split(' ').collect::<Vec<_>>())).collect();
     let backup = Sink::start("127.0.1.21", &[]);
-    let (bhost, bport) = backup.host_port();
-    let mut domains = String::new();
-    for (i, p) in primaries.iter().enumerate() {
-        let (host, port) = p.host_port();
-        domains.push_str(&format!(
-            "[[domain]]\nname = \"case{i}.test\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = 10\n[[domain.server]]\nhost = \"{bhost}\"\nport = {bport}\npreference = 20\n"
-        ));
-    }
+    let domains: String =
+        primaries.iter().enumerate().map(|(i, p)| domain_block(&format!("case{i}.test"), &[(p, 10), (&backup, 20)])).collect();
     let relay = Relay::start(&domains, "retry = [\"1h\"]");
     for i in 0..CASES.len() {
         assert!(send_one(&relay.addr, &format!("u@case{i}.test"), i as u64).await, "relay refused case {i}");

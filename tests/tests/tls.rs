@@ -9,20 +9,11 @@ use mxrelay_e2e::certs::CertFiles;
 use mxrelay_e2e::certs::TestCa;
 use mxrelay_e2e::postfix::{Listener, Postfix};
 use mxrelay_e2e::{
-    Relay, Sink, assert_exactly_once, domain_block, eventually, free_port, http_get, metric, mxrelay, send, swaks,
+    Relay, Sink, assert_exactly_once, domain_block, domain_with, eventually, free_port, http_get, metric, mxrelay, send, swaks,
 };
 
 fn quoted(path: &std::path::Path) -> String {
     format!("{:?}", path.display().to_string())
-}
-
-/// A `[[domain]]` with TLS settings and `(port, preference)` servers on 127.0.0.1 or a sink.
-fn tls_domain(name: &str, tls: &str, servers: &[(&str, u16, u16)]) -> String {
-    let mut out = format!("[[domain]]\nname = \"{name}\"\n{tls}\n");
-    for (host, port, pref) in servers {
-        out.push_str(&format!("[[domain.server]]\nhost = \"{host}\"\nport = {port}\npreference = {pref}\n"));
-    }
-    out
 }
 
 /// An `smtpd` listener with its own name and certificate.
@@ -204,7 +195,7 @@ async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
     let (rogue_l, good_l) = (tls_listener("rogue.customer.test", &rogue), tls_listener("good.customer.test", &good));
     let postfix = Postfix::start(&["customer.test"], &mailbox.addr, &[rogue_l.clone(), good_l.clone()], "");
     let (clear_host, clear_port) = clear.host_port();
-    let domain = tls_domain(
+    let domain = domain_with(
         "customer.test",
         &format!("tls = \"required\"\ntls_ca = {}", quoted(&ca.write(certs.path(), "ca.crt"))),
         &[(clear_host, clear_port, 10), ("127.0.0.1", rogue_l.port, 20), ("127.0.0.1", good_l.port, 30)],
@@ -240,9 +231,9 @@ async fn opportunistic_encrypts_when_offered_and_none_never_does() {
     let _postfix = Postfix::start(&["may.test", "never.test"], &mailbox.addr, std::slice::from_ref(&l), "");
     let (plain_host, plain_port) = plain.host_port();
     let domains = [
-        tls_domain("may.test", "", &[("127.0.0.1", l.port, 10)]),
-        tls_domain("never.test", "tls = \"none\"", &[("127.0.0.1", l.port, 10)]),
-        tls_domain("clear.test", "tls = \"opportunistic\"", &[(plain_host, plain_port, 10)]),
+        domain_with("may.test", "", &[("127.0.0.1", l.port, 10)]),
+        domain_with("never.test", "tls = \"none\"", &[("127.0.0.1", l.port, 10)]),
+        domain_with("clear.test", "tls = \"opportunistic\"", &[(plain_host, plain_port, 10)]),
     ]
     .concat();
     let relay = Relay::start(&domains, "");
@@ -270,8 +261,8 @@ async fn opportunistic_falls_back_to_clear_when_the_handshake_fails() {
     l.options.push(("smtpd_tls_protocols".into(), "<=TLSv1.1".into()));
     let postfix = Postfix::start(&["may.test", "must.test"], &mailbox.addr, std::slice::from_ref(&l), "");
     let domains = [
-        tls_domain("may.test", "", &[("127.0.0.1", l.port, 10)]),
-        tls_domain("must.test", "tls = \"required\"", &[("127.0.0.1", l.port, 10)]),
+        domain_with("may.test", "", &[("127.0.0.1", l.port, 10)]),
+        domain_with("must.test", "tls = \"required\"", &[("127.0.0.1", l.port, 10)]),
     ]
     .concat();
     let relay = Relay::start(&domains, "retry = [\"1h\"]");
@@ -356,8 +347,8 @@ impl Refuses454 {
 async fn a_454_to_starttls_means_clear_on_the_same_connection_only_when_opportunistic() {
     let server = Refuses454::start();
     let domains = [
-        tls_domain("may.test", "tls = \"opportunistic\"", &[("127.0.0.1", server.port, 10)]),
-        tls_domain("must.test", "tls = \"required\"", &[("127.0.0.1", server.port, 10)]),
+        domain_with("may.test", "tls = \"opportunistic\"", &[("127.0.0.1", server.port, 10)]),
+        domain_with("must.test", "tls = \"required\"", &[("127.0.0.1", server.port, 10)]),
     ]
     .concat();
     let relay = Relay::start(&domains, "retry = [\"1h\"]");
