@@ -764,17 +764,6 @@ mod tests {
     /// only, as after a crash.
     const JOURNAL_ONLY: Timing = Timing { apply_after: Duration::from_secs(3600), checkpoint_every: Duration::from_secs(3600) };
 
-    /// Writes `bytes(sequence number)` right after the records of the queue's only segment.
-    fn write_after_records(queue_dir: &Path, bytes: impl FnOnce(u64) -> Vec<u8>) -> journal::Segment {
-        let segment = journal::segments(&queue_dir.join("journal")).expect("segments").remove(0);
-        let mut content = std::fs::read(&segment.path).expect("read");
-        let end = content.iter().rposition(|&b| b != 0).expect("records") + 1;
-        let extra = bytes(segment.seq);
-        content[end..end + extra.len()].copy_from_slice(&extra);
-        std::fs::write(&segment.path, &content).expect("write");
-        segment
-    }
-
     /// A queue that leaves redb alone, holding one acknowledged message with `data`.
     async fn journal_only_with_one(dir: &Path, data: &[u8]) -> (Queue, Envelope) {
         let (q, _) = Queue::open_with(dir, JOURNAL_ONLY).expect("open");
@@ -793,6 +782,22 @@ mod tests {
             std::fs::copy(&segment.path, to.path().join("journal").join(name)).expect("copy segment");
         }
         to
+    }
+
+    /// A queue directory as a crash leaves it: one acknowledged message (data `kept`) in the
+    /// journal only, then `tail(sequence number)` written right after its record.
+    async fn crashed_with_tail(tail: impl FnOnce(u64) -> Vec<u8>) -> (tempfile::TempDir, Envelope, journal::Segment) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, acked) = journal_only_with_one(dir.path(), b"kept").await;
+        let crashed = crash_copy(dir.path());
+        q.close();
+        let segment = journal::segments(&crashed.path().join("journal")).expect("segments").remove(0);
+        let mut content = std::fs::read(&segment.path).expect("read");
+        let end = content.iter().rposition(|&b| b != 0).expect("records") + 1;
+        let extra = tail(segment.seq);
+        content[end..end + extra.len()].copy_from_slice(&extra);
+        std::fs::write(&segment.path, &content).expect("write");
+        (crashed, acked, segment)
     }
 
     #[tokio::test]
@@ -827,39 +832,31 @@ mod tests {
 
     #[tokio::test]
     async fn a_torn_tail_loses_only_what_was_never_acknowledged() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (q, a) = journal_only_with_one(dir.path(), b"kept").await;
-        let crashed = crash_copy(dir.path());
         // Half a record after the acknowledged one: a group commit whose sync never returned.
-        write_after_records(crashed.path(), |_| vec![0x40, 0, 0, 0, 0xde, 0xad]);
+        let (crashed, a, _) = crashed_with_tail(|_| vec![0x40, 0, 0, 0, 0xde, 0xad]).await;
         let (replayed, existing) = Queue::open(crashed.path()).expect("replay");
         assert_eq!(existing, vec![a.clone()]);
         assert_eq!(replayed.read_data(a.id).expect("data"), b"kept");
         replayed.close();
-        q.close();
     }
 
     #[tokio::test]
     async fn a_damaged_segment_is_replayed_up_to_the_damage_and_kept_for_the_operator() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (q, a) = journal_only_with_one(dir.path(), b"kept").await;
-        let crashed = crash_copy(dir.path());
         // After the acknowledged record, one whose checksum is right but whose kind is unknown
         // (the journal's format: length, CRC-32 of sequence number and body, body).
-        let segment = write_after_records(crashed.path(), |seq| {
+        let (crashed, a, segment) = crashed_with_tail(|seq| {
             let body = [9u8, 0, 0, 0, 0, 0, 0, 0, 1];
             let mut crc = crc32fast::Hasher::new();
             crc.update(&seq.to_le_bytes());
             crc.update(&body);
             [&(body.len() as u32).to_le_bytes()[..], &crc.finalize().to_le_bytes(), &body].concat()
-        });
-
+        })
+        .await;
         let (replayed, existing) = Queue::open(crashed.path()).expect("replay");
         assert_eq!(existing, vec![a], "the records before the damage are replayed");
         assert!(segment.path.with_extension("wal.damaged").is_file(), "the damaged segment is kept aside");
         assert!(!segment.path.exists(), "and not replayed again");
         replayed.close();
-        q.close();
     }
 
     #[tokio::test]
