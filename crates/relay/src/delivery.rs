@@ -209,7 +209,6 @@ impl Deliverer {
                 }
                 ServerVerdict::Unreachable(why) => {
                     tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
-                    self.transport.forget(server);
                     self.health.mark_down(server, &why, &self.transport);
                     last_reason = DeferReason::Failed(why);
                 }

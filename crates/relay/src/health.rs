@@ -60,8 +60,10 @@ impl Health {
         (0..servers.len() as u32).filter(|&i| down.contains_key(&key(&servers[i as usize]))).collect()
     }
 
-    /// Marks a server down and starts probing it, unless it already is.
+    /// Marks a server down and starts probing it, unless it already is. Its idle connections
+    /// are dropped: a server that cannot be reached keeps none for later messages.
     pub fn mark_down(&self, server: &Server, reason: &str, transport: &Arc<Transport>) {
+        transport.forget(server);
         let newly = match self.lock().entry(key(server)) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {

@@ -286,7 +286,7 @@ impl Transport {
         idle.entry(key.clone()).or_default().push((session, Instant::now()));
     }
 
-    /// Drops every idle connection to `server` (it was found down).
+    /// Drops every idle connection to `server` (it is being marked down).
     pub fn forget(&self, server: &Server) {
         let address = server.address();
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
