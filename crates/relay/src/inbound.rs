@@ -24,6 +24,12 @@ use crate::scheduler::Event;
 const MAX_COMMAND_LINE: usize = 4096;
 /// Bad commands tolerated before the session is closed.
 const MAX_ERRORS: u32 = 20;
+/// Per connection, in bytes. Tokio zero-fills a read buffer when it is made, and a client
+/// such as `smtp-source` opens one connection per message: at 64 KiB that fill was about 1 %
+/// of the relay's CPU. 16 KiB still holds any command group and reads DATA in large pieces.
+const READ_BUFFER: usize = 16 * 1024;
+/// Per connection, in bytes: replies are short, even a pipelined group's.
+const WRITE_BUFFER: usize = 4 * 1024;
 
 /// What every session needs.
 pub struct Inbound {
@@ -166,8 +172,8 @@ async fn session(mut stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>)
     // Borrowed halves: owned ones would `shutdown` the socket before it is closed anyway,
     // one more system call per connection.
     let (read, write) = stream.split();
-    let mut reader = BufReader::with_capacity(64 * 1024, read);
-    let mut writer = BufWriter::with_capacity(16 * 1024, write);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, read);
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, write);
     // One snapshot of the settings for the whole connection, even across a reload.
     let settings = inbound.settings();
     let hostname = settings.hostname.clone();
@@ -219,8 +225,8 @@ async fn session(mut stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>)
             tracing::debug!(%peer, tls = session.tls.as_deref().unwrap_or(""), "TLS established");
             metrics::counter!("mxrelay_inbound_tls_sessions_total").increment(1);
             let (read, write) = tokio::io::split(tls);
-            let mut reader = BufReader::with_capacity(64 * 1024, read);
-            let mut writer = BufWriter::with_capacity(16 * 1024, write);
+            let mut reader = BufReader::with_capacity(READ_BUFFER, read);
+            let mut writer = BufWriter::with_capacity(WRITE_BUFFER, write);
             converse(&session, &mut reader, &mut writer, false).await.map(|_| ())
         }
     }
