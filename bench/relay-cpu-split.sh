@@ -8,7 +8,7 @@ set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
 W=$(mktemp -d); P=
-trap '[ -n "$P" ] && kill $P 2>/dev/null; sinks_stop_all; rm -rf $W' EXIT
+trap '[ -n "$P" ] && kill $P 2>/dev/null && wait $P; sinks_stop_all; rm -rf $W' EXIT
 relay_toml 127.0.0.1:2626 queue "probe_interval = \"300ms\"" 127.0.1.1 127.0.1.2 > "$W/relay.toml"
 rate() { awk -v n="$N" -v t="$1" 'BEGIN{printf "%.0f", n/t}'; }
 for i in $(seq "$RUNS"); do

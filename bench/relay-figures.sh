@@ -9,7 +9,8 @@ QUEUED=${QUEUED:-10000}
 (cd "$ROOT" && cargo build --release -q -p mxrelay-e2e)
 GEN=$ROOT/target/release/mxrelay-loadgen
 W=$(mktemp -d); PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$W"' EXIT
+# The relays finish their shutdown (a last journal write) before their directory goes.
+trap 'kill "${PIDS[@]}" 2>/dev/null; wait; rm -rf "$W"' EXIT
 rss() { awk '/VmRSS/{printf "%.1f MB", $2/1024}' "/proc/$1/status"; }
 start_relay() {  # start_relay NAME PORT SERVERS...
   local name=$1 port=$2; shift 2

@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
 SINKS=(127.0.1.1 127.0.1.2)
 MX_ADDR=127.0.0.1:2626
-WORK=$(mktemp -d); trap 'kill $(cat $WORK/mx.pid 2>/dev/null) 2>/dev/null; sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
+WORK=$(mktemp -d); trap 'kill $(cat $WORK/mx.pid 2>/dev/null) 2>/dev/null && wait $(cat $WORK/mx.pid); sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
 
 relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
 
