@@ -12,7 +12,7 @@
 //! become durable with the next group commit of new mail: a crash can at worst deliver a
 //! message twice, never lose one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -133,6 +133,12 @@ enum Pending {
 }
 
 impl Pending {
+    fn id(&self) -> u64 {
+        match self {
+            Pending::Insert { id, .. } | Pending::Update { id, .. } | Pending::Remove(id) => *id,
+        }
+    }
+
     /// The same operation as a journal record: what is journaled and what replay applies.
     fn record(&self) -> Record<'_> {
         match self {
@@ -687,7 +693,7 @@ impl Indexer {
             tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
             {
                 let mut tables = Tables::open(&tx)?;
-                pending.iter().try_for_each(|op| tables.apply(op.record()))?;
+                settled(pending).try_for_each(|op| tables.apply(op.record()))?;
             }
             tx.commit().map_err(|e| e.to_string())
         };
@@ -713,6 +719,17 @@ impl Indexer {
             .collect();
         journal::retire(&self.dir, &covered).map_err(|e| QueueError::Write(e.to_string()))
     }
+}
+
+/// `pending` without the messages that were both queued and removed within it: delivered
+/// before redb saw them, they would be written there only to be deleted. Under load that is
+/// nearly every message. The result is the same redb state, so a checkpoint may still retire
+/// the journal segments that hold them.
+fn settled(pending: &[Pending]) -> impl Iterator<Item = &Pending> {
+    let inserted: HashSet<u64> = pending.iter().filter(|op| matches!(op, Pending::Insert { .. })).map(Pending::id).collect();
+    let delivered: HashSet<u64> =
+        pending.iter().filter(|op| matches!(op, Pending::Remove(id) if inserted.contains(id))).map(Pending::id).collect();
+    pending.iter().filter(move |op| !delivered.contains(&op.id()))
 }
 
 #[cfg(test)]
@@ -758,6 +775,17 @@ mod tests {
         assert_eq!(q.read_data(kept.id).expect("data"), b"hello");
         assert!(q.read_data(removed.id).is_err());
         assert!(q.next_id() > kept.id);
+    }
+
+    #[test]
+    fn messages_queued_and_removed_in_one_batch_never_reach_redb() {
+        let insert = |id| Pending::Insert { id, envelope: Vec::new(), data: Arc::new(Vec::new()) };
+        let update = |id| Pending::Update { id, envelope: Vec::new() };
+        let pending = [insert(1), insert(2), update(1), Pending::Remove(1), update(3), Pending::Remove(3), update(2)];
+        let left: Vec<String> = settled(&pending).map(|op| format!("{:?}", op.record())).collect();
+        let expected: Vec<String> =
+            [insert(2), update(3), Pending::Remove(3), update(2)].iter().map(|op| format!("{:?}", op.record())).collect();
+        assert_eq!(left, expected);
     }
 
     /// The writer leaves redb alone for an hour: everything since `open` is in the journal
