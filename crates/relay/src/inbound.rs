@@ -26,9 +26,10 @@ const MAX_COMMAND_LINE: usize = 4096;
 const MAX_ERRORS: u32 = 20;
 /// Per connection, in bytes. Tokio zero-fills a read buffer when it is made, and a client
 /// such as `smtp-source` opens one connection per message: at 64 KiB that fill was about 1 %
-/// of the relay's CPU. 16 KiB still holds any command group and reads DATA in large pieces.
+/// of the relay's CPU. 16 KiB still reads a pipelined command group or DATA in large pieces.
 const READ_BUFFER: usize = 16 * 1024;
-/// Per connection, in bytes: replies are short, even a pipelined group's.
+/// Per connection, in bytes. Replies are short; a long pipelined group's go out in several
+/// writes.
 const WRITE_BUFFER: usize = 4 * 1024;
 
 /// What every session needs.
