@@ -4,8 +4,8 @@
 # ../shared/bench/postfix/bench-throughput.sh, whose helpers this sources).
 #   usage: bench/relay-vs-postfix.sh      env: N=5000 SIZE=2048 SESS=20 RUNS=3 BIN=(this checkout)
 # Needs Postfix set up as the reference relay first: bash ../shared/bench/postfix/setup.sh
-# Prints a table of medians, the ratios mxrelay/Postfix and mxrelay/direct, and the CPU per
-# message of smtp-source and of mxrelay.
+# Prints a table of medians, the ratios mxrelay/Postfix and mxrelay/direct, the CPU per
+# message of smtp-source and of mxrelay, and how idle the machine was during each run.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
@@ -22,21 +22,27 @@ wait_total() {  # wait_total TARGET -> seconds timestamp when the sinks reached 
   return 1
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
-measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU per message to $WORK/cpu
-  local t0 te TIMEFORMAT="%U %S"
+# Idle and total ticks of all CPUs so far (idle includes iowait).
+ticks() { awk '/^cpu /{print $5+$6, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU per message to
+  # $WORK/cpu, the machine's idle share (%) to $WORK/idle
+  local t0 te i0 a0 i1 a1 TIMEFORMAT="%U %S"
+  read -r i0 a0 < <(ticks)
   t0=$(now)
   { time smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test "$1" > "$WORK/source.out" 2>&1; } 2> "$WORK/time"
   wait_total "$N" || echo "TIMEOUT" >&2
   te=$(now)
+  read -r i1 a1 < <(ticks)
   awk -v n="$N" '{printf "%.0f", ($1+$2)*1e6/n}' "$WORK/time" > "$WORK/cpu"
+  awk -v i="$((i1 - i0))" -v a="$((a1 - a0))" 'BEGIN{printf "%.0f", i*100/a}' > "$WORK/idle"
   awk -v n="$N" -v t="$(elapsed "$t0" "$te")" 'BEGIN{printf "%.1f", n/t}'
 }
 
 dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
-direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); relay_cpu=()
+direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); relay_cpu=(); idle_direct=(); idle_mx=()
 for i in $(seq "$RUNS"); do
   sinks_stop_all; sink_start 127.0.1.1
-  direct+=("$(measure 127.0.1.1:25)"); src_direct+=("$(cat "$WORK/cpu")")
+  direct+=("$(measure 127.0.1.1:25)"); src_direct+=("$(cat "$WORK/cpu")"); idle_direct+=("$(cat "$WORK/idle")")
 
   sinks_stop_all; for ip in "${SINKS[@]}"; do sink_start "$ip"; done
   pf_stop; queue_purge; pf_start; sleep 1
@@ -48,7 +54,7 @@ for i in $(seq "$RUNS"); do
   "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & echo $! > "$WORK/mx.pid"
   until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
   c0=$(cpu_seconds "$(cat "$WORK/mx.pid")")
-  mx+=("$(measure $MX_ADDR)"); src_mx+=("$(cat "$WORK/cpu")")
+  mx+=("$(measure $MX_ADDR)"); src_mx+=("$(cat "$WORK/cpu")"); idle_mx+=("$(cat "$WORK/idle")")
   relay_cpu+=("$(us_per_msg "$c0" "$(cpu_seconds "$(cat "$WORK/mx.pid")")")")
   split+=("$(sink_count 127.0.1.1)/$(sink_count 127.0.1.2)")
   kill "$(cat "$WORK/mx.pid")"; wait "$(cat "$WORK/mx.pid")" 2>/dev/null
@@ -66,3 +72,4 @@ awk -v m="$m" -v p="$p" -v d="$d" 'BEGIN{printf "mxrelay / Postfix = %.2fx   mxr
 echo "mxrelay per-sink split: ${split[*]}"
 echo "smtp-source's own CPU per message (µs): direct ${src_direct[*]} (median $(median "${src_direct[@]}")), into mxrelay ${src_mx[*]} (median $(median "${src_mx[@]}"))"
 echo "mxrelay's CPU per message (µs), intake and delivery: ${relay_cpu[*]} (median $(median "${relay_cpu[@]}"))"
+echo "machine idle while measuring (%): direct ${idle_direct[*]} (median $(median "${idle_direct[@]}")), mxrelay ${idle_mx[*]} (median $(median "${idle_mx[@]}"))"
