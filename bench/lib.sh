@@ -13,6 +13,16 @@ fi
 cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15)/hz}' "/proc/$1/stat"; }
 # us_per_msg BEFORE AFTER: CPU seconds between two cpu_seconds readings, in µs per message of N.
 us_per_msg() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/n}'; }
+# thread_cpu PID: "name seconds" per thread name (threads of one name summed), sorted by name.
+thread_cpu() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    awk -v hz="$(getconf CLK_TCK)" '{c = $0; sub(/^[0-9]+ \(/, "", c); name = substr(c, 1, index(c, ")") - 1)
+      sub(/^[^)]*\) /, "", c); split(c, f, " "); print name, (f[12] + f[13]) / hz}' "$t/stat"
+  done | awk '{s[$1] += $2} END{for (k in s) print k, s[k]}' | sort
+}
+# threads_per_msg BEFORE_FILE AFTER_FILE: from two thread_cpu outputs, "name µs" per message of N.
+threads_per_msg() { join "$1" "$2" | awk -v n="$N" '{printf "%s %.0f  ", $1, ($3 - $2) * 1e6 / n}'; }
 
 # relay_toml LISTEN QUEUE DELIVERY_LINES SERVER...
 #   One domain, customer.test, whose servers (host or host:port) all have preference 10.

@@ -5,13 +5,15 @@
 #   usage: bench/relay-vs-postfix.sh      env: N=5000 SIZE=2048 SESS=20 RUNS=3 BIN=(this checkout)
 # Needs Postfix set up as the reference relay first: bash ../shared/bench/postfix/setup.sh
 # Prints a table of medians, the ratios mxrelay/Postfix and mxrelay/direct, the CPU per
-# message of smtp-source and of mxrelay, and how idle the machine was during each run.
+# message of smtp-source and of mxrelay (also per relay thread), and how idle the machine was
+# during each run.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
 SINKS=(127.0.1.1 127.0.1.2)
 MX_ADDR=127.0.0.1:2626
-WORK=$(mktemp -d); trap 'kill $(cat $WORK/mx.pid 2>/dev/null) 2>/dev/null && wait $(cat $WORK/mx.pid); sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
+WORK=$(mktemp -d); P=
+trap '[ -n "$P" ] && kill $P 2>/dev/null && wait $P; sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
 
 relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
 
@@ -39,7 +41,7 @@ measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU pe
 }
 
 dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
-direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); relay_cpu=(); idle_direct=(); idle_mx=()
+direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); relay_cpu=(); relay_threads=(); idle_direct=(); idle_mx=()
 for i in $(seq "$RUNS"); do
   sinks_stop_all; sink_start 127.0.1.1
   direct+=("$(measure 127.0.1.1:25)"); src_direct+=("$(cat "$WORK/cpu")"); idle_direct+=("$(cat "$WORK/idle")")
@@ -51,13 +53,14 @@ for i in $(seq "$RUNS"); do
 
   sinks_stop_all; for ip in "${SINKS[@]}"; do sink_start "$ip"; done
   rm -rf "$WORK/queue"
-  "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & echo $! > "$WORK/mx.pid"
+  "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & P=$!
   until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
-  c0=$(cpu_seconds "$(cat "$WORK/mx.pid")")
+  c0=$(cpu_seconds $P); thread_cpu $P > "$WORK/threads0"
   mx+=("$(measure $MX_ADDR)"); src_mx+=("$(cat "$WORK/cpu")"); idle_mx+=("$(cat "$WORK/idle")")
-  relay_cpu+=("$(us_per_msg "$c0" "$(cpu_seconds "$(cat "$WORK/mx.pid")")")")
+  relay_cpu+=("$(us_per_msg "$c0" "$(cpu_seconds $P)")"); thread_cpu $P > "$WORK/threads1"
+  relay_threads+=("run $i: $(threads_per_msg "$WORK/threads0" "$WORK/threads1")")
   split+=("$(sink_count 127.0.1.1)/$(sink_count 127.0.1.2)")
-  kill "$(cat "$WORK/mx.pid")"; wait "$(cat "$WORK/mx.pid")" 2>/dev/null
+  kill $P; wait $P 2>/dev/null; P=
   echo "run $i: direct ${direct[-1]}  postfix ${postfix[-1]}  mxrelay ${mx[-1]} msg/s (mxrelay split ${split[-1]})"
 done
 d=$(median "${direct[@]}"); p=$(median "${postfix[@]}"); m=$(median "${mx[@]}")
@@ -72,4 +75,5 @@ awk -v m="$m" -v p="$p" -v d="$d" 'BEGIN{printf "mxrelay / Postfix = %.2fx   mxr
 echo "mxrelay per-sink split: ${split[*]}"
 echo "smtp-source's own CPU per message (µs): direct ${src_direct[*]} (median $(median "${src_direct[@]}")), into mxrelay ${src_mx[*]} (median $(median "${src_mx[@]}"))"
 echo "mxrelay's CPU per message (µs), intake and delivery: ${relay_cpu[*]} (median $(median "${relay_cpu[@]}"))"
+printf "mxrelay's CPU per message by thread (µs), %s\n" "${relay_threads[@]}"
 echo "machine idle while measuring (%): direct ${idle_direct[*]} (median $(median "${idle_direct[@]}")), mxrelay ${idle_mx[*]} (median $(median "${idle_mx[@]}"))"
