@@ -9,8 +9,8 @@
 //! A segment is `<sequence as 16 hex digits>.wal`, written in full (with zeros) when it is
 //! created and recycled after a checkpoint (as `<sequence>.spare`) instead of deleted: a
 //! sync that only overwrites blocks already on disk allocates none, which makes it about
-//! half as costly. Each record's checksum covers the segment's
-//! sequence number, so the records a recycled segment held before do not read back. Records:
+//! half as costly. Each record's checksum covers the segment's sequence number, so the
+//! records a recycled segment held before do not read back. Records:
 //!
 //! ```text
 //! [body length: u32 LE][CRC-32 of (sequence: u64 LE, body): u32 LE][body]
