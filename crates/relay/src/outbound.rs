@@ -347,7 +347,7 @@ impl Transport {
                     "{addr}: does not offer STARTTLS, and the domain requires TLS"
                 )));
             }
-            (TlsMode::Opportunistic | TlsMode::Required, true) => match self.start_tls(addr, client, tls).await {
+            (TlsMode::Opportunistic | TlsMode::Required, true) => match self.start_tls(addr, client, tls, opened).await {
                 Ok(session) => return Ok(session),
                 Err(failure) => failure,
             },
@@ -373,12 +373,14 @@ impl Transport {
         }
     }
 
-    /// STARTTLS, the handshake, and EHLO again (RFC 3207 §4.2: forget what was said before).
+    /// STARTTLS, the handshake, and EHLO again (RFC 3207 §4.2: forget what was said before),
+    /// on a connection made at `opened`.
     async fn start_tls(
         &self,
         addr: SocketAddr,
         mut client: SmtpClient<TcpStream>,
         tls: TlsTarget<'_>,
+        opened: Instant,
     ) -> Result<Session, StartTlsFailure> {
         match client.cmd(b"STARTTLS\r\n").await {
             Ok(r) if r.code == 220 => {}
@@ -397,7 +399,7 @@ impl Transport {
             .await
             .map_err(|e| StartTlsFailure::Broken(format!("EHLO after STARTTLS: {}", error_text(&e))))?;
         tracing::debug!(%addr, tls = described, "TLS established");
-        Ok(Session { client, addr, opened: Instant::now(), capabilities: ehlo.capabilities, sent: 0, tls: Some(described) })
+        Ok(Session { client, addr, opened, capabilities: ehlo.capabilities, sent: 0, tls: Some(described) })
     }
 
     /// Offers `msg` to a server: over an idle connection to it when there is one, else to
