@@ -3,7 +3,7 @@
 #   scripts/setup.sh          Rust wasm targets only (enough to build and run the relay)
 #   scripts/setup.sh --test   also the test peers: Postfix (smtp-sink/smtp-source and test-owned
 #                             instances for interop), swaks with TLS,
-#                             dnsmasq, dig, GNU time (for the bench scripts) and the
+#                             dnsmasq, dig, GNU time (for a bench script) and the
 #                             browser-test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ command -v swaks >/dev/null || pkgs+=(swaks)
 perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || pkgs+=(libio-socket-ssl-perl libnet-ssleay-perl)
 command -v dnsmasq >/dev/null || command -v /usr/sbin/dnsmasq >/dev/null || pkgs+=(dnsmasq-base)
 command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
-# GNU time: the bench scripts read smtp-source's context switches from it.
+# GNU time: bench/relay-vs-postfix.sh reads smtp-source's CPU and context switches from it.
 [ -x /usr/bin/time ] || pkgs+=(time)
 [ -x /usr/bin/chromium ] || pkgs+=(chromium)
 command -v node >/dev/null || pkgs+=(nodejs npm)
