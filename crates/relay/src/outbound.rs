@@ -649,6 +649,40 @@ mod tests {
         assert_eq!(pool_key(&mx1, &encrypted), pool_key(&server("mx1.customer.test", 25), &encrypted));
     }
 
+    #[tokio::test]
+    async fn marking_a_server_down_drops_and_closes_its_idle_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Greets, answers EHLO, then reports how the connection ended: 0 bytes is a close.
+        let server_side = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            stream.write_all(b"220 fake ESMTP\r\n").await.expect("greeting");
+            let mut buf = [0u8; 512];
+            let _ = stream.read(&mut buf).await.expect("EHLO");
+            stream.write_all(b"250 fake\r\n").await.expect("EHLO reply");
+            stream.read(&mut buf).await.expect("read")
+        });
+        let text = "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n";
+        let config = crate::config::Config::parse(std::path::Path::new("relay.toml"), text).expect("config");
+        let transport = Arc::new(Transport::new("relay.test", &config.delivery));
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None)).expect("tls settings");
+        let target = server("127.0.0.1", addr.port());
+        let key = pool_key(&target, &settings);
+        let Ok(session) = transport.open(addr, TlsTarget { settings: &settings, host: &target.host }).await else {
+            panic!("no session with the fake server");
+        };
+        transport.put_idle(&key, session);
+        let session = transport.take_idle(&key).expect("an idle session is kept for reuse");
+        transport.put_idle(&key, session);
+
+        let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let health = crate::health::Health::new(Duration::from_secs(3600), events);
+        health.mark_down(&target, "test", &transport);
+        assert!(transport.take_idle(&key).is_none(), "a server marked down keeps no idle connection");
+        assert_eq!(server_side.await.expect("fake server"), 0, "and the connection is closed");
+    }
+
     #[test]
     fn connections_are_reused_for_a_bounded_count_and_time() {
         assert!(reusable(0, Duration::ZERO));
