@@ -9,15 +9,17 @@ if [ -z "${BIN:-}" ]; then
   BIN=$ROOT/target/release/mxrelay
 fi
 
+# Clock ticks per second, the unit of CPU times in /proc/PID/stat.
+HZ=$(getconf CLK_TCK)
 # cpu_seconds PID: user + system CPU the process has used so far.
-cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15)/hz}' "/proc/$1/stat"; }
+cpu_seconds() { awk -v hz="$HZ" '{print ($14+$15)/hz}' "/proc/$1/stat"; }
 # us_per_msg BEFORE AFTER: CPU seconds between two cpu_seconds readings, in µs per message of N.
 us_per_msg() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.0f", (b-a)*1e6/n}'; }
 # thread_cpu PID: "name seconds" per thread name (threads of one name summed), sorted by name.
 thread_cpu() {
   local t
   for t in /proc/"$1"/task/*; do
-    awk -v hz="$(getconf CLK_TCK)" '{c = $0; sub(/^[0-9]+ \(/, "", c); name = substr(c, 1, index(c, ")") - 1)
+    awk -v hz="$HZ" '{c = $0; sub(/^[0-9]+ \(/, "", c); name = substr(c, 1, index(c, ")") - 1)
       sub(/^[^)]*\) /, "", c); split(c, f, " "); print name, (f[12] + f[13]) / hz}' "$t/stat"
   done | awk '{s[$1] += $2} END{for (k in s) print k, s[k]}' | sort
 }
