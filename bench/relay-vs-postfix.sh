@@ -28,7 +28,8 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR
 ticks() { awk '/^cpu /{print $5+$6, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU per message to
   # $WORK/cpu, its context switches per 1000 messages (involuntary/voluntary) to
-  # $WORK/switches, the machine's idle share (%) to $WORK/idle
+  # $WORK/switches, the machine's idle share (%) to $WORK/idle. GNU time prints CPU seconds
+  # to 10 ms: 2 µs per message at N=5000.
   local t0 te i0 a0 i1 a1
   read -r i0 a0 < <(ticks)
   t0=$(now)
