@@ -32,10 +32,31 @@ impl Drop for Dnsmasq {
 }
 
 /// dnsmasq on `ip` (one per test, so tests that run at once cannot pick the same port).
+///
+/// A port that was free a moment ago can be taken before dnsmasq binds it: any UDP socket on
+/// the wildcard address with that port (a resolver's query socket, `dig`'s own) makes
+/// dnsmasq exit with "Address already in use". It is then started again on another port;
+/// any other exit fails the test with what dnsmasq printed.
 fn dnsmasq(ip: &str, records: &[(&str, &str)]) -> Dnsmasq {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        match dnsmasq_once(ip, records) {
+            Ok(server) => return server,
+            Err(stderr) if stderr.contains("Address already in use") && attempt < ATTEMPTS => continue,
+            Err(stderr) => panic!("dnsmasq on {ip} exited (attempt {attempt} of {ATTEMPTS}): {stderr}"),
+        }
+    }
+    unreachable!("the last attempt returns or panics")
+}
+
+/// One start of dnsmasq on a free port of `ip`: the server once it answers, or what it
+/// printed if it exited first.
+fn dnsmasq_once(ip: &str, records: &[(&str, &str)]) -> Result<Dnsmasq, String> {
     let port = free_port(ip);
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("dnsmasq.log");
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("dnsmasq stderr file");
     let mut cmd = Command::new("dnsmasq");
     cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--bind-interfaces"])
         .args(["--no-resolv", "--no-hosts", "--no-poll", "--local=/test/", "--user=root", "--log-queries"])
@@ -46,18 +67,29 @@ fn dnsmasq(ip: &str, records: &[(&str, &str)]) -> Dnsmasq {
         cmd.arg(format!("--host-record={name},{ip}"));
     }
     let child =
-        cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
+        cmd.stdout(Stdio::null()).stderr(stderr).spawn().unwrap_or_else(|e| {
             panic!("cannot start dnsmasq ({e}); install Debian's dnsmasq-base (the README's test command does)")
         });
-    let server = Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir };
+    let mut server = Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir };
     let answers = || {
         Command::new("dig")
             .args(["+short", "+time=1", "+tries=1", "-p", &port.to_string(), &format!("@{ip}"), records[0].0])
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == records[0].1)
     };
-    assert!(wait_until(PATIENCE, answers), "dnsmasq on {ip}:{port} does not answer");
-    server
+    let mut exited = None;
+    let settled = wait_until(PATIENCE, || {
+        exited = server.child.try_wait().expect("dnsmasq status");
+        exited.is_some() || answers()
+    });
+    assert!(settled, "dnsmasq on {ip}:{port} neither answers nor exits");
+    match exited {
+        None => Ok(server),
+        Some(status) => {
+            let printed = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            Err(format!("{status}: {}", printed.trim()))
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
