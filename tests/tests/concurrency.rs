@@ -1,14 +1,15 @@
 //! `delivery.concurrency_per_server`: never more simultaneous deliveries to one server.
 //! A minimal SMTP server counts its open transactions and keeps each one open for a moment,
-//! so that deliveries overlap whenever the relay lets them.
+//! so that deliveries overlap whenever the relay lets them. Deliveries that wait for a
+//! server's slot never try it once it has been found dead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mxrelay_e2e::{Relay, eventually, send};
+use mxrelay_e2e::{Relay, Sink, domain_with, eventually, send};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Accepts mail; returns (messages received, peak simultaneous transactions).
 async fn counting_server(listener: TcpListener) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
@@ -71,4 +72,42 @@ async fn deliveries_to_one_server_never_exceed_the_limit() {
     eventually("all 12 delivered", || received.load(Ordering::SeqCst) == 12).await;
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak == 2, "peak of {peak} simultaneous deliveries to one server with concurrency_per_server = 2");
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connection
+/// attempt hangs until the relay's connect timeout. Returns the port and what keeps it full.
+async fn black_hole(ip: &str) -> (u16, TcpListener, Vec<TcpStream>) {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{ip}:0").parse().expect("addr")).expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fill = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => fill.push(stream),
+            Ok(Err(e)) => panic!("connect to {addr}: {e}"),
+            Err(_) => break,
+        }
+        assert!(fill.len() < 16, "the accept queue of {addr} never filled");
+    }
+    (addr.port(), listener, fill)
+}
+
+/// With one slot per server, messages queue behind the first delivery's connection attempt to
+/// a dead primary. When that attempt fails, the server is marked down and the waiting
+/// deliveries go straight to the backup: the dead primary costs one attempt, not one per
+/// message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_waiting_for_a_slot_skip_a_server_found_dead() {
+    let (dead_port, _listener, _fill) = black_hole("127.0.1.111").await;
+    let backup = Sink::start("127.0.1.112", &[]);
+    let (bh, bp) = backup.host_port();
+    let domain = domain_with("customer.test", "", &[("127.0.1.111", dead_port, 10), (bh, bp, 20)]);
+    let relay = Relay::start(&domain, "concurrency_per_server = 1\nworkers = 16\nconnect_timeout = \"1s\"");
+    let acked = send(&relay.addr, "user@customer.test", 0..8, 8).await;
+    assert_eq!(acked.len(), 8);
+    eventually("all 8 at the backup", || backup.count() == 8).await;
+    let dead = format!("127.0.1.111:{dead_port}");
+    let attempts = relay.log_lines(&["outcome=\"unreachable\"", &dead]).len();
+    assert_eq!(attempts, 1, "connection attempts to the dead primary: {}", relay.log_text());
 }

@@ -182,6 +182,11 @@ impl Deliverer {
                 continue;
             }
             let _permit = self.limit(&server_key).acquire_owned().await;
+            // Asked again: while this delivery waited for a slot, one that held it may have
+            // found the server dead. Without this, every waiter would try a dead server.
+            if self.health.is_down(server) {
+                continue;
+            }
             let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data };
             let verdict = self.transport.send(server, &outgoing, &tls).await;
             match verdict {
