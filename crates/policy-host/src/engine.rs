@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mxrelay_policy_core as core;
 use wasmtime::component::{Component, Linker, ResourceAny};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 
 use crate::bindings::{Policy, PolicyPre};
 use crate::convert;
@@ -21,7 +21,11 @@ const TICK: Duration = Duration::from_millis(5);
 /// Limits applied to every policy call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Longest a single call may run before it is interrupted.
+    /// CPU time a single call may use before it is interrupted, counted from the first epoch
+    /// tick the call runs into (0-5 ms after it starts; reading the thread's CPU clock on
+    /// every call would cost more than the call). CPU time, not wall time: a call runs on
+    /// its caller's thread and never waits (the world imports nothing), so wall time beyond
+    /// its CPU time is the machine's load, which must not fail it.
     pub call_deadline: Duration,
     /// Largest linear memory an instance may grow to.
     pub max_memory_bytes: usize,
@@ -52,7 +56,8 @@ impl Drop for EngineInner {
 }
 
 /// A wasmtime engine configured for policies: epoch interruption driven by a 5 ms ticker
-/// thread, and memory caps. Cheap to clone; the ticker stops when the last clone is dropped.
+/// thread (at each deadline the call's CPU time is checked against its budget), and memory
+/// caps. Cheap to clone; the ticker stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct PolicyEngine {
     inner: Arc<EngineInner>,
@@ -125,12 +130,47 @@ fn load_error(name: &str, e: &wasmtime::Error) -> PolicyError {
     PolicyError::Load { name: name.into(), reason: format!("{e:#}") }
 }
 
-/// Per-store data: the resource limiter, which also records the largest memory asked for.
+/// Per-store data: the resource limiter, which also records the largest memory asked for,
+/// and the CPU clock of the call in progress.
 struct StoreState {
     limits: StoreLimits,
     peak_memory: usize,
     /// Set when a memory growth was refused: the failure that follows is the memory cap.
     memory_denied: bool,
+    /// The calling thread's CPU time at the first tick the current call ran into.
+    cpu_mark: Option<Duration>,
+    /// The CPU time a call may use ([`Limits::call_deadline`]).
+    call_budget: Duration,
+    /// How often a call reached an epoch deadline (counted for tests).
+    deadlines_reached: u64,
+}
+
+impl StoreState {
+    /// Starts a call: its CPU time is read at the next tick, if the call lasts that long.
+    /// Returns the epoch deadline to set, in ticks.
+    fn start_call(&mut self) -> u64 {
+        self.cpu_mark = None;
+        1
+    }
+
+    /// At an epoch deadline: at the first, reads the CPU clock; later, interrupts the call
+    /// once it has used its budget since then. Otherwise returns the next deadline, where the
+    /// rest of the budget could run out.
+    fn deadline_reached(&mut self) -> UpdateDeadline {
+        self.deadlines_reached += 1;
+        let now = thread_cpu_time();
+        let mark = *self.cpu_mark.get_or_insert(now);
+        match self.call_budget.checked_sub(now.saturating_sub(mark)) {
+            Some(rest) if !rest.is_zero() => UpdateDeadline::Continue(deadline_ticks(rest)),
+            Some(_) | None => UpdateDeadline::Interrupt,
+        }
+    }
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec.unsigned_abs(), t.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 impl wasmtime::ResourceLimiter for StoreState {
@@ -195,12 +235,17 @@ impl PolicyComponent {
                 .build(),
             peak_memory: 0,
             memory_denied: false,
+            cpu_mark: None,
+            call_budget: limits.call_deadline,
+            deadlines_reached: 0,
         };
         let mut store = Store::new(&self.engine.inner.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         if limits.interruptible {
-            store.epoch_deadline_trap();
-            store.set_epoch_deadline(deadline_ticks(limits.call_deadline));
+            // Wall-clock ticks only say when to look: the budget is the call's CPU time.
+            store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline_reached()));
+            let first_look = store.data_mut().start_call();
+            store.set_epoch_deadline(first_look);
         }
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             let denied = store.data().memory_denied;
@@ -272,7 +317,8 @@ impl PolicyInstance {
             return Err(PolicyError::Poisoned { name: self.name.clone() });
         }
         if self.limits.interruptible {
-            self.store.set_epoch_deadline(deadline_ticks(self.limits.call_deadline));
+            let first_look = self.store.data_mut().start_call();
+            self.store.set_epoch_deadline(first_look);
         }
         call(&self.bindings, &mut self.store).map_err(|e| {
             self.poisoned = true;
@@ -320,5 +366,65 @@ impl PolicyInstance {
     /// Releases a router inside the instance.
     pub fn drop_router(&mut self, router: RouterHandle) -> Result<(), PolicyError> {
         self.guarded(|_, store| router.resource.resource_drop(store))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(n: usize) -> Vec<core::Server> {
+        (0..n).map(|i| core::Server::new(format!("mx{i}.example.com"), 10 * (i as u16 % 4))).collect()
+    }
+
+    fn message(seed: u64) -> Message {
+        Message { seed, attempt: 1, now_ms: 0, down: vec![], envelope: None }
+    }
+
+    /// Epochs that pass while a call uses little CPU (a busy machine, simulated by a thread
+    /// that advances the epoch far faster than the ticker) never interrupt it: the deadline
+    /// is each call's CPU time. With a wall-clock deadline every call here would fail.
+    #[test]
+    fn wall_time_without_cpu_time_never_interrupts_a_call() {
+        let engine = PolicyEngine::new(Limits::default()).expect("engine");
+        let mut instance = engine.builtin().expect("builtin").instantiate().expect("instance");
+        let router = instance.router("example.com", &servers(256), "{}").expect("router");
+        let stop = Arc::new(AtomicBool::new(false));
+        let hammer = {
+            let (engine, stop) = (engine.inner.engine.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // A minute of ticks every millisecond.
+                    for _ in 0..12_000 {
+                        engine.increment_epoch();
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let mut seed = 0;
+        while instance.store.data().deadlines_reached < 100 {
+            seed += 1;
+            instance.plan(&router, &message(seed)).unwrap_or_else(|e| panic!("call {seed}: {e}"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        hammer.join().expect("hammer");
+    }
+
+    /// At a deadline, a call goes on while it has CPU budget left and is interrupted once it
+    /// has used it up. (The hostile modules in `tests/` show a real endless loop interrupted.)
+    #[test]
+    fn a_deadline_interrupts_only_once_the_cpu_budget_is_spent() {
+        let engine = PolicyEngine::new(Limits::default()).expect("engine");
+        let mut instance = engine.builtin().expect("builtin").instantiate().expect("instance");
+        let state = instance.store.data_mut();
+        state.start_call();
+        assert!(matches!(state.deadline_reached(), UpdateDeadline::Continue(ticks) if ticks > 1), "the first look");
+        assert!(matches!(state.deadline_reached(), UpdateDeadline::Continue(ticks) if ticks > 1), "budget left");
+        let spin_until = thread_cpu_time() + state.call_budget;
+        while thread_cpu_time() < spin_until {
+            std::hint::black_box(());
+        }
+        assert!(matches!(state.deadline_reached(), UpdateDeadline::Interrupt));
     }
 }

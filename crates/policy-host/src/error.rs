@@ -14,12 +14,12 @@ pub enum PolicyError {
         /// What wasmtime said.
         reason: String,
     },
-    /// The call ran past its deadline and was interrupted.
-    #[error("policy {name}: call exceeded its {deadline_ms} ms deadline")]
+    /// The call used up its CPU-time budget and was interrupted.
+    #[error("policy {name}: call used more than its {deadline_ms} ms of CPU time")]
     Timeout {
         /// The policy's name.
         name: String,
-        /// The deadline that was exceeded.
+        /// The budget that was used up.
         deadline_ms: u64,
     },
     /// The call tried to grow memory beyond the cap.
