@@ -198,27 +198,45 @@ impl Relay {
     }
 
     /// Starts the relay with extra `[relay]` lines too.
+    ///
+    /// The listen port was free a moment before the relay binds it; if something took it in
+    /// between, the relay is started again on another port.
     pub fn start_with(relay: &str, domains: &str, delivery: &str) -> Relay {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-        // Short timeouts for tests, unless the test sets its own.
-        let defaults: String =
-            [("connect_timeout", "2s"), ("command_timeout", "5s"), ("data_timeout", "5s"), ("probe_interval", "100ms")]
-                .iter()
-                .filter(|(key, _)| !delivery.contains(key))
-                .map(|(key, value)| format!("{key} = \"{value}\"\n"))
-                .collect();
-        let config = format!(
-            "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
-        );
-        std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
-        let mut relay = Relay { addr, dir, log: Arc::default(), child: None };
-        relay.restart();
-        relay
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+            // Short timeouts for tests, unless the test sets its own.
+            let defaults: String =
+                [("connect_timeout", "2s"), ("command_timeout", "5s"), ("data_timeout", "5s"), ("probe_interval", "100ms")]
+                    .iter()
+                    .filter(|(key, _)| !delivery.contains(key))
+                    .map(|(key, value)| format!("{key} = \"{value}\"\n"))
+                    .collect();
+            let config = format!(
+                "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
+            );
+            std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
+            let mut relay = Relay { addr, dir, log: Arc::default(), child: None };
+            match relay.launch() {
+                Ok(()) => return relay,
+                Err(log) if log.contains(&format!("cannot listen on {}", relay.addr)) && attempt < ATTEMPTS => continue,
+                Err(log) => panic!("mxrelay did not become ready (attempt {attempt} of {ATTEMPTS}); log:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// (Re)starts the process on the same config and queue; returns once it is ready.
     pub fn restart(&mut self) {
+        if let Err(log) = self.launch() {
+            panic!("mxrelay did not become ready; log:\n{log}");
+        }
+    }
+
+    /// Starts the process and waits for it to be ready; if it exits or takes longer than
+    /// [`PATIENCE`], returns its log.
+    fn launch(&mut self) -> Result<(), String> {
         let mut child = Command::new(relay_binary())
             .arg("run")
             .arg(self.dir.path().join("relay.toml"))
@@ -241,9 +259,8 @@ impl Relay {
             }
         });
         self.child = Some(child);
-        if ready_rx.recv_timeout(PATIENCE).is_err() {
-            panic!("mxrelay did not become ready; log:\n{}", self.log_text());
-        }
+        // Err at once when the process exits (its stderr, and so the sender, is gone).
+        ready_rx.recv_timeout(PATIENCE).map_err(|_| self.log_text())
     }
 
     /// Kills the relay with SIGKILL: no chance to flush anything.

@@ -86,14 +86,13 @@ impl Postfix {
              maillog_file = {root}/maillog\n\
              smtp_tls_security_level = none\n\
              smtpd_tls_security_level = none\n\
-             smtpd_tls_received_header = yes\n\
-             {main_cf}\n",
+             smtpd_tls_received_header = yes\n",
             root = root.display(),
             domains = domains.join(", "),
             host = next_hop.rsplit_once(':').map_or(next_hop, |(h, _)| h),
             port = next_hop.rsplit_once(':').map_or("25", |(_, p)| p),
         );
-        std::fs::write(root.join("conf/main.cf"), main).expect("main.cf");
+        std::fs::write(root.join("conf/main.cf"), with_overrides(&main, main_cf)).expect("main.cf");
         let mut master = String::new();
         for l in listeners {
             master.push_str(&format!("127.0.0.1:{} inet n - n - - smtpd\n", l.port));
@@ -131,8 +130,29 @@ impl Postfix {
     }
 }
 
+/// `base` with each `name = value` line of `overrides` in place of the base line of that name,
+/// so every parameter appears once. A repeated parameter makes every Postfix process log a
+/// warning at start, postlogd included, which sends its own warning to its own socket: when
+/// the other daemons' warnings have filled that socket, postlogd blocks on itself and every
+/// process that logs (smtpd first) hangs.
+fn with_overrides(base: &str, overrides: &str) -> String {
+    let name = |line: &str| line.split_once('=').map(|(n, _)| n.trim().to_string());
+    let overridden: Vec<String> = overrides.lines().filter_map(name).collect();
+    let kept = base.lines().filter(|line| name(line).is_none_or(|n| !overridden.contains(&n)));
+    kept.chain(overrides.lines()).map(|line| format!("{line}\n")).collect()
+}
+
 impl Drop for Postfix {
     fn drop(&mut self) {
         let _ = Command::new(postfix_command()).arg("-c").arg(self.conf()).arg("stop").output();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn overrides_replace_base_lines_and_every_parameter_appears_once() {
+        let merged = super::with_overrides("a = 1\nb = 2\nc = 3\n", "b = two\nd = 4");
+        assert_eq!(merged, "a = 1\nc = 3\nb = two\nd = 4\n");
     }
 }

@@ -61,6 +61,8 @@ fn dnsmasq_once(ip: &str, records: &[(&str, &str)]) -> Result<Dnsmasq, String> {
     cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--bind-interfaces"])
         .args(["--no-resolv", "--no-hosts", "--no-poll", "--local=/test/", "--user=root", "--log-queries"])
         .arg(format!("--log-facility={}", log.display()))
+        // Not the shared /var/run/dnsmasq.pid: a second dnsmasq would refuse to start.
+        .arg(format!("--pid-file={}", dir.path().join("dnsmasq.pid").display()))
         .arg(format!("--listen-address={ip}"))
         .arg(format!("--port={port}"));
     for (name, ip) in records {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request, wait_until};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -212,29 +212,9 @@ async fn a_stalled_server_is_passed_over() {
 async fn a_full_disk_gets_452_and_loses_nothing() {
     // The customer's server is down while the queue fills, so nothing leaves it.
     let sink_port = free_port("127.0.1.76");
-    let port = free_port("127.0.0.1");
     let dir = tempfile::tempdir().expect("dir");
-    let config = format!(
-        "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:{port}\"]\nqueue = \"queue\"\n\n[delivery]\nretry = [\"1h\"]\nprobe_interval = \"100ms\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.76\"\nport = {sink_port}\n"
-    );
     let config_path = dir.path().join("relay.toml");
-    std::fs::write(&config_path, config).expect("config");
-    // RLIMIT_FSIZE makes writes past 20 MiB in any one file fail with EFBIG, as a full disk
-    // would (SIGXFSZ ignored, so the write fails instead of killing the process). The journal
-    // segments (16 MiB) fit; the redb index does not, so checkpoints start failing and, two
-    // full segments later, new mail is refused. `ulimit -f` counts KiB in bash and 512-byte
-    // blocks in dash; bash is asked for by name.
-    let script =
-        format!("trap '' XFSZ; ulimit -f 20480; exec {} run {}", mxrelay_e2e::relay_binary().display(), config_path.display());
-    let child = KillOnDrop(
-        std::process::Command::new("bash")
-            .args(["-c", &script])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn relay"),
-    );
-    let addr = format!("127.0.0.1:{port}");
-    eventually("relay listening", || std::net::TcpStream::connect(&addr).is_ok()).await;
+    let (addr, child) = start_with_file_size_limit(&config_path, sink_port);
     let mut acked = Vec::new();
     let mut refused = 0;
     for seq in 0..400u64 {
@@ -272,6 +252,49 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
 }
 
 /// A child process killed when the test ends, also when it panics.
+/// Starts the relay on a free port under `ulimit -f 20480` (20 MiB per file); returns its
+/// address once it listens. If the port was taken before the relay bound it, it is started
+/// again on another one.
+fn start_with_file_size_limit(config_path: &std::path::Path, sink_port: u16) -> (String, KillOnDrop) {
+    const ATTEMPTS: usize = 5;
+    let stderr_path = config_path.with_extension("stderr");
+    for attempt in 1..=ATTEMPTS {
+        let port = free_port("127.0.0.1");
+        let config = format!(
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:{port}\"]\nqueue = \"queue\"\n\n[delivery]\nretry = [\"1h\"]\nprobe_interval = \"100ms\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.76\"\nport = {sink_port}\n"
+        );
+        std::fs::write(config_path, config).expect("config");
+        // RLIMIT_FSIZE makes writes past 20 MiB in any one file fail with EFBIG, as a full
+        // disk would (SIGXFSZ ignored, so the write fails instead of killing the process).
+        // The journal segments (16 MiB) fit; the redb index does not, so checkpoints start
+        // failing and, two full segments later, new mail is refused. `ulimit -f` counts KiB
+        // in bash and 512-byte blocks in dash; bash is asked for by name.
+        let script = format!(
+            "trap '' XFSZ; ulimit -f 20480; exec {} run {}",
+            mxrelay_e2e::relay_binary().display(),
+            config_path.display()
+        );
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child =
+            KillOnDrop(std::process::Command::new("bash").args(["-c", &script]).stderr(stderr).spawn().expect("spawn relay"));
+        let addr = format!("127.0.0.1:{port}");
+        let mut exited = None;
+        let settled = wait_until(PATIENCE, || {
+            exited = child.0.try_wait().expect("relay status");
+            exited.is_some() || std::net::TcpStream::connect(&addr).is_ok()
+        });
+        assert!(settled, "the relay neither listens on {addr} nor exits");
+        let Some(status) = exited else {
+            return (addr, child);
+        };
+        let printed = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if !(printed.contains(&format!("cannot listen on {addr}")) && attempt < ATTEMPTS) {
+            panic!("the relay exited ({status}, attempt {attempt} of {ATTEMPTS}): {printed}");
+        }
+    }
+    unreachable!("the last attempt returns or panics")
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
