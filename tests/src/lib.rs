@@ -58,6 +58,28 @@ pub fn free_port(ip: &str) -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Spawns `cmd` with its stderr in `stderr_path` and waits (at most [`PATIENCE`]) until
+/// `ready` holds. If the process exits first, returns its exit status and what it printed
+/// (for example "Address already in use", when a port chosen by [`free_port`] was taken
+/// before the process bound it).
+pub fn spawn_until_ready(cmd: &mut Command, stderr_path: &Path, mut ready: impl FnMut() -> bool) -> Result<Child, String> {
+    let stderr = std::fs::File::create(stderr_path).unwrap_or_else(|e| panic!("{}: {e}", stderr_path.display()));
+    let mut child = cmd.stderr(stderr).spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut exited = None;
+    let settled = wait_until(PATIENCE, || {
+        exited = child.try_wait().expect("child status");
+        exited.is_some() || ready()
+    });
+    if !settled {
+        let _ = child.kill();
+        panic!("{cmd:?} neither became ready nor exited within {PATIENCE:?}");
+    }
+    match exited {
+        None => Ok(child),
+        Some(status) => Err(format!("{status}: {}", std::fs::read_to_string(stderr_path).unwrap_or_default().trim())),
+    }
+}
+
 fn listening(addr: &str) -> bool {
     TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200)).is_ok()
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_with, eventually, free_port, send_one, wait_until};
+use mxrelay_e2e::{Relay, Sink, domain_with, eventually, free_port, send_one, spawn_until_ready};
 
 struct Dnsmasq {
     child: Child,
@@ -49,14 +49,12 @@ fn dnsmasq(ip: &str, records: &[(&str, &str)]) -> Dnsmasq {
     unreachable!("the last attempt returns or panics")
 }
 
-/// One start of dnsmasq on a free port of `ip`: the server once it answers, or what it
-/// printed if it exited first.
+/// One start of dnsmasq on a free port of `ip`: the server once it answers, or its exit
+/// status and what it printed if it exited first.
 fn dnsmasq_once(ip: &str, records: &[(&str, &str)]) -> Result<Dnsmasq, String> {
     let port = free_port(ip);
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("dnsmasq.log");
-    let stderr_path = dir.path().join("stderr");
-    let stderr = std::fs::File::create(&stderr_path).expect("dnsmasq stderr file");
     let mut cmd = Command::new("dnsmasq");
     cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--bind-interfaces"])
         .args(["--no-resolv", "--no-hosts", "--no-poll", "--local=/test/", "--user=root", "--log-queries"])
@@ -64,34 +62,25 @@ fn dnsmasq_once(ip: &str, records: &[(&str, &str)]) -> Result<Dnsmasq, String> {
         // Not the shared /var/run/dnsmasq.pid: a second dnsmasq would refuse to start.
         .arg(format!("--pid-file={}", dir.path().join("dnsmasq.pid").display()))
         .arg(format!("--listen-address={ip}"))
-        .arg(format!("--port={port}"));
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null());
     for (name, ip) in records {
         cmd.arg(format!("--host-record={name},{ip}"));
     }
-    let child =
-        cmd.stdout(Stdio::null()).stderr(stderr).spawn().unwrap_or_else(|e| {
-            panic!("cannot start dnsmasq ({e}); install Debian's dnsmasq-base (the README's test command does)")
-        });
-    let mut server = Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir };
+    assert!(which("dnsmasq"), "dnsmasq is missing: install Debian's dnsmasq-base (the README's test command does)");
     let answers = || {
         Command::new("dig")
             .args(["+short", "+time=1", "+tries=1", "-p", &port.to_string(), &format!("@{ip}"), records[0].0])
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == records[0].1)
     };
-    let mut exited = None;
-    let settled = wait_until(PATIENCE, || {
-        exited = server.child.try_wait().expect("dnsmasq status");
-        exited.is_some() || answers()
-    });
-    assert!(settled, "dnsmasq on {ip}:{port} neither answers nor exits");
-    match exited {
-        None => Ok(server),
-        Some(status) => {
-            let printed = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-            Err(format!("{status}: {}", printed.trim()))
-        }
-    }
+    let child = spawn_until_ready(&mut cmd, &dir.path().join("stderr"), answers)?;
+    Ok(Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir })
+}
+
+/// Whether `program` is on the PATH.
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request, wait_until};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request, spawn_until_ready};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -251,13 +251,11 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
 }
 
-/// A child process killed when the test ends, also when it panics.
 /// Starts the relay on a free port under `ulimit -f 20480` (20 MiB per file); returns its
 /// address once it listens. If the port was taken before the relay bound it, it is started
 /// again on another one.
 fn start_with_file_size_limit(config_path: &std::path::Path, sink_port: u16) -> (String, KillOnDrop) {
     const ATTEMPTS: usize = 5;
-    let stderr_path = config_path.with_extension("stderr");
     for attempt in 1..=ATTEMPTS {
         let port = free_port("127.0.0.1");
         let config = format!(
@@ -274,27 +272,20 @@ fn start_with_file_size_limit(config_path: &std::path::Path, sink_port: u16) -> 
             mxrelay_e2e::relay_binary().display(),
             config_path.display()
         );
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut child =
-            KillOnDrop(std::process::Command::new("bash").args(["-c", &script]).stderr(stderr).spawn().expect("spawn relay"));
         let addr = format!("127.0.0.1:{port}");
-        let mut exited = None;
-        let settled = wait_until(PATIENCE, || {
-            exited = child.0.try_wait().expect("relay status");
-            exited.is_some() || std::net::TcpStream::connect(&addr).is_ok()
-        });
-        assert!(settled, "the relay neither listens on {addr} nor exits");
-        let Some(status) = exited else {
-            return (addr, child);
-        };
-        let printed = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        if !(printed.contains(&format!("cannot listen on {addr}")) && attempt < ATTEMPTS) {
-            panic!("the relay exited ({status}, attempt {attempt} of {ATTEMPTS}): {printed}");
+        let mut cmd = std::process::Command::new("bash");
+        cmd.args(["-c", &script]);
+        let listening = || std::net::TcpStream::connect(&addr).is_ok();
+        match spawn_until_ready(&mut cmd, &config_path.with_extension("stderr"), listening) {
+            Ok(child) => return (addr, KillOnDrop(child)),
+            Err(printed) if printed.contains(&format!("cannot listen on {addr}")) && attempt < ATTEMPTS => continue,
+            Err(printed) => panic!("the relay exited (attempt {attempt} of {ATTEMPTS}): {printed}"),
         }
     }
     unreachable!("the last attempt returns or panics")
 }
 
+/// A child process killed when the test ends, also when it panics.
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
