@@ -58,13 +58,32 @@ pub fn free_port(ip: &str) -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Runs `start` with a port of `ip` that was free a moment ago. A port can be taken before
+/// the process bound it (by any socket of that port on the wildcard address, a resolver's
+/// UDP query socket for one); when `start` fails with "Address already in use", it runs
+/// again with another port, at most five times. Any other failure panics with its text.
+pub fn on_a_free_port<T>(ip: &str, mut start: impl FnMut(u16) -> Result<T, String>) -> T {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        match start(free_port(ip)) {
+            Ok(started) => return started,
+            Err(why) if why.contains("Address already in use") && attempt < ATTEMPTS => continue,
+            Err(why) => panic!("no start on a free port of {ip} (attempt {attempt} of {ATTEMPTS}): {why}"),
+        }
+    }
+    unreachable!("the last attempt returns or panics")
+}
+
 /// Spawns `cmd` with its stderr in `stderr_path` and waits (at most [`PATIENCE`]) until
 /// `ready` holds. If the process exits first, returns its exit status and what it printed
-/// (for example "Address already in use", when a port chosen by [`free_port`] was taken
-/// before the process bound it).
+/// (for [`on_a_free_port`] to tell a taken port from other failures).
 pub fn spawn_until_ready(cmd: &mut Command, stderr_path: &Path, mut ready: impl FnMut() -> bool) -> Result<Child, String> {
     let stderr = std::fs::File::create(stderr_path).unwrap_or_else(|e| panic!("{}: {e}", stderr_path.display()));
-    let mut child = cmd.stderr(stderr).spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut child = cmd.stderr(stderr).spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot start {cmd:?} ({e}); `scripts/setup.sh --test` installs the test peers (the README's test command runs it)"
+        )
+    });
     let mut exited = None;
     let settled = wait_until(PATIENCE, || {
         exited = child.try_wait().expect("child status");
@@ -219,34 +238,26 @@ impl Relay {
         Relay::start_with("", domains, delivery)
     }
 
-    /// Starts the relay with extra `[relay]` lines too.
-    ///
-    /// The listen port was free a moment before the relay binds it; if something took it in
-    /// between, the relay is started again on another port.
+    /// Starts the relay with extra `[relay]` lines too, listening on a free port
+    /// ([`on_a_free_port`]).
     pub fn start_with(relay: &str, domains: &str, delivery: &str) -> Relay {
-        const ATTEMPTS: usize = 5;
-        for attempt in 1..=ATTEMPTS {
+        // Short timeouts for tests, unless the test sets its own.
+        let defaults: String =
+            [("connect_timeout", "2s"), ("command_timeout", "5s"), ("data_timeout", "5s"), ("probe_interval", "100ms")]
+                .iter()
+                .filter(|(key, _)| !delivery.contains(key))
+                .map(|(key, value)| format!("{key} = \"{value}\"\n"))
+                .collect();
+        on_a_free_port("127.0.0.1", |port| {
             let dir = tempfile::tempdir().expect("tempdir");
-            let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-            // Short timeouts for tests, unless the test sets its own.
-            let defaults: String =
-                [("connect_timeout", "2s"), ("command_timeout", "5s"), ("data_timeout", "5s"), ("probe_interval", "100ms")]
-                    .iter()
-                    .filter(|(key, _)| !delivery.contains(key))
-                    .map(|(key, value)| format!("{key} = \"{value}\"\n"))
-                    .collect();
+            let addr = format!("127.0.0.1:{port}");
             let config = format!(
                 "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
             let mut relay = Relay { addr, dir, log: Arc::default(), child: None };
-            match relay.launch() {
-                Ok(()) => return relay,
-                Err(log) if log.contains(&format!("cannot listen on {}", relay.addr)) && attempt < ATTEMPTS => continue,
-                Err(log) => panic!("mxrelay did not become ready (attempt {attempt} of {ATTEMPTS}); log:\n{log}"),
-            }
-        }
-        unreachable!("the last attempt returns or panics")
+            relay.launch().map(|()| relay).map_err(|log| format!("mxrelay did not become ready; log:\n{log}"))
+        })
     }
 
     /// (Re)starts the process on the same config and queue; returns once it is ready.

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use mxrelay_e2e::{Relay, Sink, domain_with, eventually, free_port, send_one, spawn_until_ready};
+use mxrelay_e2e::{Relay, Sink, domain_with, eventually, on_a_free_port, send_one, spawn_until_ready};
 
 struct Dnsmasq {
     child: Child,
@@ -31,56 +31,33 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// dnsmasq on `ip` (one per test, so tests that run at once cannot pick the same port).
-///
-/// A port that was free a moment ago can be taken before dnsmasq binds it: any UDP socket on
-/// the wildcard address with that port (a resolver's query socket, `dig`'s own) makes
-/// dnsmasq exit with "Address already in use". It is then started again on another port;
-/// any other exit fails the test with what dnsmasq printed.
+/// dnsmasq on a free port of `ip` (one per test, so tests that run at once cannot pick the
+/// same port), once it answers.
 fn dnsmasq(ip: &str, records: &[(&str, &str)]) -> Dnsmasq {
-    const ATTEMPTS: usize = 5;
-    for attempt in 1..=ATTEMPTS {
-        match dnsmasq_once(ip, records) {
-            Ok(server) => return server,
-            Err(stderr) if stderr.contains("Address already in use") && attempt < ATTEMPTS => continue,
-            Err(stderr) => panic!("dnsmasq on {ip} exited (attempt {attempt} of {ATTEMPTS}): {stderr}"),
+    on_a_free_port(ip, |port| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("dnsmasq.log");
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--bind-interfaces"])
+            .args(["--no-resolv", "--no-hosts", "--no-poll", "--local=/test/", "--user=root", "--log-queries"])
+            .arg(format!("--log-facility={}", log.display()))
+            // Not the shared /var/run/dnsmasq.pid: a second dnsmasq would refuse to start.
+            .arg(format!("--pid-file={}", dir.path().join("dnsmasq.pid").display()))
+            .arg(format!("--listen-address={ip}"))
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null());
+        for (name, ip) in records {
+            cmd.arg(format!("--host-record={name},{ip}"));
         }
-    }
-    unreachable!("the last attempt returns or panics")
-}
-
-/// One start of dnsmasq on a free port of `ip`: the server once it answers, or its exit
-/// status and what it printed if it exited first.
-fn dnsmasq_once(ip: &str, records: &[(&str, &str)]) -> Result<Dnsmasq, String> {
-    let port = free_port(ip);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("dnsmasq.log");
-    let mut cmd = Command::new("dnsmasq");
-    cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--bind-interfaces"])
-        .args(["--no-resolv", "--no-hosts", "--no-poll", "--local=/test/", "--user=root", "--log-queries"])
-        .arg(format!("--log-facility={}", log.display()))
-        // Not the shared /var/run/dnsmasq.pid: a second dnsmasq would refuse to start.
-        .arg(format!("--pid-file={}", dir.path().join("dnsmasq.pid").display()))
-        .arg(format!("--listen-address={ip}"))
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null());
-    for (name, ip) in records {
-        cmd.arg(format!("--host-record={name},{ip}"));
-    }
-    assert!(which("dnsmasq"), "dnsmasq is missing: install Debian's dnsmasq-base (the README's test command does)");
-    let answers = || {
-        Command::new("dig")
-            .args(["+short", "+time=1", "+tries=1", "-p", &port.to_string(), &format!("@{ip}"), records[0].0])
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == records[0].1)
-    };
-    let child = spawn_until_ready(&mut cmd, &dir.path().join("stderr"), answers)?;
-    Ok(Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir })
-}
-
-/// Whether `program` is on the PATH.
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        let answers = || {
+            Command::new("dig")
+                .args(["+short", "+time=1", "+tries=1", "-p", &port.to_string(), &format!("@{ip}"), records[0].0])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == records[0].1)
+        };
+        let child = spawn_until_ready(&mut cmd, &dir.path().join("stderr"), answers)?;
+        Ok(Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir })
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request, spawn_until_ready};
+use mxrelay_e2e::{
+    PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request, on_a_free_port, spawn_until_ready,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -251,13 +253,10 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
 }
 
-/// Starts the relay on a free port under `ulimit -f 20480` (20 MiB per file); returns its
-/// address once it listens. If the port was taken before the relay bound it, it is started
-/// again on another one.
+/// Starts the relay on a free port ([`on_a_free_port`]) under `ulimit -f 20480` (20 MiB per
+/// file); returns its address once it is ready.
 fn start_with_file_size_limit(config_path: &std::path::Path, sink_port: u16) -> (String, KillOnDrop) {
-    const ATTEMPTS: usize = 5;
-    for attempt in 1..=ATTEMPTS {
-        let port = free_port("127.0.0.1");
+    on_a_free_port("127.0.0.1", |port| {
         let config = format!(
             "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:{port}\"]\nqueue = \"queue\"\n\n[delivery]\nretry = [\"1h\"]\nprobe_interval = \"100ms\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.76\"\nport = {sink_port}\n"
         );
@@ -272,17 +271,14 @@ fn start_with_file_size_limit(config_path: &std::path::Path, sink_port: u16) -> 
             mxrelay_e2e::relay_binary().display(),
             config_path.display()
         );
-        let addr = format!("127.0.0.1:{port}");
         let mut cmd = std::process::Command::new("bash");
-        cmd.args(["-c", &script]);
-        let listening = || std::net::TcpStream::connect(&addr).is_ok();
-        match spawn_until_ready(&mut cmd, &config_path.with_extension("stderr"), listening) {
-            Ok(child) => return (addr, KillOnDrop(child)),
-            Err(printed) if printed.contains(&format!("cannot listen on {addr}")) && attempt < ATTEMPTS => continue,
-            Err(printed) => panic!("the relay exited (attempt {attempt} of {ATTEMPTS}): {printed}"),
-        }
-    }
-    unreachable!("the last attempt returns or panics")
+        cmd.args(["-c", &script]).env("MXRELAY_LOG", "info");
+        // Ready when it says so: a connect could reach whoever else took the port.
+        let log = config_path.with_extension("stderr");
+        let ready = || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("mxrelay ready"));
+        let child = spawn_until_ready(&mut cmd, &log, ready)?;
+        Ok((format!("127.0.0.1:{port}"), KillOnDrop(child)))
+    })
 }
 
 /// A child process killed when the test ends, also when it panics.
