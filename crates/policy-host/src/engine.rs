@@ -141,23 +141,27 @@ struct StoreState {
     cpu_mark: Option<Duration>,
     /// The CPU time a call may use ([`Limits::call_deadline`]).
     call_budget: Duration,
-    /// How often a call reached an epoch deadline (counted for tests).
+    /// How often a call reached an epoch deadline (tests check that they exercised it).
+    #[cfg(test)]
     deadlines_reached: u64,
 }
 
-impl StoreState {
-    /// Starts a call: its CPU time is read at the next tick, if the call lasts that long.
-    /// Returns the epoch deadline to set, in ticks.
-    fn start_call(&mut self) -> u64 {
-        self.cpu_mark = None;
-        1
-    }
+/// Arms the deadline of the call about to run in `store`: its CPU clock is read at the next
+/// tick, if it lasts that long.
+fn start_call(store: &mut Store<StoreState>) {
+    store.data_mut().cpu_mark = None;
+    store.set_epoch_deadline(1);
+}
 
+impl StoreState {
     /// At an epoch deadline: at the first, reads the CPU clock; later, interrupts the call
     /// once it has used its budget since then. Otherwise returns the next deadline, where the
     /// rest of the budget could run out.
     fn deadline_reached(&mut self) -> UpdateDeadline {
-        self.deadlines_reached += 1;
+        #[cfg(test)]
+        {
+            self.deadlines_reached += 1;
+        }
         let now = thread_cpu_time();
         let mark = *self.cpu_mark.get_or_insert(now);
         match self.call_budget.checked_sub(now.saturating_sub(mark)) {
@@ -237,6 +241,7 @@ impl PolicyComponent {
             memory_denied: false,
             cpu_mark: None,
             call_budget: limits.call_deadline,
+            #[cfg(test)]
             deadlines_reached: 0,
         };
         let mut store = Store::new(&self.engine.inner.engine, state);
@@ -244,8 +249,7 @@ impl PolicyComponent {
         if limits.interruptible {
             // Wall-clock ticks only say when to look: the budget is the call's CPU time.
             store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline_reached()));
-            let first_look = store.data_mut().start_call();
-            store.set_epoch_deadline(first_look);
+            start_call(&mut store);
         }
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             let denied = store.data().memory_denied;
@@ -317,8 +321,7 @@ impl PolicyInstance {
             return Err(PolicyError::Poisoned { name: self.name.clone() });
         }
         if self.limits.interruptible {
-            let first_look = self.store.data_mut().start_call();
-            self.store.set_epoch_deadline(first_look);
+            start_call(&mut self.store);
         }
         call(&self.bindings, &mut self.store).map_err(|e| {
             self.poisoned = true;
@@ -417,8 +420,8 @@ mod tests {
     fn a_deadline_interrupts_only_once_the_cpu_budget_is_spent() {
         let engine = PolicyEngine::new(Limits::default()).expect("engine");
         let mut instance = engine.builtin().expect("builtin").instantiate().expect("instance");
+        start_call(&mut instance.store);
         let state = instance.store.data_mut();
-        state.start_call();
         assert!(matches!(state.deadline_reached(), UpdateDeadline::Continue(ticks) if ticks > 1), "the first look");
         assert!(matches!(state.deadline_reached(), UpdateDeadline::Continue(ticks) if ticks > 1), "budget left");
         let spin_until = thread_cpu_time() + state.call_budget;
