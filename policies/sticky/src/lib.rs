@@ -16,25 +16,31 @@ pub struct Sticky {
     router: Router,
     /// A hash of each server's address, so scores need not hash strings per message.
     server_hash: Vec<u64>,
+    /// Per tier: whether all its servers have the same weight.
+    equal_weights: Vec<bool>,
 }
 
 /// FNV-1a: small, stable across builds, and good enough before `mix64` finalises it.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl Sticky {
+    /// Server `i`'s draw for `key`: 53 uniform bits.
+    fn draw(&self, key: u64, i: u32) -> u64 {
+        mix64(key ^ self.server_hash[i as usize]) >> 11
+    }
+
     /// Weighted rendezvous score of server `i` for `key`: larger wins.
     fn score(&self, key: u64, i: u32) -> f64 {
-        let h = mix64(key ^ self.server_hash[i as usize]);
         // u in (0, 1]; -ln(u) is exponential, so w / -ln(u) picks server i with probability w_i / Σw.
-        let u = ((h >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u = (self.draw(key, i) as f64 + 1.0) / (1u64 << 53) as f64;
         f64::from(self.router.servers()[i as usize].weight) / -u.ln()
     }
 
     /// The mailbox a message sticks by: its first recipient, lower case.
     fn key(msg: &Message) -> u64 {
-        fnv(msg.recipients.first().map(|r| r.to_ascii_lowercase()).unwrap_or_default().as_bytes())
+        fnv(msg.recipients.first().map_or(&[][..], |r| r.as_bytes()).iter().map(u8::to_ascii_lowercase))
     }
 }
 
@@ -43,22 +49,53 @@ impl Policy for Sticky {
     const WANTS_ENVELOPE: bool = true;
 
     fn new(servers: Vec<Server>, _settings: Settings) -> Result<Self, Vec<Problem>> {
-        let server_hash = servers.iter().map(|s| fnv(s.address().as_bytes())).collect();
-        Ok(Sticky { router: Router::new(servers), server_hash })
+        let server_hash = servers.iter().map(|s| fnv(s.address().bytes())).collect();
+        let router = Router::new(servers);
+        let equal_weights = router
+            .tiers()
+            .iter()
+            .map(|t| {
+                t.members.windows(2).all(|w| router.servers()[w[0] as usize].weight == router.servers()[w[1] as usize].weight)
+            })
+            .collect();
+        Ok(Sticky { router, server_hash, equal_weights })
     }
 
     fn plan(&self, msg: &Message) -> Vec<u32> {
         let key = Self::key(msg);
         let mut up = Vec::with_capacity(self.server_hash.len());
         let mut down = Vec::new();
-        let mut scored: Vec<(f64, u32)> = Vec::with_capacity(self.server_hash.len());
-        for tier in self.router.tiers() {
-            // One score per server (a logarithm each), then sort: not one per comparison.
-            scored.clear();
-            scored.extend(tier.members.iter().map(|&i| (self.score(key, i), i)));
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-            for &(_, i) in &scored {
-                if msg.down.contains(&i) { down.push(i) } else { up.push(i) }
+        let mut drawn: Vec<(u64, u32)> = Vec::with_capacity(self.server_hash.len());
+        let mut scored: Vec<(f64, u32)> = Vec::new();
+        for (tier, &equal) in self.router.tiers().iter().zip(&self.equal_weights) {
+            let start = up.len();
+            if equal {
+                // Equal weights: the score grows with the draw, so the draws order the tier
+                // as the scores would, without a logarithm each.
+                drawn.clear();
+                drawn.extend(tier.members.iter().map(|&i| (self.draw(key, i), i)));
+                drawn.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                up.extend(drawn.iter().map(|&(_, i)| i));
+            } else {
+                // One score per server (a logarithm each), then sort: not one per comparison.
+                scored.clear();
+                scored.extend(tier.members.iter().map(|&i| (self.score(key, i), i)));
+                scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+                up.extend(scored.iter().map(|&(_, i)| i));
+            }
+            if !msg.down.is_empty() {
+                // Down servers go last, keeping their order.
+                let mut k = start;
+                for j in start..up.len() {
+                    let i = up[j];
+                    if msg.down.contains(&i) {
+                        down.push(i)
+                    } else {
+                        up[k] = i;
+                        k += 1
+                    }
+                }
+                up.truncate(k);
             }
         }
         up.extend(down);
@@ -108,6 +145,32 @@ mod tests {
                 assert_eq!(a, b, "a mailbox of a live server moved");
             }
         }
+    }
+
+    #[test]
+    fn draws_order_an_equal_weight_tier_as_the_scores_do() {
+        let p = sticky();
+        let tier = &p.router.tiers()[0].members;
+        for n in 0..2000 {
+            let key = fnv(format!("user{n}@example.com").bytes());
+            let mut by_draw = tier.clone();
+            by_draw.sort_by_key(|&i| std::cmp::Reverse(p.draw(key, i)));
+            let mut by_score = tier.clone();
+            by_score.sort_by(|&a, &b| p.score(key, b).total_cmp(&p.score(key, a)));
+            assert_eq!(by_draw, by_score, "user{n}");
+        }
+    }
+
+    #[test]
+    fn unequal_weights_share_mailboxes_by_weight() {
+        let heavy = Server { weight: 3, ..Server::new("big.example.com", 10) };
+        let p = Sticky::new(vec![Server::new("small.example.com", 10), heavy], Settings {}).expect("valid");
+        assert_eq!(p.equal_weights, [false]);
+        let to_heavy = (0..4000).filter(|n| first(&p, &format!("user{n}@example.com"), 0, &[]) == 1).count();
+        assert!((2850..=3150).contains(&to_heavy), "{to_heavy} of 4000 went to the server of weight 3");
+        // Sticky there too, whatever the seed.
+        let home = first(&p, "bob@example.com", 0, &[]);
+        assert!((0..100).all(|seed| first(&p, "BOB@example.com", seed, &[]) == home));
     }
 
     #[test]
