@@ -7,6 +7,10 @@
 //! * [`certs::TestCa`]: certificates made in the test.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
 //!   returns the sequence numbers that got a `250`.
+//! * [`spawn_until_ready`] and [`on_a_free_port`]: every helper process (sinks, relays,
+//!   dnsmasq) is started by one step that waits until it is ready or has exited, and is
+//!   started again on another port when its port was taken. A sink is ready when it holds
+//!   the listening socket itself ([`listens_on`]), not when something answers on its port.
 //!
 //! The relay binary is `target/<profile>/mxrelay`; build it first (`cargo build --release`,
 //! as the README's test command does). A missing binary or a missing `smtp-sink` fails the
@@ -75,9 +79,9 @@ pub fn on_a_free_port<T>(ip: &str, mut start: impl FnMut(u16) -> Result<T, Strin
 }
 
 /// Spawns `cmd` with its stderr in `stderr_path` and waits (at most [`PATIENCE`]) until
-/// `ready` holds. If the process exits first, returns its exit status and what it printed
-/// (for [`on_a_free_port`] to tell a taken port from other failures).
-pub fn spawn_until_ready(cmd: &mut Command, stderr_path: &Path, mut ready: impl FnMut() -> bool) -> Result<Child, String> {
+/// `ready` holds for its process ID. If the process exits first, returns its exit status and
+/// what it printed (for [`on_a_free_port`] to tell a taken port from other failures).
+pub fn spawn_until_ready(cmd: &mut Command, stderr_path: &Path, mut ready: impl FnMut(u32) -> bool) -> Result<Child, String> {
     let stderr = std::fs::File::create(stderr_path).unwrap_or_else(|e| panic!("{}: {e}", stderr_path.display()));
     let mut child = cmd.stderr(stderr).spawn().unwrap_or_else(|e| {
         panic!(
@@ -87,7 +91,7 @@ pub fn spawn_until_ready(cmd: &mut Command, stderr_path: &Path, mut ready: impl 
     let mut exited = None;
     let settled = wait_until(PATIENCE, || {
         exited = child.try_wait().expect("child status");
-        exited.is_some() || ready()
+        exited.is_some() || ready(child.id())
     });
     if !settled {
         let _ = child.kill();
@@ -99,8 +103,25 @@ pub fn spawn_until_ready(cmd: &mut Command, stderr_path: &Path, mut ready: impl 
     }
 }
 
-fn listening(addr: &str) -> bool {
-    TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200)).is_ok()
+/// Whether process `pid` has a TCP socket listening on `addr` (IPv4 `IP:PORT`). Read from
+/// `/proc`, so, unlike a connect, another process's listener on that address does not count.
+pub fn listens_on(pid: u32, addr: &str) -> bool {
+    let addr: std::net::SocketAddrV4 = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
+    // /proc/net/tcp shows the address as the in-memory u32 in hex; state 0A is LISTEN.
+    let local = format!("{:08X}:{:04X}", u32::from_ne_bytes(addr.ip().octets()), addr.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| format!("socket:[{}]", f[9]))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str())))
 }
 
 /// `smtp-sink` as one customer server.
@@ -109,24 +130,33 @@ pub struct Sink {
     /// `IP:PORT` it listens on.
     pub addr: String,
     args: Vec<String>,
+    /// What it received, one file per message.
     dir: tempfile::TempDir,
+    /// Its stderr, apart from the messages.
+    logs: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Sink {
     /// Starts a sink on `ip` (a free port) with extra smtp-sink options such as `-f mail`.
     pub fn start(ip: &str, args: &[&str]) -> Sink {
-        Sink::start_at(&format!("{ip}:{}", free_port(ip)), args)
+        on_a_free_port(ip, |port| Sink::try_start_at(&format!("{ip}:{port}"), args))
     }
 
     /// Starts a sink on `addr` (`IP:PORT`).
     pub fn start_at(addr: &str, args: &[&str]) -> Sink {
+        Sink::try_start_at(addr, args).unwrap_or_else(|why| panic!("smtp-sink on {addr} did not start: {why}"))
+    }
+
+    fn try_start_at(addr: &str, args: &[&str]) -> Result<Sink, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         // smtp-sink drops privileges to `nobody` when run as root; it must be able to write.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-        let mut sink = Sink { addr: addr.to_string(), args: args.iter().map(ToString::to_string).collect(), dir, child: None };
-        sink.restart();
-        sink
+        let logs = tempfile::tempdir().expect("tempdir");
+        let args = args.iter().map(ToString::to_string).collect();
+        let mut sink = Sink { addr: addr.to_string(), args, dir, logs, child: None };
+        sink.child = Some(sink.spawn()?);
+        Ok(sink)
     }
 
     /// Host and port for the relay config.
@@ -137,19 +167,16 @@ impl Sink {
 
     /// (Re)starts the sink on the same address, keeping what it received.
     pub fn restart(&mut self) {
-        let template = format!("{}/%H%M%S.", self.dir.path().display());
-        let child = Command::new("smtp-sink")
-            .args(["-u", "nobody", "-d", &template])
-            .args(&self.args)
-            .args([&self.addr, "256"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start smtp-sink ({e}); install Debian's postfix package (the README's test command does)")
-            });
+        let child = self.spawn().unwrap_or_else(|why| panic!("smtp-sink on {} did not start again: {why}", self.addr));
         self.child = Some(child);
-        assert!(wait_until(PATIENCE, || listening(&self.addr)), "smtp-sink on {} did not start listening", self.addr);
+    }
+
+    /// Runs smtp-sink and waits until it listens on its address itself.
+    fn spawn(&self) -> Result<Child, String> {
+        let template = format!("{}/%H%M%S.", self.dir.path().display());
+        let mut cmd = Command::new("smtp-sink");
+        cmd.args(["-u", "nobody", "-d", &template]).args(&self.args).args([&self.addr, "256"]).stdout(Stdio::null());
+        spawn_until_ready(&mut cmd, &self.logs.path().join("stderr"), |pid| listens_on(pid, &self.addr))
     }
 
     /// Kills the sink at once (SIGKILL), mid-transaction if it is in one.
@@ -507,4 +534,27 @@ pub fn assert_delivered(sinks: &[&Sink], expected: &[u64], may_repeat: usize) {
     let missing: Vec<_> = expected.iter().filter(|s| !got.contains_key(s)).collect();
     assert!(missing.is_empty(), "never delivered: {missing:?}");
     assert_eq!(got.len(), expected.len(), "unexpected messages arrived");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another process's listener on the sink's address is not taken for the sink: a
+    /// connect would reach it, `listens_on` does not.
+    #[test]
+    fn a_sink_on_a_taken_address_fails_with_the_reason() {
+        let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr").to_string();
+        let why = Sink::try_start_at(&addr, &[]).expect_err("started on a taken address");
+        assert!(why.contains("Address already in use"), "{why}");
+    }
+
+    #[test]
+    fn a_started_sink_is_the_one_listening() {
+        let sink = Sink::start("127.0.0.1", &[]);
+        let pid = sink.child.as_ref().expect("running").id();
+        assert!(listens_on(pid, &sink.addr), "smtp-sink {pid} does not listen on {}", sink.addr);
+        assert!(!listens_on(std::process::id(), &sink.addr), "the test process counted as the listener");
+    }
 }

@@ -55,7 +55,7 @@ fn dnsmasq(ip: &str, records: &[(&str, &str)]) -> Dnsmasq {
                 .output()
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == records[0].1)
         };
-        let child = spawn_until_ready(&mut cmd, &dir.path().join("stderr"), answers)?;
+        let child = spawn_until_ready(&mut cmd, &dir.path().join("stderr"), |_| answers())?;
         Ok(Dnsmasq { child, addr: format!("{ip}:{port}"), log, _dir: dir })
     })
 }

@@ -275,7 +275,7 @@ fn start_with_file_size_limit(config_path: &std::path::Path, sink_port: u16) -> 
         cmd.args(["-c", &script]).env("MXRELAY_LOG", "info");
         // Ready when it says so: a connect could reach whoever else took the port.
         let log = config_path.with_extension("stderr");
-        let ready = || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("mxrelay ready"));
+        let ready = |_pid| std::fs::read_to_string(&log).is_ok_and(|text| text.contains("mxrelay ready"));
         let child = spawn_until_ready(&mut cmd, &log, ready)?;
         Ok((format!("127.0.0.1:{port}"), KillOnDrop(child)))
     })
