@@ -683,6 +683,56 @@ mod tests {
         assert_eq!(server_side.await.expect("fake server"), 0, "and the connection is closed");
     }
 
+    /// A STARTTLS session's age, which bounds its reuse, counts from its connect as a clear
+    /// session's does, not from after the handshake.
+    #[tokio::test]
+    async fn a_tls_sessions_age_counts_from_its_connect() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("params").self_signed(&key).expect("cert");
+        let (cert_path, key_path) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n",
+            cert_path.display(),
+            key_path.display()
+        );
+        let config = crate::config::Config::parse(std::path::Path::new("relay.toml"), &text).expect("config");
+        let acceptor = crate::tls::acceptor(&config.relay).expect("acceptor").expect("TLS configured");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Offers STARTTLS and reports when the client asked for it.
+        let server_side = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut clear = BufReader::new(stream);
+            let mut line = String::new();
+            clear.get_mut().write_all(b"220 fake ESMTP\r\n").await.expect("greeting");
+            clear.read_line(&mut line).await.expect("EHLO");
+            clear.get_mut().write_all(b"250-fake\r\n250 STARTTLS\r\n").await.expect("EHLO reply");
+            line.clear();
+            clear.read_line(&mut line).await.expect("STARTTLS");
+            assert_eq!(line, "STARTTLS\r\n");
+            let asked = Instant::now();
+            clear.get_mut().write_all(b"220 go ahead\r\n").await.expect("STARTTLS reply");
+            let mut tls = BufReader::new(acceptor.accept(clear.into_inner()).await.expect("handshake"));
+            line.clear();
+            tls.read_line(&mut line).await.expect("EHLO over TLS");
+            tls.get_mut().write_all(b"250 fake\r\n").await.expect("EHLO reply over TLS");
+            (asked, tls)
+        });
+        let transport = Transport::new("relay.test", &config.delivery);
+        let settings = OutboundTls::for_domain(&domain(TlsMode::Opportunistic, None)).expect("tls settings");
+        let before = Instant::now();
+        let Ok(session) = transport.open(addr, TlsTarget { settings: &settings, host: "127.0.0.1" }).await else {
+            panic!("no session with the fake server");
+        };
+        let (asked, _connection) = server_side.await.expect("fake server");
+        assert!(session.tls.is_some(), "the session is encrypted");
+        assert!(before <= session.opened && session.opened < asked, "the age starts at the connect, before STARTTLS");
+    }
+
     #[test]
     fn connections_are_reused_for_a_bounded_count_and_time() {
         assert!(reusable(0, Duration::ZERO));
