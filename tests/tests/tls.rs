@@ -251,6 +251,17 @@ async fn opportunistic_encrypts_when_offered_and_none_never_does() {
     }
 }
 
+/// A relay with two domains on the same server at 127.0.0.1:`port`: `may.test` uses TLS
+/// when it can (the default), `must.test` requires it. Failed mail waits an hour.
+fn may_and_must_relay(port: u16) -> Relay {
+    let domains = [
+        domain_with("may.test", "tls = \"opportunistic\"", &[("127.0.0.1", port, 10)]),
+        domain_with("must.test", "tls = \"required\"", &[("127.0.0.1", port, 10)]),
+    ]
+    .concat();
+    Relay::start(&domains, "retry = [\"1h\"]")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opportunistic_falls_back_to_clear_when_the_handshake_fails() {
     let certs = tempfile::tempdir().expect("tempdir");
@@ -260,12 +271,7 @@ async fn opportunistic_falls_back_to_clear_when_the_handshake_fails() {
     let mut l = tls_listener("old.customer.test", &server);
     l.options.push(("smtpd_tls_protocols".into(), "<=TLSv1.1".into()));
     let postfix = Postfix::start(&["may.test", "must.test"], &mailbox.addr, std::slice::from_ref(&l), "");
-    let domains = [
-        domain_with("may.test", "", &[("127.0.0.1", l.port, 10)]),
-        domain_with("must.test", "tls = \"required\"", &[("127.0.0.1", l.port, 10)]),
-    ]
-    .concat();
-    let relay = Relay::start(&domains, "retry = [\"1h\"]");
+    let relay = may_and_must_relay(l.port);
     assert_eq!(send(&relay.addr, "user@may.test", 0..2, 1).await.len(), 2);
     assert_eq!(send(&relay.addr, "user@must.test", 10..12, 1).await.len(), 2);
     eventually("opportunistic mail delivered in clear", || mailbox.count() == 2).await;
@@ -346,12 +352,7 @@ impl Refuses454 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_454_to_starttls_means_clear_on_the_same_connection_only_when_opportunistic() {
     let server = Refuses454::start();
-    let domains = [
-        domain_with("may.test", "tls = \"opportunistic\"", &[("127.0.0.1", server.port, 10)]),
-        domain_with("must.test", "tls = \"required\"", &[("127.0.0.1", server.port, 10)]),
-    ]
-    .concat();
-    let relay = Relay::start(&domains, "retry = [\"1h\"]");
+    let relay = may_and_must_relay(server.port);
     assert_eq!(send(&relay.addr, "user@must.test", 10..11, 1).await.len(), 1);
     assert_eq!(send(&relay.addr, "user@may.test", 0..1, 1).await.len(), 1);
     eventually("opportunistic mail delivered", || server.transcript().iter().any(|l| l.contains("MESSAGE"))).await;
