@@ -85,17 +85,9 @@ impl Policy for Sticky {
             }
             if !msg.down.is_empty() {
                 // Down servers go last, keeping their order.
-                let mut k = start;
-                for j in start..up.len() {
-                    let i = up[j];
-                    if msg.down.contains(&i) {
-                        down.push(i)
-                    } else {
-                        up[k] = i;
-                        k += 1
-                    }
-                }
-                up.truncate(k);
+                let (dead, alive): (Vec<u32>, Vec<u32>) = up.split_off(start).into_iter().partition(|i| msg.down.contains(i));
+                up.extend(alive);
+                down.extend(dead);
             }
         }
         up.extend(down);
