@@ -317,7 +317,13 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     match domain {
                         Some(d) if inbound.accepts_domain(&d) => {
                             let local = address.rsplit_once('@').map_or("", |(l, _)| l);
-                            txn.recipients.push(format!("{local}@{d}"));
+                            let rcpt = format!("{local}@{d}");
+                            // A mailbox named twice gets the message once (Postfix's cleanup and
+                            // Exim drop duplicate recipients too). Local parts keep their case:
+                            // they may be case-sensitive.
+                            if !txn.recipients.contains(&rcpt) {
+                                txn.recipients.push(rcpt);
+                            }
                             reply(writer, "250 2.1.5 recipient ok").await?;
                         }
                         Some(d) => {
