@@ -37,10 +37,22 @@ fn a_mailbox_named_twice_gets_the_message_once() {
     let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
     // The domain's case does not make another mailbox; the local part's may.
     let to = "user@customer.test,user@Customer.Test,USER@customer.test,other@customer.test,user@customer.test";
-    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", to, "--body", "once"]);
+    let (ok, out) = swaks(&[
+        "--server",
+        &relay.addr,
+        "--from",
+        "a@src.test",
+        "--to",
+        to,
+        "--header",
+        "X-Seq: 1",
+        "--body",
+        "END-OF-MESSAGE 1",
+    ]);
     assert!(ok, "{out}");
     assert_eq!(out.matches("250 2.1.5").count(), 5, "every RCPT is accepted: {out}");
-    assert!(wait_until(PATIENCE, || sink.dumps().len() == 1), "the message was not delivered");
+    // Counted once its dump is complete: a dump file is there before all of it is written.
+    assert!(wait_until(PATIENCE, || sink.count() == 1), "the message was not delivered");
     let dump = &sink.dumps()[0];
     let rcpts: Vec<&str> = dump.lines().filter_map(|l| l.strip_prefix("X-Rcpt-Args: ")).collect();
     assert_eq!(rcpts, ["<user@customer.test>", "<USER@customer.test>", "<other@customer.test>"], "{dump}");
