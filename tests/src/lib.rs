@@ -442,6 +442,17 @@ pub fn swaks(args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
+/// [`swaks`] sending message `seq` from `a@src.test` to `to` (comma-separated for several
+/// recipients), tagged as [`send`] tags it, so a sink counts it once it has arrived whole.
+/// `extra` options, such as `--tls`, come first.
+pub fn swaks_tagged(server: &str, to: &str, seq: u64, extra: &[&str]) -> (bool, String) {
+    let (header, body) = (format!("X-Seq: {seq}"), format!("END-OF-MESSAGE {seq}"));
+    let mut args = vec!["--server", server];
+    args.extend_from_slice(extra);
+    args.extend(["--from", "a@src.test", "--to", to, "--header", &header, "--body", &body]);
+    swaks(&args)
+}
+
 /// A `[[domain]]` block for `name` with `(sink, preference)` servers.
 pub fn domain_block(name: &str, servers: &[(&Sink, u16)]) -> String {
     let servers: Vec<(&str, u16, u16)> = servers

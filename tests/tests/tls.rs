@@ -10,6 +10,7 @@ use mxrelay_e2e::certs::TestCa;
 use mxrelay_e2e::postfix::{Listener, Postfix};
 use mxrelay_e2e::{
     Relay, Sink, assert_exactly_once, domain_block, domain_with, eventually, free_port, http_get, metric, mxrelay, send, swaks,
+    swaks_tagged,
 };
 
 fn quoted(path: &std::path::Path) -> String {
@@ -71,35 +72,12 @@ fn tls_relay(sink_ip: &str) -> TlsRelay {
 async fn inbound_starttls_with_swaks_and_no_command_injection() {
     let TlsRelay { certs, server, sink, relay, .. } = tls_relay("127.0.1.110");
 
-    let (ok, out) = swaks(&[
-        "--server",
-        &relay.addr,
-        "--tls",
-        "--from",
-        "a@src.test",
-        "--to",
-        "user@customer.test",
-        "--header",
-        "X-Seq: 1",
-        "--body",
-        "END-OF-MESSAGE 1",
-    ]);
+    let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test", 1, &["--tls"]);
     assert!(ok, "{out}");
     assert!(out.contains("250-STARTTLS"), "STARTTLS is offered: {out}");
     assert!(out.contains("TLS started"), "{out}");
     // Without --tls the same relay still takes mail in clear (STARTTLS is offered, not forced).
-    let (ok, out) = swaks(&[
-        "--server",
-        &relay.addr,
-        "--from",
-        "a@src.test",
-        "--to",
-        "user@customer.test",
-        "--header",
-        "X-Seq: 2",
-        "--body",
-        "END-OF-MESSAGE 2",
-    ]);
+    let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test", 2, &[]);
     assert!(ok, "{out}");
     eventually("both delivered", || sink.count() == 2).await;
     let dumps = sink.dumps();
