@@ -255,6 +255,9 @@ pub struct Relay {
     pub addr: String,
     /// Its working directory (config and queue).
     pub dir: tempfile::TempDir,
+    /// Largest file the process may write, in KiB (`ulimit -f`), from its next (re)start on:
+    /// past it a write fails as on a full disk. `None` (the default) for no limit.
+    pub file_size_limit_kib: Option<u64>,
     log: Arc<Mutex<Vec<String>>>,
     child: Option<Child>,
 }
@@ -268,6 +271,15 @@ impl Relay {
     /// Starts the relay with extra `[relay]` lines too, listening on a free port
     /// ([`on_a_free_port`]).
     pub fn start_with(relay: &str, domains: &str, delivery: &str) -> Relay {
+        Relay::start_limited(relay, domains, delivery, None)
+    }
+
+    /// [`Relay::start`] with no file larger than `kib` KiB ([`Relay::file_size_limit_kib`]).
+    pub fn start_with_file_size_limit(kib: u64, domains: &str, delivery: &str) -> Relay {
+        Relay::start_limited("", domains, delivery, Some(kib))
+    }
+
+    fn start_limited(relay: &str, domains: &str, delivery: &str, file_size_limit_kib: Option<u64>) -> Relay {
         // Short timeouts for tests, unless the test sets its own.
         let defaults: String =
             [("connect_timeout", "2s"), ("command_timeout", "5s"), ("data_timeout", "5s"), ("probe_interval", "100ms")]
@@ -282,7 +294,7 @@ impl Relay {
                 "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
-            let mut relay = Relay { addr, dir, log: Arc::default(), child: None };
+            let mut relay = Relay { addr, dir, file_size_limit_kib, log: Arc::default(), child: None };
             relay.launch().map(|()| relay).map_err(|log| format!("mxrelay did not become ready; log:\n{log}"))
         })
     }
@@ -297,9 +309,21 @@ impl Relay {
     /// Starts the process and waits for it to be ready; if it exits or takes longer than
     /// [`PATIENCE`], returns its log.
     fn launch(&mut self) -> Result<(), String> {
-        let mut child = Command::new(relay_binary())
+        let config = self.dir.path().join("relay.toml");
+        let mut cmd = match self.file_size_limit_kib {
+            None => Command::new(relay_binary()),
+            // RLIMIT_FSIZE: a write past the limit in any one file fails with EFBIG, as on a
+            // full disk (SIGXFSZ ignored, so the write fails instead of killing the process).
+            // `ulimit -f` counts KiB in bash (512-byte blocks in dash): bash by name.
+            Some(kib) => {
+                let mut bash = Command::new("bash");
+                bash.arg("-c").arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\"")).arg(relay_binary());
+                bash
+            }
+        };
+        let mut child = cmd
             .arg("run")
-            .arg(self.dir.path().join("relay.toml"))
+            .arg(config)
             .env("MXRELAY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use mxrelay_e2e::{
-    PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request, on_a_free_port, spawn_until_ready,
-};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -214,13 +212,14 @@ async fn a_stalled_server_is_passed_over() {
 async fn a_full_disk_gets_452_and_loses_nothing() {
     // The customer's server is down while the queue fills, so nothing leaves it.
     let sink_port = free_port("127.0.1.76");
-    let dir = tempfile::tempdir().expect("dir");
-    let config_path = dir.path().join("relay.toml");
-    let (addr, child) = start_with_file_size_limit(&config_path, sink_port);
+    // 20 MiB per file: the journal segments (16 MiB) fit; the redb index does not, so
+    // checkpoints start failing and, two full segments later, new mail is refused.
+    let domain = domain_with("customer.test", "", &[("127.0.1.76", sink_port, 10)]);
+    let mut relay = Relay::start_with_file_size_limit(20 * 1024, &domain, "retry = [\"1h\"]");
     let mut acked = Vec::new();
     let mut refused = 0;
     for seq in 0..400u64 {
-        let mut c = Raw::start(&addr, "user@customer.test").await;
+        let mut c = Raw::start(&relay.addr, "user@customer.test").await;
         assert!(c.cmd("DATA").await.starts_with("354"));
         c.send(format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n.\r\n", "z".repeat(256 * 1024)).as_bytes()).await;
         let answer = c.reply().await;
@@ -233,17 +232,12 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     }
     assert!(refused > 0, "the 20 MiB limit was never hit: acked {}", acked.len());
     assert!(!acked.is_empty(), "nothing was accepted before the disk filled");
-    drop(child);
+    relay.kill9();
 
     // Room again, and the server is up: everything acknowledged is delivered, nothing else.
     let sink = Sink::start_at(&format!("127.0.1.76:{sink_port}"), &[]);
-    let _relay = KillOnDrop(
-        std::process::Command::new(mxrelay_e2e::relay_binary())
-            .args(["run", &config_path.display().to_string()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn relay"),
-    );
+    relay.file_size_limit_kib = None;
+    relay.restart();
     eventually("every acknowledged message delivered", || {
         let got = sink.received();
         acked.iter().all(|s| got.contains_key(s))
@@ -251,44 +245,6 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     .await;
     let got = sink.received();
     assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
-}
-
-/// Starts the relay on a free port ([`on_a_free_port`]) under `ulimit -f 20480` (20 MiB per
-/// file); returns its address once it is ready.
-fn start_with_file_size_limit(config_path: &std::path::Path, sink_port: u16) -> (String, KillOnDrop) {
-    on_a_free_port("127.0.0.1", |port| {
-        let config = format!(
-            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:{port}\"]\nqueue = \"queue\"\n\n[delivery]\nretry = [\"1h\"]\nprobe_interval = \"100ms\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.1.76\"\nport = {sink_port}\n"
-        );
-        std::fs::write(config_path, config).expect("config");
-        // RLIMIT_FSIZE makes writes past 20 MiB in any one file fail with EFBIG, as a full
-        // disk would (SIGXFSZ ignored, so the write fails instead of killing the process).
-        // The journal segments (16 MiB) fit; the redb index does not, so checkpoints start
-        // failing and, two full segments later, new mail is refused. `ulimit -f` counts KiB
-        // in bash and 512-byte blocks in dash; bash is asked for by name.
-        let script = format!(
-            "trap '' XFSZ; ulimit -f 20480; exec {} run {}",
-            mxrelay_e2e::relay_binary().display(),
-            config_path.display()
-        );
-        let mut cmd = std::process::Command::new("bash");
-        cmd.args(["-c", &script]).env("MXRELAY_LOG", "info");
-        // Ready when it says so: a connect could reach whoever else took the port.
-        let log = config_path.with_extension("stderr");
-        let ready = |_pid| std::fs::read_to_string(&log).is_ok_and(|text| text.contains("mxrelay ready"));
-        let child = spawn_until_ready(&mut cmd, &log, ready)?;
-        Ok((format!("127.0.0.1:{port}"), KillOnDrop(child)))
-    })
-}
-
-/// A child process killed when the test ends, also when it panics.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The admin API refuses bodies over its limit.
