@@ -628,6 +628,14 @@ mod tests {
         Server { port, ..Server::new(host, 10) }
     }
 
+    /// A minimal config, with `relay_extra` lines under `[relay]`.
+    fn config(relay_extra: &str) -> crate::config::Config {
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n{relay_extra}\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n"
+        );
+        crate::config::Config::parse(std::path::Path::new("relay.toml"), &text).expect("config")
+    }
+
     #[test]
     fn sessions_are_pooled_per_server_and_tls_setting() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -663,8 +671,7 @@ mod tests {
             stream.write_all(b"250 fake\r\n").await.expect("EHLO reply");
             stream.read(&mut buf).await.expect("read")
         });
-        let text = "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n";
-        let config = crate::config::Config::parse(std::path::Path::new("relay.toml"), text).expect("config");
+        let config = config("");
         let transport = Arc::new(Transport::new("relay.test", &config.delivery));
         let settings = OutboundTls::for_domain(&domain(TlsMode::None, None)).expect("tls settings");
         let target = server("127.0.0.1", addr.port());
@@ -694,12 +701,7 @@ mod tests {
         let (cert_path, key_path) = (dir.path().join("server.crt"), dir.path().join("server.key"));
         std::fs::write(&cert_path, cert.pem()).expect("write cert");
         std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        let text = format!(
-            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n",
-            cert_path.display(),
-            key_path.display()
-        );
-        let config = crate::config::Config::parse(std::path::Path::new("relay.toml"), &text).expect("config");
+        let config = config(&format!("tls_cert = \"{}\"\ntls_key = \"{}\"", cert_path.display(), key_path.display()));
         let acceptor = crate::tls::acceptor(&config.relay).expect("acceptor").expect("TLS configured");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
