@@ -586,6 +586,21 @@ mod tests {
     }
 
     #[test]
+    fn a_taken_port_means_another_start_and_other_failures_fail_at_once() {
+        let mut ports = Vec::new();
+        let started = on_a_free_port("127.0.0.1", |port| {
+            ports.push(port);
+            if ports.len() == 1 { Err("bind: Address already in use".to_string()) } else { Ok(port) }
+        });
+        assert_eq!(ports.len(), 2, "one start again after the taken port");
+        assert_eq!(started, ports[1]);
+        let other = std::panic::catch_unwind(|| on_a_free_port("127.0.0.1", |_| Err::<(), _>("no such file".to_string())));
+        let why = other.expect_err("a failure that is not a taken port panics");
+        let text = why.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains("attempt 1 of 5") && text.contains("no such file"), "{text}");
+    }
+
+    #[test]
     fn a_started_sink_is_the_one_listening() {
         let sink = Sink::start("127.0.0.1", &[]);
         let pid = sink.child.as_ref().expect("running").id();
