@@ -17,33 +17,6 @@ trap '[ -n "$P" ] && kill $P 2>/dev/null && wait $P; sinks_stop_all; pf_stop; dn
 
 relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
 
-wait_total() {  # wait_total TARGET -> seconds timestamp when the sinks reached it
-  local end=$(( $(date +%s) + 600 ))
-  while [ "$(date +%s)" -lt "$end" ]; do
-    [ "$(sinks_total "${SINKS[@]}")" -ge "$1" ] && return 0; sleep 0.05; done
-  return 1
-}
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
-# Idle and total ticks of all CPUs so far (idle includes iowait).
-ticks() { awk '/^cpu /{print $5+$6, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
-measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU per message to
-  # $WORK/cpu, its context switches per 1000 messages (involuntary/voluntary) to
-  # $WORK/switches, the machine's idle share (%) to $WORK/idle. GNU time prints CPU seconds
-  # to 10 ms: 2 µs per message at N=5000.
-  local t0 te i0 a0 i1 a1
-  read -r i0 a0 < <(ticks)
-  t0=$(now)
-  /usr/bin/time -f "%U %S %c %w" -o "$WORK/time" \
-    smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test "$1" > "$WORK/source.out" 2>&1
-  wait_total "$N" || echo "TIMEOUT" >&2
-  te=$(now)
-  read -r i1 a1 < <(ticks)
-  awk -v n="$N" '{printf "%.0f", ($1+$2)*1e6/n}' "$WORK/time" > "$WORK/cpu"
-  awk -v n="$N" '{printf "%.0f/%.0f", $3*1000/n, $4*1000/n}' "$WORK/time" > "$WORK/switches"
-  awk -v i="$((i1 - i0))" -v a="$((a1 - a0))" 'BEGIN{printf "%.0f", i*100/a}' > "$WORK/idle"
-  awk -v n="$N" -v t="$(elapsed "$t0" "$te")" 'BEGIN{printf "%.1f", n/t}'
-}
-
 dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
 direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); sw_direct=(); sw_mx=(); relay_cpu=(); relay_threads=(); idle_direct=(); idle_mx=()
 for i in $(seq "$RUNS"); do
@@ -57,9 +30,7 @@ for i in $(seq "$RUNS"); do
   pf_stop
 
   sinks_stop_all; for ip in "${SINKS[@]}"; do sink_start "$ip"; done
-  rm -rf "$WORK/queue"
-  "$BIN" run "$WORK/relay.toml" 2> "$WORK/mx.log" & P=$!
-  until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
+  mx_start "$BIN"
   c0=$(cpu_seconds $P); thread_cpu $P > "$WORK/threads0"
   mx+=("$(measure $MX_ADDR)"); src_mx+=("$(cat "$WORK/cpu")"); idle_mx+=("$(cat "$WORK/idle")")
   sw_mx+=("$(cat "$WORK/switches")")
