@@ -7,14 +7,12 @@
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
-W=$(mktemp -d); P=
-trap '[ -n "$P" ] && kill $P 2>/dev/null && wait $P; sinks_stop_all; rm -rf $W' EXIT
-relay_toml 127.0.0.1:2626 queue "probe_interval = \"300ms\"" 127.0.1.1 127.0.1.2 > "$W/relay.toml"
+WORK=$(mktemp -d); P=
+trap '[ -n "$P" ] && kill $P 2>/dev/null && wait $P; sinks_stop_all; rm -rf $WORK' EXIT
+relay_toml 127.0.0.1:2626 queue "probe_interval = \"300ms\"" 127.0.1.1 127.0.1.2 > "$WORK/relay.toml"
 rate() { awk -v n="$N" -v t="$1" 'BEGIN{printf "%.0f", n/t}'; }
 for i in $(seq "$RUNS"); do
-  sinks_stop_all; rm -rf "$W/queue"
-  MXRELAY_LOG=info "$BIN" run "$W/relay.toml" 2> "$W/log" & P=$!
-  until grep -q "mxrelay ready" "$W/log"; do sleep 0.05; done
+  sinks_stop_all; mx_start "$BIN"
   c0=$(cpu_seconds $P); t0=$(now)
   smtp-source -s "$SESS" -l "$SIZE" -m "$N" -f a@src.test -t user@customer.test 127.0.0.1:2626
   ta=$(now); c1=$(cpu_seconds $P)
