@@ -71,6 +71,16 @@ measure() {  # measure TARGET_ADDR -> msg/s end to end; smtp-source's own CPU pe
   awk -v n="$N" -v t="$(elapsed "$t0" "$te")" 'BEGIN{printf "%.1f", n/t}'
 }
 
+# two_sink_scene: what the throughput scripts share: SINKS (two smtp-sinks' IPs), MX_ADDR,
+# WORK (a scratch directory) holding a relay config whose two equal-preference servers are
+# host names, and the shared bench's dnsmasq answering for them (started here). The caller
+# sets its EXIT trap first (dns_stop, sinks_stop_all, rm -rf $WORK).
+two_sink_scene() {
+  SINKS=(127.0.1.1 127.0.1.2); MX_ADDR=127.0.0.1:2626; WORK=$(mktemp -d); P=
+  relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
+  dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
+}
+
 # mx_start BINARY [VAR=VALUE...]: starts BINARY on $WORK/relay.toml with an empty queue and
 # the environment given; sets P to its PID and returns once it is ready.
 mx_start() {

@@ -12,12 +12,9 @@ source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
 ENV_A=${1-}; ENV_B=${2-}; ROUNDS=${ROUNDS:-10}
 BIN_A=${BIN_A:-$BIN}; BIN_B=${BIN_B:-$BIN}
-SINKS=(127.0.1.1 127.0.1.2)
-MX_ADDR=127.0.0.1:2626
-WORK=$(mktemp -d); P=
+WORK=; P=
 trap '[ -n "$P" ] && kill $P 2>/dev/null && wait $P; sinks_stop_all; dns_stop; rm -rf $WORK' EXIT
-relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
-dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
+two_sink_scene
 
 variant() {  # variant BINARY ENV -> "msg/s relay-µs-per-message"
   local c0 rate

@@ -10,14 +10,9 @@
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$SHARED/lib.sh"
-SINKS=(127.0.1.1 127.0.1.2)
-MX_ADDR=127.0.0.1:2626
-WORK=$(mktemp -d); P=
+WORK=; P=
 trap '[ -n "$P" ] && kill $P 2>/dev/null && wait $P; sinks_stop_all; pf_stop; dns_stop; rm -rf $WORK' EXIT
-
-relay_toml "$MX_ADDR" queue "resolver = \"$DNS_IP:53\"" mx1.customer.test mx2.customer.test > "$WORK/relay.toml"
-
-dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
+two_sink_scene
 direct=(); postfix=(); mx=(); split=(); src_direct=(); src_mx=(); sw_direct=(); sw_mx=(); relay_cpu=(); relay_threads=(); idle_direct=(); idle_mx=()
 for i in $(seq "$RUNS"); do
   sinks_stop_all; sink_start 127.0.1.1
