@@ -2,7 +2,8 @@
 //!
 //! * [`Sink`]: Postfix's `smtp-sink` as a customer server on `127.0.1.N`, dumping every
 //!   message to a file so tests can check which messages arrived, and how often.
-//! * [`Relay`]: the real `mxrelay` binary with a generated config, its log captured.
+//! * [`Relay`]: the real `mxrelay` binary with a generated config, its log captured; optionally
+//!   under a file-size limit, so that its disk fills.
 //! * [`postfix::Postfix`]: a test-owned Postfix instance (interop, TLS peer).
 //! * [`certs::TestCa`]: certificates made in the test.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
