@@ -34,6 +34,15 @@ fn a_mailbox_named_twice_gets_the_message_once() {
     let dump = &sink.dumps()[0];
     let rcpts: Vec<&str> = dump.lines().filter_map(|l| l.strip_prefix("X-Rcpt-Args: ")).collect();
     assert_eq!(rcpts, ["<user@customer.test>", "<USER@customer.test>", "<other@customer.test>"], "{dump}");
+    // Received names the recipient only when there is one (RFC 5321 4.4: a FOR clause names
+    // one path; listing several would disclose Bcc recipients).
+    assert!(!dump.contains("\tfor <"), "{dump}");
+    let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test,user@CUSTOMER.TEST", 2, &[]);
+    assert!(ok, "{out}");
+    assert!(wait_until(PATIENCE, || sink.count() == 2), "the second message was not delivered");
+    let dump = sink.dumps().into_iter().find(|d| d.contains("X-Seq: 2")).expect("the second message's dump");
+    assert_eq!(dump.lines().filter(|l| l.starts_with("X-Rcpt-Args: ")).count(), 1, "{dump}");
+    assert!(dump.contains("\tfor <user@customer.test>;"), "{dump}");
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use indexmap::IndexSet;
 use smtp_proto::Request;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -148,7 +149,8 @@ async fn reply<W: AsyncWrite + Unpin>(w: &mut W, text: &str) -> std::io::Result<
 #[derive(Default)]
 struct Transaction {
     sender: Option<String>,
-    recipients: Vec<String>,
+    /// In the order given, each mailbox once.
+    recipients: IndexSet<String>,
 }
 
 /// One client connection, before and after STARTTLS.
@@ -321,9 +323,7 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                             // A mailbox named twice gets the message once (Postfix's cleanup and
                             // Exim drop duplicate recipients too). Local parts keep their case:
                             // they may be case-sensitive.
-                            if !txn.recipients.contains(&rcpt) {
-                                txn.recipients.push(rcpt);
-                            }
+                            txn.recipients.insert(rcpt);
                             reply(writer, "250 2.1.5 recipient ok").await?;
                         }
                         Some(d) => {
@@ -448,8 +448,8 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     };
     let received_ms = now_ms();
     let first_id = inbound.queue.next_id();
-    let for_clause = match txn.recipients.as_slice() {
-        [one] => format!("\r\n\tfor <{one}>"),
+    let for_clause = match (txn.recipients.len(), txn.recipients.first()) {
+        (1, Some(one)) => format!("\r\n\tfor <{one}>"),
         _ => String::new(),
     };
     let header = format!(
