@@ -81,11 +81,18 @@ two_sink_scene() {
   dns_start mx1:127.0.1.1:10 mx2:127.0.1.2:10
 }
 
+# relay_launch CONFIG LOG BINARY [VAR=VALUE...]: starts BINARY on CONFIG with the environment
+# given and its log in LOG; sets P to its PID and returns once it is ready.
+relay_launch() {
+  local config=$1 log=$2 bin=$3; shift 3
+  env "$@" "$bin" run "$config" 2> "$log" & P=$!
+  until grep -q "mxrelay ready" "$log"; do sleep 0.05; done
+}
+
 # mx_start BINARY [VAR=VALUE...]: starts BINARY on $WORK/relay.toml with an empty queue and
-# the environment given; sets P to its PID and returns once it is ready.
+# the environment given (per-message log lines on); sets P and returns once it is ready.
 mx_start() {
   local bin=$1; shift
   rm -rf "$WORK/queue"
-  env MXRELAY_LOG=info "$@" "$bin" run "$WORK/relay.toml" 2> "$WORK/mx.log" & P=$!
-  until grep -q "mxrelay ready" "$WORK/mx.log"; do sleep 0.05; done
+  relay_launch "$WORK/relay.toml" "$WORK/mx.log" "$bin" MXRELAY_LOG=info "$@"
 }

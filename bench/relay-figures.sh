@@ -15,8 +15,7 @@ rss() { awk '/VmRSS/{printf "%.1f MB", $2/1024}' "/proc/$1/status"; }
 start_relay() {  # start_relay NAME PORT SERVERS...
   local name=$1 port=$2; shift 2
   relay_toml "127.0.0.1:$port" "$name-queue" 'retry = ["1h"]' "$@" > "$W/$name.toml"
-  MXRELAY_LOG=warn,mxrelay=info "$BIN" run "$W/$name.toml" 2> "$W/$name.log" & PIDS+=($!)
-  until grep -q "mxrelay ready" "$W/$name.log"; do sleep 0.05; done
+  relay_launch "$W/$name.toml" "$W/$name.log" "$BIN" MXRELAY_LOG=warn,mxrelay=info; PIDS+=("$P")
 }
 smtp-sink -u nobody 127.0.1.1:2701 256 & PIDS+=($!)
 smtp-sink -u nobody 127.0.1.2:2701 256 & PIDS+=($!)
@@ -24,7 +23,6 @@ start_relay lat 2700 127.0.1.1:2701 127.0.1.2:2701
 echo "latency: $("$GEN" 127.0.0.1:2700 user@customer.test "$N" "$SESS")"
 
 start_relay mem 2710 127.0.1.250:9
-P=${PIDS[-1]}
 sleep 1; echo "RSS idle: $(rss "$P")"
 "$GEN" 127.0.0.1:2710 user@customer.test "$QUEUED" "$SESS" > "$W/fill.txt"
 echo "queued: $(cat "$W/fill.txt")"
