@@ -6,10 +6,14 @@
 //!
 //! * `pwrite + fdatasync`: the journal's way;
 //! * `O_DIRECT | O_DSYNC`: each record written as the 4 KiB blocks that hold it;
-//! * `2 writers`: two threads the journal's way at once, on separate halves of the file.
+//! * `2 writers`: two threads the journal's way at once, on separate halves of the file;
+//! * `... + fstat`: the journal's way with the file's metadata read before each sync, which
+//!   the journal never does: a file whose times were read gets a new modification time at the
+//!   next write, and the sync then writes the inode too.
 //!
 //! Prints, per mode, medians of wall and CPU time per write (CPU from the kernel's run time of the
-//! writing threads) and of writes per second.
+//! writing threads), of writes per second and of the disk's write requests per write (from
+//! `/proc/diskstats` for the device that holds DIR, so other writers on that disk count too).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -40,6 +44,29 @@ fn journal_way(file: &File, first: u64, count: u64) {
         file.write_all_at(&record, i * RECORD).expect("write");
         file.sync_data().expect("fdatasync");
     }
+}
+
+/// The journal's way, with the file's metadata read before each `fdatasync`.
+fn journal_way_reading_times(file: &File, count: u64) {
+    let record = vec![b'x'; RECORD as usize];
+    for i in 0..count {
+        file.write_all_at(&record, i * RECORD).expect("write");
+        file.metadata().expect("fstat");
+        file.sync_data().expect("fdatasync");
+    }
+}
+
+/// Write requests the disk holding `dir` has completed, from `/proc/diskstats`; `None` when the
+/// directory is on no block device listed there (tmpfs, overlay).
+fn disk_writes(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (major, minor) = (libc::major(dev).to_string(), libc::minor(dev).to_string());
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    stats
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find_map(|f| (f.len() > 7 && f[0] == major && f[1] == minor).then(|| f[7].parse().ok()).flatten())
 }
 
 /// `count` records, each written through `O_DIRECT | O_DSYNC` as the blocks that hold it.
@@ -79,7 +106,7 @@ fn main() {
     file.sync_all().expect("sync");
 
     // Each mode returns the CPU time (ns) its writing threads used.
-    let modes: [(&str, u64, &dyn Fn() -> u64); 3] = [
+    let modes: [(&str, u64, &dyn Fn() -> u64); 4] = [
         ("pwrite + fdatasync", count, &|| cpu_of(|| journal_way(&file, 0, count))),
         ("O_DIRECT | O_DSYNC", count, &|| cpu_of(|| direct_way(&path, count))),
         ("2 writers", 2 * count, &|| {
@@ -88,22 +115,29 @@ fn main() {
                 cpu_of(|| journal_way(&file, 0, count)) + second.join().expect("second writer")
             })
         }),
+        ("pwrite+fstat+fdatasync", count, &|| cpu_of(|| journal_way_reading_times(&file, count))),
     ];
-    // Per mode: µs wall per write, µs CPU per write, writes per second; the modes alternate.
-    let mut figures = vec![(Vec::new(), Vec::new(), Vec::new()); modes.len()];
+    // Per mode: µs wall per write, µs CPU per write, writes per second, disk write requests
+    // per write; the modes alternate.
+    let mut figures = vec![(Vec::new(), Vec::new(), Vec::new(), Vec::new()); modes.len()];
     for _ in 0..runs {
-        for ((_, writes, run), (wall, cpu, rate)) in modes.iter().zip(figures.iter_mut()) {
+        for ((_, writes, run), (wall, cpu, rate, disk)) in modes.iter().zip(figures.iter_mut()) {
+            let disk_before = disk_writes(Path::new(dir));
             let started = Instant::now();
             let cpu_ns = run();
             let seconds = started.elapsed().as_secs_f64();
             wall.push(seconds * 1e6 / *writes as f64);
             cpu.push(cpu_ns as f64 / 1e3 / *writes as f64);
             rate.push(*writes as f64 / seconds);
+            if let (Some(before), Some(after)) = (disk_before, disk_writes(Path::new(dir))) {
+                disk.push((after - before) as f64 / *writes as f64);
+            }
         }
     }
-    for ((name, ..), (wall, cpu, rate)) in modes.iter().zip(figures) {
+    for ((name, ..), (wall, cpu, rate, disk)) in modes.iter().zip(figures) {
+        let disk = if disk.is_empty() { "n/a".to_string() } else { format!("{:.2}", median(disk)) };
         println!(
-            "{name:<20} wall {:6.1} µs/write   CPU {:5.1} µs/write   {:7.0} writes/s",
+            "{name:<22} wall {:6.1} µs/write   CPU {:5.1} µs/write   {:7.0} writes/s   {disk} disk writes/write",
             median(wall),
             median(cpu),
             median(rate)
