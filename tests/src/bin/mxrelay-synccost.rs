@@ -7,9 +7,9 @@
 //! * `pwrite + fdatasync`: the journal's way;
 //! * `O_DIRECT | O_DSYNC`: each record written as the 4 KiB blocks that hold it;
 //! * `2 writers`: two threads the journal's way at once, on separate halves of the file;
-//! * `... + fstat`: the journal's way with the file's metadata read before each sync, which
-//!   the journal never does: a file whose times were read gets a new modification time at the
-//!   next write, and the sync then writes the inode too.
+//! * `pwrite+fstat+fdatasync`: the journal's way with the file's metadata read before each
+//!   sync, which the journal does only when it starts a segment: a file whose times were read
+//!   gets a new modification time at the next write, and the sync then writes the inode too.
 //!
 //! Prints, per mode, medians of wall and CPU time per write (CPU from the kernel's run time of the
 //! writing threads), of writes per second and of the disk's write requests per write (from
