@@ -1,8 +1,8 @@
 //! What a durable write costs on a disk, made the way the queue journal makes it and in two
-//! other ways the README weighs: `COUNT` records of 6000 bytes (about one group commit) into a
+//! other ways the README weighs: `COUNT` records of `SIZE` bytes (6000: about one group commit) into a
 //! zero-filled file, as a recycled journal segment is, each durable before the next.
 //!
-//! usage: mxrelay-synccost DIR [COUNT=2000] [RUNS=3]   (DIR on the disk the queue uses)
+//! usage: mxrelay-synccost DIR [COUNT=2000] [RUNS=3] [SIZE=6000]   (DIR on the disk the queue uses)
 //!
 //! * `pwrite + fdatasync`: the journal's way;
 //! * `O_DIRECT | O_DSYNC`: each record written as the 4 KiB blocks that hold it;
@@ -20,7 +20,6 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Instant;
 
-const RECORD: u64 = 6000;
 const BLOCK: u64 = 4096;
 const FILE_BYTES: u64 = 64 << 20;
 
@@ -38,19 +37,19 @@ fn cpu_of(work: impl FnOnce()) -> u64 {
 }
 
 /// `count` records from record `first` on, each made durable with `fdatasync`.
-fn journal_way(file: &File, first: u64, count: u64) {
-    let record = vec![b'x'; RECORD as usize];
+fn journal_way(file: &File, first: u64, count: u64, size: u64) {
+    let record = vec![b'x'; size as usize];
     for i in first..first + count {
-        file.write_all_at(&record, i * RECORD).expect("write");
+        file.write_all_at(&record, i * size).expect("write");
         file.sync_data().expect("fdatasync");
     }
 }
 
 /// The journal's way, with the file's metadata read before each `fdatasync`.
-fn journal_way_reading_times(file: &File, count: u64) {
-    let record = vec![b'x'; RECORD as usize];
+fn journal_way_reading_times(file: &File, count: u64, size: u64) {
+    let record = vec![b'x'; size as usize];
     for i in 0..count {
-        file.write_all_at(&record, i * RECORD).expect("write");
+        file.write_all_at(&record, i * size).expect("write");
         file.metadata().expect("fstat");
         file.sync_data().expect("fdatasync");
     }
@@ -70,14 +69,14 @@ fn disk_writes(dir: &Path) -> Option<u64> {
 }
 
 /// `count` records, each written through `O_DIRECT | O_DSYNC` as the blocks that hold it.
-fn direct_way(path: &Path, count: u64) {
+fn direct_way(path: &Path, count: u64, size: u64) {
     let file = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path).expect("open O_DIRECT");
-    let buffer = vec![b'x'; (RECORD + 3 * BLOCK) as usize];
+    let buffer = vec![b'x'; (size + 3 * BLOCK) as usize];
     // O_DIRECT needs a block-aligned buffer too; an aligned slice of a larger one does.
     let aligned = &buffer[buffer.as_ptr().align_offset(BLOCK as usize)..];
     for i in 0..count {
-        let start = i * RECORD / BLOCK * BLOCK;
-        let end = (i * RECORD + RECORD).div_ceil(BLOCK) * BLOCK;
+        let start = i * size / BLOCK * BLOCK;
+        let end = (i * size + size).div_ceil(BLOCK) * BLOCK;
         file.write_all_at(&aligned[..(end - start) as usize], start).expect("write");
     }
 }
@@ -91,12 +90,15 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(dir) = args.get(1) else {
-        eprintln!("usage: mxrelay-synccost DIR [COUNT=2000] [RUNS=3]");
+        eprintln!("usage: mxrelay-synccost DIR [COUNT=2000] [RUNS=3] [SIZE=6000]");
         std::process::exit(2);
     };
     let number = |i: usize, default: u64| args.get(i).map_or(default, |a| a.parse().expect("a number"));
-    let (count, runs) = (number(2, 2000), number(3, 3));
-    assert!(count * RECORD <= FILE_BYTES / 2, "COUNT too large for the two writers' halves");
+    let (count, runs, size) = (number(2, 2000), number(3, 3), number(4, 6000));
+    assert!(
+        size > 0 && count * size <= FILE_BYTES / 2,
+        "COUNT × SIZE must be at most half the 64 MiB file (each writer of `2 writers` has half)"
+    );
     let path = Path::new(dir).join("mxrelay-synccost.segment");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("create");
     let zeros = vec![0u8; 1 << 20];
@@ -107,15 +109,15 @@ fn main() {
 
     // Each mode returns the CPU time (ns) its writing threads used.
     let modes: [(&str, u64, &dyn Fn() -> u64); 4] = [
-        ("pwrite + fdatasync", count, &|| cpu_of(|| journal_way(&file, 0, count))),
-        ("O_DIRECT | O_DSYNC", count, &|| cpu_of(|| direct_way(&path, count))),
+        ("pwrite + fdatasync", count, &|| cpu_of(|| journal_way(&file, 0, count, size))),
+        ("O_DIRECT | O_DSYNC", count, &|| cpu_of(|| direct_way(&path, count, size))),
         ("2 writers", 2 * count, &|| {
             std::thread::scope(|s| {
-                let second = s.spawn(|| cpu_of(|| journal_way(&file, FILE_BYTES / 2 / RECORD, count)));
-                cpu_of(|| journal_way(&file, 0, count)) + second.join().expect("second writer")
+                let second = s.spawn(|| cpu_of(|| journal_way(&file, FILE_BYTES / 2 / size, count, size)));
+                cpu_of(|| journal_way(&file, 0, count, size)) + second.join().expect("second writer")
             })
         }),
-        ("pwrite+fstat+fdatasync", count, &|| cpu_of(|| journal_way_reading_times(&file, count))),
+        ("pwrite+fstat+fdatasync", count, &|| cpu_of(|| journal_way_reading_times(&file, count, size))),
     ];
     // Per mode: µs wall per write, µs CPU per write, writes per second, disk write requests
     // per write; the modes alternate.
