@@ -226,7 +226,7 @@ impl Deliverer {
                     failed.extend(pending.drain(..).map(|r| (r, why.clone())));
                 }
                 ServerVerdict::Unknown(why) => {
-                    tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no reply to the final dot; deferring, the message may be delivered twice");
+                    tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no usable reply to the final dot; deferring, the message may be delivered twice");
                     return Outcome::Deferred { delivered, failed, remaining: pending, reason: DeferReason::MaybeDelivered(why) };
                 }
             }

@@ -2,12 +2,15 @@
 //!
 //! The taxonomy follows Exim's "Errors in outgoing SMTP" and Postfix's `smtp_trouble.c`:
 //! * connection refused or timed out, greeting or EHLO failure, `421`, connection lost before
-//!   the final `.` → [`ServerVerdict::SessionFailed`] / [`ServerVerdict::Unreachable`]: try the
-//!   next server now;
+//!   the final `.`, a reply of the wrong kind to MAIL or DATA → [`ServerVerdict::SessionFailed`]
+//!   / [`ServerVerdict::Unreachable`]: try the next server now;
 //! * `4xx` to MAIL or DATA → [`ServerVerdict::TempFailed`]: next server, then defer;
 //! * `5xx` to MAIL or DATA → [`ServerVerdict::PermFailed`]: the message fails;
 //! * a `RCPT` reply decides for that recipient alone ([`RcptVerdict`] in [`ServerVerdict::Completed`]);
-//! * no reply to the final `.` → [`ServerVerdict::Unknown`]: defer, possibly delivered twice.
+//! * no reply to the final `.`, or one neither `2xx`, `4xx` nor `5xx` → [`ServerVerdict::Unknown`]:
+//!   defer, possibly delivered twice.
+//!
+//! Replies count by their first digit (`ReplyKind`), so an unexpected one never bounces mail.
 //!
 //! TLS follows the domain's `tls` mode: a server that does not offer STARTTLS, refuses it or
 //! fails the handshake is a failed session when TLS is required, and is used in clear when it
@@ -74,7 +77,8 @@ pub enum ServerVerdict {
     TempFailed(String),
     /// `5xx` to MAIL or DATA (or every RCPT `5xx`): the message fails.
     PermFailed(String),
-    /// No reply to the final `.` in time: defer; the server may have the message.
+    /// No reply to the final `.` in time, or one that is neither yes nor no: defer; the
+    /// server may have the message.
     Unknown(String),
 }
 
@@ -191,6 +195,32 @@ pub struct Transport {
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transport").field("hostname", &self.hostname).finish_non_exhaustive()
+    }
+}
+
+/// What a reply code says, by its first digit (RFC 5321 4.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyKind {
+    /// `2xx`: done.
+    Positive,
+    /// `3xx`: go on (DATA's `354`).
+    Intermediate,
+    /// `4xx`: not now.
+    Transient,
+    /// `5xx`: never.
+    Permanent,
+    /// Any other code. RFC 5321 4.2.1: a client should treat it as a fatal error and end the
+    /// transaction, so it never counts as an answer either way.
+    OutOfRange,
+}
+
+fn reply_kind(code: u16) -> ReplyKind {
+    match code / 100 {
+        2 => ReplyKind::Positive,
+        3 => ReplyKind::Intermediate,
+        4 => ReplyKind::Transient,
+        5 => ReplyKind::Permanent,
+        _ => ReplyKind::OutOfRange,
     }
 }
 
@@ -494,7 +524,7 @@ impl Transport {
             for (i, c) in commands.iter().enumerate() {
                 match s.client.cmd(c).await {
                     Ok(r) => {
-                        let stop = (i == 0 && r.code >= 400) || (i + 1 == commands.len());
+                        let stop = (i == 0 && reply_kind(r.code) != ReplyKind::Positive) || (i + 1 == commands.len());
                         replies.push(r);
                         if stop {
                             break;
@@ -512,26 +542,41 @@ impl Transport {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r))));
         }
         let mail_reply = &replies[0];
-        if mail_reply.code >= 400 {
-            self.reset(key, s).await;
-            let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
-            return Ok(if mail_reply.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) });
+        let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
+        match reply_kind(mail_reply.code) {
+            ReplyKind::Positive => {}
+            ReplyKind::Transient => {
+                self.reset(key, s).await;
+                return Ok(ServerVerdict::TempFailed(text));
+            }
+            ReplyKind::Permanent => {
+                self.reset(key, s).await;
+                return Ok(ServerVerdict::PermFailed(text));
+            }
+            // A server out of step: not an answer about the message, and the connection's
+            // state is unknown, so it is closed and the next server gets the message.
+            ReplyKind::Intermediate | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text)),
         }
         let rcpts: Vec<RcptVerdict> = msg
             .recipients
             .iter()
             .enumerate()
             .map(|(i, _)| match replies.get(i + 1) {
-                Some(r) if r.code / 100 == 2 => RcptVerdict::Delivered,
-                Some(r) if r.code >= 500 => RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r))),
-                Some(r) => RcptVerdict::TempRejected(format!("{addr}: RCPT: {}", reply_text(r))),
+                Some(r) => {
+                    let text = format!("{addr}: RCPT: {}", reply_text(r));
+                    match reply_kind(r.code) {
+                        ReplyKind::Positive => RcptVerdict::Delivered,
+                        ReplyKind::Permanent => RcptVerdict::PermRejected(text),
+                        ReplyKind::Transient | ReplyKind::Intermediate | ReplyKind::OutOfRange => RcptVerdict::TempRejected(text),
+                    }
+                }
                 None => RcptVerdict::TempRejected(format!("{addr}: no RCPT reply")),
             })
             .collect();
         let data_reply = replies.get(msg.recipients.len() + 1);
         if !rcpts.contains(&RcptVerdict::Delivered) {
             // Nobody accepted: the DATA command (if sent) was refused too. Report the recipients.
-            if data_reply.is_some_and(|r| r.code == 354) {
+            if data_reply.is_some_and(|r| reply_kind(r.code) == ReplyKind::Intermediate) {
                 // A server that says 354 with no recipients: end the empty transaction cleanly.
                 let _ = s.client.stream.write_all(b".\r\n").await;
                 let _ = s.client.stream.flush().await;
@@ -540,14 +585,22 @@ impl Transport {
             self.reset(key, s).await;
             return Ok(ServerVerdict::Completed { rcpts, reply: String::new() });
         }
-        match data_reply {
-            Some(r) if r.code == 354 => {}
-            Some(r) => {
+        let Some(data_reply) = data_reply else {
+            return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")));
+        };
+        let text = format!("{addr}: DATA: {}", reply_text(data_reply));
+        match reply_kind(data_reply.code) {
+            // 354, or any 3xx as Postfix takes it: send the data.
+            ReplyKind::Intermediate => {}
+            ReplyKind::Transient => {
                 self.reset(key, s).await;
-                let text = format!("{addr}: DATA: {}", reply_text(r));
-                return Ok(if r.code >= 500 { ServerVerdict::PermFailed(text) } else { ServerVerdict::TempFailed(text) });
+                return Ok(ServerVerdict::TempFailed(text));
             }
-            None => return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA"))),
+            ReplyKind::Permanent => {
+                self.reset(key, s).await;
+                return Ok(ServerVerdict::PermFailed(text));
+            }
+            ReplyKind::Positive | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text)),
         }
         let mut wire = Vec::new();
         dot_stuff(msg.data, &mut wire);
@@ -571,20 +624,27 @@ impl Transport {
             Some(tls) => format!("{addr} ({tls}): {}", reply_text(&final_reply)),
             None => format!("{addr}: {}", reply_text(&final_reply)),
         };
-        Ok(match final_reply.code {
-            200..=299 => {
+        if final_reply.code == 421 {
+            return Ok(ServerVerdict::SessionFailed(text));
+        }
+        Ok(match reply_kind(final_reply.code) {
+            ReplyKind::Positive => {
                 s.sent += 1;
                 self.put_idle(key, s);
                 ServerVerdict::Completed { rcpts, reply: text }
             }
-            421 => ServerVerdict::SessionFailed(text),
-            400..=499 => {
+            ReplyKind::Transient => {
                 self.put_idle(key, s);
                 ServerVerdict::TempFailed(text)
             }
-            _ => {
+            ReplyKind::Permanent => {
                 self.put_idle(key, s);
                 ServerVerdict::PermFailed(text)
+            }
+            // Neither yes nor no after the whole message: the server may have it. Deferred as
+            // when no reply comes, never bounced; the connection is not reused.
+            ReplyKind::Intermediate | ReplyKind::OutOfRange => {
+                ServerVerdict::Unknown(format!("{text} (not a reply to the final dot; the message may have been accepted)"))
             }
         })
     }
@@ -733,6 +793,87 @@ mod tests {
         let (asked, _connection) = server_side.await.expect("fake server");
         assert!(session.tls.is_some(), "the session is encrypted");
         assert!(before <= session.opened && session.opened < asked, "the age starts at the connect, before STARTTLS");
+    }
+
+    /// A one-connection server that greets, answers EHLO (offering PIPELINING or not), then
+    /// answers each command, and the data once its final dot arrives, with the next reply of
+    /// `script`. After the script it answers `250` to anything.
+    async fn scripted_server(pipelining: bool, script: &'static [&'static str]) -> SocketAddr {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut stream = BufReader::new(stream);
+            let ehlo: &[u8] = if pipelining { b"250-fake\r\n250 PIPELINING" } else { b"250 fake" };
+            stream.get_mut().write_all(b"220 fake ESMTP\r\n").await.expect("greeting");
+            let (mut line, mut replies, mut in_data) = (String::new(), script.iter(), false);
+            loop {
+                line.clear();
+                if stream.read_line(&mut line).await.expect("read") == 0 {
+                    return;
+                }
+                if in_data && line != ".\r\n" {
+                    continue;
+                }
+                let reply =
+                    if line.starts_with("EHLO") { ehlo } else { replies.next().map_or(b"250 ok".as_slice(), |r| r.as_bytes()) };
+                in_data = line.starts_with("DATA") && reply.starts_with(b"3");
+                // One write: a second small one would wait for the client's delayed ACK.
+                stream.get_mut().write_all(&[reply, b"\r\n"].concat()).await.expect("reply");
+            }
+        });
+        addr
+    }
+
+    /// What a server answering with `script` makes of a message to two recipients.
+    async fn verdict_for(pipelining: bool, script: &'static [&'static str]) -> ServerVerdict {
+        let addr = scripted_server(pipelining, script).await;
+        let transport = Transport::new("relay.test", &config("").delivery);
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None)).expect("tls settings");
+        let recipients = ["a@customer.test".to_string(), "b@customer.test".to_string()];
+        let msg = Outgoing { sender: "s@src.test", recipients: &recipients, data: b"Subject: t\r\n\r\nbody\r\n" };
+        transport.send(&server("127.0.0.1", addr.port()), &msg, &settings).await
+    }
+
+    #[tokio::test]
+    async fn replies_count_by_their_first_digit_and_a_reply_of_the_wrong_kind_never_bounces() {
+        for pipelining in [false, true] {
+            let run = |script| verdict_for(pipelining, script);
+            // The usual answers, including codes other than the common ones.
+            let v = run(&["250 ok", "251 will forward", "252 ok", "354 go", "250 queued"]).await;
+            assert!(
+                matches!(&v, ServerVerdict::Completed { rcpts, .. } if rcpts == &[RcptVerdict::Delivered, RcptVerdict::Delivered]),
+                "{v:?}"
+            );
+            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "554 no"]).await;
+            assert!(matches!(v, ServerVerdict::PermFailed(_)), "{v:?}");
+            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "451 later"]).await;
+            assert!(matches!(v, ServerVerdict::TempFailed(_)), "{v:?}");
+            // Any 3xx to DATA starts the data, as Postfix has it.
+            let v = run(&["250 ok", "250 ok", "250 ok", "300 go on", "250 queued"]).await;
+            assert!(matches!(v, ServerVerdict::Completed { .. }), "{v:?}");
+            // Out-of-range and wrong-kind replies: never a permanent failure.
+            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "354 what"]).await;
+            assert!(matches!(&v, ServerVerdict::Unknown(t) if t.contains("354 what")), "after the dot: defer: {v:?}");
+            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "600 what"]).await;
+            assert!(matches!(v, ServerVerdict::Unknown(_)), "after the dot: defer: {v:?}");
+            let v = run(&["600 what"]).await;
+            assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("MAIL: 600 what")), "MAIL: next server: {v:?}");
+            let v = run(&["354 what"]).await;
+            assert!(matches!(v, ServerVerdict::SessionFailed(_)), "MAIL: next server: {v:?}");
+            let v = run(&["250 ok", "250 ok", "250 ok", "250 ok"]).await;
+            assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("DATA: 250 ok")), "DATA: next server: {v:?}");
+            let v = run(&["250 ok", "250 ok", "250 ok", "650 what"]).await;
+            assert!(matches!(v, ServerVerdict::SessionFailed(_)), "DATA: next server: {v:?}");
+            // A recipient answered out of range is retried, not failed.
+            let v = run(&["250 ok", "650 what", "550 no such user", "354 go"]).await;
+            assert!(
+                matches!(&v, ServerVerdict::Completed { rcpts, .. }
+                    if matches!(rcpts.as_slice(), [RcptVerdict::TempRejected(_), RcptVerdict::PermRejected(_)])),
+                "{v:?}"
+            );
+        }
     }
 
     #[test]
