@@ -1,9 +1,10 @@
 //! One SMTP transaction with one customer server, and what its outcome means.
 //!
 //! The taxonomy follows Exim's "Errors in outgoing SMTP" and Postfix's `smtp_trouble.c`:
-//! * connection refused or timed out, greeting or EHLO failure, `421`, connection lost before
-//!   the final `.`, a reply of the wrong kind to MAIL or DATA → [`ServerVerdict::SessionFailed`]
-//!   / [`ServerVerdict::Unreachable`]: try the next server now;
+//! * connection refused or timed out, greeting failure, EHLO failure (a `5xx` to EHLO gets
+//!   HELO and no extensions), `421`, connection lost before the final `.`, a reply of the
+//!   wrong kind to MAIL or DATA → [`ServerVerdict::SessionFailed`] /
+//!   [`ServerVerdict::Unreachable`]: try the next server now;
 //! * `4xx` to MAIL or DATA → [`ServerVerdict::TempFailed`]: next server, then defer;
 //! * `5xx` to MAIL or DATA → [`ServerVerdict::PermFailed`]: the message fails;
 //! * a `RCPT` reply decides for that recipient alone ([`RcptVerdict`] in [`ServerVerdict::Completed`]);
@@ -337,11 +338,22 @@ impl Transport {
         if greeting.code != 220 {
             return Err(ServerVerdict::SessionFailed(format!("{addr}: greeting {}", reply_text(&greeting))));
         }
-        let ehlo = client
-            .ehlo(&self.hostname)
-            .await
-            .map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e))))?;
-        Ok((client, ehlo.capabilities))
+        match client.ehlo(&self.hostname).await {
+            Ok(ehlo) => Ok((client, ehlo.capabilities)),
+            // A server that does not know EHLO gets HELO and no extensions (RFC 5321 3.2), as
+            // Postfix and Exim do it.
+            Err(mail_send::Error::UnexpectedReply(ehlo)) if reply_kind(ehlo.code) == ReplyKind::Permanent => {
+                let helo = client.cmd(format!("HELO {}\r\n", self.hostname)).await.map_err(|e| {
+                    ServerVerdict::SessionFailed(format!("{addr}: EHLO {}, then HELO: {}", reply_text(&ehlo), error_text(&e)))
+                })?;
+                if reply_kind(helo.code) != ReplyKind::Positive {
+                    let why = format!("{addr}: EHLO {}, then HELO {}", reply_text(&ehlo), reply_text(&helo));
+                    return Err(ServerVerdict::SessionFailed(why));
+                }
+                Ok((client, 0))
+            }
+            Err(e) => Err(ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e)))),
+        }
     }
 
     /// A new session with the TLS the domain asks for, counted by how it ended up.
@@ -795,17 +807,20 @@ mod tests {
         assert!(before <= session.opened && session.opened < asked, "the age starts at the connect, before STARTTLS");
     }
 
-    /// A one-connection server that greets, answers EHLO (offering PIPELINING or not), then
-    /// answers each command, and the data once its final dot arrives, with the next reply of
-    /// `script`. After the script it answers `250` to anything.
-    async fn scripted_server(pipelining: bool, script: &'static [&'static str]) -> SocketAddr {
+    /// EHLO replies for [`scripted_server`].
+    const NO_EXTENSIONS: &str = "250 fake";
+    const PIPELINING: &str = "250-fake\r\n250 PIPELINING";
+
+    /// A one-connection server that greets, answers EHLO with `ehlo`, then answers each
+    /// command, and the data once its final dot arrives, with the next reply of `script`.
+    /// After the script it answers `250` to anything.
+    async fn scripted_server(ehlo: &'static str, script: &'static [&'static str]) -> SocketAddr {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
             let mut stream = BufReader::new(stream);
-            let ehlo: &[u8] = if pipelining { b"250-fake\r\n250 PIPELINING" } else { b"250 fake" };
             stream.get_mut().write_all(b"220 fake ESMTP\r\n").await.expect("greeting");
             let (mut line, mut replies, mut in_data) = (String::new(), script.iter(), false);
             loop {
@@ -816,8 +831,11 @@ mod tests {
                 if in_data && line != ".\r\n" {
                     continue;
                 }
-                let reply =
-                    if line.starts_with("EHLO") { ehlo } else { replies.next().map_or(b"250 ok".as_slice(), |r| r.as_bytes()) };
+                let reply = if line.starts_with("EHLO") {
+                    ehlo.as_bytes()
+                } else {
+                    replies.next().map_or(b"250 ok".as_slice(), |r| r.as_bytes())
+                };
                 in_data = line.starts_with("DATA") && reply.starts_with(b"3");
                 // One write: a second small one would wait for the client's delayed ACK.
                 stream.get_mut().write_all(&[reply, b"\r\n"].concat()).await.expect("reply");
@@ -827,8 +845,8 @@ mod tests {
     }
 
     /// What a server answering with `script` makes of a message to two recipients.
-    async fn verdict_for(pipelining: bool, script: &'static [&'static str]) -> ServerVerdict {
-        let addr = scripted_server(pipelining, script).await;
+    async fn verdict_for(ehlo: &'static str, script: &'static [&'static str]) -> ServerVerdict {
+        let addr = scripted_server(ehlo, script).await;
         let transport = Transport::new("relay.test", &config("").delivery);
         let settings = OutboundTls::for_domain(&domain(TlsMode::None, None)).expect("tls settings");
         let recipients = ["a@customer.test".to_string(), "b@customer.test".to_string()];
@@ -838,8 +856,8 @@ mod tests {
 
     #[tokio::test]
     async fn replies_count_by_their_first_digit_and_a_reply_of_the_wrong_kind_never_bounces() {
-        for pipelining in [false, true] {
-            let run = |script| verdict_for(pipelining, script);
+        for ehlo in [NO_EXTENSIONS, PIPELINING] {
+            let run = |script| verdict_for(ehlo, script);
             // The usual answers, including codes other than the common ones.
             let v = run(&["250 ok", "251 will forward", "252 ok", "354 go", "250 queued"]).await;
             assert!(
@@ -874,6 +892,19 @@ mod tests {
                 "{v:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_ehlo_gets_helo() {
+        let v =
+            verdict_for("502 5.5.2 EHLO not implemented", &["250 hello", "250 ok", "250 ok", "250 ok", "354 go", "250 queued"])
+                .await;
+        assert!(matches!(&v, ServerVerdict::Completed { reply, .. } if reply.contains("250 queued")), "{v:?}");
+        let v = verdict_for("500 what", &["502 no HELO either"]).await;
+        assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("EHLO 500 what, then HELO 502")), "{v:?}");
+        // Not knowing EHLO is a 5xx; a 4xx is a server that cannot talk now: next server.
+        let v = verdict_for("421 busy", &["250 hello"]).await;
+        assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("EHLO: 421 busy")), "{v:?}");
     }
 
     #[test]
