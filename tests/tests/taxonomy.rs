@@ -6,6 +6,8 @@ use mxrelay_e2e::{Relay, Sink, domain_block, eventually, send_one};
 /// What must happen to a message whose primary server misbehaves in one way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
+    /// Delivered by the primary server itself.
+    Primary,
     /// Delivered by the backup server (preference 20) in the same run.
     Backup,
     /// Fails permanently: never offered to the backup.
@@ -14,10 +16,12 @@ enum Expect {
     Deferred,
 }
 
-const CASES: [(&str, Expect); 14] = [
-    ("-f connect", Expect::Backup), // 5xx greeting
-    ("-r connect", Expect::Backup), // 4xx greeting
-    ("-f ehlo", Expect::Backup),
+const CASES: [(&str, Expect); 16] = [
+    ("-f connect", Expect::Backup),   // 5xx greeting
+    ("-r connect", Expect::Backup),   // 4xx greeting
+    ("-f ehlo", Expect::Primary),     // HELO after a refused EHLO, as Postfix and Exim do
+    ("-f ehlo,helo", Expect::Backup), // refused both
+    ("-r ehlo", Expect::Backup),      // 4xx: not now
     ("-r mail", Expect::Backup),
     ("-f mail", Expect::Fails),
     ("-r rcpt", Expect::Backup),
@@ -45,6 +49,12 @@ async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
     for (i, (args, expect)) in CASES.iter().enumerate() {
         let rcpt = format!("u@case{i}.test");
         match expect {
+            Expect::Primary => {
+                eventually(&format!("case {args:?} delivered by the primary"), || {
+                    primaries[i].received().contains_key(&(i as u64))
+                })
+                .await
+            }
             Expect::Backup => {
                 eventually(&format!("case {args:?} delivered by the backup"), || backup.received().contains_key(&(i as u64)))
                     .await
