@@ -554,20 +554,23 @@ impl Transport {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r))));
         }
         let mail_reply = &replies[0];
-        let text = format!("{addr}: MAIL: {}", reply_text(mail_reply));
+        // Made only when it is needed: not on the way of a delivered message.
+        let text = || format!("{addr}: MAIL: {}", reply_text(mail_reply));
         match reply_kind(mail_reply.code) {
             ReplyKind::Positive => {}
             ReplyKind::Transient => {
+                let text = text();
                 self.reset(key, s).await;
                 return Ok(ServerVerdict::TempFailed(text));
             }
             ReplyKind::Permanent => {
+                let text = text();
                 self.reset(key, s).await;
                 return Ok(ServerVerdict::PermFailed(text));
             }
             // A server out of step: not an answer about the message, and the connection's
             // state is unknown, so it is closed and the next server gets the message.
-            ReplyKind::Intermediate | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text)),
+            ReplyKind::Intermediate | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text())),
         }
         let rcpts: Vec<RcptVerdict> = msg
             .recipients
@@ -600,19 +603,21 @@ impl Transport {
         let Some(data_reply) = data_reply else {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")));
         };
-        let text = format!("{addr}: DATA: {}", reply_text(data_reply));
+        let text = || format!("{addr}: DATA: {}", reply_text(data_reply));
         match reply_kind(data_reply.code) {
             // 354, or any 3xx as Postfix takes it: send the data.
             ReplyKind::Intermediate => {}
             ReplyKind::Transient => {
+                let text = text();
                 self.reset(key, s).await;
                 return Ok(ServerVerdict::TempFailed(text));
             }
             ReplyKind::Permanent => {
+                let text = text();
                 self.reset(key, s).await;
                 return Ok(ServerVerdict::PermFailed(text));
             }
-            ReplyKind::Positive | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text)),
+            ReplyKind::Positive | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text())),
         }
         let mut wire = Vec::new();
         dot_stuff(msg.data, &mut wire);
