@@ -558,16 +558,8 @@ impl Transport {
         let text = || format!("{addr}: MAIL: {}", reply_text(mail_reply));
         match reply_kind(mail_reply.code) {
             ReplyKind::Positive => {}
-            ReplyKind::Transient => {
-                let text = text();
-                self.reset(key, s).await;
-                return Ok(ServerVerdict::TempFailed(text));
-            }
-            ReplyKind::Permanent => {
-                let text = text();
-                self.reset(key, s).await;
-                return Ok(ServerVerdict::PermFailed(text));
-            }
+            ReplyKind::Transient => return Ok(self.refused(key, s, ServerVerdict::TempFailed(text())).await),
+            ReplyKind::Permanent => return Ok(self.refused(key, s, ServerVerdict::PermFailed(text())).await),
             // A server out of step: not an answer about the message, and the connection's
             // state is unknown, so it is closed and the next server gets the message.
             ReplyKind::Intermediate | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text())),
@@ -607,16 +599,8 @@ impl Transport {
         match reply_kind(data_reply.code) {
             // 354, or any 3xx as Postfix takes it: send the data.
             ReplyKind::Intermediate => {}
-            ReplyKind::Transient => {
-                let text = text();
-                self.reset(key, s).await;
-                return Ok(ServerVerdict::TempFailed(text));
-            }
-            ReplyKind::Permanent => {
-                let text = text();
-                self.reset(key, s).await;
-                return Ok(ServerVerdict::PermFailed(text));
-            }
+            ReplyKind::Transient => return Ok(self.refused(key, s, ServerVerdict::TempFailed(text())).await),
+            ReplyKind::Permanent => return Ok(self.refused(key, s, ServerVerdict::PermFailed(text())).await),
             ReplyKind::Positive | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text())),
         }
         let mut wire = Vec::new();
@@ -664,6 +648,12 @@ impl Transport {
                 ServerVerdict::Unknown(format!("{text} (not a reply to the final dot; the message may have been accepted)"))
             }
         })
+    }
+
+    /// A transaction the server refused as a whole (MAIL or DATA): ended, its connection kept.
+    async fn refused(&self, key: &PoolKey, s: Session, verdict: ServerVerdict) -> ServerVerdict {
+        self.reset(key, s).await;
+        verdict
     }
 
     /// Ends a failed transaction and keeps the connection if the server agrees.
