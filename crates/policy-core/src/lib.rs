@@ -27,5 +27,5 @@ pub use entry::{
     seed_page_example,
 };
 pub use host::{HostKind, parse_host};
-pub use plan::{PlanInput, Router, Tier, mix64};
+pub use plan::{PlanInput, Router, Tier, mix64, move_down_last};
 pub use validate::{Field, Problem, ProblemCode, Severity, validate, validate_servers};

@@ -58,6 +58,8 @@ pub struct Tier {
     pub members: Vec<u32>,
     /// Sum of the members' weights.
     pub total_weight: u64,
+    /// Whether every member has the same weight: then an order needs no weights at all.
+    pub equal_weights: bool,
 }
 
 /// A domain's server list, arranged once into tiers and then asked for a plan per message.
@@ -78,8 +80,10 @@ impl Router {
             .map(|preference| {
                 let members: Vec<u32> =
                     (0..servers.len() as u32).filter(|&i| servers[i as usize].preference == preference).collect();
-                let total_weight = members.iter().map(|&i| u64::from(servers[i as usize].weight)).sum();
-                Tier { preference, members, total_weight }
+                let weight = |i: &u32| servers[*i as usize].weight;
+                let total_weight = members.iter().map(|i| u64::from(weight(i))).sum();
+                let equal_weights = members.windows(2).all(|w| weight(&w[0]) == weight(&w[1]));
+                Tier { preference, members, total_weight, equal_weights }
             })
             .collect();
         Router { servers, tiers }
@@ -150,21 +154,19 @@ impl Router {
             let salt = (t as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
             let first = input.seed.wrapping_mul(WEYL);
             let mut rng = SplitMix(mix64(input.seed ^ salt));
-            self.order_tier(&mut out[start..], tier.total_weight, first, &mut rng);
+            self.order_tier(&mut out[start..], tier, first, &mut rng);
         }
-        if !input.down.is_empty() {
-            self.move_down_last(input.down, out);
-        }
+        move_down_last(input.down, out);
     }
 
-    /// Weighted order without replacement; `first` picks position 0, `rng` the rest.
-    fn order_tier(&self, slots: &mut [u32], total_weight: u64, first: u64, rng: &mut SplitMix) {
+    /// Weighted order of `tier`'s members without replacement, in `slots`; `first` picks
+    /// position 0, `rng` the rest.
+    fn order_tier(&self, slots: &mut [u32], tier: &Tier, first: u64, rng: &mut SplitMix) {
         let weight = |i: u32| u64::from(self.servers[i as usize].weight);
-        let uniform = slots.iter().all(|&i| weight(i) == weight(slots[0]));
-        let mut remaining = total_weight;
+        let mut remaining = tier.total_weight;
         for pos in 0..slots.len().saturating_sub(1) {
             let rest = &mut slots[pos..];
-            let pick = if uniform {
+            let pick = if tier.equal_weights {
                 let n = rest.len() as u64;
                 if pos == 0 { scale(first, n) } else { rng.below(n) }
             } else {
@@ -183,19 +185,24 @@ impl Router {
             remaining -= weight(rest[0]);
         }
     }
+}
 
-    /// Stable partition: servers not in `down` first, then those in `down`.
-    fn move_down_last(&self, down: &[u32], out: &mut Vec<u32>) {
-        let mut tail = Vec::new();
-        out.retain(|i| {
-            let is_down = down.contains(i);
-            if is_down {
-                tail.push(*i);
-            }
-            !is_down
-        });
-        out.extend_from_slice(&tail);
+/// Moves the servers of `plan` that are in `down` behind all the others, each group keeping
+/// its order (a stable partition), so a plan still holds every server. Every policy that
+/// knows which servers are down finishes its plan with this.
+pub fn move_down_last(down: &[u32], plan: &mut Vec<u32>) {
+    if down.is_empty() {
+        return;
     }
+    let mut tail = Vec::new();
+    plan.retain(|i| {
+        let is_down = down.contains(i);
+        if is_down {
+            tail.push(*i);
+        }
+        !is_down
+    });
+    plan.extend_from_slice(&tail);
 }
 
 #[cfg(test)]

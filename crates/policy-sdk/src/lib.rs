@@ -32,7 +32,7 @@
 //! its tests can run natively (`cargo test`) against the same trait.
 
 pub use mxrelay_policy_core::{
-    Field, PlanInput, Problem, ProblemCode, RawNumber, RawServer, Router, Server, Severity, mix64, validate,
+    Field, PlanInput, Problem, ProblemCode, RawNumber, RawServer, Router, Server, Severity, mix64, move_down_last, validate,
 };
 pub use serde;
 

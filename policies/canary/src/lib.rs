@@ -7,7 +7,7 @@
 //! percent = 10
 //! ```
 
-use mxrelay_policy_sdk::{Message, Policy, Problem, Router, Server, mix64, setting_problem};
+use mxrelay_policy_sdk::{Message, Policy, Problem, Router, Server, mix64, move_down_last, setting_problem};
 use serde::Deserialize;
 
 /// `[domain.policy_config]` of the canary policy.
@@ -100,9 +100,8 @@ impl Policy for Canary {
         first.plan(msg, &mut out);
         second.plan(msg, &mut out);
         // Servers known to be down go behind every live one, canary or not.
-        let (mut live, down): (Vec<u32>, Vec<u32>) = out.into_iter().partition(|i| !msg.down.contains(i));
-        live.extend(down);
-        live
+        move_down_last(&msg.down, &mut out);
+        out
     }
 }
 

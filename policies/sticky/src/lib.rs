@@ -2,7 +2,7 @@
 //! server is up (weighted rendezvous hashing). When a server goes down only its mailboxes
 //! move; everyone else stays where they were. No settings.
 
-use mxrelay_policy_sdk::{Message, Policy, Problem, Router, Server, mix64};
+use mxrelay_policy_sdk::{Message, Policy, Problem, Router, Server, mix64, move_down_last};
 use serde::Deserialize;
 
 /// The sticky policy has no settings.
@@ -16,8 +16,6 @@ pub struct Sticky {
     router: Router,
     /// A hash of each server's address, so scores need not hash strings per message.
     server_hash: Vec<u64>,
-    /// Per tier: whether all its servers have the same weight.
-    equal_weights: Vec<bool>,
 }
 
 /// FNV-1a: small, stable across builds, and good enough before `mix64` finalises it.
@@ -50,48 +48,32 @@ impl Policy for Sticky {
 
     fn new(servers: Vec<Server>, _settings: Settings) -> Result<Self, Vec<Problem>> {
         let server_hash = servers.iter().map(|s| fnv(s.address().bytes())).collect();
-        let router = Router::new(servers);
-        let equal_weights = router
-            .tiers()
-            .iter()
-            .map(|t| {
-                t.members.windows(2).all(|w| router.servers()[w[0] as usize].weight == router.servers()[w[1] as usize].weight)
-            })
-            .collect();
-        Ok(Sticky { router, server_hash, equal_weights })
+        Ok(Sticky { router: Router::new(servers), server_hash })
     }
 
     fn plan(&self, msg: &Message) -> Vec<u32> {
         let key = Self::key(msg);
-        let mut up = Vec::with_capacity(self.server_hash.len());
-        let mut down = Vec::new();
+        let mut plan = Vec::with_capacity(self.server_hash.len());
         let mut drawn: Vec<(u64, u32)> = Vec::with_capacity(self.server_hash.len());
         let mut scored: Vec<(f64, u32)> = Vec::new();
-        for (tier, &equal) in self.router.tiers().iter().zip(&self.equal_weights) {
-            let start = up.len();
-            if equal {
+        for tier in self.router.tiers() {
+            if tier.equal_weights {
                 // Equal weights: the score grows with the draw, so the draws order the tier
                 // as the scores would, without a logarithm each.
                 drawn.clear();
                 drawn.extend(tier.members.iter().map(|&i| (self.draw(key, i), i)));
                 drawn.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-                up.extend(drawn.iter().map(|&(_, i)| i));
+                plan.extend(drawn.iter().map(|&(_, i)| i));
             } else {
                 // One score per server (a logarithm each), then sort: not one per comparison.
                 scored.clear();
                 scored.extend(tier.members.iter().map(|&i| (self.score(key, i), i)));
                 scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-                up.extend(scored.iter().map(|&(_, i)| i));
-            }
-            if !msg.down.is_empty() {
-                // Down servers go last, keeping their order.
-                let (dead, alive): (Vec<u32>, Vec<u32>) = up.split_off(start).into_iter().partition(|i| msg.down.contains(i));
-                up.extend(alive);
-                down.extend(dead);
+                plan.extend(scored.iter().map(|&(_, i)| i));
             }
         }
-        up.extend(down);
-        up
+        move_down_last(&msg.down, &mut plan);
+        plan
     }
 }
 
@@ -157,7 +139,7 @@ mod tests {
     fn unequal_weights_share_mailboxes_by_weight() {
         let heavy = Server { weight: 3, ..Server::new("big.example.com", 10) };
         let p = Sticky::new(vec![Server::new("small.example.com", 10), heavy], Settings {}).expect("valid");
-        assert_eq!(p.equal_weights, [false]);
+        assert!(!p.router.tiers()[0].equal_weights);
         let to_heavy = (0..4000).filter(|n| first(&p, &format!("user{n}@example.com"), 0, &[]) == 1).count();
         assert!((2850..=3150).contains(&to_heavy), "{to_heavy} of 4000 went to the server of weight 3");
         // Sticky there too, whatever the seed.
