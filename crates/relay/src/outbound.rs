@@ -553,30 +553,22 @@ impl Transport {
         if let Some(r) = replies.iter().find(|r| r.code == 421) {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r))));
         }
-        let mail_reply = &replies[0];
-        // Made only when it is needed: not on the way of a delivered message.
-        let text = || format!("{addr}: MAIL: {}", reply_text(mail_reply));
-        match reply_kind(mail_reply.code) {
-            ReplyKind::Positive => {}
-            ReplyKind::Transient => return Ok(self.refused(key, s, ServerVerdict::TempFailed(text())).await),
-            ReplyKind::Permanent => return Ok(self.refused(key, s, ServerVerdict::PermFailed(text())).await),
-            // A server out of step: not an answer about the message, and the connection's
-            // state is unknown, so it is closed and the next server gets the message.
-            ReplyKind::Intermediate | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text())),
-        }
+        let mut s = match self.go_on(key, s, "MAIL", &replies[0], ReplyKind::Positive).await {
+            Ok(s) => s,
+            Err(verdict) => return Ok(verdict),
+        };
         let rcpts: Vec<RcptVerdict> = msg
             .recipients
             .iter()
             .enumerate()
             .map(|(i, _)| match replies.get(i + 1) {
-                Some(r) => {
-                    let text = format!("{addr}: RCPT: {}", reply_text(r));
-                    match reply_kind(r.code) {
-                        ReplyKind::Positive => RcptVerdict::Delivered,
-                        ReplyKind::Permanent => RcptVerdict::PermRejected(text),
-                        ReplyKind::Transient | ReplyKind::Intermediate | ReplyKind::OutOfRange => RcptVerdict::TempRejected(text),
+                Some(r) => match reply_kind(r.code) {
+                    ReplyKind::Positive => RcptVerdict::Delivered,
+                    ReplyKind::Permanent => RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r))),
+                    ReplyKind::Transient | ReplyKind::Intermediate | ReplyKind::OutOfRange => {
+                        RcptVerdict::TempRejected(format!("{addr}: RCPT: {}", reply_text(r)))
                     }
-                }
+                },
                 None => RcptVerdict::TempRejected(format!("{addr}: no RCPT reply")),
             })
             .collect();
@@ -595,14 +587,11 @@ impl Transport {
         let Some(data_reply) = data_reply else {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")));
         };
-        let text = || format!("{addr}: DATA: {}", reply_text(data_reply));
-        match reply_kind(data_reply.code) {
-            // 354, or any 3xx as Postfix takes it: send the data.
-            ReplyKind::Intermediate => {}
-            ReplyKind::Transient => return Ok(self.refused(key, s, ServerVerdict::TempFailed(text())).await),
-            ReplyKind::Permanent => return Ok(self.refused(key, s, ServerVerdict::PermFailed(text())).await),
-            ReplyKind::Positive | ReplyKind::OutOfRange => return Ok(ServerVerdict::SessionFailed(text())),
-        }
+        // 354, or any 3xx as Postfix takes it: send the data.
+        let mut s = match self.go_on(key, s, "DATA", data_reply, ReplyKind::Intermediate).await {
+            Ok(s) => s,
+            Err(verdict) => return Ok(verdict),
+        };
         let mut wire = Vec::new();
         dot_stuff(msg.data, &mut wire);
         let sent = async {
@@ -650,10 +639,35 @@ impl Transport {
         })
     }
 
-    /// A transaction the server refused as a whole (MAIL or DATA): ended, its connection kept.
-    async fn refused(&self, key: &PoolKey, s: Session, verdict: ServerVerdict) -> ServerVerdict {
-        self.reset(key, s).await;
-        verdict
+    /// Whether the transaction goes on after `reply` to `command` (MAIL or DATA): it does when
+    /// the reply is of the kind `expected`. A `4xx` or `5xx` refuses the transaction as a
+    /// whole, and the connection is kept for the next one. Any other kind is a server out of
+    /// step: not an answer about the message, and the connection's state is unknown, so it is
+    /// closed and the next server gets the message.
+    async fn go_on(
+        &self,
+        key: &PoolKey,
+        s: Session,
+        command: &str,
+        reply: &Response<String>,
+        expected: ReplyKind,
+    ) -> Result<Session, ServerVerdict> {
+        let kind = reply_kind(reply.code);
+        if kind == expected {
+            return Ok(s);
+        }
+        let text = format!("{}: {command}: {}", s.addr, reply_text(reply));
+        Err(match kind {
+            ReplyKind::Transient => {
+                self.reset(key, s).await;
+                ServerVerdict::TempFailed(text)
+            }
+            ReplyKind::Permanent => {
+                self.reset(key, s).await;
+                ServerVerdict::PermFailed(text)
+            }
+            ReplyKind::Positive | ReplyKind::Intermediate | ReplyKind::OutOfRange => ServerVerdict::SessionFailed(text),
+        })
     }
 
     /// Ends a failed transaction and keeps the connection if the server agrees.
