@@ -853,53 +853,70 @@ mod tests {
         addr
     }
 
-    /// What a server answering with `script` makes of a message to two recipients.
-    async fn verdict_for(ehlo: &'static str, script: &'static [&'static str]) -> ServerVerdict {
+    /// What a server answering with `script` makes of a message to two recipients, and
+    /// whether its connection was kept for the next message.
+    async fn verdict_for(ehlo: &'static str, script: &'static [&'static str]) -> (ServerVerdict, bool) {
         let addr = scripted_server(ehlo, script).await;
         let transport = Transport::new("relay.test", &config("").delivery);
         let settings = OutboundTls::for_domain(&domain(TlsMode::None, None)).expect("tls settings");
         let recipients = ["a@customer.test".to_string(), "b@customer.test".to_string()];
         let msg = Outgoing { sender: "s@src.test", recipients: &recipients, data: b"Subject: t\r\n\r\nbody\r\n" };
-        transport.send(&server("127.0.0.1", addr.port()), &msg, &settings).await
+        let target = server("127.0.0.1", addr.port());
+        let verdict = transport.send(&target, &msg, &settings).await;
+        (verdict, transport.take_idle(&pool_key(&target, &settings)).is_some())
     }
 
     #[tokio::test]
     async fn replies_count_by_their_first_digit_and_a_reply_of_the_wrong_kind_never_bounces() {
         for ehlo in [NO_EXTENSIONS, PIPELINING] {
             let run = |script| verdict_for(ehlo, script);
-            // The usual answers, including codes other than the common ones.
-            let v = run(&["250 ok", "251 will forward", "252 ok", "354 go", "250 queued"]).await;
+            // The usual answers, including codes other than the common ones. A transaction the
+            // server ended with an answer leaves the connection reusable.
+            let (v, kept) = run(&["250 ok", "251 will forward", "252 ok", "354 go", "250 queued"]).await;
             assert!(
                 matches!(&v, ServerVerdict::Completed { rcpts, .. } if rcpts == &[RcptVerdict::Delivered, RcptVerdict::Delivered]),
                 "{v:?}"
             );
-            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "554 no"]).await;
-            assert!(matches!(v, ServerVerdict::PermFailed(_)), "{v:?}");
-            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "451 later"]).await;
-            assert!(matches!(v, ServerVerdict::TempFailed(_)), "{v:?}");
+            assert!(kept, "{v:?}");
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "354 go", "554 no"]).await;
+            assert!(matches!(v, ServerVerdict::PermFailed(_)) && kept, "{v:?}");
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "354 go", "451 later"]).await;
+            assert!(matches!(v, ServerVerdict::TempFailed(_)) && kept, "{v:?}");
+            let (v, kept) = run(&["451 later"]).await;
+            assert!(matches!(&v, ServerVerdict::TempFailed(t) if t.contains("MAIL: 451")) && kept, "{v:?}");
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "554 no"]).await;
+            assert!(matches!(&v, ServerVerdict::PermFailed(t) if t.contains("DATA: 554")) && kept, "{v:?}");
             // Any 3xx to DATA starts the data, as Postfix has it.
-            let v = run(&["250 ok", "250 ok", "250 ok", "300 go on", "250 queued"]).await;
-            assert!(matches!(v, ServerVerdict::Completed { .. }), "{v:?}");
-            // Out-of-range and wrong-kind replies: never a permanent failure.
-            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "354 what"]).await;
-            assert!(matches!(&v, ServerVerdict::Unknown(t) if t.contains("354 what")), "after the dot: defer: {v:?}");
-            let v = run(&["250 ok", "250 ok", "250 ok", "354 go", "600 what"]).await;
-            assert!(matches!(v, ServerVerdict::Unknown(_)), "after the dot: defer: {v:?}");
-            let v = run(&["600 what"]).await;
-            assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("MAIL: 600 what")), "MAIL: next server: {v:?}");
-            let v = run(&["354 what"]).await;
-            assert!(matches!(v, ServerVerdict::SessionFailed(_)), "MAIL: next server: {v:?}");
-            let v = run(&["250 ok", "250 ok", "250 ok", "250 ok"]).await;
-            assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("DATA: 250 ok")), "DATA: next server: {v:?}");
-            let v = run(&["250 ok", "250 ok", "250 ok", "650 what"]).await;
-            assert!(matches!(v, ServerVerdict::SessionFailed(_)), "DATA: next server: {v:?}");
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "300 go on", "250 queued"]).await;
+            assert!(matches!(v, ServerVerdict::Completed { .. }) && kept, "{v:?}");
+            // Out-of-range and wrong-kind replies: never a permanent failure, and the
+            // connection, in a state nobody knows, is not used again.
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "354 go", "354 what"]).await;
+            assert!(matches!(&v, ServerVerdict::Unknown(t) if t.contains("354 what")) && !kept, "after the dot: defer: {v:?}");
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "354 go", "600 what"]).await;
+            assert!(matches!(v, ServerVerdict::Unknown(_)) && !kept, "after the dot: defer: {v:?}");
+            let (v, kept) = run(&["600 what"]).await;
+            assert!(
+                matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("MAIL: 600 what")) && !kept,
+                "MAIL: next server: {v:?}"
+            );
+            let (v, kept) = run(&["354 what"]).await;
+            assert!(matches!(v, ServerVerdict::SessionFailed(_)) && !kept, "MAIL: next server: {v:?}");
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "250 ok"]).await;
+            assert!(
+                matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("DATA: 250 ok")) && !kept,
+                "DATA: next server: {v:?}"
+            );
+            let (v, kept) = run(&["250 ok", "250 ok", "250 ok", "650 what"]).await;
+            assert!(matches!(v, ServerVerdict::SessionFailed(_)) && !kept, "DATA: next server: {v:?}");
             // A recipient answered out of range is retried, not failed.
-            let v = run(&["250 ok", "650 what", "550 no such user", "354 go"]).await;
+            let (v, kept) = run(&["250 ok", "650 what", "550 no such user", "354 go"]).await;
             assert!(
                 matches!(&v, ServerVerdict::Completed { rcpts, .. }
                     if matches!(rcpts.as_slice(), [RcptVerdict::TempRejected(_), RcptVerdict::PermRejected(_)])),
                 "{v:?}"
             );
+            assert!(kept, "{v:?}");
         }
     }
 
@@ -907,12 +924,13 @@ mod tests {
     async fn a_server_that_refuses_ehlo_gets_helo() {
         let v =
             verdict_for("502 5.5.2 EHLO not implemented", &["250 hello", "250 ok", "250 ok", "250 ok", "354 go", "250 queued"])
-                .await;
+                .await
+                .0;
         assert!(matches!(&v, ServerVerdict::Completed { reply, .. } if reply.contains("250 queued")), "{v:?}");
-        let v = verdict_for("500 what", &["502 no HELO either"]).await;
+        let v = verdict_for("500 what", &["502 no HELO either"]).await.0;
         assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("EHLO 500 what, then HELO 502")), "{v:?}");
         // Not knowing EHLO is a 5xx; a 4xx is a server that cannot talk now: next server.
-        let v = verdict_for("421 busy", &["250 hello"]).await;
+        let v = verdict_for("421 busy", &["250 hello"]).await.0;
         assert!(matches!(&v, ServerVerdict::SessionFailed(t) if t.contains("EHLO: 421 busy")), "{v:?}");
     }
 
