@@ -310,23 +310,21 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
             Ok(Request::Rcpt { to }) => {
                 let address = to.address.to_string();
-                let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
+                let mailbox = address.rsplit_once('@').map(|(local, d)| (local, d.trim_end_matches('.').to_ascii_lowercase()));
                 if txn.sender.is_none() {
                     reply(writer, "503 5.5.1 need MAIL before RCPT").await?;
                 } else if txn.recipients.len() >= settings.max_recipients as usize {
                     reply(writer, &format!("452 4.5.3 too many recipients (limit {})", settings.max_recipients)).await?;
                 } else {
-                    match domain {
-                        Some(d) if inbound.accepts_domain(&d) => {
-                            let local = address.rsplit_once('@').map_or("", |(l, _)| l);
-                            let rcpt = format!("{local}@{d}");
+                    match mailbox {
+                        Some((local, d)) if inbound.accepts_domain(&d) => {
                             // A mailbox named twice gets the message once (Postfix's cleanup and
                             // Exim drop duplicate recipients too). Local parts keep their case:
                             // they may be case-sensitive.
-                            txn.recipients.insert(rcpt);
+                            txn.recipients.insert(format!("{local}@{d}"));
                             reply(writer, "250 2.1.5 recipient ok").await?;
                         }
-                        Some(d) => {
+                        Some((_, d)) => {
                             tracing::info!(%peer, rcpt = %address, "relaying denied");
                             reply(writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}")).await?;
                         }
@@ -448,8 +446,8 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     };
     let received_ms = now_ms();
     let first_id = inbound.queue.next_id();
-    let for_clause = match (txn.recipients.len(), txn.recipients.first()) {
-        (1, Some(one)) => format!("\r\n\tfor <{one}>"),
+    let for_clause = match txn.recipients.first() {
+        Some(one) if txn.recipients.len() == 1 => format!("\r\n\tfor <{one}>"),
         _ => String::new(),
     };
     let header = format!(
