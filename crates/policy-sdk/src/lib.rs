@@ -29,7 +29,9 @@
 //!
 //! Policies have no I/O, clock or randomness of their own: `Message` carries the seed, the
 //! time and the servers the relay knows to be down. A policy is therefore deterministic, and
-//! its tests can run natively (`cargo test`) against the same trait.
+//! its tests can run natively (`cargo test`) against the same trait. A policy that orders
+//! the servers its own way ends with [`move_down_last`], as the built-in does, so that known
+//! dead servers cost no connection attempts while staying in the plan.
 
 pub use mxrelay_policy_core::{
     Field, PlanInput, Problem, ProblemCode, RawNumber, RawServer, Router, Server, Severity, mix64, move_down_last, validate,
