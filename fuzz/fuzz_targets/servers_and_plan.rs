@@ -11,9 +11,19 @@ fn entries(data: &[u8]) -> Vec<RawServer> {
     data.chunks(8)
         .take(64)
         .map(|c| {
-            let host: String = c.iter().take(c.len().saturating_sub(3)).map(|b| HOST_CHARS[*b as usize % HOST_CHARS.len()] as char).collect();
-            let num = |b: Option<&u8>| b.map(|b| if b % 7 == 0 { RawNumber::Text(format!("{}x", b)) } else { RawNumber::Int(i64::from(*b) * 300 - 1000) });
-            RawServer { host: format!("{host}.example"), port: num(c.get(5)), preference: num(c.get(6)), weight: num(c.get(7)).filter(|_| c.len() > 7) }
+            let host: String =
+                c.iter().take(c.len().saturating_sub(3)).map(|b| HOST_CHARS[*b as usize % HOST_CHARS.len()] as char).collect();
+            let num = |b: Option<&u8>| {
+                b.map(
+                    |b| if b % 7 == 0 { RawNumber::Text(format!("{}x", b)) } else { RawNumber::Int(i64::from(*b) * 300 - 1000) },
+                )
+            };
+            RawServer {
+                host: format!("{host}.example"),
+                port: num(c.get(5)),
+                preference: num(c.get(6)),
+                weight: num(c.get(7)).filter(|_| c.len() > 7),
+            }
         })
         .collect()
 }

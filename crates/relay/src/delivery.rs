@@ -8,6 +8,7 @@ use mxrelay_policy_core::mix64;
 use mxrelay_policy_host::{PlanRequest, PlanSource};
 use tokio::sync::Semaphore;
 
+use crate::dsn::{self, Action};
 use crate::health::{self, Health};
 use crate::outbound::{Outgoing, RcptVerdict, ServerVerdict, Transport};
 use crate::policies::Policies;
@@ -49,6 +50,9 @@ pub enum Outcome {
         delivered: Vec<(String, String)>,
         /// Recipients that failed permanently, with the reason.
         failed: Vec<(String, String)>,
+        /// Delivered recipients whose sender asked to hear of success, taken by a server that
+        /// does not offer DSN, with its reply: the relay reports them as relayed.
+        relayed: Vec<(String, String)>,
     },
     /// Some recipients remain.
     Deferred {
@@ -56,6 +60,8 @@ pub enum Outcome {
         delivered: Vec<(String, String)>,
         /// Recipients that failed permanently in this run.
         failed: Vec<(String, String)>,
+        /// As in `Done`.
+        relayed: Vec<(String, String)>,
         /// Recipients still to deliver.
         remaining: Vec<String>,
         /// Why.
@@ -134,6 +140,7 @@ impl Deliverer {
             return Outcome::Deferred {
                 delivered: vec![],
                 failed: vec![],
+                relayed: vec![],
                 remaining: env.recipients.clone(),
                 reason: DeferReason::UnknownDomain,
             };
@@ -145,6 +152,7 @@ impl Deliverer {
             return Outcome::Deferred {
                 delivered: vec![],
                 failed: vec![],
+                relayed: vec![],
                 remaining: env.recipients.clone(),
                 reason: DeferReason::AllServersDown,
             };
@@ -170,7 +178,7 @@ impl Deliverer {
         }
 
         let mut pending = env.recipients.clone();
-        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
+        let (mut delivered, mut failed, mut relayed) = (Vec::new(), Vec::new(), Vec::new());
         let mut last_reason = DeferReason::AllServersDown;
         for &index in &plan.order {
             if pending.is_empty() {
@@ -187,16 +195,19 @@ impl Deliverer {
             if self.health.is_down(server) {
                 continue;
             }
-            let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data };
+            let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data, dsn: env.dsn.as_deref() };
             let verdict = self.transport.send(server, &outgoing, &tls).await;
             match verdict {
-                ServerVerdict::Completed { rcpts, reply } => {
+                ServerVerdict::Completed { rcpts, reply, dsn_offered } => {
                     let mut still = Vec::new();
                     for (rcpt, v) in pending.drain(..).zip(rcpts) {
                         match v {
                             RcptVerdict::Delivered => {
                                 tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "delivered", reply = %reply, "delivery attempt");
                                 metrics::counter!("mxrelay_delivered_total", "server" => server_key.clone()).increment(1);
+                                if !dsn_offered && dsn::wanted(env.dsn.as_deref(), &rcpt, Action::Relayed) {
+                                    relayed.push((rcpt.clone(), reply.clone()));
+                                }
                                 delivered.push((rcpt, server_key.clone()));
                             }
                             RcptVerdict::PermRejected(why) => {
@@ -227,14 +238,20 @@ impl Deliverer {
                 }
                 ServerVerdict::Unknown(why) => {
                     tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no usable reply to the final dot; deferring, the message may be delivered twice");
-                    return Outcome::Deferred { delivered, failed, remaining: pending, reason: DeferReason::MaybeDelivered(why) };
+                    return Outcome::Deferred {
+                        delivered,
+                        failed,
+                        relayed,
+                        remaining: pending,
+                        reason: DeferReason::MaybeDelivered(why),
+                    };
                 }
             }
         }
         if pending.is_empty() {
-            Outcome::Done { delivered, failed }
+            Outcome::Done { delivered, failed, relayed }
         } else {
-            Outcome::Deferred { delivered, failed, remaining: pending, reason: last_reason }
+            Outcome::Deferred { delivered, failed, relayed, remaining: pending, reason: last_reason }
         }
     }
 }

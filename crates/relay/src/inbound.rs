@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
 use crate::data::{DataEnd, read_data, rfc5322_date};
+use crate::dsn::{DsnRequest, RcptDsn};
 use crate::queue::{Envelope, Queue, format_id, now_ms};
 use crate::scheduler::Event;
 
@@ -141,6 +142,39 @@ pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>) {
     }
 }
 
+/// RCPT parameters of the extensions offered: DSN's `NOTIFY` (`ORCPT` is a field of its own).
+const RCPT_DSN_FLAGS: u64 = smtp_proto::RCPT_NOTIFY_SUCCESS
+    | smtp_proto::RCPT_NOTIFY_FAILURE
+    | smtp_proto::RCPT_NOTIFY_DELAY
+    | smtp_proto::RCPT_NOTIFY_NEVER;
+
+/// The first MAIL parameter of an extension the relay does not offer (RFC 5321 §4.1.1.11:
+/// `555`). Accepting one silently would promise what the relay does not do: `REQUIRETLS`,
+/// for one, asks that the message never travel in clear.
+fn unoffered_mail_parameter(from: &smtp_proto::MailFrom<std::borrow::Cow<'_, str>>) -> Option<&'static str> {
+    use smtp_proto::*;
+    let flags = [
+        (MAIL_BODY_BINARYMIME, "BODY=BINARYMIME"),
+        (MAIL_REQUIRETLS, "REQUIRETLS"),
+        (MAIL_CONPERM, "CONPERM"),
+        (MAIL_BY_NOTIFY | MAIL_BY_RETURN | MAIL_BY_TRACE, "BY"),
+    ];
+    let fields = [
+        (from.trans_id.is_some(), "TRANSID"),
+        (from.by != 0, "BY"),
+        (from.solicit.is_some(), "SOLICIT"),
+        (from.mtrk.is_some(), "MTRK"),
+        (from.auth.is_some(), "AUTH"),
+        (from.hold_for != 0 || from.hold_until != 0, "HOLDFOR/HOLDUNTIL"),
+        (from.mt_priority != 0, "MT-PRIORITY"),
+    ];
+    flags
+        .into_iter()
+        .map(|(bits, name)| (from.flags & bits != 0, name))
+        .chain(fields)
+        .find_map(|(given, name)| given.then_some(name))
+}
+
 async fn reply<W: AsyncWrite + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {
     w.write_all(text.as_bytes()).await?;
     w.write_all(b"\r\n").await
@@ -151,6 +185,8 @@ struct Transaction {
     sender: Option<String>,
     /// In the order given, each mailbox once.
     recipients: IndexSet<String>,
+    /// RFC 3461 parameters of MAIL and RCPT, when any were given.
+    dsn: Option<DsnRequest>,
 }
 
 /// One client connection, before and after STARTTLS.
@@ -282,7 +318,7 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 reply(
                     writer,
                     &format!(
-                        "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"
+                        "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n{starttls}250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"
                     ),
                 )
                 .await?;
@@ -303,9 +339,17 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         &format!("552 5.3.4 message size {} exceeds the limit of {} bytes", from.size, settings.max_message_size),
                     )
                     .await?;
+                } else if let Some(param) = unoffered_mail_parameter(&from) {
+                    reply(writer, &format!("555 5.5.4 {param} is not supported")).await?;
                 } else {
-                    txn.sender = Some(from.address.to_string());
-                    reply(writer, "250 2.1.0 sender ok").await?;
+                    match DsnRequest::from_mail(from.flags, from.env_id.as_deref()) {
+                        Ok(dsn) => {
+                            txn.sender = Some(from.address.to_string());
+                            txn.dsn = dsn;
+                            reply(writer, "250 2.1.0 sender ok").await?;
+                        }
+                        Err(e) => reply(writer, &format!("501 5.5.4 {e}")).await?,
+                    }
                 }
             }
             Ok(Request::Rcpt { to }) => {
@@ -315,20 +359,30 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     reply(writer, "503 5.5.1 need MAIL before RCPT").await?;
                 } else if txn.recipients.len() >= settings.max_recipients as usize {
                     reply(writer, &format!("452 4.5.3 too many recipients (limit {})", settings.max_recipients)).await?;
+                } else if to.flags & !RCPT_DSN_FLAGS != 0 || to.rrvs != 0 {
+                    reply(writer, "555 5.5.4 only the NOTIFY and ORCPT parameters are supported").await?;
                 } else {
-                    match mailbox {
-                        Some((local, d)) if inbound.accepts_domain(&d) => {
+                    let dsn = RcptDsn::from_rcpt(to.flags, to.orcpt.as_deref());
+                    match (mailbox, dsn) {
+                        (_, Err(e)) => reply(writer, &format!("501 5.5.4 {e}")).await?,
+                        (Some((local, d)), Ok(dsn)) if inbound.accepts_domain(&d) => {
                             // A mailbox named twice gets the message once (Postfix's cleanup and
-                            // Exim drop duplicate recipients too). Local parts keep their case:
-                            // they may be case-sensitive.
-                            txn.recipients.insert(format!("{local}@{d}"));
+                            // Exim drop duplicate recipients too), with its first parameters.
+                            // Local parts keep their case: they may be case-sensitive.
+                            let mailbox = format!("{local}@{d}");
+                            if let Some(dsn) = dsn
+                                && !txn.recipients.contains(&mailbox)
+                            {
+                                txn.dsn.get_or_insert_default().recipients.insert(mailbox.clone(), dsn);
+                            }
+                            txn.recipients.insert(mailbox);
                             reply(writer, "250 2.1.5 recipient ok").await?;
                         }
-                        Some((_, d)) => {
+                        (Some((_, d)), Ok(_)) => {
                             tracing::info!(%peer, rcpt = %address, "relaying denied");
                             reply(writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}")).await?;
                         }
-                        None => reply(writer, "550 5.1.3 recipient address needs a domain").await?,
+                        (None, Ok(_)) => reply(writer, "550 5.1.3 recipient address needs a domain").await?,
                     }
                 }
             }
@@ -490,6 +544,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         .enumerate()
         .map(|(i, (domain, recipients))| Envelope {
             id: if i == 0 { first_id } else { inbound.queue.next_id() },
+            dsn: txn.dsn.as_ref().and_then(|d| d.for_recipients(&recipients)),
             sender: sender.clone(),
             domain,
             recipients,

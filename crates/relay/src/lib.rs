@@ -7,15 +7,16 @@
 //! * [`simulate`]: `mxrelay plan`, the policy run on simulated messages;
 //! * [`inbound`] → [`queue`] → [`scheduler`] → [`delivery`] → [`outbound`]: the relay's path
 //!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them;
-//! * [`tls`]: STARTTLS in and out.
+//! * [`tls`]: STARTTLS in and out;
+//! * [`dsn`]: the sender's DSN requests and the notifications the relay sends.
 #![forbid(unsafe_code)]
 
 pub use mxrelay_config::{config, duration};
+pub use mxrelay_dsn as dsn;
 pub use mxrelay_message_data as data;
 
 pub mod admin;
 pub mod delivery;
-pub mod dsn;
 pub mod health;
 pub mod inbound;
 pub mod outbound;

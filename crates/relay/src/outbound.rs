@@ -13,6 +13,10 @@
 //!
 //! Replies count by their first digit (`ReplyKind`), so an unexpected one never bounces mail.
 //!
+//! The sender's DSN requests go on to a server that offers DSN (`RET` and `ENVID` on MAIL,
+//! `NOTIFY` and `ORCPT` on each RCPT); the verdict says whether it did, since a server without
+//! DSN leaves the success reports to the relay.
+//!
 //! TLS follows the domain's `tls` mode: a server that does not offer STARTTLS, refuses it or
 //! fails the handshake is a failed session when TLS is required, and is used in clear when it
 //! is opportunistic. Nothing is sent in clear on a connection meant to be encrypted.
@@ -29,13 +33,14 @@ use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use mail_send::SmtpClient;
 use mxrelay_policy_core::{HostKind, Server};
-use smtp_proto::{EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, Response};
+use smtp_proto::{EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, Response};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{DeliveryConfig, TlsMode};
 use crate::data::dot_stuff;
+use crate::dsn::DsnRequest;
 use crate::tls::OutboundTls;
 
 /// How long an idle connection is kept for reuse.
@@ -69,6 +74,9 @@ pub enum ServerVerdict {
         rcpts: Vec<RcptVerdict>,
         /// The reply to the final `.`.
         reply: String,
+        /// The server offered DSN, so the sender's requests went on with the message and
+        /// reports of its further fate are the server's to send.
+        dsn_offered: bool,
     },
     /// No connection could be made to any of its addresses: next server; mark it down.
     Unreachable(String),
@@ -92,6 +100,8 @@ pub struct Outgoing<'a> {
     pub recipients: &'a [String],
     /// Canonical message data (CRLF line ends, not dot-stuffed).
     pub data: &'a [u8],
+    /// The sender's DSN requests, passed on to a server that offers DSN.
+    pub dsn: Option<&'a DsnRequest>,
 }
 
 /// The TLS a delivery asks for, and the name the server's certificate must carry.
@@ -512,9 +522,18 @@ impl Transport {
             }
             mail.push_str(" SMTPUTF8");
         }
+        // RFC 3461 §4: the sender's DSN requests go on to a server that offers DSN.
+        let dsn_offered = s.capabilities & EXT_DSN != 0;
+        let dsn = msg.dsn.filter(|_| dsn_offered);
+        if let Some(d) = dsn {
+            mail.push_str(&d.mail_params());
+        }
         mail.push_str("\r\n");
         let mut commands = vec![mail];
-        commands.extend(msg.recipients.iter().map(|r| format!("RCPT TO:<{r}>\r\n")));
+        commands.extend(msg.recipients.iter().map(|r| match dsn {
+            Some(d) => format!("RCPT TO:<{r}>{}\r\n", d.rcpt_params(r)),
+            None => format!("RCPT TO:<{r}>\r\n"),
+        }));
         commands.push("DATA\r\n".into());
 
         let replies = if s.capabilities & EXT_PIPELINING != 0 {
@@ -582,7 +601,7 @@ impl Transport {
                 let _ = s.client.read().await;
             }
             self.reset(key, s).await;
-            return Ok(ServerVerdict::Completed { rcpts, reply: String::new() });
+            return Ok(ServerVerdict::Completed { rcpts, reply: String::new(), dsn_offered });
         }
         let Some(data_reply) = data_reply else {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")));
@@ -621,7 +640,7 @@ impl Transport {
             ReplyKind::Positive => {
                 s.sent += 1;
                 self.put_idle(key, s);
-                ServerVerdict::Completed { rcpts, reply: text }
+                ServerVerdict::Completed { rcpts, reply: text, dsn_offered }
             }
             ReplyKind::Transient => {
                 self.put_idle(key, s);
@@ -860,7 +879,7 @@ mod tests {
         let transport = Transport::new("relay.test", &config("").delivery);
         let settings = OutboundTls::for_domain(&domain(TlsMode::None, None)).expect("tls settings");
         let recipients = ["a@customer.test".to_string(), "b@customer.test".to_string()];
-        let msg = Outgoing { sender: "s@src.test", recipients: &recipients, data: b"Subject: t\r\n\r\nbody\r\n" };
+        let msg = Outgoing { sender: "s@src.test", recipients: &recipients, data: b"Subject: t\r\n\r\nbody\r\n", dsn: None };
         let target = server("127.0.0.1", addr.port());
         let verdict = transport.send(&target, &msg, &settings).await;
         (verdict, transport.take_idle(&pool_key(&target, &settings)).is_some())

@@ -24,6 +24,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::dsn::DsnRequest;
+
 const ENVELOPES: TableDefinition<u64, &[u8]> = TableDefinition::new("envelopes");
 const DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("data");
 
@@ -73,6 +75,9 @@ pub struct Envelope {
     /// Whether the sender was told of a delay already.
     #[serde(default)]
     pub warned: bool,
+    /// The sender's DSN requests (RFC 3461), when it made any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsn: Option<Box<DsnRequest>>,
 }
 
 impl Envelope {
@@ -771,7 +776,25 @@ mod tests {
             last_error: None,
             size: 5,
             warned: false,
+            dsn: None,
         }
+    }
+
+    /// Envelopes are JSON in the queue: one queued before DSN requests were kept still loads,
+    /// and one without a request is written as before, so an older build can read it back.
+    #[test]
+    fn envelopes_without_dsn_requests_keep_their_format() {
+        let old = r#"{"id":7,"sender":"a@src.test","domain":"customer.test","recipients":["u@customer.test"],"received_ms":1,"attempts":0,"next_attempt_ms":1,"last_error":null,"size":5,"warned":false}"#;
+        let env: Envelope = serde_json::from_str(old).expect("an envelope queued by an older build");
+        assert_eq!(env.dsn, None);
+        assert_eq!(envelope_json(&env), old.as_bytes());
+        let mut request = DsnRequest { envid: Some("e1".into()), ..DsnRequest::default() };
+        request
+            .recipients
+            .insert("u@customer.test".into(), crate::dsn::RcptDsn { notify: None, orcpt: Some("o@old.test".into()) });
+        let with = Envelope { dsn: Some(Box::new(request)), ..env };
+        let back: Envelope = serde_json::from_slice(&envelope_json(&with)).expect("round trip");
+        assert_eq!(back, with);
     }
 
     #[tokio::test]

@@ -188,6 +188,7 @@ impl Scheduler {
                     Err(e) => Outcome::Deferred {
                         delivered: vec![],
                         failed: vec![],
+                        relayed: vec![],
                         remaining: env.recipients.clone(),
                         reason: DeferReason::Failed(e.to_string()),
                     },
@@ -304,27 +305,28 @@ impl Scheduler {
         if !self.entries.contains_key(&env.id) {
             return; // removed by the operator while in flight
         }
-        let (failed, rest) = match outcome {
-            Outcome::Done { delivered, failed } => {
+        let (failed, relayed, rest) = match outcome {
+            Outcome::Done { delivered, failed, relayed } => {
                 tracing::debug!(queue_id = %env.queue_id(), delivered = delivered.len(), failed = failed.len(), "done");
-                (failed, None)
+                (failed, relayed, None)
             }
-            Outcome::Deferred { failed, remaining, reason, .. } => (failed, Some((remaining, reason))),
+            Outcome::Deferred { failed, relayed, remaining, reason, .. } => (failed, relayed, Some((remaining, reason))),
         };
         for (rcpt, why) in &failed {
             tracing::warn!(queue_id = %env.queue_id(), rcpt, reason = %why, "permanent failure");
             metrics::counter!("mxrelay_failed_total").increment(1);
         }
-        let failed: Vec<RecipientStatus> =
-            failed.into_iter().map(|(recipient, diagnostic)| RecipientStatus { recipient, diagnostic, status: None }).collect();
+        let statuses = |list: Vec<(String, String)>| -> Vec<RecipientStatus> {
+            list.into_iter().map(|(recipient, diagnostic)| RecipientStatus { recipient, diagnostic, status: None }).collect()
+        };
+        let (mut failed, relayed) = (statuses(failed), statuses(relayed));
         let Some((remaining, reason)) = rest else {
             // Done: the original goes once its failures (if any) are reported.
             self.entries.remove(&env.id);
             self.fresh.remove(&env.id);
-            self.notify(&env, Action::Failed, failed, true);
+            self.notify(&env, vec![(Action::Relayed, relayed), (Action::Failed, failed)], true);
             return;
         };
-        self.notify(&env, Action::Failed, failed, false);
         env.recipients = remaining;
         env.attempts += 1;
         env.last_error = Some(reason.to_string());
@@ -334,26 +336,24 @@ impl Scheduler {
             tracing::warn!(queue_id = %env.queue_id(), rcpts = ?env.recipients, reason = %reason, "expired after max_queue_lifetime; giving up");
             metrics::counter!("mxrelay_expired_total").increment(1);
             self.entries.remove(&env.id);
-            let expired: Vec<RecipientStatus> = env
-                .recipients
-                .iter()
-                .map(|r| RecipientStatus {
-                    recipient: r.clone(),
-                    diagnostic: format!("delivery time expired: {reason}"),
-                    status: Some("4.4.7"),
-                })
-                .collect();
-            self.notify(&env, Action::Failed, expired, true);
+            failed.extend(env.recipients.iter().map(|r| RecipientStatus {
+                recipient: r.clone(),
+                diagnostic: format!("delivery time expired: {reason}"),
+                status: Some("4.4.7"),
+            }));
+            self.notify(&env, vec![(Action::Relayed, relayed), (Action::Failed, failed)], true);
         } else {
+            let mut reports = vec![(Action::Relayed, relayed), (Action::Failed, failed)];
             if self.retry.delay_warning.is_some_and(|w| age >= w) && !env.warned {
                 env.warned = true;
-                let delayed: Vec<RecipientStatus> = env
+                let delayed = env
                     .recipients
                     .iter()
                     .map(|r| RecipientStatus { recipient: r.clone(), diagnostic: reason.to_string(), status: None })
                     .collect();
-                self.notify(&env, Action::Delayed, delayed, false);
+                reports.push((Action::Delayed, delayed));
             }
+            self.notify(&env, reports, false);
             // A server may have come back while this run found them all down.
             let recovered = reason == DeferReason::AllServersDown && self.any_server_up(&env.domain);
             let delay = if recovered { Duration::ZERO } else { self.retry.delay(env.attempts) };
@@ -369,13 +369,28 @@ impl Scheduler {
         }
     }
 
-    /// Queues a notification to the sender of `env` about `recipients` (nothing to report:
-    /// nothing is sent), then removes the original from disk if `remove_original`. Never a
-    /// notification about a notification: those have the null sender.
-    fn notify(&self, env: &Envelope, action: Action, recipients: Vec<RecipientStatus>, remove_original: bool) {
+    /// Queues notifications to the sender of `env`, one per action with recipients that
+    /// asked for it (their `NOTIFY`, or failures and delays by default), then removes the
+    /// original from disk if `remove_original`. One task reads the original once for all of
+    /// them, before removing it. Never a notification about a notification: those have the
+    /// null sender.
+    fn notify(&self, env: &Envelope, reports: Vec<(Action, Vec<RecipientStatus>)>, remove_original: bool) {
         let queue = self.queue.clone();
-        if recipients.is_empty() || env.sender.is_empty() {
-            if !recipients.is_empty() {
+        let reports: Vec<(Action, Vec<RecipientStatus>)> = reports
+            .into_iter()
+            .map(|(action, recipients)| {
+                let (wanted, unwanted): (Vec<_>, Vec<_>) =
+                    recipients.into_iter().partition(|r| dsn::wanted(env.dsn.as_deref(), &r.recipient, action));
+                if !unwanted.is_empty() {
+                    let rcpts: Vec<&str> = unwanted.iter().map(|r| r.recipient.as_str()).collect();
+                    tracing::info!(queue_id = %env.queue_id(), ?action, ?rcpts, "no notification: the sender's NOTIFY does not ask for it");
+                }
+                (action, wanted)
+            })
+            .filter(|(_, recipients)| !recipients.is_empty())
+            .collect();
+        if reports.is_empty() || env.sender.is_empty() {
+            if !reports.is_empty() {
                 tracing::info!(queue_id = %env.queue_id(), "no notification for a message with the null sender");
             }
             if remove_original {
@@ -392,44 +407,46 @@ impl Scheduler {
         };
         let sender_domain = sender_domain.trim_end_matches('.').to_ascii_lowercase();
         let (events, hostname, env) = (self.events.clone(), self.retry.hostname.clone(), env.clone());
-        let retry_until_secs = match action {
-            Action::Delayed => Some((env.received_ms + self.retry.max_lifetime.as_millis() as u64) / 1000),
-            Action::Failed => None,
-        };
+        let retry_until_secs = (env.received_ms + self.retry.max_lifetime.as_millis() as u64) / 1000;
         tokio::spawn(async move {
-            // Reading the original before it is removed: its headers go into the report.
+            // Reading the original before it is removed: its headers go into the reports.
             let original = queue.read_data(env.id).unwrap_or_default();
-            let now = now_ms();
-            let report = Report {
-                action,
-                reporting_mta: &hostname,
-                queue_id: env.id,
-                arrival_secs: env.received_ms / 1000,
-                now_secs: now / 1000,
-                retry_until_secs,
-                sender: &env.sender,
-                recipients: &recipients,
-            };
-            let body = Arc::new(dsn::build(&report, &original));
-            let notice = Envelope {
-                id: queue.next_id(),
-                sender: String::new(),
-                domain: sender_domain,
-                recipients: vec![env.sender.clone()],
-                received_ms: now,
-                attempts: 0,
-                next_attempt_ms: now,
-                last_error: None,
-                size: body.len() as u64,
-                warned: true,
-            };
-            match queue.insert(vec![(notice.clone(), body.clone())]).await {
-                Ok(()) => {
-                    tracing::info!(queue_id = %env.queue_id(), notice = %notice.queue_id(), sender = %env.sender, ?action, "delivery status notification queued");
-                    metrics::counter!("mxrelay_notifications_total").increment(1);
-                    let _ = events.send(Event::Accepted(vec![notice], body));
+            let queue_id = env.queue_id();
+            for (action, recipients) in reports {
+                let now = now_ms();
+                let report = Report {
+                    action,
+                    reporting_mta: &hostname,
+                    queue_id: &queue_id,
+                    arrival_secs: env.received_ms / 1000,
+                    now_secs: now / 1000,
+                    retry_until_secs: (action == Action::Delayed).then_some(retry_until_secs),
+                    sender: &env.sender,
+                    recipients: &recipients,
+                    request: env.dsn.as_deref(),
+                };
+                let body = Arc::new(dsn::build(&report, &original));
+                let notice = Envelope {
+                    id: queue.next_id(),
+                    sender: String::new(),
+                    domain: sender_domain.clone(),
+                    recipients: vec![env.sender.clone()],
+                    received_ms: now,
+                    attempts: 0,
+                    next_attempt_ms: now,
+                    last_error: None,
+                    size: body.len() as u64,
+                    warned: true,
+                    dsn: None,
+                };
+                match queue.insert(vec![(notice.clone(), body.clone())]).await {
+                    Ok(()) => {
+                        tracing::info!(queue_id = %env.queue_id(), notice = %notice.queue_id(), sender = %env.sender, ?action, "delivery status notification queued");
+                        metrics::counter!("mxrelay_notifications_total").increment(1);
+                        let _ = events.send(Event::Accepted(vec![notice], body));
+                    }
+                    Err(e) => tracing::error!(queue_id = %env.queue_id(), error = %e, "could not queue the notification"),
                 }
-                Err(e) => tracing::error!(queue_id = %env.queue_id(), error = %e, "could not queue the notification"),
             }
             if remove_original {
                 queue.remove(env.id);
