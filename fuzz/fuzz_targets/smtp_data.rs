@@ -1,9 +1,10 @@
 //! DATA as a client sends it: whatever the bytes, what is queued has only CRLF line ends,
-//! and what is sent on holds exactly one end-of-data marker, at its end.
+//! what is sent on holds exactly one end-of-data marker, at its end, and the hop count never
+//! panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxrelay_message_data::{DataEnd, dot_stuff, read_data};
+use mxrelay_message_data::{DataEnd, dot_stuff, read_data, received_headers};
 
 fuzz_target!(|input: &[u8]| {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
@@ -20,6 +21,8 @@ fuzz_target!(|input: &[u8]| {
             _ => {}
         }
     }
+    // The hop count scans header lines: at most one per line, whatever the bytes.
+    assert!(received_headers(&out) <= out.iter().filter(|&&b| b == b'\n').count());
     let mut wire = Vec::new();
     dot_stuff(&out, &mut wire);
     let marker = b"\r\n.\r\n";

@@ -156,6 +156,28 @@ async fn limits_on_connections_recipients_and_line_length() {
     assert_eq!(c.reply().await, "", "closed after an overlong line");
 }
 
+/// A message that has made more hops than `max_hops` is going round a loop: refused with
+/// `554 5.4.6`, so the client reports it, and never queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_too_many_received_fields_is_refused_as_a_loop() {
+    let sink = Sink::start("127.0.1.127", &[]);
+    let relay = Relay::start_with("max_hops = 3", &domain_block("customer.test", &[(&sink, 10)]), "");
+    let hops = |n: usize| "Received: from mx.customer.test by filter.test; Sun, 29 Nov 2026 14:00:00 +0000\r\n".repeat(n);
+    let mut c = Raw::start(&relay.addr, "user@customer.test").await;
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    let answer = c.cmd(&format!("{}X-Seq: 1\r\n\r\nlooping\r\nEND-OF-MESSAGE 1\r\n.", hops(4))).await;
+    assert!(answer.starts_with("554 5.4.6 too many hops: 4 Received: fields (limit 3)"), "{answer}");
+    // The session goes on: the same client's next message, within the limit, is taken.
+    assert!(c.cmd("MAIL FROM:<a@src.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<user@customer.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    let answer = c.cmd(&format!("{}X-Seq: 2\r\n\r\nfine\r\nEND-OF-MESSAGE 2\r\n.", hops(3))).await;
+    assert!(answer.starts_with("250"), "{answer}");
+    eventually("the second message delivered", || sink.count() == 1).await;
+    assert_eq!(sink.received().into_keys().collect::<Vec<_>>(), [2], "the looping message was queued");
+    assert_eq!(relay.log_lines(&["a mail loop"]).len(), 1);
+}
+
 /// A client that goes quiet, or drips a byte at a time, is cut off at the idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_clients_are_cut_off() {

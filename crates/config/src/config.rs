@@ -82,6 +82,8 @@ struct FileRelay {
     #[serde(default)]
     max_recipients: Option<u32>,
     #[serde(default)]
+    max_hops: Option<u32>,
+    #[serde(default)]
     max_connections_per_client: Option<u32>,
     #[serde(default)]
     idle_timeout: Option<String>,
@@ -272,6 +274,9 @@ pub struct RelayConfig {
     pub max_message_size: u64,
     /// Most recipients per message (default 100).
     pub max_recipients: u32,
+    /// Most `Received:` fields a message may arrive with; more means a mail loop (default 50,
+    /// Postfix's `hopcount_limit`).
+    pub max_hops: u32,
     /// Most simultaneous connections from one client address (default 100).
     pub max_connections_per_client: u32,
     /// A client silent for this long is disconnected with 421 (default 5 min, RFC 5321 §4.5.3.2).
@@ -477,6 +482,13 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
     if max_recipients == 0 {
         problems.push(error("relay.max_recipients", "0 would refuse every message; RFC 5321 requires at least 100"));
     }
+    let max_hops = file.max_hops.unwrap_or(50);
+    if max_hops == 0 {
+        problems.push(error(
+            "relay.max_hops",
+            "0 would refuse mail from every MTA, since each adds a Received: field; Postfix allows 50",
+        ));
+    }
     let max_connections_per_client = file.max_connections_per_client.unwrap_or(100);
     if max_connections_per_client == 0 {
         problems.push(error("relay.max_connections_per_client", "0 would refuse every client; use at least 1"));
@@ -488,6 +500,7 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         accept_from,
         max_message_size,
         max_recipients,
+        max_hops,
         max_connections_per_client,
         idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
         shutdown_timeout: duration_field("relay.shutdown_timeout", file.shutdown_timeout, Duration::from_secs(30), problems),
@@ -711,6 +724,7 @@ preference = 20
         assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(5 * 86400));
         assert_eq!(c.domains[0].servers[1], Server { host: "192.0.2.20".into(), port: 2526, preference: 20, weight: 1 });
         assert!(c.relay.accept_from.iter().any(|r| r.contains("127.0.0.1".parse().expect("ip"))));
+        assert_eq!(c.relay.max_hops, 50);
     }
 
     #[test]
@@ -739,6 +753,8 @@ preference = 20
         assert!(p.iter().any(|l| l.starts_with("relay.accept_from[0]:")), "{p:?}");
         let p = problems(&SEED.replace("[[domain]]", "[delivery]\nretry = [\"5 parsecs\"]\n\n[[domain]]"));
         assert!(p.iter().any(|l| l.starts_with("delivery.retry[0]:")), "{p:?}");
+        let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nmax_hops = 0"));
+        assert!(p.iter().any(|l| l.starts_with("relay.max_hops: 0 would refuse")), "{p:?}");
     }
 
     #[test]

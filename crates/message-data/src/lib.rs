@@ -102,6 +102,26 @@ pub fn dot_stuff(data: &[u8], wire: &mut Vec<u8>) {
     wire.extend_from_slice(b".\r\n");
 }
 
+/// How many `Received:` fields the header section of `data` (canonical CRLF text) holds: the
+/// hops the message has made, by which RFC 5321 §6.3 detects mail loops. Names compare
+/// without case, and the obsolete `Received :` form counts too.
+pub fn received_headers(data: &[u8]) -> usize {
+    let mut count = 0;
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', data) {
+        let line = &data[start..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break; // the end of the header section
+        }
+        if line.len() > 8 && line[..8].eq_ignore_ascii_case(b"received") && line[8..].trim_ascii_start().starts_with(b":") {
+            count += 1;
+        }
+        start = end + 1;
+    }
+    count
+}
+
 /// RFC 5322 date-time in UTC, e.g. `Sat, 28 Nov 2026 18:48:20 +0000`.
 pub fn rfc5322_date(unix_secs: u64) -> String {
     let days = (unix_secs / 86_400) as i64;
@@ -131,6 +151,16 @@ pub fn rfc5322_date(unix_secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_fields_of_the_header_section_are_counted() {
+        let message = b"Received: from a\r\n\tby b; date\r\nRECEIVED: x\r\nreceived : obsolete form\r\n\
+            Received-SPF: pass\r\nX-Received: y\r\nSubject: Received: no\r\n\r\nReceived: in the body\r\n";
+        assert_eq!(received_headers(message), 3);
+        assert_eq!(received_headers(b"Subject: none\r\n\r\n"), 0);
+        assert_eq!(received_headers(b""), 0);
+        assert_eq!(received_headers(b"Received: only line, no end"), 0, "a line counts once it ends");
+    }
 
     async fn read(input: &[u8], max: u64) -> (DataEnd, Normalised, Vec<u8>, Vec<u8>) {
         let mut reader = tokio::io::BufReader::new(input);

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
-use crate::data::{DataEnd, read_data, rfc5322_date};
+use crate::data::{DataEnd, read_data, received_headers, rfc5322_date};
 use crate::dsn::{DsnRequest, RcptDsn};
 use crate::queue::{Envelope, Queue, format_id, now_ms};
 use crate::scheduler::Event;
@@ -525,6 +525,14 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
             return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", settings.max_message_size)));
         }
         DataEnd::Complete => {}
+    }
+    // RFC 5321 §6.3: a message that has been through this many MTAs is going round in circles
+    // (a customer server forwarding back to the filtering service, say). Refused, so the
+    // client reports it, instead of being delivered round the loop again.
+    let hops = received_headers(&data[header.len()..]);
+    if hops > settings.max_hops as usize {
+        tracing::warn!(%peer, hops, limit = settings.max_hops, "refused: too many Received: fields, a mail loop");
+        return Ok(Some(format!("554 5.4.6 too many hops: {hops} Received: fields (limit {}); a mail loop?", settings.max_hops)));
     }
     if fixed.bare_lf > 0 || fixed.stray_cr > 0 {
         tracing::info!(%peer, bare_lf = fixed.bare_lf, stray_cr = fixed.stray_cr, "normalised non-CRLF line ends");
