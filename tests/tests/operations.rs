@@ -1,6 +1,7 @@
-//! Operating the relay: live reload on SIGHUP and graceful shutdown on SIGTERM.
+//! Operating the relay: live reload on SIGHUP, graceful shutdown on SIGTERM, the queue
+//! commands, and the source address of deliveries.
 
-use mxrelay_e2e::{Relay, Sink, domain_block, eventually, send, send_one};
+use mxrelay_e2e::{Relay, Sink, domain_block, eventually, mxrelay, send, send_one};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_new_config_and_refuses_a_broken_one() {
@@ -100,4 +101,36 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     let (ok, _, err) =
         mxrelay_e2e::mxrelay(&["queue", "list", &relay.config_path().with_file_name("missing.toml").display().to_string()]);
     assert!(!ok && err.contains("cannot read"), "{err}");
+}
+
+/// Customers often let in only the filtering service's addresses: deliveries and health
+/// probes leave from `bind_address`, and an address the machine does not have stops the
+/// start instead of marking every server down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_leave_from_the_configured_source_address() {
+    let mut sink = Sink::start("127.0.1.128", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "bind_address = \"127.0.0.9\"");
+    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("delivered", || sink.count() == 1).await;
+    let dump = &sink.dumps()[0];
+    assert!(dump.contains("X-Client-Addr: 127.0.0.9\n"), "{dump}");
+    // Down, then probed: the probe's connection comes from the same address. A listener of
+    // the test's own takes the sink's place to see where the probe comes from.
+    sink.kill();
+    assert!(send_one(&relay.addr, "user@customer.test", 2).await);
+    eventually("marked down", || !relay.log_lines(&["outcome=\"unreachable\""]).is_empty()).await;
+    let catcher = tokio::net::TcpListener::bind(&sink.addr).await.expect("bind the sink's address");
+    let (mut probe, from) = catcher.accept().await.expect("the probe");
+    assert_eq!(from.ip().to_string(), "127.0.0.9", "the probe's source address");
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut probe, b"554 not yet\r\n").await;
+    drop((probe, catcher));
+    sink.restart();
+    eventually("the queued message delivered", || sink.count() == 2).await;
+    assert!(sink.dumps().iter().all(|d| d.contains("X-Client-Addr: 127.0.0.9\n")));
+
+    let config = std::fs::read_to_string(relay.config_path()).expect("config");
+    let elsewhere = relay.config_path().with_file_name("elsewhere.toml");
+    std::fs::write(&elsewhere, config.replace("bind_address = \"127.0.0.9\"", "bind_address = \"192.0.2.1\"")).expect("write");
+    let (ok, _, stderr) = mxrelay(&["run", elsewhere.to_str().expect("utf-8 path")]);
+    assert!(!ok && stderr.contains("delivery.bind_address = \"192.0.2.1\" cannot be used as a source address"), "{stderr}");
 }

@@ -117,6 +117,8 @@ struct FileDelivery {
     workers: Option<u32>,
     bounce_relay: Option<String>,
     delay_warning: Option<String>,
+    bind_address: Option<String>,
+    bind_address6: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -324,6 +326,11 @@ pub struct DeliveryConfig {
     pub bounce_relay: Option<Server>,
     /// Tell the sender once when a message is still queued after this long (off when unset).
     pub delay_warning: Option<Duration>,
+    /// Source address of connections to IPv4 servers (Postfix's `smtp_bind_address`), so
+    /// that customers can let in only the relay's addresses. The system's choice when unset.
+    pub bind_address: Option<std::net::Ipv4Addr>,
+    /// Source address of connections to IPv6 servers (Postfix's `smtp_bind_address6`).
+    pub bind_address6: Option<std::net::Ipv6Addr>,
 }
 
 /// The whole validated configuration.
@@ -575,12 +582,31 @@ fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> Del
             }
         }
     });
+    let bind_address = file.bind_address.and_then(|text| match text.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) if !ip.is_unspecified() => Some(ip),
+        _ => {
+            let hint = if text.contains(':') { " (an IPv6 address goes in delivery.bind_address6)" } else { "" };
+            problems.push(error("delivery.bind_address", format!("{text:?} is not an IPv4 address like 192.0.2.25{hint}")));
+            None
+        }
+    });
+    let bind_address6 = file.bind_address6.and_then(|text| match text.parse::<std::net::Ipv6Addr>() {
+        Ok(ip) if !ip.is_unspecified() => Some(ip),
+        _ => {
+            let hint =
+                if text.contains('.') && !text.contains(':') { " (an IPv4 address goes in delivery.bind_address)" } else { "" };
+            problems.push(error("delivery.bind_address6", format!("{text:?} is not an IPv6 address like 2001:db8::25{hint}")));
+            None
+        }
+    });
     let delay_warning = file
         .delay_warning
         .and_then(|text| parse_duration(&text).map_err(|e| problems.push(error("delivery.delay_warning", e))).ok());
     DeliveryConfig {
         bounce_relay,
         delay_warning,
+        bind_address,
+        bind_address6,
         resolver,
         retry,
         max_queue_lifetime: duration_field(
@@ -753,6 +779,15 @@ preference = 20
         assert!(p.iter().any(|l| l.starts_with("relay.accept_from[0]:")), "{p:?}");
         let p = problems(&SEED.replace("[[domain]]", "[delivery]\nretry = [\"5 parsecs\"]\n\n[[domain]]"));
         assert!(p.iter().any(|l| l.starts_with("delivery.retry[0]:")), "{p:?}");
+        let p = problems(
+            &SEED.replace("[[domain]]", "[delivery]\nbind_address = \"::1\"\nbind_address6 = \"0.0.0.0\"\n\n[[domain]]"),
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("delivery.bind_address: \"::1\" is not an IPv4 address") && l.contains("bind_address6")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|l| l.starts_with("delivery.bind_address6: \"0.0.0.0\" is not an IPv6 address")), "{p:?}");
         let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nmax_hops = 0"));
         assert!(p.iter().any(|l| l.starts_with("relay.max_hops: 0 would refuse")), "{p:?}");
     }

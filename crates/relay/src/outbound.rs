@@ -22,7 +22,7 @@
 //! is opportunistic. Nothing is sent in clear on a connection meant to be encrypted.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -200,6 +200,8 @@ pub struct Transport {
     connect_timeout: Duration,
     command_timeout: Duration,
     data_timeout: Duration,
+    bind_address: Option<Ipv4Addr>,
+    bind_address6: Option<Ipv6Addr>,
     idle: Mutex<HashMap<PoolKey, Vec<(Session, Instant)>>>,
 }
 
@@ -281,7 +283,21 @@ impl Transport {
             connect_timeout: delivery.connect_timeout,
             command_timeout: delivery.command_timeout,
             data_timeout: delivery.data_timeout,
+            bind_address: delivery.bind_address,
+            bind_address6: delivery.bind_address6,
             idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A TCP connection to `addr`, from the configured source address of its family.
+    async fn connect(&self, addr: SocketAddr) -> mail_send::Result<SmtpClient<TcpStream>> {
+        let source = match addr {
+            SocketAddr::V4(_) => self.bind_address.map(IpAddr::V4),
+            SocketAddr::V6(_) => self.bind_address6.map(IpAddr::V6),
+        };
+        match source {
+            Some(ip) => SmtpClient::connect_using(ip, addr, self.connect_timeout).await,
+            None => SmtpClient::connect(addr, self.connect_timeout).await,
         }
     }
 
@@ -336,9 +352,8 @@ impl Transport {
 
     /// Connects, reads the greeting and says EHLO.
     async fn greet(&self, addr: SocketAddr) -> Result<(SmtpClient<TcpStream>, u32), ServerVerdict> {
-        let mut client = SmtpClient::connect(addr, self.connect_timeout)
-            .await
-            .map_err(|e| ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e))))?;
+        let mut client =
+            self.connect(addr).await.map_err(|e| ServerVerdict::Unreachable(format!("connect to {addr}: {}", error_text(&e))))?;
         let _ = client.stream.set_nodelay(true);
         client.timeout = self.command_timeout;
         let greeting = tokio::time::timeout(self.command_timeout, client.read())
@@ -698,7 +713,7 @@ impl Transport {
 
     /// Whether `addr` answers with a `220` greeting (used to probe servers marked down).
     pub async fn probe(&self, addr: SocketAddr) -> Result<(), String> {
-        let mut client = SmtpClient::connect(addr, self.connect_timeout).await.map_err(|e| error_text(&e))?;
+        let mut client = self.connect(addr).await.map_err(|e| error_text(&e))?;
         let greeting = tokio::time::timeout(self.command_timeout, client.read())
             .await
             .map_err(|_| "no greeting".to_string())?

@@ -30,6 +30,16 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A configured source address for delivery is not one of this machine's.
+    #[error("{key} = \"{ip}\" cannot be used as a source address: {source}")]
+    SourceAddress {
+        /// The setting.
+        key: &'static str,
+        /// The address.
+        ip: std::net::IpAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -38,6 +48,27 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// Refuses to start with a source address this machine does not have: every connection
+/// from it would fail, and each server would be marked down in turn.
+fn check_source_addresses(delivery: &crate::config::DeliveryConfig) -> Result<(), StartError> {
+    use std::net::IpAddr;
+    let sources = [
+        ("delivery.bind_address", delivery.bind_address.map(IpAddr::V4)),
+        ("delivery.bind_address6", delivery.bind_address6.map(IpAddr::V6)),
+    ];
+    for (key, ip) in sources {
+        if let Some(ip) = ip {
+            let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+            socket.and_then(|s| s.bind(std::net::SocketAddr::new(ip, 0))).map_err(|source| StartError::SourceAddress {
+                key,
+                ip,
+                source,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// A running relay.
@@ -63,6 +94,7 @@ pub struct Relay {
 pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>) -> Result<Relay, StartError> {
     static METRICS: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = std::sync::OnceLock::new();
     let metrics = METRICS.get_or_init(crate::admin::install_metrics).clone();
+    check_source_addresses(&config.delivery)?;
     let (queue, existing) = Queue::open(&config.relay.queue)?;
     if !existing.is_empty() {
         tracing::info!(queued = existing.len(), "resuming queued mail");
