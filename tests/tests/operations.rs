@@ -90,17 +90,62 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     assert_eq!(mxrelay_e2e::metric(&metrics, "mxrelay_queue_size "), Some(2.0), "{metrics}");
     let age = mxrelay_e2e::metric(&metrics, "mxrelay_queue_oldest_seconds ").expect("queue age metric");
     assert!(age > 0.0 && age < 60.0, "oldest queued message is {age} s old");
+    let series = "mxrelay_domain_queue_size{domain=\"customer.test\"} ";
+    assert_eq!(mxrelay_e2e::metric(&metrics, series), Some(2.0), "{metrics}");
+    let domain_age = mxrelay_e2e::metric(&metrics, "mxrelay_domain_queue_oldest_seconds{domain=\"customer.test\"} ");
+    assert_eq!(domain_age, Some(age), "one domain: its oldest is the queue's oldest");
 
     let sink = Sink::start_at(&sink_addr, &[]);
     let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "retry", &config, "--domain", "customer.test"]);
     assert!(ok && out.contains("retrying every message for customer.test"), "{out}{err}");
     eventually("the two left delivered", || sink.count() == 2).await;
     eventually("queue empty", || mxrelay_e2e::mxrelay(&["queue", "list", &config]).1.contains("the queue is empty")).await;
+    let metrics = mxrelay_e2e::http_get(&admin, "/metrics");
+    assert_eq!(mxrelay_e2e::metric(&metrics, series), Some(0.0), "a drained domain reads 0: {metrics}");
     assert_eq!(sink.received().len(), 2, "the removed message must not be delivered");
 
     let (ok, _, err) =
         mxrelay_e2e::mxrelay(&["queue", "list", &relay.config_path().with_file_name("missing.toml").display().to_string()]);
     assert!(!ok && err.contains("cannot read"), "{err}");
+}
+
+/// A domain taken out of the config keeps its queued mail and its queue gauge; once that
+/// mail is gone the gauge reads 0, not its last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_gauge_of_a_removed_domain_falls_to_zero_when_its_mail_is_gone() {
+    let down = format!("127.0.1.84:{}", mxrelay_e2e::free_port("127.0.1.84"));
+    let (host, port) = down.split_once(':').expect("addr");
+    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let block = |name: &str| format!("[[domain]]\nname = \"{name}\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\n");
+    let relay = Relay::start_with(
+        &format!("admin_listen = \"{admin}\"\nadmin_token = \"gauge-test-token-0123456789\""),
+        &block("gone.test"),
+        "retry = [\"1h\"]\nprobe_interval = \"1h\"",
+    );
+    assert!(send_one(&relay.addr, "user@gone.test", 1).await);
+    eventually("deferred", || !relay.log_lines(&["deferred"]).is_empty()).await;
+    let series = "mxrelay_domain_queue_size{domain=\"gone.test\"} ";
+    let gauge = || mxrelay_e2e::metric(&mxrelay_e2e::http_get(&admin, "/metrics"), series);
+    assert_eq!(gauge(), Some(1.0));
+
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    let head = text.split("[[domain]]").next().expect("head").to_string();
+    std::fs::write(&path, format!("{head}{}", block("other.test"))).expect("write");
+    relay.signal("HUP");
+    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    assert_eq!(gauge(), Some(1.0), "the mail is still queued");
+
+    let config = path.display().to_string();
+    let (_, json, _) = mxrelay(&["queue", "list", &config, "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let (ok, out, err) = mxrelay(&["queue", "remove", &config, list[0]["id"].as_str().expect("id")]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(gauge(), Some(0.0), "neither configured nor queued for: 0");
+    assert_eq!(
+        mxrelay_e2e::metric(&mxrelay_e2e::http_get(&admin, "/metrics"), "mxrelay_domain_queue_size{domain=\"other.test\"} "),
+        Some(0.0)
+    );
 }
 
 /// Customers often let in only the filtering service's addresses: deliveries and health

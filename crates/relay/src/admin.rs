@@ -8,6 +8,7 @@
 //!   applied), then applied to new deliveries at once and written to the config file.
 //! * `GET /` and the widget's files from `relay.web_root`.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -51,6 +52,9 @@ pub struct AdminState {
     pub policies: Arc<RwLock<Arc<Policies>>>,
     /// The scheduler, for queue control.
     pub events: tokio::sync::mpsc::UnboundedSender<crate::scheduler::Event>,
+    /// Domains given a queue gauge at the last scrape, so that one no longer configured or
+    /// queued for is set to 0 once instead of keeping its last value.
+    pub gauged_domains: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -91,11 +95,25 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     // cost a pass over the queue per message.
     let (tx, rx) = tokio::sync::oneshot::channel();
     if state.events.send(crate::scheduler::Event::Stats(tx)).is_ok()
-        && let Ok((size, oldest)) = rx.await
+        && let Ok(per_domain) = rx.await
     {
-        metrics::gauge!("mxrelay_queue_size").set(size as f64);
-        let age_ms = oldest.map_or(0, |t| crate::queue::now_ms().saturating_sub(t));
-        metrics::gauge!("mxrelay_queue_oldest_seconds").set(age_ms as f64 / 1000.0);
+        let now = crate::queue::now_ms();
+        let age = |oldest_ms: Option<u64>| oldest_ms.map_or(0, |t| now.saturating_sub(t)) as f64 / 1000.0;
+        metrics::gauge!("mxrelay_queue_size").set(per_domain.values().map(|s| s.size).sum::<usize>() as f64);
+        metrics::gauge!("mxrelay_queue_oldest_seconds").set(age(per_domain.values().map(|s| s.oldest_ms).min()));
+        // Every configured domain has its series, 0 when nothing waits, so a customer whose
+        // mail piles up stands out; so has any other domain with mail queued (notifications).
+        let mut current: HashSet<String> = read(&state.config).domains.iter().map(|d| d.name.clone()).collect();
+        current.extend(per_domain.keys().cloned());
+        let mut gauged = state.gauged_domains.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for domain in current.union(&gauged) {
+            let stats = per_domain.get(domain);
+            let size = stats.map_or(0, |s| s.size);
+            metrics::gauge!("mxrelay_domain_queue_size", "domain" => domain.clone()).set(size as f64);
+            metrics::gauge!("mxrelay_domain_queue_oldest_seconds", "domain" => domain.clone())
+                .set(age(stats.map(|s| s.oldest_ms)));
+        }
+        *gauged = current;
     }
     match &state.metrics {
         Some(m) => m.render().into_response(),

@@ -132,6 +132,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
                 config: shared_config.clone(),
                 policies: policies.clone(),
                 events: events_tx.clone(),
+                gauged_domains: Arc::default(),
             };
             Some(crate::admin::serve(addr, state).await.map_err(|source| StartError::Admin { addr, source })?)
         }

@@ -30,12 +30,21 @@ pub enum Event {
     RetryNow(RetryScope),
     /// Report the envelopes held (for status and tests).
     Snapshot(oneshot::Sender<Vec<Envelope>>),
-    /// Report how many envelopes are queued and when the oldest arrived (ms since the epoch).
-    Stats(oneshot::Sender<(usize, Option<u64>)>),
+    /// Report how many envelopes are queued, and when the oldest arrived, per domain.
+    Stats(oneshot::Sender<HashMap<String, QueueStats>>),
     /// Start no more deliveries; answer once those in flight have finished.
     Drain(oneshot::Sender<()>),
     /// Forget an envelope (operator's `queue remove`); answers whether it was queued.
     Remove(u64, oneshot::Sender<bool>),
+}
+
+/// Envelopes queued for one domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// How many.
+    pub size: usize,
+    /// When the oldest arrived, ms since the epoch.
+    pub oldest_ms: u64,
 }
 
 /// What `RetryNow` applies to.
@@ -271,8 +280,19 @@ impl Scheduler {
                 let _ = reply.send(known);
             }
             Event::Stats(reply) => {
-                let oldest = self.entries.values().map(|e| e.received_ms).min();
-                let _ = reply.send((self.entries.len(), oldest));
+                let mut stats: HashMap<String, QueueStats> = HashMap::new();
+                for e in self.entries.values() {
+                    match stats.get_mut(&e.domain) {
+                        Some(s) => {
+                            s.size += 1;
+                            s.oldest_ms = s.oldest_ms.min(e.received_ms);
+                        }
+                        None => {
+                            stats.insert(e.domain.clone(), QueueStats { size: 1, oldest_ms: e.received_ms });
+                        }
+                    }
+                }
+                let _ = reply.send(stats);
             }
             Event::Snapshot(reply) => {
                 let _ = reply.send(self.entries.values().cloned().collect());
