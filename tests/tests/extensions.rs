@@ -1,6 +1,10 @@
-//! The sender's DSN requests (RFC 3461): offered at intake, passed on to a server that offers
-//! DSN, reported as `relayed` when the server does not, and obeyed in the relay's own
-//! notifications (NOTIFY, RET, ENVID, ORCPT). Real smtp-sinks record the parameters they get.
+//! SMTP extensions on the way through, against real smtp-sinks, which record the MAIL and
+//! RCPT parameters they get:
+//! * the sender's DSN requests (RFC 3461): offered at intake, passed on to a server that
+//!   offers DSN, reported as `relayed` when the server does not, and obeyed in the relay's
+//!   own notifications (NOTIFY, RET, ENVID, ORCPT);
+//! * 8-bit data, labelled `BODY=8BITMIME` for a server that offers it;
+//! * an address that needs SMTPUTF8, never sent to a server without it.
 
 use std::time::Duration;
 
@@ -8,9 +12,14 @@ use mail_send::SmtpClient;
 use mxrelay_e2e::postfix::{Listener, Postfix};
 use mxrelay_e2e::{Relay, Sink, eventually, free_port, message};
 
-/// Runs EHLO, then `commands` (MAIL, RCPTs) as given, then the data if every one was
-/// accepted; returns each command's reply (code and text), and the final dot's last.
+/// Runs EHLO, then `commands` (MAIL, RCPTs) as given, then test message `seq` if every one
+/// was accepted; returns each command's reply (code and text), and the final dot's last.
 async fn transaction(addr: &str, commands: &[&str], seq: u64) -> Vec<(u16, String)> {
+    transaction_with(addr, commands, &message(seq, "dsn")).await
+}
+
+/// [`transaction`] with the message text given.
+async fn transaction_with(addr: &str, commands: &[&str], text: &str) -> Vec<(u16, String)> {
     let mut client = SmtpClient::connect(addr.parse().expect("addr"), Duration::from_secs(10)).await.expect("connect");
     assert_eq!(client.read().await.expect("greeting").code, 220);
     let ehlo = client.cmd(b"EHLO sender.test\r\n").await.expect("EHLO");
@@ -20,7 +29,7 @@ async fn transaction(addr: &str, commands: &[&str], seq: u64) -> Vec<(u16, Strin
         replies.push((r.code, r.message));
     }
     if replies[1..].iter().all(|(code, _)| *code == 250) {
-        let accepted = client.data(message(seq, "dsn").trim_end_matches("\r\n")).await;
+        let accepted = client.data(text.trim_end_matches("\r\n")).await;
         replies.push(if accepted.is_ok() { (250, String::new()) } else { (0, format!("{accepted:?}")) });
     }
     let _ = client.quit().await;
@@ -170,4 +179,37 @@ async fn requests_made_to_a_postfix_upstream_reach_the_customers_server() {
     assert!(dump.contains("X-Rcpt-Args: <user@customer.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;orig@old.test\n"), "{dump}");
     let log = postfix.log();
     assert!(log.contains("status=sent") && !log.contains("dsn=5"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_bit_data_is_labelled_for_a_server_that_offers_8bitmime_and_sent_as_it_is_otherwise() {
+    let with = Sink::start("127.0.1.129", &[]);
+    let without = Sink::start("127.0.1.130", &["-8"]);
+    let relay = Relay::start(&format!("{}{}", server_of("customer.test", &with), server_of("plain.test", &without)), "");
+    let text = |seq: u64| message(seq, "x").replace("Line one", "Grüße, Zeile eins");
+    for (seq, rcpt) in [(7, "RCPT TO:<user@customer.test>"), (8, "RCPT TO:<user@plain.test>")] {
+        let replies = transaction_with(&relay.addr, &["MAIL FROM:<sender@src.test> BODY=8BITMIME", rcpt], &text(seq)).await;
+        assert_eq!(replies.last().map(|r| r.0), Some(250), "{replies:?}");
+    }
+    eventually("both delivered", || with.count() == 1 && without.count() == 1).await;
+    let (labelled, plain) = (&with.dumps()[0], &without.dumps()[0]);
+    assert!(labelled.contains(" BODY=8BITMIME") && labelled.contains("Grüße, Zeile eins"), "{labelled}");
+    assert!(!plain.contains("BODY=") && plain.contains("Grüße, Zeile eins"), "{plain}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_needs_smtputf8_never_goes_to_a_server_without_it() {
+    // smtp-sink offers no SMTPUTF8.
+    let sink = Sink::start("127.0.1.131", &[]);
+    let bounces = Sink::start("127.0.1.132", &[]);
+    let (bh, bp) = bounces.host_port();
+    let relay = Relay::start(&server_of("customer.test", &sink), &format!("bounce_relay = \"{bh}:{bp}\""));
+    let replies = transaction(&relay.addr, &["MAIL FROM:<sender@src.test> SMTPUTF8", "RCPT TO:<jörg@customer.test>"], 9).await;
+    assert_eq!(replies.last().map(|r| r.0), Some(250), "the relay offers SMTPUTF8: {replies:?}");
+    eventually("the sender told", || notices(&bounces).len() == 1).await;
+    let notice = &notices(&bounces)[0];
+    assert!(notice.contains("Final-Recipient: rfc822; jörg@customer.test\nAction: failed\n"), "{notice}");
+    assert!(notice.contains("needs SMTPUTF8, which the server does not offer"), "{notice}");
+    // The failure was decided before any MAIL: the server never saw the transaction.
+    assert!(sink.dumps().is_empty(), "{:?}", sink.dumps());
 }
