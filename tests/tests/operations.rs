@@ -173,6 +173,9 @@ async fn deliveries_leave_from_the_configured_source_address() {
     eventually("the queued message delivered", || sink.count() == 2).await;
     assert!(sink.dumps().iter().all(|d| d.contains("X-Client-Addr: 127.0.0.9\n")));
 
+    // `check` reads the address as an address; only a start can tell whether it is ours.
+    let (ok, out, err) = mxrelay(&["check", relay.config_path().to_str().expect("utf-8 path")]);
+    assert!(ok && out.ends_with(": ok (1 domain, 1 server)\n"), "{out}{err}");
     let config = std::fs::read_to_string(relay.config_path()).expect("config");
     let elsewhere = relay.config_path().with_file_name("elsewhere.toml");
     std::fs::write(&elsewhere, config.replace("bind_address = \"127.0.0.9\"", "bind_address = \"192.0.2.1\"")).expect("write");

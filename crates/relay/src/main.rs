@@ -294,7 +294,8 @@ fn check(path: &Path) -> ExitCode {
     match load(path) {
         Some(Loaded { config, .. }) => {
             let servers: usize = config.domains.iter().map(|d| d.servers.len()).sum();
-            println!("{}: ok ({} domains, {servers} servers)", path.display(), config.domains.len());
+            let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            println!("{}: ok ({}, {})", path.display(), count(config.domains.len(), "domain"), count(servers, "server"));
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
