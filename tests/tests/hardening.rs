@@ -208,7 +208,8 @@ async fn idle_and_slowloris_clients_are_cut_off() {
 }
 
 /// A customer server that accepts the connection and never greets: the relay gives up after
-/// the command timeout and delivers to the next server.
+/// the command timeout, delivers to the next server, and marks the silent one down, so the
+/// next messages do not wait for it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_is_passed_over() {
     let stalled = tokio::net::TcpListener::bind(("127.0.1.74", 0)).await.expect("bind");
@@ -225,7 +226,13 @@ async fn a_stalled_server_is_passed_over() {
     let relay = Relay::start(&domain, "command_timeout = \"1s\"");
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
     eventually("delivered by the backup", || backup.count() == 1).await;
-    assert!(!relay.log_lines(&["no greeting within"]).is_empty(), "{}", relay.log_text());
+    assert_eq!(relay.log_lines(&["server marked down", "127.0.1.74"]).len(), 1, "{}", relay.log_text());
+    for seq in 2..=4 {
+        assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", seq).await);
+    }
+    eventually("the next three delivered by the backup", || backup.count() == 4).await;
+    // Only the probes connect to it now, in the background; no delivery waited for it again.
+    assert_eq!(relay.log_lines(&["delivery attempt", "no greeting within"]).len(), 1, "{}", relay.log_text());
 }
 
 /// With the disk full, the relay answers 452 and acknowledges nothing it has not stored;

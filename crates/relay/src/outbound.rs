@@ -1,10 +1,12 @@
 //! One SMTP transaction with one customer server, and what its outcome means.
 //!
 //! The taxonomy follows Exim's "Errors in outgoing SMTP" and Postfix's `smtp_trouble.c`:
-//! * connection refused or timed out, greeting failure, EHLO failure (a `5xx` to EHLO gets
-//!   HELO and no extensions), `421`, connection lost before the final `.`, a reply of the
-//!   wrong kind to MAIL or DATA → [`ServerVerdict::SessionFailed`] /
-//!   [`ServerVerdict::Unreachable`]: try the next server now;
+//! * connection refused or timed out, or no `220` greeting (a refusal, or silence until the
+//!   command timeout) → [`ServerVerdict::Unreachable`]: try the next server now, and mark
+//!   this one down, so later messages do not wait for it again;
+//! * EHLO failure (a `5xx` to EHLO gets HELO and no extensions), `421`, connection lost
+//!   before the final `.`, a reply of the wrong kind to MAIL or DATA →
+//!   [`ServerVerdict::SessionFailed`]: try the next server now;
 //! * `4xx` to MAIL or DATA → [`ServerVerdict::TempFailed`]: next server, then defer;
 //! * `5xx` to MAIL or DATA → [`ServerVerdict::PermFailed`]: the message fails;
 //! * a `RCPT` reply decides for that recipient alone ([`RcptVerdict`] in [`ServerVerdict::Completed`]);
@@ -78,7 +80,9 @@ pub enum ServerVerdict {
         /// reports of its further fate are the server's to send.
         dsn_offered: bool,
     },
-    /// No connection could be made to any of its addresses: next server; mark it down.
+    /// None of its addresses gave a session: the connection was refused or timed out, or the
+    /// server did not greet with `220` (it refused, or said nothing until the command
+    /// timeout). Next server; mark it down.
     Unreachable(String),
     /// A session was open but failed before the final `.`: next server.
     SessionFailed(String),
@@ -358,10 +362,12 @@ impl Transport {
         client.timeout = self.command_timeout;
         let greeting = tokio::time::timeout(self.command_timeout, client.read())
             .await
-            .map_err(|_| ServerVerdict::SessionFailed(format!("{addr}: no greeting within {:?}", self.command_timeout)))?
-            .map_err(|e| ServerVerdict::SessionFailed(format!("{addr}: greeting: {}", error_text(&e))))?;
+            .map_err(|_| ServerVerdict::Unreachable(format!("{addr}: no greeting within {:?}", self.command_timeout)))?
+            .map_err(|e| ServerVerdict::Unreachable(format!("{addr}: greeting: {}", error_text(&e))))?;
+        // Refused or silent, it would refuse or stall the next message too: the probe, which
+        // asks for the same `220`, decides when it is back.
         if greeting.code != 220 {
-            return Err(ServerVerdict::SessionFailed(format!("{addr}: greeting {}", reply_text(&greeting))));
+            return Err(ServerVerdict::Unreachable(format!("{addr}: greeting {}", reply_text(&greeting))));
         }
         match client.ehlo(&self.hostname).await {
             Ok(ehlo) => Ok((client, ehlo.capabilities)),
