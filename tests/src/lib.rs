@@ -259,6 +259,8 @@ pub struct Relay {
     /// Largest file the process may write, in KiB (`ulimit -f`), from its next (re)start on:
     /// past it a write fails as on a full disk. `None` (the default) for no limit.
     pub file_size_limit_kib: Option<u64>,
+    /// Run with `--log-format json`, from its next (re)start on.
+    pub json_logs: bool,
     log: Arc<Mutex<Vec<String>>>,
     child: Option<Child>,
 }
@@ -295,7 +297,7 @@ impl Relay {
                 "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
-            let mut relay = Relay { addr, dir, file_size_limit_kib, log: Arc::default(), child: None };
+            let mut relay = Relay { addr, dir, file_size_limit_kib, json_logs: false, log: Arc::default(), child: None };
             relay.launch().map(|()| relay).map_err(|log| format!("mxrelay did not become ready; log:\n{log}"))
         })
     }
@@ -322,14 +324,12 @@ impl Relay {
                 bash
             }
         };
-        let mut child = cmd
-            .arg("run")
-            .arg(config)
-            .env("MXRELAY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mxrelay");
+        cmd.arg("run").arg(config);
+        if self.json_logs {
+            cmd.args(["--log-format", "json"]);
+        }
+        let mut child =
+            cmd.env("MXRELAY_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn mxrelay");
         let stderr = child.stderr.take().expect("stderr");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let log = self.log.clone();

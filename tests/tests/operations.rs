@@ -182,3 +182,37 @@ async fn deliveries_leave_from_the_configured_source_address() {
     let (ok, _, stderr) = mxrelay(&["run", elsewhere.to_str().expect("utf-8 path")]);
     assert!(!ok && stderr.contains("delivery.bind_address = \"192.0.2.1\" cannot be used as a source address"), "{stderr}");
 }
+
+/// `run --log-format json`: every line one JSON object, with the event's fields at the top,
+/// for log shippers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_each_events_fields() {
+    let sink = Sink::start("127.0.1.133", &[]);
+    let mut relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
+    let text_lines = relay.log_text().lines().count();
+    relay.json_logs = true;
+    relay.kill9();
+    relay.restart();
+    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("delivered", || sink.count() == 1).await;
+    eventually("its log line", || !relay.log_lines(&["\"outcome\":\"delivered\""]).is_empty()).await;
+    let events: Vec<serde_json::Value> = relay
+        .log_text()
+        .lines()
+        .skip(text_lines)
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object ({e}): {l}")))
+        .collect();
+    // The config's warning (a single server) is an event like any other.
+    let warning = events.iter().find(|e| e["level"] == "WARN").expect("the config warning");
+    assert!(warning["message"].as_str().is_some_and(|m| m.contains("the only server")), "{warning}");
+    let accepted = events.iter().find(|e| e["message"] == "accepted").expect("the accepted event");
+    assert_eq!((&accepted["level"], &accepted["target"]), (&"INFO".into(), &"mxrelay::inbound".into()), "{accepted}");
+    assert!(accepted["timestamp"].is_string() && accepted["queue_id"].is_string(), "{accepted}");
+    assert_eq!(accepted["sender"], "sender@src.test", "{accepted}");
+    let delivered = events.iter().find(|e| e["outcome"] == "delivered").expect("the delivery event");
+    assert_eq!(
+        (&delivered["rcpt"], &delivered["queue_id"]),
+        (&"user@customer.test".into(), &accepted["queue_id"]),
+        "{delivered}"
+    );
+}

@@ -22,6 +22,9 @@ enum Command {
     Run {
         /// The configuration file.
         config: PathBuf,
+        /// Log lines as text, or as one JSON object each (for log shippers).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate a configuration file: exit 0 when usable (warnings printed), 1 with one line per error.
     Check {
@@ -61,6 +64,15 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+}
+
+/// How `run` writes its log lines to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per line: time, level, target and the event's fields.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,7 +120,7 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, log_format } => run(&config, log_format),
         Command::Check { config } => check(&config),
         Command::Plan { config, domain, messages, down, now_ms, rcpt, json } => {
             plan(&config, &domain, PlanOptions { messages, down: &down, now_ms, rcpt, json })
@@ -138,53 +150,76 @@ struct Loaded {
     tls: Option<mxrelay::tls::TlsAcceptor>,
 }
 
-/// Loads the config, its policies and its certificate; prints problems one per line to stderr.
-fn load(path: &Path) -> Option<Loaded> {
+/// Where problems go: `level: text` lines on stderr, or log events when `run` logs JSON, so
+/// that every line a log shipper reads is one JSON object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Say {
+    Lines,
+    LogEvents,
+}
+
+impl Say {
+    fn problem(self, severity: Severity, text: &dyn std::fmt::Display) {
+        match (self, severity) {
+            (Say::Lines, Severity::Error) => eprintln!("error: {text}"),
+            (Say::Lines, Severity::Warning) => eprintln!("warning: {text}"),
+            (Say::LogEvents, Severity::Error) => tracing::error!("{text}"),
+            (Say::LogEvents, Severity::Warning) => tracing::warn!("{text}"),
+        }
+    }
+
+    fn problems(self, problems: &[ConfigProblem]) {
+        for p in problems {
+            self.problem(p.severity, p);
+        }
+    }
+}
+
+/// Loads the config, its policies and its certificate; reports problems one per line.
+fn load(path: &Path, say: Say) -> Option<Loaded> {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(ConfigError::Invalid { problems }) => {
-            print_problems(&problems);
+            say.problems(&problems);
             return None;
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            say.problem(Severity::Error, &e);
             return None;
         }
     };
-    print_problems(&config.warnings);
+    say.problems(&config.warnings);
     match (Policies::load(&config), mxrelay::tls::acceptor(&config.relay)) {
         (Ok(policies), Ok(tls)) => Some(Loaded { config, policies, tls }),
         (policies, tls) => {
             let problems: Vec<ConfigProblem> = policies.err().into_iter().flatten().chain(tls.err()).collect();
-            print_problems(&problems);
+            say.problems(&problems);
             None
         }
     }
 }
 
-fn print_problems(problems: &[ConfigProblem]) {
-    for p in problems {
-        let level = match p.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
-        eprintln!("{level}: {p}");
-    }
-}
-
-fn run(path: &Path) -> ExitCode {
-    tracing_subscriber::fmt()
+fn run(path: &Path, log_format: LogFormat) -> ExitCode {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MXRELAY_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let Some(Loaded { config, policies, tls }) = load(path) else {
+        .with_writer(std::io::stderr);
+    let say = match log_format {
+        LogFormat::Text => {
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+            Say::Lines
+        }
+        LogFormat::Json => {
+            logs.json().flatten_event(true).init();
+            Say::LogEvents
+        }
+    };
+    let Some(Loaded { config, policies, tls }) = load(path, say) else {
         return ExitCode::FAILURE;
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            say.problem(Severity::Error, &format_args!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -192,7 +227,7 @@ fn run(path: &Path) -> ExitCode {
         let relay = match mxrelay::relay::start(&config, policies, tls).await {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("error: {e}");
+                say.problem(Severity::Error, &e);
                 return ExitCode::FAILURE;
             }
         };
@@ -291,7 +326,7 @@ fn queue(command: QueueCommand) -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match load(path) {
+    match load(path, Say::Lines) {
         Some(Loaded { config, .. }) => {
             let servers: usize = config.domains.iter().map(|d| d.servers.len()).sum();
             let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
@@ -313,7 +348,7 @@ struct PlanOptions<'a> {
 
 fn plan(path: &Path, domain: &str, opts: PlanOptions<'_>) -> ExitCode {
     let PlanOptions { messages, down, now_ms, rcpt, json } = opts;
-    let Some(Loaded { config, policies, .. }) = load(path) else {
+    let Some(Loaded { config, policies, .. }) = load(path, Say::Lines) else {
         return ExitCode::FAILURE;
     };
     let Some(domain_config) = config.domain(domain) else {
