@@ -102,6 +102,10 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     eventually("queue empty", || mxrelay_e2e::mxrelay(&["queue", "list", &config]).1.contains("the queue is empty")).await;
     let metrics = mxrelay_e2e::http_get(&admin, "/metrics");
     assert_eq!(mxrelay_e2e::metric(&metrics, series), Some(0.0), "a drained domain reads 0: {metrics}");
+    // Both were queued for longer than the oldest's age at the first scrape.
+    assert_eq!(mxrelay_e2e::metric(&metrics, "mxrelay_delivery_delay_seconds_count "), Some(2.0), "{metrics}");
+    let delays = mxrelay_e2e::metric(&metrics, "mxrelay_delivery_delay_seconds_sum ").expect("delay sum");
+    assert!(delays >= 2.0 * age, "delivery delays {delays} s in all, each message queued for over {age} s");
     assert_eq!(sink.received().len(), 2, "the removed message must not be delivered");
 
     let (ok, _, err) =

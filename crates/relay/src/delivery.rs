@@ -205,6 +205,9 @@ impl Deliverer {
                             RcptVerdict::Delivered => {
                                 tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "delivered", reply = %reply, "delivery attempt");
                                 metrics::counter!("mxrelay_delivered_total", "server" => server_key.clone()).increment(1);
+                                // From acceptance to delivery, retries included (Postfix's `delay=`).
+                                let delay_ms = now_ms().saturating_sub(env.received_ms);
+                                metrics::histogram!("mxrelay_delivery_delay_seconds").record(delay_ms as f64 / 1000.0);
                                 if !dsn_offered && dsn::wanted(env.dsn.as_deref(), &rcpt, Action::Relayed) {
                                     relayed.push((rcpt.clone(), reply.clone()));
                                 }
