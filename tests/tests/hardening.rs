@@ -235,6 +235,39 @@ async fn a_stalled_server_is_passed_over() {
     assert_eq!(relay.log_lines(&["delivery attempt", "no greeting within"]).len(), 1, "{}", relay.log_text());
 }
 
+/// A server that greets and then never answers EHLO is as silent as one that never greets:
+/// marked down after the first message, and the probes, which ask for an answer to EHLO, keep
+/// it down while it stays silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_silent_after_its_greeting_is_marked_down_and_stays_down() {
+    let silent = tokio::net::TcpListener::bind(("127.0.1.76", 0)).await.expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = silent.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.write_all(b"220 silent ESMTP\r\n").await;
+            held.push(s); // then say nothing
+        }
+    });
+    let backup = Sink::start("127.0.1.77", &[]);
+    let (bh, bp) = backup.host_port();
+    let domain = domain_with("customer.test", "", &[("127.0.1.76", silent_port, 10), (bh, bp, 20)]);
+    let relay = Relay::start(&domain, "command_timeout = \"500ms\"");
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("delivered by the backup", || backup.count() == 1).await;
+    assert_eq!(relay.log_lines(&["server marked down", "no reply to EHLO"]).len(), 1, "{}", relay.log_text());
+    // Two probes after the delivery's connection, both unanswered: still down.
+    let seen = connections.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("two probes", || connections.load(std::sync::atomic::Ordering::SeqCst) >= seen + 2).await;
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 2).await);
+    eventually("the next one delivered by the backup", || backup.count() == 2).await;
+    assert_eq!(relay.log_lines(&["delivery attempt", "no reply to EHLO"]).len(), 1, "{}", relay.log_text());
+    assert!(relay.log_lines(&["up again"]).is_empty(), "{}", relay.log_text());
+}
+
 /// With the disk full, the relay answers 452 and acknowledges nothing it has not stored;
 /// every message acknowledged before is delivered once the relay runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

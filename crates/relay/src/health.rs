@@ -1,10 +1,10 @@
 //! Server health memory: a circuit breaker per server.
 //!
-//! A server that cannot be reached, or does not greet with `220`, is marked down at once and
-//! reported to the policy as down, so later messages go straight to the next server or tier without a connection
+//! A server that cannot be reached, does not greet with `220` or does not answer EHLO is
+//! marked down at once and reported to the policy as down, so later messages go straight to the next server or tier without a connection
 //! attempt (Postfix probes the dead server again for every new connection). A background
-//! probe checks it every `probe_interval`; when it answers with `220` it is marked up and the
-//! relay retries the queued mail of its domains at once.
+//! probe checks it every `probe_interval`; when it greets with `220` and answers EHLO it is
+//! marked up and the relay retries the queued mail of its domains at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,9 @@
 //! One SMTP transaction with one customer server, and what its outcome means.
 //!
 //! The taxonomy follows Exim's "Errors in outgoing SMTP" and Postfix's `smtp_trouble.c`:
-//! * connection refused or timed out, or no `220` greeting (a refusal, or silence until the
-//!   command timeout) → [`ServerVerdict::Unreachable`]: try the next server now, and mark
-//!   this one down, so later messages do not wait for it again;
+//! * connection refused or timed out, no `220` greeting (a refusal, or silence until the
+//!   command timeout), or no reply to EHLO → [`ServerVerdict::Unreachable`]: try the next
+//!   server now, and mark this one down, so later messages do not wait for it again;
 //! * EHLO failure (a `5xx` to EHLO gets HELO and no extensions), `421`, connection lost
 //!   before the final `.`, a reply of the wrong kind to MAIL or DATA →
 //!   [`ServerVerdict::SessionFailed`]: try the next server now;
@@ -82,7 +82,7 @@ pub enum ServerVerdict {
     },
     /// None of its addresses gave a session: the connection was refused or timed out, or the
     /// server did not greet with `220` (it refused, or said nothing until the command
-    /// timeout). Next server; mark it down.
+    /// timeout), or did not answer EHLO. Next server; mark it down.
     Unreachable(String),
     /// A session was open but failed before the final `.`: next server.
     SessionFailed(String),
@@ -365,7 +365,7 @@ impl Transport {
             .map_err(|_| ServerVerdict::Unreachable(format!("{addr}: no greeting within {:?}", self.command_timeout)))?
             .map_err(|e| ServerVerdict::Unreachable(format!("{addr}: greeting: {}", error_text(&e))))?;
         // Refused or silent, it would refuse or stall the next message too: the probe, which
-        // asks for the same `220`, decides when it is back.
+        // asks for the same `220` and an answer to EHLO, decides when it is back.
         if greeting.code != 220 {
             return Err(ServerVerdict::Unreachable(format!("{addr}: greeting {}", reply_text(&greeting))));
         }
@@ -382,6 +382,11 @@ impl Transport {
                     return Err(ServerVerdict::SessionFailed(why));
                 }
                 Ok((client, 0))
+            }
+            // Greeted, then silent: as silent as one that never greets (the probe asks for an
+            // answer to EHLO too).
+            Err(mail_send::Error::Timeout) => {
+                Err(ServerVerdict::Unreachable(format!("{addr}: no reply to EHLO within {:?}", self.command_timeout)))
             }
             Err(e) => Err(ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e)))),
         }
@@ -717,15 +722,21 @@ impl Transport {
         }
     }
 
-    /// Whether `addr` answers with a `220` greeting (used to probe servers marked down).
+    /// Whether `addr` greets with `220` and answers EHLO, whatever the answer (used to probe
+    /// servers marked down): what a delivery needs before it can fail for other reasons.
     pub async fn probe(&self, addr: SocketAddr) -> Result<(), String> {
         let mut client = self.connect(addr).await.map_err(|e| error_text(&e))?;
         let greeting = tokio::time::timeout(self.command_timeout, client.read())
             .await
             .map_err(|_| "no greeting".to_string())?
             .map_err(|e| error_text(&e))?;
+        if greeting.code != 220 {
+            return Err(reply_text(&greeting));
+        }
+        client.timeout = self.command_timeout;
+        let answered = client.cmd(format!("EHLO {}\r\n", self.hostname)).await.map_err(|e| format!("EHLO: {}", error_text(&e)));
         let _ = client.stream.write_all(b"QUIT\r\n").await;
-        if greeting.code == 220 { Ok(()) } else { Err(reply_text(&greeting)) }
+        answered.map(drop)
     }
 }
 
