@@ -134,6 +134,25 @@ async fn inbound_starttls_with_swaks_and_no_command_injection() {
     assert!(ok, "the renewed certificate is served after SIGHUP: {out}");
 }
 
+/// `require_tls`: mail is taken only after STARTTLS; a client in clear gets `530`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_tls_mail_in_clear_is_refused() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let server = TestCa::new("mxrelay test CA").issue(certs.path(), "relay", &["relay.test", "127.0.0.1"]);
+    let sink = Sink::start("127.0.1.134", &[]);
+    let relay = Relay::start_with(
+        &format!("tls_cert = {}\ntls_key = {}\nrequire_tls = true", quoted(&server.cert), quoted(&server.key)),
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
+    let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test", 1, &[]);
+    assert!(!ok && out.contains("530 5.7.0 must issue a STARTTLS command first"), "{out}");
+    let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test", 2, &["--tls"]);
+    assert!(ok, "{out}");
+    eventually("the encrypted one delivered", || sink.count() == 1).await;
+    assert_eq!(sink.received().into_keys().collect::<Vec<_>>(), [2]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_upstream_relays_into_mxrelay_over_tls() {
     let TlsRelay { certs, ca, sink, relay, .. } = tls_relay("127.0.1.111");
@@ -376,6 +395,7 @@ fn bad_tls_settings_are_refused_naming_the_key() {
         (write("d.toml", "", &format!("tls = \"required\"\ntls_ca = {junk}")), "domain customer.test: tls_ca:"),
         (write("f.toml", "", &format!("tls_ca = {junk}")), "checks certificates only with tls = \"required\""),
         (write("e.toml", "", "tls = \"none\"\ntls_ca = \"missing.pem\""), "is not a file"),
+        (write("g.toml", "require_tls = true", ""), "relay.require_tls: mail would be refused from every client"),
     ];
     for (path, expected) in cases {
         let (ok, _, err) = mxrelay(&["check", &path]);

@@ -101,6 +101,8 @@ struct FileRelay {
     tls_cert: Option<PathBuf>,
     #[serde(default)]
     tls_key: Option<PathBuf>,
+    #[serde(default)]
+    require_tls: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,6 +300,9 @@ pub struct RelayConfig {
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Take mail only over TLS: MAIL before STARTTLS gets `530` (Postfix's
+    /// `smtpd_tls_security_level = encrypt`). Default off.
+    pub require_tls: bool,
 }
 
 /// `[delivery]`: sending.
@@ -471,6 +476,13 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         (None, Some(_)) => problems.push(error("relay.tls_cert", "relay.tls_key is set: set tls_cert to its certificate file")),
         (Some(_), Some(_)) | (None, None) => {}
     }
+    let require_tls = file.require_tls.unwrap_or(false);
+    if require_tls && tls_cert.is_none() {
+        problems.push(error(
+            "relay.require_tls",
+            "mail would be refused from every client: set tls_cert and tls_key to offer STARTTLS",
+        ));
+    }
     for (key, path) in [("relay.tls_cert", &tls_cert), ("relay.tls_key", &tls_key)] {
         if let Some(p) = path
             && !p.is_file()
@@ -517,6 +529,7 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         web_root: file.web_root.map(|p| base.join(p)),
         tls_cert,
         tls_key,
+        require_tls,
     }
 }
 

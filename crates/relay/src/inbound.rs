@@ -331,6 +331,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Ok(Request::Mail { from }) => {
                 if helo.is_none() {
                     reply(writer, "503 5.5.1 say EHLO first").await?;
+                } else if settings.require_tls && session.tls.is_none() {
+                    reply(writer, "530 5.7.0 must issue a STARTTLS command first").await?;
                 } else if txn.sender.is_some() {
                     reply(writer, "503 5.5.1 nested MAIL command").await?;
                 } else if from.size as u64 > settings.max_message_size {
