@@ -151,6 +151,15 @@ async fn with_require_tls_mail_in_clear_is_refused() {
     assert!(ok, "{out}");
     eventually("the encrypted one delivered", || sink.count() == 1).await;
     assert_eq!(sink.received().into_keys().collect::<Vec<_>>(), [2]);
+    // Turned off by a reload, without a restart: mail in clear is taken again.
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, text.replace("require_tls = true", "require_tls = false")).expect("write");
+    relay.signal("HUP");
+    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test", 3, &[]);
+    assert!(ok, "{out}");
+    eventually("the clear one delivered", || sink.count() == 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
