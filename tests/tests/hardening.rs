@@ -2,6 +2,8 @@
 //! servers, a full disk, and the admin API's limits. Each test fails if its protection is
 //! removed.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request};
@@ -207,23 +209,42 @@ async fn idle_and_slowloris_clients_are_cut_off() {
     assert!(cut, "a client dripping one byte per 300 ms kept the session for {:?}", started.elapsed());
 }
 
+/// A primary that accepts connections, writes `greeting` (if any) and then says nothing, with
+/// a backup sink behind it; returns the relay (command timeout `timeout`), the backup and
+/// how many connections the silent primary has taken.
+async fn silent_primary_scene(
+    ip: &str,
+    backup_ip: &str,
+    greeting: Option<&'static [u8]>,
+    timeout: &str,
+) -> (Relay, Sink, Arc<AtomicUsize>) {
+    let silent = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = silent.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if let Some(greeting) = greeting {
+                let _ = s.write_all(greeting).await;
+            }
+            held.push(s); // then say nothing
+        }
+    });
+    let backup = Sink::start(backup_ip, &[]);
+    let (bh, bp) = backup.host_port();
+    let domain = domain_with("customer.test", "", &[(ip, port, 10), (bh, bp, 20)]);
+    let relay = Relay::start(&domain, &format!("command_timeout = \"{timeout}\""));
+    (relay, backup, connections)
+}
+
 /// A customer server that accepts the connection and never greets: the relay gives up after
 /// the command timeout, delivers to the next server, and marks the silent one down, so the
 /// next messages do not wait for it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_is_passed_over() {
-    let stalled = tokio::net::TcpListener::bind(("127.0.1.74", 0)).await.expect("bind");
-    let stalled_port = stalled.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = stalled.accept().await {
-            held.push(s); // accept, then say nothing
-        }
-    });
-    let backup = Sink::start("127.0.1.75", &[]);
-    let (bh, bp) = backup.host_port();
-    let domain = domain_with("customer.test", "", &[("127.0.1.74", stalled_port, 10), (bh, bp, 20)]);
-    let relay = Relay::start(&domain, "command_timeout = \"1s\"");
+    let (relay, backup, _) = silent_primary_scene("127.0.1.74", "127.0.1.75", None, "1s").await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
     eventually("delivered by the backup", || backup.count() == 1).await;
     assert_eq!(relay.log_lines(&["server marked down", "127.0.1.74"]).len(), 1, "{}", relay.log_text());
@@ -240,28 +261,14 @@ async fn a_stalled_server_is_passed_over() {
 /// it down while it stays silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_silent_after_its_greeting_is_marked_down_and_stays_down() {
-    let silent = tokio::net::TcpListener::bind(("127.0.1.76", 0)).await.expect("bind");
-    let silent_port = silent.local_addr().expect("addr").port();
-    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = connections.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut s, _)) = silent.accept().await {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let _ = s.write_all(b"220 silent ESMTP\r\n").await;
-            held.push(s); // then say nothing
-        }
-    });
-    let backup = Sink::start("127.0.1.77", &[]);
-    let (bh, bp) = backup.host_port();
-    let domain = domain_with("customer.test", "", &[("127.0.1.76", silent_port, 10), (bh, bp, 20)]);
-    let relay = Relay::start(&domain, "command_timeout = \"500ms\"");
+    let (relay, backup, connections) =
+        silent_primary_scene("127.0.1.76", "127.0.1.77", Some(b"220 silent ESMTP\r\n"), "500ms").await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
     eventually("delivered by the backup", || backup.count() == 1).await;
     assert_eq!(relay.log_lines(&["server marked down", "no reply to EHLO"]).len(), 1, "{}", relay.log_text());
     // Two probes after the delivery's connection, both unanswered: still down.
-    let seen = connections.load(std::sync::atomic::Ordering::SeqCst);
-    eventually("two probes", || connections.load(std::sync::atomic::Ordering::SeqCst) >= seen + 2).await;
+    let seen = connections.load(Ordering::SeqCst);
+    eventually("two probes", || connections.load(Ordering::SeqCst) >= seen + 2).await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 2).await);
     eventually("the next one delivered by the backup", || backup.count() == 2).await;
     assert_eq!(relay.log_lines(&["delivery attempt", "no reply to EHLO"]).len(), 1, "{}", relay.log_text());
