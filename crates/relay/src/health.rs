@@ -1,10 +1,11 @@
 //! Server health memory: a circuit breaker per server.
 //!
 //! A server that cannot be reached, does not greet with `220` or does not answer EHLO is
-//! marked down at once and reported to the policy as down, so later messages go straight to the next server or tier without a connection
-//! attempt (Postfix probes the dead server again for every new connection). A background
-//! probe checks it every `probe_interval`; when it greets with `220` and answers EHLO it is
-//! marked up and the relay retries the queued mail of its domains at once.
+//! marked down at once and reported to the policy as down, so later messages go straight to
+//! the next server or tier without a connection attempt (Postfix probes the dead server again
+//! for every new connection). A background probe runs the same greeting every
+//! `probe_interval` ([`Transport::probe`]); once it gets past it the server is marked up and
+//! the relay retries the queued mail of its domains at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -364,8 +364,8 @@ impl Transport {
             .await
             .map_err(|_| ServerVerdict::Unreachable(format!("{addr}: no greeting within {:?}", self.command_timeout)))?
             .map_err(|e| ServerVerdict::Unreachable(format!("{addr}: greeting: {}", error_text(&e))))?;
-        // Refused or silent, it would refuse or stall the next message too: the probe, which
-        // asks for the same `220` and an answer to EHLO, decides when it is back.
+        // Refused or silent, it would refuse or stall the next message too: marked down, and
+        // the probe, which runs this same greeting, decides when it is back.
         if greeting.code != 220 {
             return Err(ServerVerdict::Unreachable(format!("{addr}: greeting {}", reply_text(&greeting))));
         }
@@ -383,8 +383,7 @@ impl Transport {
                 }
                 Ok((client, 0))
             }
-            // Greeted, then silent: as silent as one that never greets (the probe asks for an
-            // answer to EHLO too).
+            // Greeted, then silent: as silent as one that never greets.
             Err(mail_send::Error::Timeout) => {
                 Err(ServerVerdict::Unreachable(format!("{addr}: no reply to EHLO within {:?}", self.command_timeout)))
             }
@@ -722,21 +721,24 @@ impl Transport {
         }
     }
 
-    /// Whether `addr` greets with `220` and answers EHLO, whatever the answer (used to probe
-    /// servers marked down): what a delivery needs before it can fail for other reasons.
+    /// Whether `addr` is back (used to probe servers marked down): whether a new session gets
+    /// past what marks a server down: the greeting and an answer to EHLO (`greet`).
+    /// A server that then refuses EHLO and HELO is up: it fails sessions, not connections.
     pub async fn probe(&self, addr: SocketAddr) -> Result<(), String> {
-        let mut client = self.connect(addr).await.map_err(|e| error_text(&e))?;
-        let greeting = tokio::time::timeout(self.command_timeout, client.read())
-            .await
-            .map_err(|_| "no greeting".to_string())?
-            .map_err(|e| error_text(&e))?;
-        if greeting.code != 220 {
-            return Err(reply_text(&greeting));
+        match self.greet(addr).await {
+            Ok((mut client, _)) => {
+                let _ = client.stream.write_all(b"QUIT\r\n").await;
+                Ok(())
+            }
+            Err(ServerVerdict::Unreachable(why)) => Err(why),
+            Err(
+                ServerVerdict::SessionFailed(_)
+                | ServerVerdict::TempFailed(_)
+                | ServerVerdict::PermFailed(_)
+                | ServerVerdict::Unknown(_)
+                | ServerVerdict::Completed { .. },
+            ) => Ok(()),
         }
-        client.timeout = self.command_timeout;
-        let answered = client.cmd(format!("EHLO {}\r\n", self.hostname)).await.map_err(|e| format!("EHLO: {}", error_text(&e)));
-        let _ = client.stream.write_all(b"QUIT\r\n").await;
-        answered.map(drop)
     }
 }
 
