@@ -276,11 +276,20 @@ fn remote_mta(diagnostic: &str) -> Option<&str> {
 }
 
 /// The notification as a message (headers and MIME body, CRLF line ends), with the original
-/// message's headers attached.
+/// message's headers attached, or all of it for a failure with `RET=FULL`.
 pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
+    // RET=FULL returns the whole of a failed message, within a limit (RFC 3461 §4.3).
+    let asked_full = report.action == Action::Failed && report.request.and_then(|r| r.ret) == Some(Ret::Full);
+    let full = asked_full && original.len() <= FULL_RETURN_LIMIT;
+    let returned = if full {
+        original
+    } else {
+        // The header section: everything up to the first empty line.
+        memchr::memmem::find(original, b"\r\n\r\n").map_or(original, |i| &original[..i + 2])
+    };
     let mut boundary = format!("{}/{}", report.queue_id, report.reporting_mta);
-    // The original is quoted inside the report: its text must not end a part early.
-    while original.windows(boundary.len()).any(|w| w == boundary.as_bytes()) {
+    // What is returned is quoted inside the report: its text must not end a part early.
+    while memchr::memmem::find(returned, boundary.as_bytes()).is_some() {
         boundary.push_str("=_");
     }
     let (subject, intro, fallback, action) = match report.action {
@@ -303,10 +312,6 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
             "relayed",
         ),
     };
-    // RET=FULL returns the whole of a failed message, within a limit (RFC 3461 §4.3).
-    let full = report.action == Action::Failed
-        && report.request.and_then(|r| r.ret) == Some(Ret::Full)
-        && original.len() <= FULL_RETURN_LIMIT;
     let mut m = String::new();
     let _ = write!(m, "From: Mail Delivery System <MAILER-DAEMON@{}>\r\n", report.reporting_mta);
     let _ = write!(m, "To: <{}>\r\n", report.sender);
@@ -320,7 +325,7 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
     for r in report.recipients {
         let _ = write!(m, "<{}>: {}\r\n", r.recipient, r.diagnostic.replace(['\r', '\n'], " "));
     }
-    if report.action == Action::Failed && report.request.and_then(|r| r.ret) == Some(Ret::Full) && !full {
+    if asked_full && !full {
         let _ = write!(m, "\r\nThe message is larger than {FULL_RETURN_LIMIT} bytes; only its headers are returned.\r\n");
     }
     let _ = write!(m, "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n");
@@ -347,18 +352,12 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
             let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
         }
     }
-    let returned = if full { "message/rfc822" } else { "text/rfc822-headers" };
-    let _ = write!(m, "\r\n--{boundary}\r\nContent-Type: {returned}\r\n\r\n");
+    let content_type = if full { "message/rfc822" } else { "text/rfc822-headers" };
+    let _ = write!(m, "\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\r\n");
     let mut out = m.into_bytes();
-    if full {
-        out.extend_from_slice(original);
-        if !original.ends_with(b"\r\n") {
-            out.extend_from_slice(b"\r\n");
-        }
-    } else {
-        // The original's header section: everything up to the first empty line.
-        let end = original.windows(4).position(|w| w == b"\r\n\r\n").map_or(original.len(), |i| i + 2);
-        out.extend_from_slice(&original[..end]);
+    out.extend_from_slice(returned);
+    if full && !returned.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
