@@ -545,6 +545,23 @@ pub const DEFAULT_RETRY: [Duration; 7] = [
     Duration::from_secs(3 * 60 * 60),
 ];
 
+/// `delivery.bind_address` (IPv4) or `delivery.bind_address6` (IPv6): a specific address of
+/// the key's family; one of the other family is pointed to the other key.
+fn source_address(key: &str, v6: bool, text: Option<String>, problems: &mut Vec<ConfigProblem>) -> Option<IpAddr> {
+    let text = text?;
+    let (family, example, other) =
+        if v6 { ("IPv6", "2001:db8::25", "delivery.bind_address") } else { ("IPv4", "192.0.2.25", "delivery.bind_address6") };
+    match text.parse::<IpAddr>() {
+        Ok(ip) if ip.is_ipv6() == v6 && !ip.is_unspecified() => return Some(ip),
+        Ok(ip) if ip.is_ipv6() != v6 => {
+            problems.push(error(key, format!("{text:?} is not an {family} address like {example} (it goes in {other})")));
+        }
+        Ok(_) => problems.push(error(key, format!("{text:?} means any address: give one of this machine's, like {example}"))),
+        Err(_) => problems.push(error(key, format!("{text:?} is not an {family} address like {example}"))),
+    }
+    None
+}
+
 fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> DeliveryConfig {
     let resolver = file.resolver.and_then(|text| {
         text.parse::<SocketAddr>()
@@ -595,22 +612,13 @@ fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> Del
             }
         }
     });
-    let bind_address = file.bind_address.and_then(|text| match text.parse::<std::net::Ipv4Addr>() {
-        Ok(ip) if !ip.is_unspecified() => Some(ip),
-        _ => {
-            let hint = if text.contains(':') { " (an IPv6 address goes in delivery.bind_address6)" } else { "" };
-            problems.push(error("delivery.bind_address", format!("{text:?} is not an IPv4 address like 192.0.2.25{hint}")));
-            None
-        }
+    let bind_address = source_address("delivery.bind_address", false, file.bind_address, problems).and_then(|ip| match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
     });
-    let bind_address6 = file.bind_address6.and_then(|text| match text.parse::<std::net::Ipv6Addr>() {
-        Ok(ip) if !ip.is_unspecified() => Some(ip),
-        _ => {
-            let hint =
-                if text.contains('.') && !text.contains(':') { " (an IPv4 address goes in delivery.bind_address)" } else { "" };
-            problems.push(error("delivery.bind_address6", format!("{text:?} is not an IPv6 address like 2001:db8::25{hint}")));
-            None
-        }
+    let bind_address6 = source_address("delivery.bind_address6", true, file.bind_address6, problems).and_then(|ip| match ip {
+        IpAddr::V6(v6) => Some(v6),
+        IpAddr::V4(_) => None,
     });
     let delay_warning = file
         .delay_warning
@@ -801,6 +809,8 @@ preference = 20
             "{p:?}"
         );
         assert!(p.iter().any(|l| l.starts_with("delivery.bind_address6: \"0.0.0.0\" is not an IPv6 address")), "{p:?}");
+        let p = problems(&SEED.replace("[[domain]]", "[delivery]\nbind_address = \"0.0.0.0\"\n\n[[domain]]"));
+        assert!(p.iter().any(|l| l.starts_with("delivery.bind_address: \"0.0.0.0\" means any address")), "{p:?}");
         let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nmax_hops = 0"));
         assert!(p.iter().any(|l| l.starts_with("relay.max_hops: 0 would refuse")), "{p:?}");
     }
