@@ -110,6 +110,8 @@ async fn the_relays_own_failure_report_obeys_notify_and_ret() {
             "MAIL FROM:<sender@src.test> RET=FULL ENVID=batch-7",
             "RCPT TO:<quiet@customer.test> NOTIFY=NEVER",
             "RCPT TO:<told@customer.test> ORCPT=rfc822;told@old.test",
+            // Named again: the mailbox keeps its first parameters.
+            "RCPT TO:<told@customer.test> NOTIFY=NEVER ORCPT=rfc822;second@old.test",
             "RCPT TO:<success-only@customer.test> NOTIFY=SUCCESS",
         ],
         3,
@@ -127,6 +129,7 @@ async fn the_relays_own_failure_report_obeys_notify_and_ret() {
         assert!(notice.contains(needle), "missing {needle:?} in\n{notice}");
     }
     assert!(!notice.contains("quiet@customer.test") && !notice.contains("success-only@"), "{notice}");
+    assert!(!notice.contains("second@old.test"), "{notice}");
     let skipped = relay.log_lines(&["no notification: the sender's NOTIFY does not ask for it"]);
     assert!(
         skipped.len() == 1 && skipped[0].contains("quiet@customer.test") && skipped[0].contains("success-only@"),
@@ -149,6 +152,10 @@ async fn parameters_the_relay_does_not_offer_or_that_are_malformed_are_refused_b
     let replies =
         transaction(&relay.addr, &["MAIL FROM:<sender@src.test>", "RCPT TO:<u@customer.test> NOTIFY=NEVER,SUCCESS"], 5).await;
     assert!(replies[2].0 == 501 && replies[2].1.contains("NOTIFY"), "{replies:?}");
+    let replies =
+        transaction(&relay.addr, &["MAIL FROM:<sender@src.test>", "RCPT TO:<u@customer.test> RRVS=2030-01-01T00:00:00Z"], 6)
+            .await;
+    assert!(replies[2].0 == 555 && replies[2].1.contains("only the NOTIFY and ORCPT"), "{replies:?}");
     // Each refusal left the session usable; nothing was queued.
     assert!(relay.log_lines(&["accepted"]).is_empty());
 }

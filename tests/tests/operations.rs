@@ -185,6 +185,12 @@ async fn deliveries_leave_from_the_configured_source_address() {
     std::fs::write(&elsewhere, config.replace("bind_address = \"127.0.0.9\"", "bind_address = \"192.0.2.1\"")).expect("write");
     let (ok, _, stderr) = mxrelay(&["run", elsewhere.to_str().expect("utf-8 path")]);
     assert!(!ok && stderr.contains("delivery.bind_address = \"192.0.2.1\" cannot be used as a source address"), "{stderr}");
+    // With JSON logs the same start-up error is a log event, like every other line.
+    let (ok, _, stderr) = mxrelay(&["run", elsewhere.to_str().expect("utf-8 path"), "--log-format", "json"]);
+    let events: Vec<serde_json::Value> =
+        stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object ({e}): {l}"))).collect();
+    let error = events.iter().find(|e| e["level"] == "ERROR").expect("the start-up error as an event");
+    assert!(!ok && error["message"].as_str().is_some_and(|m| m.contains("delivery.bind_address = \"192.0.2.1\"")), "{stderr}");
 }
 
 /// `run --log-format json`: every line one JSON object, with the event's fields at the top,
