@@ -275,6 +275,74 @@ async fn a_server_silent_after_its_greeting_is_marked_down_and_stays_down() {
     assert!(relay.log_lines(&["up again"]).is_empty(), "{}", relay.log_text());
 }
 
+/// A customer server that greets and then stalls mid-transaction (smtp-sink waiting before
+/// it answers MAIL) would make every message wait the command timeout. It is marked down
+/// after the first; once it greets again, one delivery at a time is its trial while the
+/// others go to the next tier, and a trial that gets an answer brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stalls_mid_transaction_comes_back_through_one_trial() {
+    let primary_addr = format!("127.0.1.135:{}", free_port("127.0.1.135"));
+    let mut stalling = Sink::start_at(&primary_addr, &["-W", "mail:120"]);
+    let backup = Sink::start("127.0.1.136", &[]);
+    let (bh, bp) = backup.host_port();
+    let (ph, pp) = stalling.host_port();
+    let domain = domain_with("customer.test", "", &[(ph, pp, 10), (bh, bp, 20)]);
+    let relay = Relay::start(&domain, "command_timeout = \"3s\"");
+    let stalls = || relay.log_lines(&["delivery attempt", "no reply to the pipelined MAIL, RCPT and DATA"]).len();
+
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("delivered by the backup after the stall", || backup.count() == 1).await;
+    assert_eq!(relay.log_lines(&["server marked down", "127.0.1.135"]).len(), 1, "{}", relay.log_text());
+    eventually("the probe finds it greeting", || !relay.log_lines(&["greets again"]).is_empty()).await;
+
+    // Five at once: one is the trial and waits out the stall; the other four pass it over.
+    let accepted = mxrelay_e2e::send(&relay.addr, "user@customer.test", 2..7, 5).await;
+    assert_eq!(accepted, (2..7).collect::<Vec<u64>>());
+    eventually("all six delivered by the backup", || backup.count() == 6).await;
+    assert_eq!(stalls(), 2, "only the first message and one trial waited: {}", relay.log_text());
+    assert_eq!(relay.log_lines(&["trial delivery failed"]).len(), 1, "{}", relay.log_text());
+
+    // It answers again: the next trial gets through and the server is back in its place.
+    stalling.kill();
+    let answering = Sink::start_at(&primary_addr, &[]);
+    eventually("a probe opens the next trial", || relay.log_lines(&["greets again"]).len() == 2).await;
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 7).await);
+    eventually("the trial delivered by the primary", || answering.count() == 1).await;
+    assert_eq!(relay.log_lines(&["server is up again", "127.0.1.135"]).len(), 1, "{}", relay.log_text());
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 8).await);
+    eventually("the next one too", || answering.count() == 2).await;
+    assert_eq!(backup.count(), 6);
+    assert_eq!(stalls(), 2, "{}", relay.log_text());
+}
+
+/// A server that takes the data and never answers the final dot may have the message, so
+/// the message is deferred, never passed on at once; the server is marked down, so neither
+/// its retry nor the next message waits for it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_silent_after_the_final_dot_is_marked_down() {
+    let stalling = Sink::start("127.0.1.137", &["-W", ".:120"]);
+    let backup = Sink::start("127.0.1.138", &[]);
+    let (bh, bp) = backup.host_port();
+    let (ph, pp) = stalling.host_port();
+    let domain = domain_with("customer.test", "", &[(ph, pp, 10), (bh, bp, 20)]);
+    // No probe in the test's time: the mark is what keeps deliveries away.
+    let relay = Relay::start(&domain, "data_timeout = \"2s\"\nprobe_interval = \"1h\"\nretry = [\"100ms\"]");
+
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("marked down after the silent final dot", || {
+        !relay.log_lines(&["server marked down", "no reply to the final dot"]).is_empty()
+    })
+    .await;
+    assert_eq!(relay.log_lines(&["deferred", "may be delivered twice"]).len(), 1, "{}", relay.log_text());
+    assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 2).await);
+    eventually("the retry and the next message delivered by the backup", || {
+        let got = backup.received();
+        got.contains_key(&1) && got.contains_key(&2)
+    })
+    .await;
+    assert_eq!(relay.log_lines(&["no usable reply to the final dot", "127.0.1.137"]).len(), 1, "{}", relay.log_text());
+}
+
 /// With the disk full, the relay answers 452 and acknowledges nothing it has not stored;
 /// every message acknowledged before is delivered once the relay runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use mxrelay_policy_host::{PlanRequest, PlanSource};
 use tokio::sync::Semaphore;
 
 use crate::dsn::{self, Action};
-use crate::health::{self, Health};
+use crate::health::{self, Admission, Fault, Health};
 use crate::outbound::{Outgoing, RcptVerdict, ServerVerdict, Transport};
 use crate::policies::Policies;
 use crate::queue::{Envelope, now_ms};
@@ -192,11 +192,20 @@ impl Deliverer {
             let _permit = self.limit(&server_key).acquire_owned().await;
             // Asked again: while this delivery waited for a slot, one that held it may have
             // found the server dead. Without this, every waiter would try a dead server.
-            if self.health.is_down(server) {
-                continue;
-            }
+            // Held until the verdict's effect on health is recorded (dropped, it reopens).
+            let mut trial = match self.health.admit(server) {
+                Admission::Up => None,
+                Admission::Trial(trial) => Some(trial),
+                Admission::Down => continue,
+            };
             let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data, dsn: env.dsn.as_deref() };
             let verdict = self.transport.send(server, &outgoing, &tls).await;
+            if verdict.answered()
+                && let Some(trial) = trial.take()
+            {
+                trial.passed();
+            }
+            let stalled_after_dot = matches!(verdict, ServerVerdict::StalledAfterDot(_));
             match verdict {
                 ServerVerdict::Completed { rcpts, reply, dsn_offered } => {
                     let mut still = Vec::new();
@@ -228,7 +237,12 @@ impl Deliverer {
                 }
                 ServerVerdict::Unreachable(why) => {
                     tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
-                    self.health.mark_down(server, &why, &self.transport);
+                    self.health.mark_down(server, Fault::Unreachable, &why, &self.transport);
+                    last_reason = DeferReason::Failed(why);
+                }
+                ServerVerdict::Stalled(why) => {
+                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "stalled", reply = %why, "delivery attempt");
+                    self.health.mark_down(server, Fault::Stalled, &why, &self.transport);
                     last_reason = DeferReason::Failed(why);
                 }
                 ServerVerdict::SessionFailed(why) | ServerVerdict::TempFailed(why) => {
@@ -239,8 +253,11 @@ impl Deliverer {
                     tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "failed", reply = %why, "delivery attempt");
                     failed.extend(pending.drain(..).map(|r| (r, why.clone())));
                 }
-                ServerVerdict::Unknown(why) => {
+                ServerVerdict::StalledAfterDot(why) | ServerVerdict::Unknown(why) => {
                     tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no usable reply to the final dot; deferring, the message may be delivered twice");
+                    if stalled_after_dot {
+                        self.health.mark_down(server, Fault::Stalled, &why, &self.transport);
+                    }
                     return Outcome::Deferred {
                         delivered,
                         failed,

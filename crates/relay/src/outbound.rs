@@ -86,13 +86,34 @@ pub enum ServerVerdict {
     Unreachable(String),
     /// A session was open but failed before the final `.`: next server.
     SessionFailed(String),
+    /// A session was open, then the server went silent before the final `.`: no reply
+    /// within the command timeout, or the data not taken within the data timeout. It would
+    /// stall the next message too: next server; mark it down.
+    Stalled(String),
+    /// No reply to the final `.` within the data timeout: defer as [`ServerVerdict::Unknown`]
+    /// (the server may have the message), and mark the server down as one that stalled.
+    StalledAfterDot(String),
     /// `4xx` to MAIL or DATA (or every RCPT `4xx`): next server, then defer.
     TempFailed(String),
     /// `5xx` to MAIL or DATA (or every RCPT `5xx`): the message fails.
     PermFailed(String),
-    /// No reply to the final `.` in time, or one that is neither yes nor no: defer; the
-    /// server may have the message.
+    /// The connection lost after the final `.`, or a reply to it that is neither yes nor
+    /// no: defer; the server may have the message.
     Unknown(String),
+}
+
+impl ServerVerdict {
+    /// Whether the server answered: a trial delivery to a server that stalled brings it back.
+    pub fn answered(&self) -> bool {
+        match self {
+            ServerVerdict::Completed { .. }
+            | ServerVerdict::SessionFailed(_)
+            | ServerVerdict::TempFailed(_)
+            | ServerVerdict::PermFailed(_)
+            | ServerVerdict::Unknown(_) => true,
+            ServerVerdict::Unreachable(_) | ServerVerdict::Stalled(_) | ServerVerdict::StalledAfterDot(_) => false,
+        }
+    }
 }
 
 /// A message as handed to a server.
@@ -123,8 +144,23 @@ enum Attempt {
     Stale(String),
 }
 
-/// The connection failed before the server replied to anything in this transaction.
-struct NoReply(String);
+/// The server replied to nothing in this transaction.
+enum NoReply {
+    /// The connection closed or failed: on a reused connection, most likely closed while idle.
+    Lost(String),
+    /// The connection stayed open, and the server silent until the command timeout.
+    Silent(String),
+}
+
+impl NoReply {
+    fn from_error(e: &mail_send::Error, waited_for: &str, timeout: Duration) -> NoReply {
+        if matches!(e, mail_send::Error::Timeout) {
+            NoReply::Silent(format!("no reply to {waited_for} within {timeout:?}"))
+        } else {
+            NoReply::Lost(error_text(e))
+        }
+    }
+}
 
 /// A connection to a server, in clear or after STARTTLS.
 enum Conn {
@@ -511,6 +547,8 @@ impl Transport {
                 ServerVerdict::Unreachable(_) => continue,
                 ServerVerdict::Completed { .. }
                 | ServerVerdict::SessionFailed(_)
+                | ServerVerdict::Stalled(_)
+                | ServerVerdict::StalledAfterDot(_)
                 | ServerVerdict::TempFailed(_)
                 | ServerVerdict::PermFailed(_)
                 | ServerVerdict::Unknown(_) => break,
@@ -523,8 +561,10 @@ impl Transport {
         let (reused, addr) = (s.sent > 0, s.addr);
         match self.transaction_inner(key, s, msg).await {
             Ok(verdict) => Attempt::Verdict(verdict),
-            Err(NoReply(why)) if reused => Attempt::Stale(why),
-            Err(NoReply(why)) => Attempt::Verdict(ServerVerdict::SessionFailed(format!("{addr}: connection lost: {why}"))),
+            // Silence is the server's, on a reused connection too: a closed one fails at once.
+            Err(NoReply::Silent(why)) => Attempt::Verdict(ServerVerdict::Stalled(format!("{addr}: {why}"))),
+            Err(NoReply::Lost(why)) if reused => Attempt::Stale(why),
+            Err(NoReply::Lost(why)) => Attempt::Verdict(ServerVerdict::SessionFailed(format!("{addr}: connection lost: {why}"))),
         }
     }
 
@@ -573,7 +613,7 @@ impl Transport {
             .unwrap_or(Err(mail_send::Error::Timeout));
             match sent {
                 Ok(r) => r,
-                Err(e) => return Err(NoReply(error_text(&e))),
+                Err(e) => return Err(NoReply::from_error(&e, "the pipelined MAIL, RCPT and DATA", self.command_timeout)),
             }
         } else {
             let mut replies = Vec::with_capacity(commands.len());
@@ -586,9 +626,13 @@ impl Transport {
                             break;
                         }
                     }
-                    Err(e) if i == 0 => return Err(NoReply(error_text(&e))),
                     Err(e) => {
-                        return Ok(ServerVerdict::SessionFailed(format!("{addr}: connection lost: {}", error_text(&e))));
+                        let verb = c.get(..4).unwrap_or(c);
+                        return match NoReply::from_error(&e, verb, self.command_timeout) {
+                            no_reply if i == 0 => Err(no_reply),
+                            NoReply::Silent(why) => Ok(ServerVerdict::Stalled(format!("{addr}: {why}"))),
+                            NoReply::Lost(why) => Ok(ServerVerdict::SessionFailed(format!("{addr}: connection lost: {why}"))),
+                        };
                     }
                 }
             }
@@ -642,12 +686,17 @@ impl Transport {
             s.client.stream.write_all(&wire).await?;
             s.client.stream.flush().await
         };
-        if let Err(e) = tokio::time::timeout(self.data_timeout, sent).await.unwrap_or(Err(std::io::ErrorKind::TimedOut.into())) {
-            return Ok(ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}")));
+        match tokio::time::timeout(self.data_timeout, sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Ok(ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}"))),
+            Err(_) => {
+                return Ok(ServerVerdict::Stalled(format!("{addr}: the data was not taken within {:?}", self.data_timeout)));
+            }
         }
         let final_reply = match tokio::time::timeout(self.data_timeout, s.client.read()).await {
-            Err(_) => {
-                return Ok(ServerVerdict::Unknown(format!("{addr}: no reply to the final dot within {:?}", self.data_timeout)));
+            Err(_) | Ok(Err(mail_send::Error::Timeout)) => {
+                let why = format!("{addr}: no reply to the final dot within {:?}", self.data_timeout);
+                return Ok(ServerVerdict::StalledAfterDot(why));
             }
             Ok(Err(e)) => {
                 return Ok(ServerVerdict::Unknown(format!("{addr}: after the final dot: {}", error_text(&e))));
@@ -733,6 +782,8 @@ impl Transport {
             Err(ServerVerdict::Unreachable(why)) => Err(why),
             Err(
                 ServerVerdict::SessionFailed(_)
+                | ServerVerdict::Stalled(_)
+                | ServerVerdict::StalledAfterDot(_)
                 | ServerVerdict::TempFailed(_)
                 | ServerVerdict::PermFailed(_)
                 | ServerVerdict::Unknown(_)
@@ -819,7 +870,7 @@ mod tests {
 
         let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
         let health = crate::health::Health::new(Duration::from_secs(3600), events);
-        health.mark_down(&target, "test", &transport);
+        health.mark_down(&target, crate::health::Fault::Unreachable, "test", &transport);
         assert!(transport.take_idle(&key).is_none(), "a server marked down keeps no idle connection");
         assert_eq!(server_side.await.expect("fake server"), 0, "and the connection is closed");
     }
