@@ -287,7 +287,11 @@ async fn a_server_that_stalls_mid_transaction_comes_back_through_one_trial() {
     let (bh, bp) = backup.host_port();
     let (ph, pp) = stalling.host_port();
     let domain = domain_with("customer.test", "", &[(ph, pp, 10), (bh, bp, 20)]);
-    let relay = Relay::start(&domain, "command_timeout = \"3s\"");
+    let relay = Relay::start_with(
+        "admin_listen = \"127.0.0.1:0\"\nadmin_token = \"0123456789abcdef0123\"",
+        &domain,
+        "command_timeout = \"3s\"",
+    );
     let stalls = || relay.log_lines(&["delivery attempt", "no reply to the pipelined MAIL, RCPT and DATA"]).len();
 
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
@@ -301,6 +305,8 @@ async fn a_server_that_stalls_mid_transaction_comes_back_through_one_trial() {
     eventually("all six delivered by the backup", || backup.count() == 6).await;
     assert_eq!(stalls(), 2, "only the first message and one trial waited: {}", relay.log_text());
     assert_eq!(relay.log_lines(&["trial delivery failed"]).len(), 1, "{}", relay.log_text());
+    let marked = format!("mxrelay_server_marked_down_total{{server=\"{primary_addr}\",fault=\"stalled\"}}");
+    assert_eq!(mxrelay_e2e::metric(&mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics"), &marked), Some(2.0));
 
     // It answers again: the next trial gets through and the server is back in its place.
     stalling.kill();

@@ -36,6 +36,16 @@ pub enum Fault {
     Stalled,
 }
 
+impl Fault {
+    /// The `fault` label of `mxrelay_server_marked_down_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Fault::Unreachable => "unreachable",
+            Fault::Stalled => "stalled",
+        }
+    }
+}
+
 /// Where a down server is on its way back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recovery {
@@ -193,6 +203,7 @@ impl Health {
             }
         };
         if probe {
+            metrics::counter!("mxrelay_server_marked_down_total", "server" => key, "fault" => fault.label()).increment(1);
             let (health, server, transport) = (self.clone(), server.clone(), transport.clone());
             tokio::spawn(async move { health.probe_until_back(&server, &transport).await });
         }
@@ -280,10 +291,13 @@ mod tests {
         Server { port, ..Server::new("127.0.0.1", 10) }
     }
 
-    fn transport() -> Arc<Transport> {
+    /// A greeting server, a transport, health memory probing every 10 ms, and its events.
+    async fn scene() -> (Server, Arc<Transport>, Health, mpsc::UnboundedReceiver<Event>) {
         let text = "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n";
         let config = crate::config::Config::parse(std::path::Path::new("relay.toml"), text).expect("config");
-        Arc::new(Transport::new("relay.test", &config.delivery))
+        let transport = Arc::new(Transport::new("relay.test", &config.delivery));
+        let (events, recovered) = mpsc::unbounded_channel();
+        (greeting_server().await, transport, Health::new(Duration::from_millis(10), events), recovered)
     }
 
     /// Waits for the background probe to open the trial: the state changes on its own task.
@@ -298,12 +312,17 @@ mod tests {
         panic!("no trial within 5 s of a greeting probe");
     }
 
+    /// The server key of the next event, which must be a recovery.
+    async fn recovery(events: &mut mpsc::UnboundedReceiver<Event>) -> String {
+        match events.recv().await {
+            Some(Event::Recovered(key)) => key,
+            other => panic!("expected a recovery event: {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_stalled_server_comes_back_through_one_trial_at_a_time() {
-        let server = greeting_server().await;
-        let transport = transport();
-        let (events, mut recovered) = mpsc::unbounded_channel();
-        let health = Health::new(Duration::from_millis(10), events);
+        let (server, transport, health, mut recovered) = scene().await;
 
         health.mark_down(&server, Fault::Stalled, "stalled", &transport);
         assert!(health.is_down(&server));
@@ -330,24 +349,15 @@ mod tests {
         // An answer brings it back, and its domains' queued mail is retried.
         trial.passed();
         assert!(matches!(health.admit(&server), Admission::Up));
-        match recovered.recv().await {
-            Some(Event::Recovered(key)) => assert_eq!(key, server.address()),
-            other => panic!("expected a recovery event: {other:?}"),
-        }
+        assert_eq!(recovery(&mut recovered).await, server.address());
     }
 
     #[tokio::test]
     async fn an_unreachable_server_is_up_once_it_greets_and_a_stall_is_not_forgotten() {
-        let server = greeting_server().await;
-        let transport = transport();
-        let (events, mut recovered) = mpsc::unbounded_channel();
-        let health = Health::new(Duration::from_millis(10), events);
+        let (server, transport, health, mut recovered) = scene().await;
 
         health.mark_down(&server, Fault::Unreachable, "refused", &transport);
-        match recovered.recv().await {
-            Some(Event::Recovered(key)) => assert_eq!(key, server.address()),
-            other => panic!("expected a recovery event: {other:?}"),
-        }
+        assert_eq!(recovery(&mut recovered).await, server.address());
         assert!(matches!(health.admit(&server), Admission::Up), "up with no trial");
 
         // Stalled, then unreachable while down: it still needs a trial.
