@@ -226,3 +226,44 @@ async fn json_logs_carry_each_events_fields() {
         "{delivered}"
     );
 }
+
+/// The customer's server sees every relay session end with QUIT (Postfix's smtpd counts
+/// `quit=1` in its `disconnect` line): a connection idle for `connection_cache_time`, and the
+/// idle connections at shutdown. Left open, they would hold one of its processes each until
+/// it timed them out, and its log would show timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_customers_postfix_sees_every_session_end_with_quit() {
+    use mxrelay_e2e::postfix::{Listener, Postfix};
+    let sink = Sink::start("127.0.1.139", &[]);
+    let front = Listener { port: mxrelay_e2e::free_port("127.0.0.1"), options: vec![] };
+    let postfix = Postfix::start(&["customer.test"], &sink.addr, std::slice::from_ref(&front), "");
+    let domain =
+        format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.0.1\"\nport = {}\n", front.port);
+    let disconnects = || {
+        let log = postfix.log();
+        // Sessions that said EHLO: the harness's readiness check connects and says nothing.
+        let relay_session = |l: &&str| l.contains("smtpd") && l.contains("disconnect from") && l.contains(" ehlo=1 ");
+        log.lines().filter(relay_session).map(String::from).collect::<Vec<_>>()
+    };
+
+    // Idle for the cache time: closed with QUIT while the relay runs.
+    let relay = Relay::start(&domain, "connection_cache_time = \"300ms\"");
+    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("delivered through Postfix", || sink.count() == 1).await;
+    eventually("the idle session ended", || disconnects().len() == 1).await;
+
+    // Idle when the relay stops: closed with QUIT at shutdown.
+    let mut relay = Relay::start(&domain, "connection_cache_time = \"1h\"");
+    assert!(send_one(&relay.addr, "user@customer.test", 2).await);
+    eventually("delivered through Postfix", || sink.count() == 2).await;
+    relay.signal("TERM");
+    assert!(relay.wait_exit(), "graceful shutdown exits with 0");
+    eventually("the session ended at shutdown", || disconnects().len() == 2).await;
+
+    let ends = disconnects();
+    assert!(ends.iter().all(|l| l.contains(" quit=1 ")), "{ends:#?}");
+    let log = postfix.log();
+    // Apart from the readiness check's, which says nothing at all.
+    let unclean = |l: &&str| l.contains("timeout after") || (l.contains("lost connection") && !l.contains("after CONNECT"));
+    assert_eq!(log.lines().filter(unclean).count(), 0, "{log}");
+}

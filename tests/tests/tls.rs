@@ -184,8 +184,11 @@ async fn postfix_upstream_relays_into_mxrelay_over_tls() {
         assert!(dump.contains("by relay.test (mxrelay) with ESMTPS (using TLSv1."), "{dump}");
         assert!(dump.contains("by mx.customer.test (Postfix) with ESMTP"), "{dump}");
     }
-    let log = postfix.log();
-    assert!(log.contains("Verified TLS connection established to 127.0.0.1"), "{log}");
+    // postlogd writes the log a moment after the events.
+    eventually("Postfix logs a verified TLS connection", || {
+        postfix.log().contains("Verified TLS connection established to 127.0.0.1")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

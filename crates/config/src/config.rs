@@ -115,6 +115,7 @@ struct FileDelivery {
     command_timeout: Option<String>,
     data_timeout: Option<String>,
     probe_interval: Option<String>,
+    connection_cache_time: Option<String>,
     concurrency_per_server: Option<u32>,
     workers: Option<u32>,
     bounce_relay: Option<String>,
@@ -322,6 +323,9 @@ pub struct DeliveryConfig {
     pub data_timeout: Duration,
     /// How often a server marked down is probed.
     pub probe_interval: Duration,
+    /// How long a connection is kept idle for the next message to the same server before it
+    /// is closed with QUIT (Postfix's `smtp_connection_cache_time_limit`).
+    pub connection_cache_time: Duration,
     /// Most simultaneous deliveries to one server.
     pub concurrency_per_server: u32,
     /// Delivery workers.
@@ -640,6 +644,12 @@ fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> Del
         command_timeout: duration_field("delivery.command_timeout", file.command_timeout, Duration::from_secs(300), problems),
         data_timeout: duration_field("delivery.data_timeout", file.data_timeout, Duration::from_secs(600), problems),
         probe_interval: duration_field("delivery.probe_interval", file.probe_interval, Duration::from_secs(5), problems),
+        connection_cache_time: duration_field(
+            "delivery.connection_cache_time",
+            file.connection_cache_time,
+            Duration::from_secs(5),
+            problems,
+        ),
         concurrency_per_server,
         workers,
     }
@@ -772,6 +782,7 @@ preference = 20
         assert_eq!(c.domains[0].servers[1], Server { host: "192.0.2.20".into(), port: 2526, preference: 20, weight: 1 });
         assert!(c.relay.accept_from.iter().any(|r| r.contains("127.0.0.1".parse().expect("ip"))));
         assert_eq!(c.relay.max_hops, 50);
+        assert_eq!(c.delivery.connection_cache_time, Duration::from_secs(5));
     }
 
     #[test]
@@ -800,6 +811,8 @@ preference = 20
         assert!(p.iter().any(|l| l.starts_with("relay.accept_from[0]:")), "{p:?}");
         let p = problems(&SEED.replace("[[domain]]", "[delivery]\nretry = [\"5 parsecs\"]\n\n[[domain]]"));
         assert!(p.iter().any(|l| l.starts_with("delivery.retry[0]:")), "{p:?}");
+        let p = problems(&SEED.replace("[[domain]]", "[delivery]\nconnection_cache_time = \"soon\"\n\n[[domain]]"));
+        assert!(p.iter().any(|l| l.starts_with("delivery.connection_cache_time:")), "{p:?}");
         let p = problems(
             &SEED.replace("[[domain]]", "[delivery]\nbind_address = \"::1\"\nbind_address6 = \"0.0.0.0\"\n\n[[domain]]"),
         );

@@ -45,8 +45,8 @@ use crate::data::dot_stuff;
 use crate::dsn::DsnRequest;
 use crate::tls::OutboundTls;
 
-/// How long an idle connection is kept for reuse.
-const IDLE_REUSE: Duration = Duration::from_secs(5);
+/// How long a server's reply to QUIT is awaited before the connection is closed anyway.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most messages sent over one connection before it is closed.
 const MAX_REUSE: u32 = 500;
 /// How long a connection is reused at most (Postfix `smtp_connection_reuse_time_limit`), so a
@@ -228,6 +228,18 @@ fn pool_key(server: &Server, tls: &OutboundTls) -> PoolKey {
     (server.address(), tls.pool_key().clone())
 }
 
+/// Ends a session as RFC 5321 §4.1.1.10 asks: QUIT, then the server's reply, then the close
+/// (for TLS with its close_notify), so that the server logs a clean end.
+async fn quit(mut s: Session) {
+    let _ = tokio::time::timeout(QUIT_TIMEOUT, async {
+        if s.client.stream.write_all(b"QUIT\r\n").await.is_ok() && s.client.stream.flush().await.is_ok() {
+            let _ = s.client.read().await;
+            let _ = s.client.stream.shutdown().await;
+        }
+    })
+    .await;
+}
+
 /// Whether a connection may carry another message.
 fn reusable(sent: u32, age: Duration) -> bool {
     sent < MAX_REUSE && age < MAX_REUSE_AGE
@@ -242,6 +254,8 @@ pub struct Transport {
     data_timeout: Duration,
     bind_address: Option<Ipv4Addr>,
     bind_address6: Option<Ipv6Addr>,
+    /// How long an idle connection is kept for reuse.
+    cache_time: Duration,
     idle: Mutex<HashMap<PoolKey, Vec<(Session, Instant)>>>,
 }
 
@@ -325,8 +339,51 @@ impl Transport {
             data_timeout: delivery.data_timeout,
             bind_address: delivery.bind_address,
             bind_address6: delivery.bind_address6,
+            cache_time: delivery.connection_cache_time,
             idle: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Closes, with QUIT, each idle connection once it has been idle for the cache time,
+    /// for as long as the transport exists. Without this, a connection left idle when the
+    /// traffic stops stays open until the server times it out: it holds one of the server's
+    /// processes, and the server logs a timeout instead of a clean end.
+    pub fn close_idle_in_time(self: &Arc<Self>) {
+        let transport = Arc::downgrade(self);
+        let every = (self.cache_time / 4).max(Duration::from_millis(20));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(transport) = transport.upgrade() else { return };
+                let cache_time = transport.cache_time;
+                for session in transport.take_idle_where(|idle_for| idle_for >= cache_time) {
+                    tokio::spawn(quit(session));
+                }
+            }
+        });
+    }
+
+    /// Closes every idle connection with QUIT (the relay is stopping).
+    pub async fn close_all_idle(&self) {
+        let mut closing = tokio::task::JoinSet::new();
+        for session in self.take_idle_where(|_| true) {
+            closing.spawn(quit(session));
+        }
+        closing.join_all().await;
+    }
+
+    /// Takes the idle connections whose idle time passes `test` out of the pool.
+    fn take_idle_where(&self, test: impl Fn(Duration) -> bool) -> Vec<Session> {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut taken = Vec::new();
+        idle.retain(|_, list| {
+            let (out, kept): (Vec<_>, Vec<_>) = std::mem::take(list).into_iter().partition(|(_, since)| test(since.elapsed()));
+            taken.extend(out.into_iter().map(|(session, _)| session));
+            *list = kept;
+            !list.is_empty()
+        });
+        taken
     }
 
     /// A TCP connection to `addr`, from the configured source address of its family.
@@ -368,15 +425,17 @@ impl Transport {
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let list = idle.get_mut(key)?;
         while let Some((session, since)) = list.pop() {
-            if since.elapsed() < IDLE_REUSE {
+            if since.elapsed() < self.cache_time {
                 return Some(session);
             }
+            tokio::spawn(quit(session));
         }
         None
     }
 
     fn put_idle(&self, key: &PoolKey, session: Session) {
         if !reusable(session.sent, session.opened.elapsed()) {
+            tokio::spawn(quit(session));
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -873,6 +932,51 @@ mod tests {
         health.mark_down(&target, crate::health::Fault::Unreachable, "test", &transport);
         assert!(transport.take_idle(&key).is_none(), "a server marked down keeps no idle connection");
         assert_eq!(server_side.await.expect("fake server"), 0, "and the connection is closed");
+    }
+
+    /// A connection left idle for the cache time is ended with QUIT, not left for the
+    /// server to time out.
+    #[tokio::test]
+    async fn an_idle_connection_is_ended_with_quit_after_the_cache_time() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // One transaction, then whatever the client says next, and whether it then closes.
+        let server_side = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut s = BufReader::new(stream);
+            let mut line = String::new();
+            s.get_mut().write_all(b"220 fake ESMTP\r\n").await.expect("greeting");
+            for reply in ["250-fake\r\n250 PIPELINING\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n"] {
+                line.clear();
+                s.read_line(&mut line).await.expect("command");
+                s.get_mut().write_all(reply.as_bytes()).await.expect("reply");
+            }
+            while line != ".\r\n" {
+                line.clear();
+                s.read_line(&mut line).await.expect("data");
+            }
+            s.get_mut().write_all(b"250 queued\r\n").await.expect("final reply");
+            line.clear();
+            s.read_line(&mut line).await.expect("after the transaction");
+            let next = line.clone();
+            s.get_mut().write_all(b"221 bye\r\n").await.expect("QUIT reply");
+            line.clear();
+            (next, s.read_line(&mut line).await.expect("close"))
+        });
+        let mut delivery = config("").delivery;
+        delivery.connection_cache_time = Duration::from_millis(50);
+        let transport = Arc::new(Transport::new("relay.test", &delivery));
+        transport.close_idle_in_time();
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None)).expect("tls settings");
+        let rcpts = ["user@customer.test".to_string()];
+        let msg = Outgoing { sender: "a@src.test", recipients: &rcpts, data: b"Subject: x\r\n\r\nhi\r\n", dsn: None };
+        let verdict = transport.send(&server("127.0.0.1", addr.port()), &msg, &settings).await;
+        assert!(matches!(verdict, ServerVerdict::Completed { .. }), "{verdict:?}");
+        let ended = tokio::time::timeout(Duration::from_secs(10), server_side).await;
+        let (next, closed) = ended.expect("the idle connection was left open").expect("fake server");
+        assert_eq!(next, "QUIT\r\n");
+        assert_eq!(closed, 0, "and the connection is closed after the reply");
     }
 
     /// A STARTTLS session's age, which bounds its reuse, counts from its connect as a clear

@@ -77,6 +77,7 @@ pub struct Relay {
     config: Arc<RwLock<Config>>,
     policies: Arc<RwLock<Arc<Policies>>>,
     inbound: Arc<Inbound>,
+    transport: Arc<Transport>,
     listeners: Vec<tokio::task::JoinHandle<()>>,
     /// The admin listener's address, when `admin_listen` is set.
     pub admin: Option<std::net::SocketAddr>,
@@ -102,11 +103,12 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let health = Health::new(config.delivery.probe_interval, events_tx.clone());
     let transport = Arc::new(Transport::new(&config.relay.hostname, &config.delivery));
+    transport.close_idle_in_time();
     let engine = policies.engine().clone();
     let policies = Arc::new(RwLock::new(Arc::new(policies)));
     let shared_config = Arc::new(RwLock::new(config.clone()));
     watch_modules(shared_config.clone(), policies.clone(), engine);
-    let deliverer = Arc::new(Deliverer::new(policies.clone(), transport, health, config.delivery.concurrency_per_server));
+    let deliverer = Arc::new(Deliverer::new(policies.clone(), transport.clone(), health, config.delivery.concurrency_per_server));
     let retry = RetryPolicy {
         schedule: config.delivery.retry.clone(),
         max_lifetime: config.delivery.max_queue_lifetime,
@@ -138,7 +140,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
         }
         None => None,
     };
-    Ok(Relay { config: shared_config, policies, inbound, listeners, admin, events: events_tx, queue, listening })
+    Ok(Relay { config: shared_config, policies, inbound, transport, listeners, admin, events: events_tx, queue, listening })
 }
 
 impl Relay {
@@ -167,8 +169,8 @@ impl Relay {
         Ok(notes)
     }
 
-    /// Stops accepting, lets deliveries in flight finish for at most `grace`, and writes the
-    /// queue out. Whatever was not delivered stays queued for the next start. Returns whether
+    /// Stops accepting, lets deliveries in flight finish for at most `grace`, writes the
+    /// queue out, and closes the idle connections to servers with QUIT. Whatever was not delivered stays queued for the next start. Returns whether
     /// the deliveries in flight finished in time.
     pub async fn shutdown(self, grace: std::time::Duration) -> bool {
         for l in &self.listeners {
@@ -178,6 +180,7 @@ impl Relay {
         let _ = self.events.send(Event::Drain(done));
         let in_time = tokio::time::timeout(grace, finished).await.is_ok();
         let _ = self.queue.flush().await;
+        self.transport.close_all_idle().await;
         in_time
     }
 }
