@@ -260,6 +260,52 @@ async fn opportunistic_encrypts_when_offered_and_none_never_does() {
     }
 }
 
+/// A customer's server that admits the relay by its certificate (as Exchange Online's
+/// connectors can) gets `delivery.tls_client_cert` when it asks for one in STARTTLS, and
+/// verifies it against the CA it trusts; without the setting the relay presents none. The
+/// setting takes effect on reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_asks_gets_the_relays_client_certificate() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let server = TestCa::new("customer CA").issue(certs.path(), "mx", &["mx.customer.test"]);
+    let client_ca = TestCa::new("relay client CA");
+    let client = client_ca.issue(certs.path(), "relay-client", &["relay.test"]);
+    let mailbox = Sink::start("127.0.1.140", &[]);
+    let mut l = tls_listener("mx.customer.test", &server);
+    l.options.extend([
+        ("smtpd_tls_ask_ccert".into(), "yes".into()),
+        ("smtpd_tls_CAfile".into(), client_ca.write(certs.path(), "client-ca.crt").display().to_string()),
+    ]);
+    let _postfix = Postfix::start(&["customer.test"], &mailbox.addr, std::slice::from_ref(&l), "");
+    let domain = domain_with("customer.test", "", &[("127.0.0.1", l.port, 10)]);
+
+    let relay = Relay::start(&domain, "");
+    assert_eq!(send(&relay.addr, "user@customer.test", 10..11, 1).await.len(), 1);
+    eventually("delivered without a certificate", || mailbox.count() == 1).await;
+
+    // Set on a running relay: a reload applies it, no restart.
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    let identity = format!("[delivery]\ntls_client_cert = {}\ntls_client_key = {}\n", quoted(&client.cert), quoted(&client.key));
+    std::fs::write(&path, text.replacen("[delivery]\n", &identity, 1)).expect("write config");
+    relay.signal("HUP");
+    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    assert!(relay.log_lines(&["after a restart"]).is_empty(), "{}", relay.log_text());
+    assert_eq!(send(&relay.addr, "user@customer.test", 0..2, 1).await.len(), 2);
+    eventually("delivered with the certificate", || mailbox.count() == 3).await;
+
+    for dump in mailbox.dumps() {
+        let seq: u64 = dump.lines().find_map(|l| l.strip_prefix("X-Seq: ")?.trim().parse().ok()).expect("X-Seq");
+        assert!(dump.contains("by mx.customer.test (Postfix) with ESMTPS"), "{dump}");
+        let verified = dump.contains("Issuer \"relay client CA\" (verified OK)");
+        if seq < 10 {
+            assert!(verified, "Postfix verified the relay's certificate: {dump}");
+        } else {
+            assert!(!verified && dump.contains("(Client did not present a certificate)"), "{dump}");
+        }
+    }
+}
+
 /// A relay with two domains on the same server at 127.0.0.1:`port`: `may.test` uses TLS
 /// when it can (the default), `must.test` requires it. Failed mail waits an hour.
 fn may_and_must_relay(port: u16) -> Relay {
@@ -408,6 +454,14 @@ fn bad_tls_settings_are_refused_naming_the_key() {
         (write("f.toml", "", &format!("tls_ca = {junk}")), "checks certificates only with tls = \"required\""),
         (write("e.toml", "", "tls = \"none\"\ntls_ca = \"missing.pem\""), "is not a file"),
         (write("g.toml", "require_tls = true", ""), "relay.require_tls: mail would be refused from every client"),
+        (
+            write("h.toml", &format!("\n[delivery]\ntls_client_cert = {junk}"), ""),
+            "delivery.tls_client_key: delivery.tls_client_cert is set",
+        ),
+        (
+            write("i.toml", &format!("\n[delivery]\ntls_client_cert = {junk}\ntls_client_key = {junk}"), ""),
+            "delivery.tls_client_cert:",
+        ),
     ];
     for (path, expected) in cases {
         let (ok, _, err) = mxrelay(&["check", &path]);

@@ -122,6 +122,8 @@ struct FileDelivery {
     delay_warning: Option<String>,
     bind_address: Option<String>,
     bind_address6: Option<String>,
+    tls_client_cert: Option<PathBuf>,
+    tls_client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -340,6 +342,11 @@ pub struct DeliveryConfig {
     pub bind_address: Option<std::net::Ipv4Addr>,
     /// Source address of connections to IPv6 servers (Postfix's `smtp_bind_address6`).
     pub bind_address6: Option<std::net::Ipv6Addr>,
+    /// Certificate chain (PEM) the relay presents when a server asks for one in STARTTLS
+    /// (Postfix's `smtp_tls_cert_file`), for customers that admit the relay by certificate.
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls_client_cert`.
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// The whole validated configuration.
@@ -371,7 +378,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
         let relay = relay_config(file.relay, base, &mut problems);
-        let delivery = delivery_config(file.delivery, &mut problems);
+        let delivery = delivery_config(file.delivery, base, &mut problems);
         let domains = domain_configs(file.domain, base, &mut problems);
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(ConfigError::Invalid { problems });
@@ -432,6 +439,36 @@ fn duration_field(location: &str, value: Option<String>, default: Duration, prob
     }
 }
 
+/// A certificate and its key (PEM files, relative to the config's directory) under the keys
+/// `names`: both or neither, and each a file.
+fn pem_pair(
+    names: [&str; 2],
+    paths: [Option<PathBuf>; 2],
+    base: &Path,
+    problems: &mut Vec<ConfigProblem>,
+) -> (Option<PathBuf>, Option<PathBuf>) {
+    let [cert, key] = paths.map(|p| p.map(|p| base.join(p)));
+    let [cert_name, key_name] = names;
+    let short = |name: &str| name.rsplit('.').next().unwrap_or(name).to_string();
+    match (&cert, &key) {
+        (Some(_), None) => {
+            problems.push(error(key_name, format!("{cert_name} is set: set {} to its private key file", short(key_name))))
+        }
+        (None, Some(_)) => {
+            problems.push(error(cert_name, format!("{key_name} is set: set {} to its certificate file", short(cert_name))))
+        }
+        (Some(_), Some(_)) | (None, None) => {}
+    }
+    for (name, path) in [(cert_name, &cert), (key_name, &key)] {
+        if let Some(p) = path
+            && !p.is_file()
+        {
+            problems.push(error(name, format!("{} is not a file", p.display())));
+        }
+    }
+    (cert, key)
+}
+
 fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>) -> RelayConfig {
     if let Err(e) = parse_host(&file.hostname) {
         problems.push(error("relay.hostname", e));
@@ -473,26 +510,13 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         }
         !weak
     });
-    let tls_cert = file.tls_cert.map(|p| base.join(p));
-    let tls_key = file.tls_key.map(|p| base.join(p));
-    match (&tls_cert, &tls_key) {
-        (Some(_), None) => problems.push(error("relay.tls_key", "relay.tls_cert is set: set tls_key to its private key file")),
-        (None, Some(_)) => problems.push(error("relay.tls_cert", "relay.tls_key is set: set tls_cert to its certificate file")),
-        (Some(_), Some(_)) | (None, None) => {}
-    }
+    let (tls_cert, tls_key) = pem_pair(["relay.tls_cert", "relay.tls_key"], [file.tls_cert, file.tls_key], base, problems);
     let require_tls = file.require_tls.unwrap_or(false);
     if require_tls && tls_cert.is_none() {
         problems.push(error(
             "relay.require_tls",
             "mail would be refused from every client: set tls_cert and tls_key to offer STARTTLS",
         ));
-    }
-    for (key, path) in [("relay.tls_cert", &tls_cert), ("relay.tls_key", &tls_key)] {
-        if let Some(p) = path
-            && !p.is_file()
-        {
-            problems.push(error(key, format!("{} is not a file", p.display())));
-        }
     }
     let max_message_size = file.max_message_size.unwrap_or(25 << 20);
     if max_message_size < 1024 {
@@ -566,7 +590,7 @@ fn source_address(key: &str, v6: bool, text: Option<String>, problems: &mut Vec<
     None
 }
 
-fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> DeliveryConfig {
+fn delivery_config(file: FileDelivery, base: &Path, problems: &mut Vec<ConfigProblem>) -> DeliveryConfig {
     let resolver = file.resolver.and_then(|text| {
         text.parse::<SocketAddr>()
             .map_err(|_| problems.push(error("delivery.resolver", format!("{text:?} is not an IP:port like 127.0.53.53:53"))))
@@ -627,7 +651,15 @@ fn delivery_config(file: FileDelivery, problems: &mut Vec<ConfigProblem>) -> Del
     let delay_warning = file
         .delay_warning
         .and_then(|text| parse_duration(&text).map_err(|e| problems.push(error("delivery.delay_warning", e))).ok());
+    let (tls_client_cert, tls_client_key) = pem_pair(
+        ["delivery.tls_client_cert", "delivery.tls_client_key"],
+        [file.tls_client_cert, file.tls_client_key],
+        base,
+        problems,
+    );
     DeliveryConfig {
+        tls_client_cert,
+        tls_client_key,
         bounce_relay,
         delay_warning,
         bind_address,

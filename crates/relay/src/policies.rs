@@ -8,15 +8,18 @@ use mxrelay_policy_core::Severity;
 use mxrelay_policy_host::{DomainPolicy, Limits, PolicyComponent, PolicyEngine, PolicyError};
 
 use crate::config::{Config, ConfigProblem, PolicySource};
-use crate::tls::OutboundTls;
+use crate::tls::{ClientIdentity, OutboundTls};
 
 /// Every configured domain's policy, ready to plan.
 #[derive(Debug, Clone)]
 pub struct Policies {
     engine: PolicyEngine,
     domains: BTreeMap<String, Arc<DomainPolicy>>,
-    /// Each domain's outbound TLS (loaded with the policies so a bad `tls_ca` is refused the same way).
+    /// Each domain's outbound TLS (loaded with the policies so a bad `tls_ca` or client
+    /// certificate is refused the same way, and renewed files are read again on reload).
     tls: BTreeMap<String, OutboundTls>,
+    /// The outbound TLS of mail to anywhere else (notifications via `bounce_relay`).
+    default_tls: OutboundTls,
     /// The built-in policy over `delivery.bounce_relay`, for notifications to senders
     /// outside the configured domains.
     bounce: Option<Arc<DomainPolicy>>,
@@ -38,8 +41,10 @@ impl Policies {
         let mut domains = BTreeMap::new();
         let mut tls = BTreeMap::new();
         let mut problems = Vec::new();
+        let identity = ClientIdentity::load(&config.delivery).map_err(|p| vec![p])?;
+        let default_tls = OutboundTls::opportunistic(identity.as_ref()).map_err(|p| vec![p])?;
         for domain in &config.domains {
-            match OutboundTls::for_domain(domain) {
+            match OutboundTls::for_domain(domain, identity.as_ref()) {
                 Ok(t) => {
                     tls.insert(domain.name.clone(), t);
                 }
@@ -96,7 +101,7 @@ impl Policies {
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(problems);
         }
-        Ok(Policies { engine, domains, tls, bounce })
+        Ok(Policies { engine, domains, tls, default_tls, bounce })
     }
 
     /// A copy with `domain`'s servers replaced, its policy built anew for them (same
@@ -110,7 +115,13 @@ impl Policies {
             DomainPolicy::new(current.component().clone(), current.domain(), servers, current.settings_json().to_string())?;
         let mut domains = self.domains.clone();
         domains.insert(domain.to_string(), Arc::new(fresh));
-        Ok(Policies { engine: self.engine.clone(), domains, tls: self.tls.clone(), bounce: self.bounce.clone() })
+        Ok(Policies {
+            engine: self.engine.clone(),
+            domains,
+            tls: self.tls.clone(),
+            default_tls: self.default_tls.clone(),
+            bounce: self.bounce.clone(),
+        })
     }
 
     /// The engine, for reloads.
@@ -125,7 +136,7 @@ impl Policies {
 
     /// A domain's outbound TLS; opportunistic for anything else (notifications via `bounce_relay`).
     pub fn tls(&self, domain: &str) -> OutboundTls {
-        self.tls.get(domain).cloned().unwrap_or_else(OutboundTls::opportunistic)
+        self.tls.get(domain).unwrap_or(&self.default_tls).clone()
     }
 
     /// The policy of a configured domain.

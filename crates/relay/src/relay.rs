@@ -145,7 +145,8 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
 
 impl Relay {
     /// Applies a changed configuration: domains, server lists, policies and their settings,
-    /// intake limits and `accept_from`, the admin token, the TLS certificate and each domain's TLS. Queued and in-flight mail is
+    /// intake limits and `accept_from`, the admin token, the TLS certificates (the relay's, its
+    /// client certificate) and each domain's TLS. Queued and in-flight mail is
     /// untouched. If any policy fails to load, nothing changes and the problems come back.
     /// Returns notes about settings that only a restart applies.
     pub fn reload(&self, next: Config) -> Result<Vec<String>, Vec<crate::config::ConfigProblem>> {
@@ -160,7 +161,7 @@ impl Relay {
             notes.extend(restart("relay.listen", current.relay.listen != next.relay.listen));
             notes.extend(restart("relay.queue", current.relay.queue != next.relay.queue));
             notes.extend(restart("relay.admin_listen", current.relay.admin_listen != next.relay.admin_listen));
-            notes.extend(restart("[delivery]", format!("{:?}", current.delivery) != format!("{:?}", next.delivery)));
+            notes.extend(restart("[delivery]", restart_only(&current.delivery) != restart_only(&next.delivery)));
         }
         let domains: HashSet<String> = next.domains.iter().map(|d| d.name.clone()).collect();
         self.inbound.reconfigure(next.relay.clone(), tls, domains);
@@ -183,6 +184,15 @@ impl Relay {
         self.transport.close_all_idle().await;
         in_time
     }
+}
+
+/// `[delivery]` as far as only a restart applies it: the client certificate is loaded with
+/// the policies, so a reload applies it (and reads renewed files).
+fn restart_only(delivery: &crate::config::DeliveryConfig) -> String {
+    let mut delivery = delivery.clone();
+    delivery.tls_client_cert = None;
+    delivery.tls_client_key = None;
+    format!("{delivery:?}")
 }
 
 /// How often policy module files are checked for replacement.

@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 pub use tokio_rustls::TlsAcceptor;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{ConfigProblem, DomainConfig, RelayConfig, TlsMode};
+use crate::config::{ConfigProblem, DeliveryConfig, DomainConfig, RelayConfig, TlsMode};
 use mxrelay_policy_core::Severity;
 
 fn provider() -> Arc<CryptoProvider> {
@@ -71,41 +71,96 @@ impl std::fmt::Debug for OutboundTls {
     }
 }
 
+/// The certificate the relay presents to servers that ask for one
+/// (`[delivery] tls_client_cert`/`tls_client_key`).
+#[derive(Debug)]
+pub struct ClientIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The certificate file, to keep pools of different identities apart.
+    label: String,
+}
+
+impl ClientIdentity {
+    /// The identity the delivery settings name, or `None` when they name none. The files are
+    /// read now, so a renewed certificate takes effect on reload. Errors name the key.
+    pub fn load(delivery: &DeliveryConfig) -> Result<Option<ClientIdentity>, ConfigProblem> {
+        let (Some(cert), Some(key)) = (&delivery.tls_client_cert, &delivery.tls_client_key) else { return Ok(None) };
+        let chain = read_certs(cert).map_err(|e| problem("delivery.tls_client_cert", e))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| problem("delivery.tls_client_key", format!("{}: no usable PEM private key: {e}", key.display())))?;
+        let identity = ClientIdentity { chain, key, label: cert.display().to_string() };
+        // The pair is checked once here, so that no domain's settings fail on it later.
+        identity.client_config(
+            ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| problem("delivery.tls_client_key", e.to_string()))?
+                .with_root_certificates(RootCertStore::empty()),
+        )?;
+        Ok(Some(identity))
+    }
+
+    /// `builder` finished with this identity; the key's error names `delivery.tls_client_key`.
+    fn client_config(
+        &self,
+        builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    ) -> Result<ClientConfig, ConfigProblem> {
+        builder
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| problem("delivery.tls_client_key", format!("does not fit delivery.tls_client_cert: {e}")))
+    }
+}
+
+/// `builder` finished with the relay's client certificate, if it has one.
+fn with_identity(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    identity: Option<&ClientIdentity>,
+) -> Result<ClientConfig, ConfigProblem> {
+    match identity {
+        Some(identity) => identity.client_config(builder),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 impl OutboundTls {
-    /// Opportunistic TLS without certificate checks (notifications via `bounce_relay`).
-    pub fn opportunistic() -> OutboundTls {
-        OutboundTls::unverified(TlsMode::Opportunistic)
+    /// Opportunistic TLS without certificate checks (notifications via `bounce_relay`),
+    /// presenting `identity` if a server asks for a certificate.
+    pub fn opportunistic(identity: Option<&ClientIdentity>) -> Result<OutboundTls, ConfigProblem> {
+        OutboundTls::unverified(TlsMode::Opportunistic, identity)
     }
 
-    fn unverified(mode: TlsMode) -> OutboundTls {
-        static CONNECTOR: OnceLock<TlsConnector> = OnceLock::new();
-        let connector = CONNECTOR
-            .get_or_init(|| {
-                let config = ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default protocol versions")
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider().signature_verification_algorithms)))
-                    .with_no_client_auth();
-                TlsConnector::from(Arc::new(config))
-            })
-            .clone();
-        OutboundTls { mode, verified: false, connector, pool: mode.as_str().into() }
+    fn unverified(mode: TlsMode, identity: Option<&ClientIdentity>) -> Result<OutboundTls, ConfigProblem> {
+        let build = |identity| {
+            let builder = ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider().signature_verification_algorithms)));
+            with_identity(builder, identity).map(|config| TlsConnector::from(Arc::new(config)))
+        };
+        // Without an identity every domain shares one client configuration.
+        static ANONYMOUS: OnceLock<TlsConnector> = OnceLock::new();
+        let connector = match identity {
+            None => ANONYMOUS.get_or_init(|| build(None).expect("no client certificate to refuse")).clone(),
+            Some(identity) => build(Some(identity))?,
+        };
+        Ok(OutboundTls { mode, verified: false, connector, pool: pool_key(mode.as_str(), identity) })
     }
 
-    /// The settings of `domain`. Errors name the domain and `tls_ca`.
-    pub fn for_domain(domain: &DomainConfig) -> Result<OutboundTls, ConfigProblem> {
-        let Some(ca) = &domain.tls_ca else { return Ok(OutboundTls::unverified(domain.tls)) };
+    /// The settings of `domain`, presenting `identity` if a server asks for a certificate.
+    /// Errors name the domain and `tls_ca`.
+    pub fn for_domain(domain: &DomainConfig, identity: Option<&ClientIdentity>) -> Result<OutboundTls, ConfigProblem> {
+        let Some(ca) = &domain.tls_ca else { return OutboundTls::unverified(domain.tls, identity) };
         let location = format!("domain {}: tls_ca", domain.name);
         let mut roots = RootCertStore::empty();
         for cert in read_certs(ca).map_err(|e| problem(&location, e))? {
             roots.add(cert).map_err(|e| problem(&location, format!("{}: {e}", ca.display())))?;
         }
-        let mut config = ClientConfig::builder_with_provider(provider())
+        let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| problem(&location, e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut config = with_identity(builder, identity)?;
         // rustls caches sessions by name, not port: servers on one IP that share ticket keys
         // (one Postfix, several listeners) would resume without showing their own certificate.
         config.resumption = rustls::client::Resumption::disabled();
@@ -113,7 +168,7 @@ impl OutboundTls {
             mode: domain.tls,
             verified: true,
             connector: TlsConnector::from(Arc::new(config)),
-            pool: format!("{}+{}", domain.tls.as_str(), ca.display()).into(),
+            pool: pool_key(&format!("{}+{}", domain.tls.as_str(), ca.display()), identity),
         })
     }
 
@@ -125,6 +180,14 @@ impl OutboundTls {
     /// Connections made with these settings may be reused by others with the same key.
     pub fn pool_key(&self) -> &Arc<str> {
         &self.pool
+    }
+}
+
+/// The pool key of TLS settings `base`, presented as `identity`.
+fn pool_key(base: &str, identity: Option<&ClientIdentity>) -> Arc<str> {
+    match identity {
+        Some(identity) => format!("{base}+as+{}", identity.label).into(),
+        None => base.into(),
     }
 }
 
@@ -191,11 +254,20 @@ impl ServerCertVerifier for AnyCertificate {
 mod tests {
     use super::*;
 
-    fn relay_config(dir: &Path, cert: &str, key: &str) -> RelayConfig {
+    /// A config with `relay` and `delivery` lines.
+    fn config(dir: &Path, relay: &str, delivery: &str) -> crate::config::Config {
         let text = format!(
-            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n"
+            "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n{relay}\n\n[delivery]\n{delivery}\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n"
         );
-        crate::config::Config::parse(&dir.join("relay.toml"), &text).expect("config").relay
+        crate::config::Config::parse(&dir.join("relay.toml"), &text).expect("config")
+    }
+
+    fn relay_config(dir: &Path, cert: &str, key: &str) -> RelayConfig {
+        config(dir, &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""), "").relay
+    }
+
+    fn client_identity(dir: &Path, cert: &str, key: &str) -> Result<Option<ClientIdentity>, ConfigProblem> {
+        ClientIdentity::load(&config(dir, "", &format!("tls_client_cert = \"{cert}\"\ntls_client_key = \"{key}\"")).delivery)
     }
 
     fn write_pair(dir: &Path, stem: &str) -> (String, String) {
@@ -218,5 +290,23 @@ mod tests {
         let err = acceptor(&relay_config(dir.path(), &key_a, &key_a)).err().expect("a key is not a certificate");
         assert_eq!(err.location, "relay.tls_cert", "{err}");
         assert!(err.message.contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_client_certificate_loads_as_a_matching_pair_and_keeps_its_pools_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert_a, key_a) = write_pair(dir.path(), "a");
+        let (_, key_b) = write_pair(dir.path(), "b");
+        let identity = client_identity(dir.path(), &cert_a, &key_a).expect("loads").expect("configured");
+        assert!(ClientIdentity::load(&config(dir.path(), "", "").delivery).expect("none").is_none());
+        let err = client_identity(dir.path(), &cert_a, &key_b).expect_err("mismatch refused");
+        assert_eq!(err.location, "delivery.tls_client_key", "{err}");
+        let err = client_identity(dir.path(), &key_a, &key_a).expect_err("a key is not a certificate");
+        assert_eq!(err.location, "delivery.tls_client_cert", "{err}");
+
+        // Sessions made with a certificate are never reused by mail that should go without.
+        let anonymous = OutboundTls::opportunistic(None).expect("anonymous");
+        let presenting = OutboundTls::opportunistic(Some(&identity)).expect("with the certificate");
+        assert_ne!(anonymous.pool_key(), presenting.pool_key());
     }
 }
