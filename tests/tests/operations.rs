@@ -113,6 +113,61 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     assert!(!ok && err.contains("cannot read"), "{err}");
 }
 
+/// Held mail gets no attempt, not on the operator's retry, nor when its server comes back,
+/// nor after a crash and restart, while new mail for the same domain flows; released, it is
+/// delivered at once, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_mail_waits_through_retries_and_restarts_until_released() {
+    let sink_addr = format!("127.0.1.141:{}", mxrelay_e2e::free_port("127.0.1.141"));
+    let (host, port) = sink_addr.split_once(':').expect("addr");
+    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let domain = format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\n");
+    let mut relay = Relay::start_with(
+        &format!("admin_listen = \"{admin}\"\nadmin_token = \"hold-test-token-0123456789\""),
+        &domain,
+        "retry = [\"1h\"]",
+    );
+    let config = relay.config_path().display().to_string();
+    let queue = |args: &[&str]| {
+        let (ok, out, err) = mxrelay(&[&["queue"], args].concat());
+        assert!(ok, "queue {args:?}: {err}");
+        out
+    };
+    let acked = send(&relay.addr, "user@customer.test", 0..3, 3).await;
+    assert_eq!(acked.len(), 3);
+    eventually("three deferred", || relay.log_lines(&["deferred"]).len() >= 3).await;
+
+    assert_eq!(queue(&["hold", &config, "--domain", "customer.test"]), "held 3 messages\n");
+    assert_eq!(queue(&["hold", &config, "--all"]), "held 0 messages\n", "already held");
+    let list = queue(&["list", &config]);
+    assert_eq!(list.matches(" held ").count(), 3, "{list}");
+    let (ok, _, err) = mxrelay(&["queue", "hold", &config, "not-an-id"]);
+    assert!(!ok && err.contains("400") && err.contains("not a queue ID"), "{err}");
+
+    // The server comes back (the probe sees it), and the operator retries everything: only
+    // mail that arrives now is delivered.
+    let sink = Sink::start_at(&sink_addr, &[]);
+    queue(&["retry", &config]);
+    assert!(send_one(&relay.addr, "user@customer.test", 10).await);
+    eventually("new mail delivered", || sink.received().contains_key(&10)).await;
+    // After a crash the hold is still there, and start-up's retry of everything skips it.
+    relay.kill9();
+    relay.restart();
+    assert!(send_one(&relay.addr, "user@customer.test", 11).await);
+    eventually("new mail delivered after the restart", || sink.received().contains_key(&11)).await;
+    assert_eq!(sink.received().keys().copied().collect::<Vec<u64>>(), [10, 11], "held mail was delivered");
+    let list: serde_json::Value = serde_json::from_str(&queue(&["list", &config, "--json"])).expect("json");
+    let held: Vec<&str> =
+        list.as_array().expect("list").iter().filter(|e| e["held"] == true).filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(held.len(), 3, "{list}");
+
+    assert_eq!(queue(&["release", &config, held[0]]), "released 1 message\n");
+    eventually("the released one delivered", || sink.count() == 3).await;
+    assert_eq!(queue(&["release", &config, "--domain", "customer.test"]), "released 2 messages\n");
+    eventually("all delivered", || sink.count() == 5).await;
+    mxrelay_e2e::assert_exactly_once(&[&sink], &[0, 1, 2, 10, 11]);
+}
+
 /// A domain taken out of the config keeps its queued mail and its queue gauge; once that
 /// mail is gone the gauge reads 0, not its last value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::policies::Policies;
+use crate::scheduler::Scope;
 
 /// Largest request body accepted (a server list is a few KiB).
 const MAX_BODY: usize = 64 * 1024;
@@ -73,6 +74,8 @@ pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<Socke
         .route("/api/domains/{domain}/servers", get(get_servers).put(put_servers))
         .route("/api/queue", get(list_queue))
         .route("/api/queue/retry", axum::routing::post(retry_queue))
+        .route("/api/queue/hold", axum::routing::post(hold_queued))
+        .route("/api/queue/release", axum::routing::post(release_queued))
         .route("/api/queue/{id}", axum::routing::delete(remove_queued))
         .route("/", get(index))
         .route("/{*file}", get(static_file))
@@ -185,6 +188,8 @@ struct QueuedView {
     age_seconds: u64,
     next_attempt_in_seconds: i64,
     last_error: Option<String>,
+    /// Held by an operator: no attempt until released.
+    held: bool,
 }
 
 async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response {
@@ -207,39 +212,77 @@ async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response 
             size: e.size,
             attempts: e.attempts,
             last_error: e.last_error,
+            held: e.held,
         })
         .collect();
     Json(view).into_response()
 }
 
-/// `POST /api/queue/retry` with `{"id": "..."}`, `{"domain": "..."}` or `{}` (everything).
+/// The body of `POST /api/queue/retry|hold|release`: `{"id": "..."}`, `{"domain": "..."}`
+/// or `{"all": true}`. Retry also takes `{}` for everything.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RetryRequest {
+struct ScopeRequest {
     id: Option<String>,
     domain: Option<String>,
+    #[serde(default)]
+    all: bool,
 }
 
 fn parse_id(text: &str) -> Option<u64> {
     u64::from_str_radix(text.trim(), 16).ok()
 }
 
+/// The envelopes a request names; `{}` means everything only when `empty_is_all`. A refusal
+/// says why, for a `400`.
+fn scope(body: &[u8], empty_is_all: bool) -> Result<Scope, String> {
+    let usage = r#"give {"id": "..."}, {"domain": "..."} or {"all": true}"#;
+    let req: ScopeRequest =
+        serde_json::from_slice(if body.is_empty() { b"{}" } else { body }).map_err(|e| format!("{usage}: {e}"))?;
+    match (req.id, req.domain, req.all || empty_is_all) {
+        (Some(id), None, _) if !req.all => {
+            parse_id(&id).map(Scope::Id).ok_or(format!("{id:?} is not a queue ID (16 hex digits)"))
+        }
+        (None, Some(domain), _) if !req.all => Ok(Scope::Domain(domain.trim_end_matches('.').to_ascii_lowercase())),
+        (None, None, true) => Ok(Scope::All),
+        (None, None, false) => Err(usage.to_string()),
+        (Some(_), _, _) | (None, Some(_), _) => Err(format!("{usage}, only one of them")),
+    }
+}
+
 async fn retry_queue(_: Authorized, State(state): State<AdminState>, body: Bytes) -> Response {
-    let req: RetryRequest = match serde_json::from_slice(if body.is_empty() { b"{}" } else { &body }) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"id\": ...}}, {{\"domain\": ...}} or {{}}: {e}")),
-    };
-    let scope = match (req.id, req.domain) {
-        (Some(id), None) => match parse_id(&id) {
-            Some(id) => crate::scheduler::RetryScope::Id(id),
-            None => return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a queue ID (16 hex digits)")),
-        },
-        (None, Some(domain)) => crate::scheduler::RetryScope::Domain(domain.trim_end_matches('.').to_ascii_lowercase()),
-        (None, None) => crate::scheduler::RetryScope::All,
-        (Some(_), Some(_)) => return error(StatusCode::BAD_REQUEST, "give an id or a domain, not both"),
+    let scope = match scope(&body, true) {
+        Ok(scope) => scope,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let _ = state.events.send(crate::scheduler::Event::RetryNow(scope));
     (StatusCode::ACCEPTED, Json(serde_json::json!({"retrying": true}))).into_response()
+}
+
+/// `POST /api/queue/hold` and `/api/queue/release`: answers how many messages changed.
+async fn hold_or_release(state: &AdminState, body: &[u8], hold: bool) -> Response {
+    let scope = match scope(body, false) {
+        Ok(scope) => scope,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = state.events.send(crate::scheduler::Event::Hold(scope, hold, tx));
+    match rx.await {
+        Ok(Ok(n)) => {
+            let field = if hold { "held" } else { "released" };
+            Json(serde_json::Value::Object([(field.to_string(), n.into())].into_iter().collect())).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("applied, but not yet on disk: {e}")),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running"),
+    }
+}
+
+async fn hold_queued(_: Authorized, State(state): State<AdminState>, body: Bytes) -> Response {
+    hold_or_release(&state, &body, true).await
+}
+
+async fn release_queued(_: Authorized, State(state): State<AdminState>, body: Bytes) -> Response {
+    hold_or_release(&state, &body, false).await
 }
 
 async fn remove_queued(_: Authorized, State(state): State<AdminState>, UrlPath(id): UrlPath<String>) -> Response {
@@ -381,6 +424,25 @@ async fn static_file(State(state): State<AdminState>, UrlPath(file): UrlPath<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_commands_name_exactly_one_scope() {
+        let parsed = |body: &str, empty_is_all| scope(body.as_bytes(), empty_is_all);
+        assert!(matches!(parsed(r#"{"id": "00000000000000FF"}"#, false), Ok(Scope::Id(255))));
+        assert!(matches!(parsed(r#"{"domain": "Customer.Test."}"#, false), Ok(Scope::Domain(d)) if d == "customer.test"));
+        assert!(matches!(parsed(r#"{"all": true}"#, false), Ok(Scope::All)));
+        assert!(matches!(parsed("", true), Ok(Scope::All)), "retry's {{}} is everything");
+        for (body, why) in [
+            ("", "hold with no scope would hold everything by accident"),
+            (r#"{"id": "x"}"#, "not an ID"),
+            (r#"{"id": "FF", "domain": "customer.test"}"#, "two scopes"),
+            (r#"{"domain": "customer.test", "all": true}"#, "two scopes"),
+            (r#"{"ids": ["FF"]}"#, "unknown field"),
+        ] {
+            let refused = parsed(body, false).expect_err(why);
+            assert!(refused.starts_with("give {") || refused.contains("not a queue ID"), "{body}: {refused}");
+        }
+    }
 
     #[test]
     fn token_comparison() {

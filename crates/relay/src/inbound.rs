@@ -564,6 +564,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
             last_error: None,
             size: data.len() as u64,
             warned: false,
+            held: false,
         })
         .collect();
     let items = envelopes.iter().map(|e| (e.clone(), data.clone())).collect();

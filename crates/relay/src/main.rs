@@ -102,6 +102,47 @@ enum QueueCommand {
         /// The queue ID.
         id: String,
     },
+    /// Keep messages queued without delivery attempts until released (Postfix's
+    /// `postsuper -h`); a hold survives restarts. Mail that arrives later is not held.
+    Hold {
+        /// The running relay's configuration file.
+        config: PathBuf,
+        #[command(flatten)]
+        which: Selection,
+    },
+    /// Release held messages: they are tried at once (Postfix's `postsuper -H`).
+    Release {
+        /// The running relay's configuration file.
+        config: PathBuf,
+        #[command(flatten)]
+        which: Selection,
+    },
+}
+
+/// The messages a hold or release applies to: exactly one of these.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct Selection {
+    /// A queue ID (as `queue list` shows it).
+    id: Option<String>,
+    /// Every message for this domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Every queued message.
+    #[arg(long)]
+    all: bool,
+}
+
+impl Selection {
+    /// The admin API's request body.
+    fn body(&self) -> String {
+        match (&self.id, &self.domain) {
+            (Some(id), _) => serde_json::json!({ "id": id }),
+            (None, Some(domain)) => serde_json::json!({ "domain": domain }),
+            (None, None) => serde_json::json!({ "all": true }),
+        }
+        .to_string()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,12 +322,20 @@ async fn serve_signals(relay: mxrelay::relay::Relay, path: &Path, grace: std::ti
     }
 }
 
+/// "held 3 messages" from the admin API's `{"held": 3}`.
+fn counted(body: &str, field: &str) -> String {
+    let n = serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v[field].as_u64()).unwrap_or(0);
+    format!("{field} {n} message{}\n", if n == 1 { "" } else { "s" })
+}
+
 fn queue(command: QueueCommand) -> ExitCode {
     use mxrelay::queue_cli::{render_list, request};
     let path = match &command {
-        QueueCommand::List { config, .. } | QueueCommand::Retry { config, .. } | QueueCommand::Remove { config, .. } => {
-            config.clone()
-        }
+        QueueCommand::List { config, .. }
+        | QueueCommand::Retry { config, .. }
+        | QueueCommand::Remove { config, .. }
+        | QueueCommand::Hold { config, .. }
+        | QueueCommand::Release { config, .. } => config.clone(),
     };
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -311,6 +360,12 @@ fn queue(command: QueueCommand) -> ExitCode {
         }
         QueueCommand::Remove { id, .. } => {
             request(&config, "DELETE", &format!("/api/queue/{id}"), "").map(|_| format!("removed {id}\n"))
+        }
+        QueueCommand::Hold { which, .. } => {
+            request(&config, "POST", "/api/queue/hold", &which.body()).map(|b| counted(&b, "held"))
+        }
+        QueueCommand::Release { which, .. } => {
+            request(&config, "POST", "/api/queue/release", &which.body()).map(|b| counted(&b, "released"))
         }
     };
     match result {

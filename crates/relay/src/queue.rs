@@ -78,6 +78,9 @@ pub struct Envelope {
     /// The sender's DSN requests (RFC 3461), when it made any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dsn: Option<Box<DsnRequest>>,
+    /// Kept without delivery attempts until an operator releases it (`queue hold`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 impl Envelope {
@@ -777,6 +780,7 @@ mod tests {
             size: 5,
             warned: false,
             dsn: None,
+            held: false,
         }
     }
 
@@ -792,9 +796,13 @@ mod tests {
         request
             .recipients
             .insert("u@customer.test".into(), crate::dsn::RcptDsn { notify: None, orcpt: Some("o@old.test".into()) });
-        let with = Envelope { dsn: Some(Box::new(request)), ..env };
+        let with = Envelope { dsn: Some(Box::new(request)), ..env.clone() };
         let back: Envelope = serde_json::from_slice(&envelope_json(&with)).expect("round trip");
         assert_eq!(back, with);
+        assert!(!env.held, "older builds held nothing");
+        let held = Envelope { held: true, ..env };
+        let back: Envelope = serde_json::from_slice(&envelope_json(&held)).expect("round trip");
+        assert!(back.held, "a hold survives a restart");
     }
 
     #[tokio::test]

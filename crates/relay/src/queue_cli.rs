@@ -1,4 +1,4 @@
-//! `mxrelay queue list|retry|remove`: queue control of a running relay, through its admin API
+//! `mxrelay queue list|retry|remove|hold|release`: queue control of a running relay, through its admin API
 //! (`admin_listen` and `admin_token` from the same config file).
 
 use std::io::{Read, Write};
@@ -85,13 +85,13 @@ pub fn render_list(json: &str) -> String {
     );
     for e in &items {
         out.push_str(&format!(
-            "{:<16}  {:<24}  {:>5}  {:>8}  {:>7}s  {:>8}s  {}\n",
+            "{:<16}  {:<24}  {:>5}  {:>8}  {:>7}s  {:>9}  {}\n",
             e["id"].as_str().unwrap_or(""),
             e["domain"].as_str().unwrap_or(""),
             e["recipients"].as_array().map_or(0, Vec::len),
             e["attempts"],
             e["age_seconds"],
-            e["next_attempt_in_seconds"],
+            if e["held"].as_bool() == Some(true) { "held".to_string() } else { format!("{}s", e["next_attempt_in_seconds"]) },
             e["last_error"].as_str().unwrap_or("-")
         ));
     }

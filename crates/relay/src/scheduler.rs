@@ -27,7 +27,7 @@ pub enum Event {
     /// A server (by health key) answers again.
     Recovered(String),
     /// Retry now: one envelope, or every envelope of a domain, or everything.
-    RetryNow(RetryScope),
+    RetryNow(Scope),
     /// Report the envelopes held (for status and tests).
     Snapshot(oneshot::Sender<Vec<Envelope>>),
     /// Report how many envelopes are queued, and when the oldest arrived, per domain.
@@ -36,6 +36,9 @@ pub enum Event {
     Drain(oneshot::Sender<()>),
     /// Forget an envelope (operator's `queue remove`); answers whether it was queued.
     Remove(u64, oneshot::Sender<bool>),
+    /// Hold (`true`) or release (`false`) the envelopes in scope (operator's `queue hold` and
+    /// `queue release`); answers how many changed once the change is durable.
+    Hold(Scope, bool, oneshot::Sender<Result<usize, String>>),
 }
 
 /// Envelopes queued for one domain.
@@ -47,9 +50,9 @@ pub struct QueueStats {
     pub oldest_ms: u64,
 }
 
-/// What `RetryNow` applies to.
+/// Which envelopes an operator's command applies to.
 #[derive(Debug, Clone)]
-pub enum RetryScope {
+pub enum Scope {
     /// One envelope by ID.
     Id(u64),
     /// Every envelope of a domain.
@@ -58,13 +61,13 @@ pub enum RetryScope {
     All,
 }
 
-impl RetryScope {
+impl Scope {
     /// Whether `env` is in the scope.
     fn covers(&self, env: &Envelope) -> bool {
         match self {
-            RetryScope::Id(id) => env.id == *id,
-            RetryScope::Domain(d) => &env.domain == d,
-            RetryScope::All => true,
+            Scope::Id(id) => env.id == *id,
+            Scope::Domain(d) => &env.domain == d,
+            Scope::All => true,
         }
     }
 }
@@ -173,7 +176,7 @@ impl Scheduler {
             return;
         }
         while let Some(&id) = self.ready.front() {
-            if self.in_flight.contains(&id) || !self.entries.contains_key(&id) {
+            if self.in_flight.contains(&id) || self.entries.get(&id).is_none_or(|e| e.held) {
                 self.ready.pop_front();
                 continue;
             }
@@ -279,6 +282,22 @@ impl Scheduler {
                 }
                 let _ = reply.send(known);
             }
+            Event::Hold(scope, hold, reply) => {
+                let mut changed = Vec::new();
+                for e in self.entries.values_mut().filter(|e| scope.covers(e) && e.held != hold) {
+                    e.held = hold;
+                    self.queue.update(e.clone());
+                    tracing::info!(queue_id = %e.queue_id(), "{} by the operator", if hold { "held" } else { "released" });
+                    changed.push(e.id);
+                }
+                let (queue, n) = (self.queue.clone(), changed.len());
+                tokio::spawn(async move {
+                    let _ = reply.send(queue.flush().await.map(|()| n).map_err(|e| e.to_string()));
+                });
+                if !hold {
+                    self.retry_now(changed);
+                }
+            }
             Event::Stats(reply) => {
                 let mut stats: HashMap<String, QueueStats> = HashMap::new();
                 for e in self.entries.values() {
@@ -303,7 +322,9 @@ impl Scheduler {
     fn retry_now(&mut self, ids: Vec<u64>) {
         let now = now_ms();
         for id in ids {
-            if let Some(e) = self.entries.get_mut(&id) {
+            if let Some(e) = self.entries.get_mut(&id)
+                && !e.held
+            {
                 e.next_attempt_ms = now;
                 self.ready.push_back(id);
             }
@@ -322,9 +343,11 @@ impl Scheduler {
 
     fn finished(&mut self, mut env: Envelope, outcome: Outcome) {
         self.in_flight.remove(&env.id);
-        if !self.entries.contains_key(&env.id) {
+        let Some(current) = self.entries.get(&env.id) else {
             return; // removed by the operator while in flight
-        }
+        };
+        // Held while in flight: what is left stays held.
+        env.held = current.held;
         let (failed, relayed, rest) = match outcome {
             Outcome::Done { delivered, failed, relayed } => {
                 tracing::debug!(queue_id = %env.queue_id(), delivered = delivered.len(), failed = failed.len(), "done");
@@ -458,6 +481,7 @@ impl Scheduler {
                     size: body.len() as u64,
                     warned: true,
                     dsn: None,
+                    held: false,
                 };
                 match queue.insert(vec![(notice.clone(), body.clone())]).await {
                     Ok(()) => {
