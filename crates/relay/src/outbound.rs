@@ -856,6 +856,7 @@ impl Transport {
 mod tests {
     use super::*;
     use crate::config::{DomainConfig, PolicySource};
+    use crate::tls::ClientTls;
 
     fn domain(tls: TlsMode, tls_ca: Option<std::path::PathBuf>) -> DomainConfig {
         DomainConfig {
@@ -888,9 +889,9 @@ mod tests {
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = dir.path().join("ca.crt");
         std::fs::write(&ca, params.self_signed(&key).expect("ca").pem()).expect("write");
-        let verified = OutboundTls::for_domain(&domain(TlsMode::Required, Some(ca)), None).expect("verified");
-        let encrypted = OutboundTls::for_domain(&domain(TlsMode::Required, None), None).expect("encrypt");
-        let opportunistic = OutboundTls::for_domain(&domain(TlsMode::Opportunistic, None), None).expect("may");
+        let verified = OutboundTls::for_domain(&domain(TlsMode::Required, Some(ca)), &ClientTls::anonymous()).expect("verified");
+        let encrypted = OutboundTls::for_domain(&domain(TlsMode::Required, None), &ClientTls::anonymous()).expect("encrypt");
+        let opportunistic = OutboundTls::for_domain(&domain(TlsMode::Opportunistic, None), &ClientTls::anonymous()).expect("may");
         let (mx1, mx2) = (server("mx1.customer.test", 25), server("mx2.customer.test", 25));
 
         assert_ne!(pool_key(&mx1, &verified), pool_key(&mx2, &verified), "checked against one name");
@@ -917,7 +918,7 @@ mod tests {
         });
         let config = config("");
         let transport = Arc::new(Transport::new("relay.test", &config.delivery));
-        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), None).expect("tls settings");
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
         let target = server("127.0.0.1", addr.port());
         let key = pool_key(&target, &settings);
         let Ok(session) = transport.open(addr, TlsTarget { settings: &settings, host: &target.host }).await else {
@@ -968,7 +969,7 @@ mod tests {
         delivery.connection_cache_time = Duration::from_millis(50);
         let transport = Arc::new(Transport::new("relay.test", &delivery));
         transport.close_idle_in_time();
-        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), None).expect("tls settings");
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
         let rcpts = ["user@customer.test".to_string()];
         let msg = Outgoing { sender: "a@src.test", recipients: &rcpts, data: b"Subject: x\r\n\r\nhi\r\n", dsn: None };
         let verdict = transport.send(&server("127.0.0.1", addr.port()), &msg, &settings).await;
@@ -1014,7 +1015,8 @@ mod tests {
             (asked, tls)
         });
         let transport = Transport::new("relay.test", &config.delivery);
-        let settings = OutboundTls::for_domain(&domain(TlsMode::Opportunistic, None), None).expect("tls settings");
+        let settings =
+            OutboundTls::for_domain(&domain(TlsMode::Opportunistic, None), &ClientTls::anonymous()).expect("tls settings");
         let before = Instant::now();
         let Ok(session) = transport.open(addr, TlsTarget { settings: &settings, host: "127.0.0.1" }).await else {
             panic!("no session with the fake server");
@@ -1066,7 +1068,7 @@ mod tests {
     async fn verdict_for(ehlo: &'static str, script: &'static [&'static str]) -> (ServerVerdict, bool) {
         let addr = scripted_server(ehlo, script).await;
         let transport = Transport::new("relay.test", &config("").delivery);
-        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), None).expect("tls settings");
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
         let recipients = ["a@customer.test".to_string(), "b@customer.test".to_string()];
         let msg = Outgoing { sender: "s@src.test", recipients: &recipients, data: b"Subject: t\r\n\r\nbody\r\n", dsn: None };
         let target = server("127.0.0.1", addr.port());

@@ -8,7 +8,7 @@ use mxrelay_policy_core::Severity;
 use mxrelay_policy_host::{DomainPolicy, Limits, PolicyComponent, PolicyEngine, PolicyError};
 
 use crate::config::{Config, ConfigProblem, PolicySource};
-use crate::tls::{ClientIdentity, OutboundTls};
+use crate::tls::{ClientTls, OutboundTls};
 
 /// Every configured domain's policy, ready to plan.
 #[derive(Debug, Clone)]
@@ -41,10 +41,10 @@ impl Policies {
         let mut domains = BTreeMap::new();
         let mut tls = BTreeMap::new();
         let mut problems = Vec::new();
-        let identity = ClientIdentity::load(&config.delivery).map_err(|p| vec![p])?;
-        let default_tls = OutboundTls::opportunistic(identity.as_ref()).map_err(|p| vec![p])?;
+        let client = ClientTls::load(&config.delivery).map_err(|p| vec![p])?;
+        let default_tls = client.opportunistic();
         for domain in &config.domains {
-            match OutboundTls::for_domain(domain, identity.as_ref()) {
+            match OutboundTls::for_domain(domain, &client) {
                 Ok(t) => {
                     tls.insert(domain.name.clone(), t);
                 }

@@ -28,7 +28,7 @@ pub enum Event {
     Recovered(String),
     /// Retry now: one envelope, or every envelope of a domain, or everything.
     RetryNow(Scope),
-    /// Report the envelopes held (for status and tests).
+    /// Report the queued envelopes (for status and tests).
     Snapshot(oneshot::Sender<Vec<Envelope>>),
     /// Report how many envelopes are queued, and when the oldest arrived, per domain.
     Stats(oneshot::Sender<HashMap<String, QueueStats>>),

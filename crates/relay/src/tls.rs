@@ -74,7 +74,7 @@ impl std::fmt::Debug for OutboundTls {
 /// The certificate the relay presents to servers that ask for one
 /// (`[delivery] tls_client_cert`/`tls_client_key`).
 #[derive(Debug)]
-pub struct ClientIdentity {
+struct ClientIdentity {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     /// The certificate file, to keep pools of different identities apart.
@@ -82,24 +82,6 @@ pub struct ClientIdentity {
 }
 
 impl ClientIdentity {
-    /// The identity the delivery settings name, or `None` when they name none. The files are
-    /// read now, so a renewed certificate takes effect on reload. Errors name the key.
-    pub fn load(delivery: &DeliveryConfig) -> Result<Option<ClientIdentity>, ConfigProblem> {
-        let (Some(cert), Some(key)) = (&delivery.tls_client_cert, &delivery.tls_client_key) else { return Ok(None) };
-        let chain = read_certs(cert).map_err(|e| problem("delivery.tls_client_cert", e))?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| problem("delivery.tls_client_key", format!("{}: no usable PEM private key: {e}", key.display())))?;
-        let identity = ClientIdentity { chain, key, label: cert.display().to_string() };
-        // The pair is checked once here, so that no domain's settings fail on it later.
-        identity.client_config(
-            ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| problem("delivery.tls_client_key", e.to_string()))?
-                .with_root_certificates(RootCertStore::empty()),
-        )?;
-        Ok(Some(identity))
-    }
-
     /// `builder` finished with this identity; the key's error names `delivery.tls_client_key`.
     fn client_config(
         &self,
@@ -122,35 +104,77 @@ fn with_identity(
     }
 }
 
-impl OutboundTls {
-    /// Opportunistic TLS without certificate checks (notifications via `bounce_relay`),
-    /// presenting `identity` if a server asks for a certificate.
-    pub fn opportunistic(identity: Option<&ClientIdentity>) -> Result<OutboundTls, ConfigProblem> {
-        OutboundTls::unverified(TlsMode::Opportunistic, identity)
-    }
+/// What the outbound TLS of every domain shares: the relay's client certificate, if it
+/// presents one, and one client configuration for all servers whose certificate is not
+/// checked.
+#[derive(Clone)]
+pub struct ClientTls {
+    identity: Option<Arc<ClientIdentity>>,
+    unverified: TlsConnector,
+}
 
-    fn unverified(mode: TlsMode, identity: Option<&ClientIdentity>) -> Result<OutboundTls, ConfigProblem> {
-        let build = |identity| {
-            let builder = ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider().signature_verification_algorithms)));
-            with_identity(builder, identity).map(|config| TlsConnector::from(Arc::new(config)))
-        };
-        // Without an identity every domain shares one client configuration.
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("identity", &self.identity.as_ref().map(|i| &i.label)).finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// No client certificate.
+    pub fn anonymous() -> ClientTls {
         static ANONYMOUS: OnceLock<TlsConnector> = OnceLock::new();
-        let connector = match identity {
-            None => ANONYMOUS.get_or_init(|| build(None).expect("no client certificate to refuse")).clone(),
-            Some(identity) => build(Some(identity))?,
-        };
-        Ok(OutboundTls { mode, verified: false, connector, pool: pool_key(mode.as_str(), identity) })
+        let unverified = ANONYMOUS.get_or_init(|| unverified_connector(None).expect("no client certificate to refuse"));
+        ClientTls { identity: None, unverified: unverified.clone() }
     }
 
-    /// The settings of `domain`, presenting `identity` if a server asks for a certificate.
+    /// The client certificate the delivery settings name, if any. The files are read now, so
+    /// a renewed certificate takes effect on reload. Errors name the key.
+    pub fn load(delivery: &DeliveryConfig) -> Result<ClientTls, ConfigProblem> {
+        let (Some(cert), Some(key)) = (&delivery.tls_client_cert, &delivery.tls_client_key) else {
+            return Ok(ClientTls::anonymous());
+        };
+        let chain = read_certs(cert).map_err(|e| problem("delivery.tls_client_cert", e))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| problem("delivery.tls_client_key", format!("{}: no usable PEM private key: {e}", key.display())))?;
+        let identity = ClientIdentity { chain, key, label: cert.display().to_string() };
+        // Checks the pair once, here, so that no domain's settings fail on it later.
+        let unverified = unverified_connector(Some(&identity))?;
+        Ok(ClientTls { identity: Some(Arc::new(identity)), unverified })
+    }
+
+    /// Opportunistic TLS without certificate checks (notifications via `bounce_relay`).
+    pub fn opportunistic(&self) -> OutboundTls {
+        self.unverified(TlsMode::Opportunistic)
+    }
+
+    fn unverified(&self, mode: TlsMode) -> OutboundTls {
+        OutboundTls { mode, verified: false, connector: self.unverified.clone(), pool: self.pool_key(mode.as_str()) }
+    }
+
+    /// The pool key of TLS settings `base` with this identity.
+    fn pool_key(&self, base: &str) -> Arc<str> {
+        match &self.identity {
+            Some(identity) => format!("{base}+as+{}", identity.label).into(),
+            None => base.into(),
+        }
+    }
+}
+
+/// The client side for servers whose certificate is not checked.
+fn unverified_connector(identity: Option<&ClientIdentity>) -> Result<TlsConnector, ConfigProblem> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| problem("delivery", e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider().signature_verification_algorithms)));
+    with_identity(builder, identity).map(|config| TlsConnector::from(Arc::new(config)))
+}
+
+impl OutboundTls {
+    /// The settings of `domain`, presenting `client`'s certificate if a server asks for one.
     /// Errors name the domain and `tls_ca`.
-    pub fn for_domain(domain: &DomainConfig, identity: Option<&ClientIdentity>) -> Result<OutboundTls, ConfigProblem> {
-        let Some(ca) = &domain.tls_ca else { return OutboundTls::unverified(domain.tls, identity) };
+    pub fn for_domain(domain: &DomainConfig, client: &ClientTls) -> Result<OutboundTls, ConfigProblem> {
+        let Some(ca) = &domain.tls_ca else { return Ok(client.unverified(domain.tls)) };
         let location = format!("domain {}: tls_ca", domain.name);
         let mut roots = RootCertStore::empty();
         for cert in read_certs(ca).map_err(|e| problem(&location, e))? {
@@ -160,7 +184,7 @@ impl OutboundTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| problem(&location, e.to_string()))?
             .with_root_certificates(roots);
-        let mut config = with_identity(builder, identity)?;
+        let mut config = with_identity(builder, client.identity.as_deref())?;
         // rustls caches sessions by name, not port: servers on one IP that share ticket keys
         // (one Postfix, several listeners) would resume without showing their own certificate.
         config.resumption = rustls::client::Resumption::disabled();
@@ -168,7 +192,7 @@ impl OutboundTls {
             mode: domain.tls,
             verified: true,
             connector: TlsConnector::from(Arc::new(config)),
-            pool: pool_key(&format!("{}+{}", domain.tls.as_str(), ca.display()), identity),
+            pool: client.pool_key(&format!("{}+{}", domain.tls.as_str(), ca.display())),
         })
     }
 
@@ -180,14 +204,6 @@ impl OutboundTls {
     /// Connections made with these settings may be reused by others with the same key.
     pub fn pool_key(&self) -> &Arc<str> {
         &self.pool
-    }
-}
-
-/// The pool key of TLS settings `base`, presented as `identity`.
-fn pool_key(base: &str, identity: Option<&ClientIdentity>) -> Arc<str> {
-    match identity {
-        Some(identity) => format!("{base}+as+{}", identity.label).into(),
-        None => base.into(),
     }
 }
 
@@ -266,8 +282,8 @@ mod tests {
         config(dir, &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""), "").relay
     }
 
-    fn client_identity(dir: &Path, cert: &str, key: &str) -> Result<Option<ClientIdentity>, ConfigProblem> {
-        ClientIdentity::load(&config(dir, "", &format!("tls_client_cert = \"{cert}\"\ntls_client_key = \"{key}\"")).delivery)
+    fn client_tls(dir: &Path, cert: &str, key: &str) -> Result<ClientTls, ConfigProblem> {
+        ClientTls::load(&config(dir, "", &format!("tls_client_cert = \"{cert}\"\ntls_client_key = \"{key}\"")).delivery)
     }
 
     fn write_pair(dir: &Path, stem: &str) -> (String, String) {
@@ -297,16 +313,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (cert_a, key_a) = write_pair(dir.path(), "a");
         let (_, key_b) = write_pair(dir.path(), "b");
-        let identity = client_identity(dir.path(), &cert_a, &key_a).expect("loads").expect("configured");
-        assert!(ClientIdentity::load(&config(dir.path(), "", "").delivery).expect("none").is_none());
-        let err = client_identity(dir.path(), &cert_a, &key_b).expect_err("mismatch refused");
+        let presenting = client_tls(dir.path(), &cert_a, &key_a).expect("loads");
+        assert!(presenting.identity.is_some());
+        assert!(ClientTls::load(&config(dir.path(), "", "").delivery).expect("none").identity.is_none());
+        let err = client_tls(dir.path(), &cert_a, &key_b).expect_err("mismatch refused");
         assert_eq!(err.location, "delivery.tls_client_key", "{err}");
-        let err = client_identity(dir.path(), &key_a, &key_a).expect_err("a key is not a certificate");
+        let err = client_tls(dir.path(), &key_a, &key_a).expect_err("a key is not a certificate");
         assert_eq!(err.location, "delivery.tls_client_cert", "{err}");
 
         // Sessions made with a certificate are never reused by mail that should go without.
-        let anonymous = OutboundTls::opportunistic(None).expect("anonymous");
-        let presenting = OutboundTls::opportunistic(Some(&identity)).expect("with the certificate");
+        let (anonymous, presenting) = (ClientTls::anonymous().opportunistic(), presenting.opportunistic());
         assert_ne!(anonymous.pool_key(), presenting.pool_key());
     }
 }
