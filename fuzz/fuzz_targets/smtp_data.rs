@@ -1,10 +1,10 @@
 //! DATA as a client sends it: whatever the bytes, what is queued has only CRLF line ends,
-//! what is sent on holds exactly one end-of-data marker, at its end, and the hop count never
-//! panics.
+//! what is sent on holds exactly one end-of-data marker, at its end, and the header scan
+//! (hop count, Message-ID for the log) never panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxrelay_message_data::{DataEnd, dot_stuff, read_data, received_headers};
+use mxrelay_message_data::{DataEnd, MAX_LOGGED_MESSAGE_ID, dot_stuff, header_summary, read_data};
 
 fuzz_target!(|input: &[u8]| {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
@@ -21,8 +21,13 @@ fuzz_target!(|input: &[u8]| {
             _ => {}
         }
     }
-    // The hop count scans header lines: at most one per line, whatever the bytes.
-    assert!(received_headers(&out) <= out.iter().filter(|&&b| b == b'\n').count());
+    // The header scan: at most one Received: per line, and a Message-ID that keeps a log
+    // line one printable line, whatever the bytes.
+    let headers = header_summary(&out);
+    assert!(headers.received <= out.iter().filter(|&&b| b == b'\n').count());
+    if let Some(id) = headers.message_id {
+        assert!(id.len() <= MAX_LOGGED_MESSAGE_ID && id.bytes().all(|b| (0x20..0x7f).contains(&b)), "{id:?}");
+    }
     let mut wire = Vec::new();
     dot_stuff(&out, &mut wire);
     let marker = b"\r\n.\r\n";

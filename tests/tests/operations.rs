@@ -258,7 +258,9 @@ async fn json_logs_carry_each_events_fields() {
     relay.json_logs = true;
     relay.kill9();
     relay.restart();
-    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    let (ok, out) =
+        mxrelay_e2e::swaks_tagged(&relay.addr, "user@customer.test", 1, &["--header", "Message-Id: <json-1@src.test>"]);
+    assert!(ok, "{out}");
     eventually("delivered", || sink.count() == 1).await;
     eventually("its log line", || !relay.log_lines(&["\"outcome\":\"delivered\""]).is_empty()).await;
     let events: Vec<serde_json::Value> = relay
@@ -273,7 +275,9 @@ async fn json_logs_carry_each_events_fields() {
     let accepted = events.iter().find(|e| e["message"] == "accepted").expect("the accepted event");
     assert_eq!((&accepted["level"], &accepted["target"]), (&"INFO".into(), &"mxrelay::inbound".into()), "{accepted}");
     assert!(accepted["timestamp"].is_string() && accepted["queue_id"].is_string(), "{accepted}");
-    assert_eq!(accepted["sender"], "sender@src.test", "{accepted}");
+    assert_eq!(accepted["sender"], "a@src.test", "{accepted}");
+    // The Message-ID, to match the filtering service's logs.
+    assert_eq!(accepted["message_id"], "<json-1@src.test>", "{accepted}");
     let delivered = events.iter().find(|e| e["outcome"] == "delivered").expect("the delivery event");
     assert_eq!(
         (&delivered["rcpt"], &delivered["queue_id"]),

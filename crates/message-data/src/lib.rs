@@ -102,24 +102,70 @@ pub fn dot_stuff(data: &[u8], wire: &mut Vec<u8>) {
     wire.extend_from_slice(b".\r\n");
 }
 
-/// How many `Received:` fields the header section of `data` (canonical CRLF text) holds: the
-/// hops the message has made, by which RFC 5321 §6.3 detects mail loops. Names compare
-/// without case, and the obsolete `Received :` form counts too.
-pub fn received_headers(data: &[u8]) -> usize {
-    let mut count = 0;
+/// What the relay reads from a message's header section, in one pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderSummary {
+    /// How many `Received:` fields it holds: the hops the message has made, by which
+    /// RFC 5321 §6.3 detects mail loops.
+    pub received: usize,
+    /// The first `Message-ID:` field's value, unfolded and trimmed, for logs that can be
+    /// matched with the filtering service's. Bytes that are not printable ASCII are shown as
+    /// `?`, so a log line stays one line, and it is cut at [`MAX_LOGGED_MESSAGE_ID`] bytes.
+    pub message_id: Option<String>,
+}
+
+/// The most of a Message-ID that is logged.
+pub const MAX_LOGGED_MESSAGE_ID: usize = 256;
+
+/// Whether header line `line` is field `name` (without case; the obsolete `Name :` form too).
+/// Returns the value after the colon.
+fn field_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let head = line.get(..name.len())?;
+    if !head.eq_ignore_ascii_case(name) {
+        return None;
+    }
+    line[name.len()..].trim_ascii_start().strip_prefix(b":")
+}
+
+/// Reads the header section of `data` (canonical CRLF text; it ends at the first empty line).
+pub fn header_summary(data: &[u8]) -> HeaderSummary {
+    let mut summary = HeaderSummary::default();
+    let mut message_id: Option<Vec<u8>> = None;
+    let mut in_message_id = false;
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', data) {
         let line = &data[start..end];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        start = end + 1;
         if line.is_empty() {
             break; // the end of the header section
         }
-        if line.len() > 8 && line[..8].eq_ignore_ascii_case(b"received") && line[8..].trim_ascii_start().starts_with(b":") {
-            count += 1;
+        let folded = line[0] == b' ' || line[0] == b'\t';
+        if folded {
+            if in_message_id && let Some(id) = message_id.as_mut() {
+                id.push(b' ');
+                id.extend_from_slice(line.trim_ascii());
+            }
+            continue;
         }
-        start = end + 1;
+        in_message_id = false;
+        if field_value(line, b"received").is_some() {
+            summary.received += 1;
+        } else if message_id.is_none()
+            && let Some(value) = field_value(line, b"message-id")
+        {
+            message_id = Some(value.trim_ascii().to_vec());
+            in_message_id = true;
+        }
     }
-    count
+    summary.message_id = message_id.map(|id| {
+        let id = id.trim_ascii();
+        id[..id.len().min(MAX_LOGGED_MESSAGE_ID)]
+            .iter()
+            .map(|&b| if (0x20..0x7f).contains(&b) { char::from(b) } else { '?' })
+            .collect()
+    });
+    summary
 }
 
 /// RFC 5322 date-time in UTC, e.g. `Sat, 28 Nov 2026 18:48:20 +0000`.
@@ -156,10 +202,25 @@ mod tests {
     fn received_fields_of_the_header_section_are_counted() {
         let message = b"Received: from a\r\n\tby b; date\r\nRECEIVED: x\r\nreceived : obsolete form\r\n\
             Received-SPF: pass\r\nX-Received: y\r\nSubject: Received: no\r\n\r\nReceived: in the body\r\n";
-        assert_eq!(received_headers(message), 3);
-        assert_eq!(received_headers(b"Subject: none\r\n\r\n"), 0);
-        assert_eq!(received_headers(b""), 0);
-        assert_eq!(received_headers(b"Received: only line, no end"), 0, "a line counts once it ends");
+        assert_eq!(header_summary(message).received, 3);
+        assert_eq!(header_summary(b"Subject: none\r\n\r\n").received, 0);
+        assert_eq!(header_summary(b"").received, 0);
+        assert_eq!(header_summary(b"Received: only line, no end").received, 0, "a line counts once it ends");
+    }
+
+    #[test]
+    fn the_first_message_id_is_read_unfolded_and_safe_to_log() {
+        let id = |data: &[u8]| header_summary(data).message_id;
+        assert_eq!(id(b"Subject: x\r\nMessage-ID: <a@b.test>\r\n\r\nbody\r\n").as_deref(), Some("<a@b.test>"));
+        assert_eq!(id(b"message-id :\r\n <folded@b.test>\r\nSubject: x\r\n\r\n").as_deref(), Some("<folded@b.test>"));
+        assert_eq!(id(b"Message-ID: <first@b>\r\nMessage-ID: <second@b>\r\n\r\n").as_deref(), Some("<first@b>"));
+        assert_eq!(id(b"Subject: x\r\n\r\nMessage-ID: <in-body@b>\r\n"), None, "the body is not the header");
+        assert_eq!(id(b"Message-IDs: <a@b>\r\n\r\n"), None);
+        assert_eq!(id(b"Message-ID: <\x1b[31m\xff@b>\r\n\r\n").as_deref(), Some("<?[31m?@b>"), "no terminal escapes in logs");
+        let long = format!("Message-ID: <{}@b>\r\n\r\n", "x".repeat(1000));
+        assert_eq!(id(long.as_bytes()).map(|m| m.len()), Some(MAX_LOGGED_MESSAGE_ID));
+        // Folded continuation lines of other fields do not join the Message-ID.
+        assert_eq!(id(b"Message-ID: <a@b>\r\nSubject: x\r\n y\r\n\r\n").as_deref(), Some("<a@b>"));
     }
 
     async fn read(input: &[u8], max: u64) -> (DataEnd, Normalised, Vec<u8>, Vec<u8>) {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
-use crate::data::{DataEnd, read_data, received_headers, rfc5322_date};
+use crate::data::{DataEnd, header_summary, read_data, rfc5322_date};
 use crate::dsn::{DsnRequest, RcptDsn};
 use crate::queue::{Envelope, Queue, format_id, now_ms};
 use crate::scheduler::Event;
@@ -531,7 +531,8 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     // RFC 5321 §6.3: a message that has been through this many MTAs is going round in circles
     // (a customer server forwarding back to the filtering service, say). Refused, so the
     // client reports it, instead of being delivered round the loop again.
-    let hops = received_headers(&data[header.len()..]);
+    let headers = header_summary(&data[header.len()..]);
+    let hops = headers.received;
     if hops > settings.max_hops as usize {
         tracing::warn!(%peer, hops, limit = settings.max_hops, "refused: too many Received: fields, a mail loop");
         return Ok(Some(format!("554 5.4.6 too many hops: {hops} Received: fields (limit {}); a mail loop?", settings.max_hops)));
@@ -571,7 +572,8 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     match inbound.queue.insert(items).await {
         Ok(()) => {
             metrics::counter!("mxrelay_accepted_total").increment(1);
-            tracing::info!(queue_id = %format_id(first_id), %peer, sender, rcpts = txn.recipients.len(), size = data.len(), "accepted");
+            let message_id = headers.message_id.as_deref().unwrap_or_default();
+            tracing::info!(queue_id = %format_id(first_id), %peer, sender, message_id, rcpts = txn.recipients.len(), size = data.len(), "accepted");
             let _ = inbound.events.send(Event::Accepted(envelopes, data.clone()));
             Ok(Some(format!("250 2.0.0 queued as {}", format_id(first_id))))
         }
