@@ -141,6 +141,9 @@ async fn held_mail_waits_through_retries_and_restarts_until_released() {
     assert_eq!(queue(&["hold", &config, "--all"]), "held 0 messages\n", "already held");
     let list = queue(&["list", &config]);
     assert_eq!(list.matches(" held ").count(), 3, "{list}");
+    assert!(list.ends_with("3 queued, 3 held\n"), "{list}");
+    let held_gauge = || mxrelay_e2e::metric(&mxrelay_e2e::http_get(&admin, "/metrics"), "mxrelay_queue_held ");
+    assert_eq!(held_gauge(), Some(3.0));
     let (ok, _, err) = mxrelay(&["queue", "hold", &config, "not-an-id"]);
     assert!(!ok && err.contains("400") && err.contains("not a queue ID"), "{err}");
 
@@ -166,6 +169,7 @@ async fn held_mail_waits_through_retries_and_restarts_until_released() {
     assert_eq!(queue(&["release", &config, "--domain", "customer.test"]), "released 2 messages\n");
     eventually("all delivered", || sink.count() == 5).await;
     mxrelay_e2e::assert_exactly_once(&[&sink], &[0, 1, 2, 10, 11]);
+    assert_eq!(held_gauge(), Some(0.0));
 }
 
 /// A domain taken out of the config keeps its queued mail and its queue gauge; once that

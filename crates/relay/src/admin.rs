@@ -103,6 +103,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         let now = crate::queue::now_ms();
         let age = |oldest_ms: Option<u64>| oldest_ms.map_or(0, |t| now.saturating_sub(t)) as f64 / 1000.0;
         metrics::gauge!("mxrelay_queue_size").set(per_domain.values().map(|s| s.size).sum::<usize>() as f64);
+        metrics::gauge!("mxrelay_queue_held").set(per_domain.values().map(|s| s.held).sum::<usize>() as f64);
         metrics::gauge!("mxrelay_queue_oldest_seconds").set(age(per_domain.values().map(|s| s.oldest_ms).min()));
         // Every configured domain has its series, 0 when nothing waits, so a customer whose
         // mail piles up stands out; so has any other domain with mail queued (notifications).

@@ -95,6 +95,10 @@ pub fn render_list(json: &str) -> String {
             e["last_error"].as_str().unwrap_or("-")
         ));
     }
-    out.push_str(&format!("{} queued\n", items.len()));
+    let held = items.iter().filter(|e| e["held"].as_bool() == Some(true)).count();
+    match held {
+        0 => out.push_str(&format!("{} queued\n", items.len())),
+        held => out.push_str(&format!("{} queued, {held} held\n", items.len())),
+    }
     out
 }

@@ -48,6 +48,8 @@ pub struct QueueStats {
     pub size: usize,
     /// When the oldest arrived, ms since the epoch.
     pub oldest_ms: u64,
+    /// How many of them an operator holds.
+    pub held: usize,
 }
 
 /// Which envelopes an operator's command applies to.
@@ -305,9 +307,11 @@ impl Scheduler {
                         Some(s) => {
                             s.size += 1;
                             s.oldest_ms = s.oldest_ms.min(e.received_ms);
+                            s.held += usize::from(e.held);
                         }
                         None => {
-                            stats.insert(e.domain.clone(), QueueStats { size: 1, oldest_ms: e.received_ms });
+                            let first = QueueStats { size: 1, oldest_ms: e.received_ms, held: usize::from(e.held) };
+                            stats.insert(e.domain.clone(), first);
                         }
                     }
                 }
