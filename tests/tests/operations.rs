@@ -172,6 +172,45 @@ async fn held_mail_waits_through_retries_and_restarts_until_released() {
     assert_eq!(held_gauge(), Some(0.0));
 }
 
+/// `hold = true` on a domain: its mail is accepted and held on arrival while other domains'
+/// mail flows. Turned off by a reload, new mail flows again, and what was held waits for the
+/// operator's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_on_hold_keeps_what_arrives_until_released() {
+    let sink = Sink::start("127.0.1.142", &[]);
+    let (host, port) = sink.host_port();
+    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let domains = [
+        mxrelay_e2e::domain_with("held.test", "hold = true", &[(host, port, 10)]),
+        mxrelay_e2e::domain_with("open.test", "", &[(host, port, 10)]),
+    ]
+    .concat();
+    let relay =
+        Relay::start_with(&format!("admin_listen = \"{admin}\"\nadmin_token = \"hold-test-token-0123456789\""), &domains, "");
+    let config = relay.config_path().display().to_string();
+    assert!(send_one(&relay.addr, "user@held.test", 1).await);
+    assert!(send_one(&relay.addr, "user@open.test", 2).await);
+    eventually("the other domain's mail delivered", || sink.received().contains_key(&2)).await;
+    assert!(!sink.received().contains_key(&1), "mail for a domain on hold was delivered");
+    assert_eq!(relay.log_lines(&["held on arrival (the domain's hold = true)", "held.test"]).len(), 1, "{}", relay.log_text());
+    assert!(mxrelay(&["queue", "list", &config]).1.ends_with("1 queued, 1 held\n"));
+    assert!(!relay.log_lines(&["WARN", "domain held.test: hold"]).is_empty(), "the start warns: {}", relay.log_text());
+
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, text.replace("hold = true", "hold = false")).expect("write");
+    relay.signal("HUP");
+    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    assert!(send_one(&relay.addr, "user@held.test", 3).await);
+    eventually("new mail flows once the hold is off", || sink.received().contains_key(&3)).await;
+    assert!(!sink.received().contains_key(&1), "what was held waits for the release");
+
+    let (ok, out, err) = mxrelay(&["queue", "release", &config, "--domain", "held.test"]);
+    assert!(ok && out == "released 1 message\n", "{out}{err}");
+    eventually("the held one delivered", || sink.count() == 3).await;
+    mxrelay_e2e::assert_exactly_once(&[&sink], &[1, 2, 3]);
+}
+
 /// A domain taken out of the config keeps its queued mail and its queue gauge; once that
 /// mail is gone the gauge reads 0, not its last value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

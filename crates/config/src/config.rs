@@ -139,6 +139,8 @@ struct FileDomain {
     #[serde(default)]
     tls_ca: Option<PathBuf>,
     #[serde(default)]
+    hold: bool,
+    #[serde(default)]
     server: Vec<FileServer>,
 }
 
@@ -190,6 +192,9 @@ pub struct DomainConfig {
     pub tls: TlsMode,
     /// CA certificates (PEM) the servers' certificates must chain to; unset: not verified.
     pub tls_ca: Option<PathBuf>,
+    /// Mail that arrives for the domain is held, as `queue hold` holds it, until released
+    /// (Postfix's `HOLD` access action): for a customer who asks the relay to keep their mail.
+    pub hold: bool,
 }
 
 /// Outbound TLS for a domain (`tls = ...`), after Postfix's `smtp_tls_security_level`.
@@ -750,6 +755,13 @@ fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<Config
                 ));
             }
         }
+        if d.hold {
+            problems.push(ConfigProblem {
+                location: format!("{location}: hold"),
+                severity: Severity::Warning,
+                message: "mail for this domain is held on arrival: nothing new is delivered until `mxrelay queue release`".into(),
+            });
+        }
         let policy_settings_json = serde_json::to_string(&d.policy_config.unwrap_or_default()).unwrap_or_else(|_| "{}".into());
         let raw: Vec<RawServer> = d
             .server
@@ -765,7 +777,7 @@ fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<Config
         match validate_servers(&raw) {
             Ok((servers, warnings)) => {
                 problems.extend(warnings.into_iter().map(as_config));
-                out.push(DomainConfig { name, policy, policy_settings_json, servers, tls, tls_ca });
+                out.push(DomainConfig { name, policy, policy_settings_json, servers, tls, tls_ca, hold: d.hold });
             }
             Err(found) => problems.extend(found.into_iter().map(as_config)),
         }
@@ -815,6 +827,15 @@ preference = 20
         assert!(c.relay.accept_from.iter().any(|r| r.contains("127.0.0.1".parse().expect("ip"))));
         assert_eq!(c.relay.max_hops, 50);
         assert_eq!(c.delivery.connection_cache_time, Duration::from_secs(5));
+        assert!(!c.domains[0].hold);
+    }
+
+    #[test]
+    fn a_domain_on_hold_is_a_warning() {
+        let text = SEED.replace("name = \"mailroutedemo.com\"", "name = \"mailroutedemo.com\"\nhold = true");
+        let c = Config::parse(Path::new("/etc/mxrelay/test.toml"), &text).expect("valid");
+        assert!(c.domains[0].hold);
+        assert!(problems(&text).iter().any(|w| w.contains("domain mailroutedemo.com: hold") && w.contains("held on arrival")));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! accepted (no relaying), and `250` after DATA is sent only once the message is durable in
 //! the queue.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,12 +34,20 @@ const READ_BUFFER: usize = 16 * 1024;
 /// writes.
 const WRITE_BUFFER: usize = 4 * 1024;
 
+/// The domains mail is accepted for, each with whether its mail is held on arrival.
+pub type IntakeDomains = HashMap<String, bool>;
+
+/// The intake view of `domains`.
+pub fn intake_domains(domains: &[crate::config::DomainConfig]) -> IntakeDomains {
+    domains.iter().map(|d| (d.name.clone(), d.hold)).collect()
+}
+
 /// What every session needs.
 pub struct Inbound {
     /// `[relay]` settings; a reload replaces them for new sessions.
     relay: std::sync::RwLock<Arc<RelayConfig>>,
-    /// Domains we accept mail for (lower case).
-    pub domains: std::sync::RwLock<Arc<HashSet<String>>>,
+    /// Domains we accept mail for (lower case), each with whether its mail is held on arrival.
+    domains: std::sync::RwLock<Arc<IntakeDomains>>,
     /// The durable queue.
     pub queue: Queue,
     /// Where accepted envelopes are announced.
@@ -60,7 +68,7 @@ impl Inbound {
     pub fn new(
         relay: RelayConfig,
         tls: Option<TlsAcceptor>,
-        domains: HashSet<String>,
+        domains: IntakeDomains,
         queue: Queue,
         events: mpsc::UnboundedSender<Event>,
     ) -> Inbound {
@@ -80,7 +88,7 @@ impl Inbound {
     }
 
     /// Applies reloaded settings and domains to new sessions and recipients.
-    pub fn reconfigure(&self, relay: RelayConfig, tls: Option<TlsAcceptor>, domains: HashSet<String>) {
+    pub fn reconfigure(&self, relay: RelayConfig, tls: Option<TlsAcceptor>, domains: IntakeDomains) {
         *self.relay.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(relay);
         *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
         *self.domains.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(domains);
@@ -91,7 +99,12 @@ impl Inbound {
     }
 
     fn accepts_domain(&self, domain: &str) -> bool {
-        self.domains.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(domain)
+        self.domains.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(domain)
+    }
+
+    /// Whether mail for `domain` is held on arrival (`hold = true` in its config).
+    fn holds_on_arrival(&self, domain: &str) -> bool {
+        self.domains.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(domain).is_some_and(|hold| *hold)
     }
 
     /// Counts a connection from `ip`; `None` when the client already has `limit`.
@@ -557,7 +570,6 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
             id: if i == 0 { first_id } else { inbound.queue.next_id() },
             dsn: txn.dsn.as_ref().and_then(|d| d.for_recipients(&recipients)),
             sender: sender.clone(),
-            domain,
             recipients,
             received_ms,
             attempts: 0,
@@ -565,13 +577,18 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
             last_error: None,
             size: data.len() as u64,
             warned: false,
-            held: false,
+            // Decided before `domain` moves into the envelope.
+            held: inbound.holds_on_arrival(&domain),
+            domain,
         })
         .collect();
     let items = envelopes.iter().map(|e| (e.clone(), data.clone())).collect();
     match inbound.queue.insert(items).await {
         Ok(()) => {
             metrics::counter!("mxrelay_accepted_total").increment(1);
+            for env in envelopes.iter().filter(|e| e.held) {
+                tracing::info!(queue_id = %env.queue_id(), domain = env.domain, "held on arrival (the domain's hold = true)");
+            }
             let message_id = headers.message_id.as_deref().unwrap_or_default();
             tracing::info!(queue_id = %format_id(first_id), %peer, sender, message_id, rcpts = txn.recipients.len(), size = data.len(), "accepted");
             let _ = inbound.events.send(Event::Accepted(envelopes, data.clone()));

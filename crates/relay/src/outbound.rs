@@ -866,6 +866,7 @@ mod tests {
             servers: vec![],
             tls,
             tls_ca,
+            hold: false,
         }
     }
 

@@ -1,6 +1,5 @@
 //! `mxrelay run`: the listeners, the queue, the scheduler and the deliverer, wired together.
 
-use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use crate::tls::TlsAcceptor;
@@ -118,7 +117,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
     let scheduler = Scheduler::new(existing, config.delivery.workers, deliverer, queue.clone(), retry, events_tx.clone());
     tokio::spawn(scheduler.run(events_rx));
 
-    let domains: HashSet<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+    let domains = crate::inbound::intake_domains(&config.domains);
     let inbound = Arc::new(Inbound::new(config.relay.clone(), tls, domains, queue.clone(), events_tx.clone()));
     let mut listening = Vec::new();
     let mut listeners = Vec::new();
@@ -163,7 +162,7 @@ impl Relay {
             notes.extend(restart("relay.admin_listen", current.relay.admin_listen != next.relay.admin_listen));
             notes.extend(restart("[delivery]", restart_only(&current.delivery) != restart_only(&next.delivery)));
         }
-        let domains: HashSet<String> = next.domains.iter().map(|d| d.name.clone()).collect();
+        let domains = crate::inbound::intake_domains(&next.domains);
         self.inbound.reconfigure(next.relay.clone(), tls, domains);
         *self.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
         *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
