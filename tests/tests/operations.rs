@@ -194,7 +194,7 @@ async fn a_domain_on_hold_keeps_what_arrives_until_released() {
     assert!(!sink.received().contains_key(&1), "mail for a domain on hold was delivered");
     assert_eq!(relay.log_lines(&["held on arrival (the domain's hold = true)", "held.test"]).len(), 1, "{}", relay.log_text());
     assert!(mxrelay(&["queue", "list", &config]).1.ends_with("1 queued, 1 held\n"));
-    assert!(!relay.log_lines(&["WARN", "domain held.test: hold"]).is_empty(), "the start warns: {}", relay.log_text());
+    assert!(!relay.log_lines(&["warning: domain held.test: hold"]).is_empty(), "the start warns: {}", relay.log_text());
 
     let path = relay.config_path();
     let text = std::fs::read_to_string(&path).expect("config");
