@@ -198,9 +198,14 @@ async fn a_domain_on_hold_keeps_what_arrives_until_released() {
 
     let path = relay.config_path();
     let text = std::fs::read_to_string(&path).expect("config");
+    // A reload with the hold still on warns again; one that turns it off does not.
+    relay.signal("HUP");
+    eventually("reloaded", || relay.log_lines(&["configuration reloaded"]).len() == 1).await;
+    assert_eq!(relay.log_lines(&["configuration warning", "domain held.test: hold"]).len(), 1, "{}", relay.log_text());
     std::fs::write(&path, text.replace("hold = true", "hold = false")).expect("write");
     relay.signal("HUP");
-    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    eventually("reloaded", || relay.log_lines(&["configuration reloaded"]).len() == 2).await;
+    assert_eq!(relay.log_lines(&["configuration warning", "domain held.test: hold"]).len(), 1, "{}", relay.log_text());
     assert!(send_one(&relay.addr, "user@held.test", 3).await);
     eventually("new mail flows once the hold is off", || sink.received().contains_key(&3)).await;
     assert!(!sink.received().contains_key(&1), "what was held waits for the release");

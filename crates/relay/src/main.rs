@@ -292,14 +292,17 @@ async fn serve_signals(relay: mxrelay::relay::Relay, path: &Path, grace: std::ti
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => match Config::load(path) {
-                Ok(next) => match relay.reload(next) {
-                    Ok(notes) => {
+                Ok(next) => match (next.warnings.clone(), relay.reload(next)) {
+                    (warnings, Ok(notes)) => {
+                        for warning in warnings {
+                            tracing::warn!(problem = %warning, "configuration warning");
+                        }
                         for note in notes {
                             tracing::warn!(note = %note, "reload");
                         }
                         tracing::info!(config = %path.display(), "configuration reloaded");
                     }
-                    Err(problems) => {
+                    (_, Err(problems)) => {
                         for p in problems {
                             tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
                         }
