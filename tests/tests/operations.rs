@@ -80,6 +80,15 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     let list: serde_json::Value = serde_json::from_str(&json).expect("json");
     let first = list[0]["id"].as_str().expect("id").to_string();
 
+    // What is queued, as Postfix's postcat shows it: the envelope and headers, or all of it.
+    let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "show", &config, &first]);
+    assert!(ok && out.starts_with(&format!("id: {first}\ndomain: customer.test\nsender: <sender@src.test>\n")), "{out}{err}");
+    assert!(out.contains("\nReceived: from ") && out.contains("\nX-Seq: ") && !out.contains("END-OF-MESSAGE"), "{out}");
+    let (ok, full, err) = mxrelay_e2e::mxrelay(&["queue", "show", &config, &first, "--full"]);
+    assert!(ok && full.contains("X-Seq: ") && full.contains("END-OF-MESSAGE"), "{full}{err}");
+    let (ok, _, err) = mxrelay_e2e::mxrelay(&["queue", "show", &config, "00000000000000FF"]);
+    assert!(!ok && err.contains("404"), "{err}");
+
     let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "remove", &config, &first]);
     assert!(ok && out.contains(&first), "{out}{err}");
     let (ok, _, err) = mxrelay_e2e::mxrelay(&["queue", "remove", &config, &first]);

@@ -56,6 +56,8 @@ pub struct AdminState {
     /// Domains given a queue gauge at the last scrape, so that one no longer configured or
     /// queued for is set to 0 once instead of keeping its last value.
     pub gauged_domains: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// The queue, to read a queued message for `GET /api/queue/{id}`.
+    pub queue: crate::queue::Queue,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -76,7 +78,8 @@ pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<Socke
         .route("/api/queue/retry", axum::routing::post(retry_queue))
         .route("/api/queue/hold", axum::routing::post(hold_queued))
         .route("/api/queue/release", axum::routing::post(release_queued))
-        .route("/api/queue/{id}", axum::routing::delete(remove_queued))
+        .route("/api/queue/{id}", get(show_queued).delete(remove_queued))
+        .route("/api/queue/{id}/message", get(queued_message))
         .route("/", get(index))
         .route("/{*file}", get(static_file))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -193,17 +196,9 @@ struct QueuedView {
     held: bool,
 }
 
-async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if state.events.send(crate::scheduler::Event::Snapshot(tx)).is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running");
-    }
-    let Ok(mut envelopes) = rx.await else { return error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running") };
-    envelopes.sort_by_key(|e| e.id);
-    let now = crate::queue::now_ms();
-    let view: Vec<QueuedView> = envelopes
-        .into_iter()
-        .map(|e| QueuedView {
+impl QueuedView {
+    fn of(e: crate::queue::Envelope, now: u64) -> QueuedView {
+        QueuedView {
             id: e.queue_id(),
             age_seconds: now.saturating_sub(e.received_ms) / 1000,
             next_attempt_in_seconds: (e.next_attempt_ms as i64 - now as i64) / 1000,
@@ -214,9 +209,64 @@ async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response 
             attempts: e.attempts,
             last_error: e.last_error,
             held: e.held,
-        })
-        .collect();
+        }
+    }
+}
+
+/// Every queued envelope, from the scheduler.
+async fn snapshot(state: &AdminState) -> Result<Vec<crate::queue::Envelope>, Response> {
+    let unavailable = || error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.events.send(crate::scheduler::Event::Snapshot(tx)).map_err(|_| unavailable())?;
+    rx.await.map_err(|_| unavailable())
+}
+
+async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response {
+    let mut envelopes = match snapshot(&state).await {
+        Ok(envelopes) => envelopes,
+        Err(refused) => return refused,
+    };
+    envelopes.sort_by_key(|e| e.id);
+    let now = crate::queue::now_ms();
+    let view: Vec<QueuedView> = envelopes.into_iter().map(|e| QueuedView::of(e, now)).collect();
     Json(view).into_response()
+}
+
+/// A queued envelope by its ID in the URL, and its message as stored (the relay's
+/// `Received:` field first).
+async fn queued(state: &AdminState, id: &str) -> Result<(crate::queue::Envelope, Vec<u8>), Response> {
+    let parsed =
+        parse_id(id).ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("{id:?} is not a queue ID (16 hex digits)")))?;
+    let envelope = snapshot(state)
+        .await?
+        .into_iter()
+        .find(|e| e.id == parsed)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("{id} is not in the queue")))?;
+    let queue = state.queue.clone();
+    let data = tokio::task::spawn_blocking(move || queue.read_data(parsed))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {id}: {e}")))?;
+    Ok((envelope, data))
+}
+
+/// `GET /api/queue/{id}`: the envelope, as in the list, and the message's header section.
+async fn show_queued(_: Authorized, State(state): State<AdminState>, UrlPath(id): UrlPath<String>) -> Response {
+    let (envelope, data) = match queued(&state, &id).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
+    };
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(data.len(), |at| at + 2);
+    let headers = String::from_utf8_lossy(&data[..end]).into_owned();
+    Json(serde_json::json!({ "envelope": QueuedView::of(envelope, crate::queue::now_ms()), "headers": headers })).into_response()
+}
+
+/// `GET /api/queue/{id}/message`: the whole message as stored (Postfix's `postcat -bh`).
+async fn queued_message(_: Authorized, State(state): State<AdminState>, UrlPath(id): UrlPath<String>) -> Response {
+    match queued(&state, &id).await {
+        Ok((_, data)) => ([(header::CONTENT_TYPE, "message/rfc822")], data).into_response(),
+        Err(refused) => refused,
+    }
 }
 
 /// The body of `POST /api/queue/retry|hold|release`: `{"id": "..."}`, `{"domain": "..."}`

@@ -95,6 +95,17 @@ enum QueueCommand {
         #[arg(long, conflicts_with = "id")]
         domain: Option<String>,
     },
+    /// Show a queued message: its envelope and headers, or with --full the whole message
+    /// as stored (Postfix's `postcat -q`).
+    Show {
+        /// The running relay's configuration file.
+        config: PathBuf,
+        /// The queue ID.
+        id: String,
+        /// Print the whole message instead.
+        #[arg(long)]
+        full: bool,
+    },
     /// Remove a message from the queue (it will not be delivered).
     Remove {
         /// The running relay's configuration file.
@@ -337,6 +348,7 @@ fn queue(command: QueueCommand) -> ExitCode {
         QueueCommand::List { config, .. }
         | QueueCommand::Retry { config, .. }
         | QueueCommand::Remove { config, .. }
+        | QueueCommand::Show { config, .. }
         | QueueCommand::Hold { config, .. }
         | QueueCommand::Release { config, .. } => config.clone(),
     };
@@ -363,6 +375,10 @@ fn queue(command: QueueCommand) -> ExitCode {
         }
         QueueCommand::Remove { id, .. } => {
             request(&config, "DELETE", &format!("/api/queue/{id}"), "").map(|_| format!("removed {id}\n"))
+        }
+        QueueCommand::Show { id, full: true, .. } => request(&config, "GET", &format!("/api/queue/{id}/message"), ""),
+        QueueCommand::Show { id, full: false, .. } => {
+            request(&config, "GET", &format!("/api/queue/{id}"), "").map(|b| mxrelay::queue_cli::render_show(&b))
         }
         QueueCommand::Hold { which, .. } => {
             request(&config, "POST", "/api/queue/hold", &which.body()).map(|b| counted(&b, "held"))

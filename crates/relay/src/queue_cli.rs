@@ -1,4 +1,4 @@
-//! `mxrelay queue list|retry|remove|hold|release`: queue control of a running relay, through its admin API
+//! `mxrelay queue list|show|retry|remove|hold|release`: queue control of a running relay, through its admin API
 //! (`admin_listen` and `admin_token` from the same config file).
 
 use std::io::{Read, Write};
@@ -51,8 +51,10 @@ pub fn request(config: &Config, method: &str, path: &str, body: &str) -> Result<
         body.len()
     )
     .map_err(connect_err)?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(connect_err)?;
+    // Lossy: a queued message (`queue show --full`) may hold bytes that are not UTF-8.
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(connect_err)?;
+    let response = String::from_utf8_lossy(&raw).into_owned();
     let status: u16 = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let (headers, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     // axum answers small bodies with Content-Length; chunked ones are joined here.
@@ -71,6 +73,27 @@ fn dechunk(mut body: &str) -> String {
         body = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// One queued message: its envelope, then its header section.
+pub fn render_show(json: &str) -> String {
+    let Ok(shown) = serde_json::from_str::<serde_json::Value>(json) else { return json.to_string() };
+    let e = &shown["envelope"];
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let recipients: Vec<String> = e["recipients"].as_array().map(|r| r.iter().map(text).collect()).unwrap_or_default();
+    let next = if e["held"].as_bool() == Some(true) { "held".into() } else { format!("in {}s", e["next_attempt_in_seconds"]) };
+    format!(
+        "id: {}\ndomain: {}\nsender: <{}>\nrecipients: {}\nsize: {} bytes\nage: {}s\nattempts: {}\nnext attempt: {next}\nlast error: {}\n\n{}",
+        text(&e["id"]),
+        text(&e["domain"]),
+        e["sender"].as_str().unwrap_or(""),
+        recipients.join(", "),
+        e["size"],
+        e["age_seconds"],
+        e["attempts"],
+        text(&e["last_error"]),
+        text(&shown["headers"]).replace("\r\n", "\n"),
+    )
 }
 
 /// The queue as a table.
