@@ -55,19 +55,26 @@ async fn sigterm_lets_the_delivery_in_flight_finish_and_keeps_the_rest_queued() 
     mxrelay_e2e::assert_exactly_once(&[&slow], &acked);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_list_retry_and_remove_against_a_running_relay() {
-    // The customer's server is down and no probe will notice it coming back (1 h): only the
-    // operator's retry brings the mail out.
-    let sink_addr = format!("127.0.1.83:{}", mxrelay_e2e::free_port("127.0.1.83"));
-    let (host, port) = sink_addr.split_once(':').expect("addr");
+/// A relay with the admin API on, delivering customer.test to `server` (`IP:PORT`), with
+/// `delivery` lines; returns it and the admin address.
+fn with_admin(server: &str, delivery: &str) -> (Relay, String) {
+    let (host, port) = server.split_once(':').expect("addr");
     let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
     let domain = format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\n");
     let relay = Relay::start_with(
         &format!("admin_listen = \"{admin}\"\nadmin_token = \"queue-test-token-0123456789\""),
         &domain,
-        "retry = [\"1h\"]\nprobe_interval = \"1h\"",
+        delivery,
     );
+    (relay, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_list_retry_and_remove_against_a_running_relay() {
+    // The customer's server is down and no probe will notice it coming back (1 h): only the
+    // operator's retry brings the mail out.
+    let sink_addr = format!("127.0.1.83:{}", mxrelay_e2e::free_port("127.0.1.83"));
+    let (relay, admin) = with_admin(&sink_addr, "retry = [\"1h\"]\nprobe_interval = \"1h\"");
     let config = relay.config_path().display().to_string();
     let acked = send(&relay.addr, "user@customer.test", 0..3, 3).await;
     assert_eq!(acked.len(), 3);
@@ -128,14 +135,7 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_mail_waits_through_retries_and_restarts_until_released() {
     let sink_addr = format!("127.0.1.141:{}", mxrelay_e2e::free_port("127.0.1.141"));
-    let (host, port) = sink_addr.split_once(':').expect("addr");
-    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
-    let domain = format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\n");
-    let mut relay = Relay::start_with(
-        &format!("admin_listen = \"{admin}\"\nadmin_token = \"hold-test-token-0123456789\""),
-        &domain,
-        "retry = [\"1h\"]",
-    );
+    let (mut relay, admin) = with_admin(&sink_addr, "retry = [\"1h\"]");
     let config = relay.config_path().display().to_string();
     let queue = |args: &[&str]| {
         let (ok, out, err) = mxrelay(&[&["queue"], args].concat());
