@@ -231,11 +231,9 @@ impl Health {
         let key = key(server);
         loop {
             tokio::time::sleep(self.probe_interval).await;
-            let fault = match self.lock().get(&key) {
-                Some(DownState { recovery: Recovery::Probing, fault, .. }) => *fault,
-                // Cleared by an operator, or a delivery took over.
-                Some(DownState { recovery: Recovery::TrialOpen | Recovery::TrialTaken, .. }) | None => return,
-            };
+            if !self.lock().get(&key).is_some_and(|state| state.recovery == Recovery::Probing) {
+                return; // cleared by an operator
+            }
             let answered = match transport.addresses(server).await {
                 Ok(addrs) => {
                     let mut ok = false;
@@ -252,16 +250,21 @@ impl Health {
             if !answered {
                 continue;
             }
-            match fault {
-                Fault::Unreachable => self.mark_up_key(&key),
-                Fault::Stalled => {
-                    if let Some(state) = self.lock().get_mut(&key)
-                        && state.recovery == Recovery::Probing
-                    {
-                        state.recovery = Recovery::TrialOpen;
+            // The fault as it is now: a delivery in flight during the probe may have stalled.
+            let mut down = self.lock();
+            match down.get_mut(&key) {
+                Some(state) if state.recovery == Recovery::Probing => match state.fault {
+                    Fault::Unreachable => {
+                        drop(down);
+                        self.mark_up_key(&key);
                     }
-                    tracing::info!(server = %key, "a server that stalled greets again; the next delivery to it is a trial");
-                }
+                    Fault::Stalled => {
+                        state.recovery = Recovery::TrialOpen;
+                        drop(down);
+                        tracing::info!(server = %key, "a server that stalled greets again; the next delivery to it is a trial");
+                    }
+                },
+                Some(_) | None => {} // cleared by an operator, or another probe got there first
             }
             return;
         }

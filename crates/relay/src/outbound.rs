@@ -97,7 +97,7 @@ pub enum ServerVerdict {
     TempFailed(String),
     /// `5xx` to MAIL or DATA (or every RCPT `5xx`): the message fails.
     PermFailed(String),
-    /// The connection lost after the final `.`, or a reply to it that is neither yes nor
+    /// The connection was lost after the final `.`, or the reply to it is neither yes nor
     /// no: defer; the server may have the message.
     Unknown(String),
 }

@@ -144,10 +144,10 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
 }
 
 impl Relay {
-    /// Applies a changed configuration: domains, server lists, policies and their settings,
-    /// intake limits and `accept_from`, the admin token, the TLS certificates (the relay's, its
-    /// client certificate) and each domain's TLS. Queued and in-flight mail is
-    /// untouched. If any policy fails to load, nothing changes and the problems come back.
+    /// Applies a changed configuration: domains (and their holds), server lists, policies and
+    /// their settings, intake limits and `accept_from`, the admin token, the TLS certificates
+    /// (the relay's, its client certificate) and each domain's TLS. Queued and in-flight mail
+    /// is untouched. If any policy fails to load, nothing changes and the problems come back.
     /// Returns notes about settings that only a restart applies.
     pub fn reload(&self, next: Config) -> Result<Vec<String>, Vec<crate::config::ConfigProblem>> {
         let engine = self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).engine().clone();
@@ -171,8 +171,9 @@ impl Relay {
     }
 
     /// Stops accepting, lets deliveries in flight finish for at most `grace`, writes the
-    /// queue out, and closes the idle connections to servers with QUIT. Whatever was not delivered stays queued for the next start. Returns whether
-    /// the deliveries in flight finished in time.
+    /// queue out, and closes the idle connections to servers with QUIT. Whatever was not
+    /// delivered stays queued for the next start. Returns whether the deliveries in flight
+    /// finished in time.
     pub async fn shutdown(self, grace: std::time::Duration) -> bool {
         for l in &self.listeners {
             l.abort();
