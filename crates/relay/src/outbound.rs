@@ -256,7 +256,23 @@ pub struct Transport {
     bind_address6: Option<Ipv6Addr>,
     /// How long an idle connection is kept for reuse.
     cache_time: Duration,
-    idle: Mutex<HashMap<PoolKey, Vec<(Session, Instant)>>>,
+    idle: Arc<Idle>,
+    /// Held (shared) by each RSET running in the background, so that tests can wait for them.
+    resets: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// Idle connections by server and TLS setting, each with when it became idle.
+type Idle = Mutex<HashMap<PoolKey, Vec<(Session, Instant)>>>;
+
+/// Keeps `session` in `idle` for the next message to its server, or ends it if it has
+/// carried enough.
+fn keep_idle(idle: &Idle, key: &PoolKey, session: Session) {
+    if !reusable(session.sent, session.opened.elapsed()) {
+        tokio::spawn(quit(session));
+        return;
+    }
+    let mut idle = idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    idle.entry(key.clone()).or_default().push((session, Instant::now()));
 }
 
 impl std::fmt::Debug for Transport {
@@ -340,7 +356,8 @@ impl Transport {
             bind_address: delivery.bind_address,
             bind_address6: delivery.bind_address6,
             cache_time: delivery.connection_cache_time,
-            idle: Mutex::new(HashMap::new()),
+            idle: Arc::default(),
+            resets: Arc::default(),
         }
     }
 
@@ -434,12 +451,7 @@ impl Transport {
     }
 
     fn put_idle(&self, key: &PoolKey, session: Session) {
-        if !reusable(session.sent, session.opened.elapsed()) {
-            tokio::spawn(quit(session));
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.entry(key.clone()).or_default().push((session, Instant::now()));
+        keep_idle(&self.idle, key, session);
     }
 
     /// Drops every idle connection to `server` (it is being marked down).
@@ -700,7 +712,7 @@ impl Transport {
         if let Some(r) = replies.iter().find(|r| r.code == 421) {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r))));
         }
-        let mut s = match self.go_on(key, s, "MAIL", &replies[0], ReplyKind::Positive).await {
+        let mut s = match self.go_on(key, s, "MAIL", &replies[0], ReplyKind::Positive) {
             Ok(s) => s,
             Err(verdict) => return Ok(verdict),
         };
@@ -728,14 +740,14 @@ impl Transport {
                 let _ = s.client.stream.flush().await;
                 let _ = s.client.read().await;
             }
-            self.reset(key, s).await;
+            self.reset(key, s);
             return Ok(ServerVerdict::Completed { rcpts, reply: String::new(), dsn_offered });
         }
         let Some(data_reply) = data_reply else {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")));
         };
         // 354, or any 3xx as Postfix takes it: send the data.
-        let mut s = match self.go_on(key, s, "DATA", data_reply, ReplyKind::Intermediate).await {
+        let mut s = match self.go_on(key, s, "DATA", data_reply, ReplyKind::Intermediate) {
             Ok(s) => s,
             Err(verdict) => return Ok(verdict),
         };
@@ -793,10 +805,10 @@ impl Transport {
 
     /// Whether the transaction goes on after `reply` to `command` (MAIL or DATA): it does when
     /// the reply is of the kind `expected`. A `4xx` or `5xx` refuses the transaction as a
-    /// whole, and the connection is kept for the next one. Any other kind is a server out of
+    /// whole, and the connection is reset and kept for the next one. Any other kind is a server out of
     /// step: not an answer about the message, and the connection's state is unknown, so it is
     /// closed and the next server gets the message.
-    async fn go_on(
+    fn go_on(
         &self,
         key: &PoolKey,
         s: Session,
@@ -811,22 +823,34 @@ impl Transport {
         let text = format!("{}: {command}: {}", s.addr, reply_text(reply));
         Err(match kind {
             ReplyKind::Transient => {
-                self.reset(key, s).await;
+                self.reset(key, s);
                 ServerVerdict::TempFailed(text)
             }
             ReplyKind::Permanent => {
-                self.reset(key, s).await;
+                self.reset(key, s);
                 ServerVerdict::PermFailed(text)
             }
             ReplyKind::Positive | ReplyKind::Intermediate | ReplyKind::OutOfRange => ServerVerdict::SessionFailed(text),
         })
     }
 
-    /// Ends a failed transaction and keeps the connection if the server agrees.
-    async fn reset(&self, key: &PoolKey, mut s: Session) {
-        if s.client.rset().await.is_ok() {
-            self.put_idle(key, s);
-        }
+    /// Ends a failed transaction, in the background, and keeps the connection if the server
+    /// agrees. The verdict does not wait for the RSET: a server that stalls on it would
+    /// otherwise hold the message for the command timeout before the next server is tried.
+    fn reset(&self, key: &PoolKey, mut s: Session) {
+        let (idle, key, running) = (self.idle.clone(), key.clone(), self.resets.clone().try_read_owned().ok());
+        tokio::spawn(async move {
+            let _running = running;
+            if s.client.rset().await.is_ok() {
+                keep_idle(&idle, &key, s);
+            }
+        });
+    }
+
+    /// Waits for the RSETs running in the background to end.
+    #[cfg(test)]
+    async fn resets_done(&self) {
+        drop(self.resets.write().await);
     }
 
     /// Whether `addr` is back (used to probe servers marked down): whether a new session gets
@@ -1074,7 +1098,43 @@ mod tests {
         let msg = Outgoing { sender: "s@src.test", recipients: &recipients, data: b"Subject: t\r\n\r\nbody\r\n", dsn: None };
         let target = server("127.0.0.1", addr.port());
         let verdict = transport.send(&target, &msg, &settings).await;
+        transport.resets_done().await;
         (verdict, transport.take_idle(&pool_key(&target, &settings)).is_some())
+    }
+
+    /// A server that refuses MAIL with `4xx` and then never answers the RSET does not hold
+    /// the message: the verdict comes at once, and the next server can be tried.
+    #[tokio::test]
+    async fn a_refusal_does_not_wait_for_the_rset() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (rset_tx, rset_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut s = BufReader::new(stream);
+            let mut line = String::new();
+            s.get_mut().write_all(b"220 fake ESMTP\r\n").await.expect("greeting");
+            for reply in ["250 fake\r\n", "451 4.3.0 try later\r\n"] {
+                line.clear();
+                s.read_line(&mut line).await.expect("command");
+                s.get_mut().write_all(reply.as_bytes()).await.expect("reply");
+            }
+            line.clear();
+            s.read_line(&mut line).await.expect("RSET");
+            let _ = rset_tx.send(line);
+            std::future::pending::<()>().await; // and never answers it
+        });
+        // The default command timeout (5 min): waiting for the RSET would exceed the test's.
+        let transport = Transport::new("relay.test", &config("").delivery);
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
+        let rcpts = ["user@customer.test".to_string()];
+        let msg = Outgoing { sender: "a@src.test", recipients: &rcpts, data: b"Subject: x\r\n\r\nhi\r\n", dsn: None };
+        let target = server("127.0.0.1", addr.port());
+        let sent = transport.send(&target, &msg, &settings);
+        let verdict = tokio::time::timeout(Duration::from_secs(10), sent).await.expect("the verdict waited for the RSET");
+        assert!(matches!(&verdict, ServerVerdict::TempFailed(t) if t.contains("MAIL: 451")), "{verdict:?}");
+        assert_eq!(rset_rx.await.expect("RSET sent"), "RSET\r\n", "the transaction is still ended properly");
     }
 
     #[tokio::test]
