@@ -213,16 +213,16 @@ impl QueuedView {
     }
 }
 
-/// Every queued envelope, from the scheduler.
-async fn snapshot(state: &AdminState) -> Result<Vec<crate::queue::Envelope>, Response> {
+/// The queued envelopes in `scope`, from the scheduler.
+async fn snapshot(state: &AdminState, scope: Scope) -> Result<Vec<crate::queue::Envelope>, Response> {
     let unavailable = || error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running");
     let (tx, rx) = tokio::sync::oneshot::channel();
-    state.events.send(crate::scheduler::Event::Snapshot(tx)).map_err(|_| unavailable())?;
+    state.events.send(crate::scheduler::Event::Snapshot(scope, tx)).map_err(|_| unavailable())?;
     rx.await.map_err(|_| unavailable())
 }
 
 async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response {
-    let mut envelopes = match snapshot(&state).await {
+    let mut envelopes = match snapshot(&state, Scope::All).await {
         Ok(envelopes) => envelopes,
         Err(refused) => return refused,
     };
@@ -237,10 +237,9 @@ async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response 
 async fn queued(state: &AdminState, id: &str) -> Result<(crate::queue::Envelope, Vec<u8>), Response> {
     let parsed =
         parse_id(id).ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("{id:?} is not a queue ID (16 hex digits)")))?;
-    let envelope = snapshot(state)
+    let envelope = snapshot(state, Scope::Id(parsed))
         .await?
-        .into_iter()
-        .find(|e| e.id == parsed)
+        .pop()
         .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("{id} is not in the queue")))?;
     let queue = state.queue.clone();
     let data = tokio::task::spawn_blocking(move || queue.read_data(parsed))

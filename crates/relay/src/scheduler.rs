@@ -28,8 +28,8 @@ pub enum Event {
     Recovered(String),
     /// Retry now: one envelope, or every envelope of a domain, or everything.
     RetryNow(Scope),
-    /// Report the queued envelopes (for status and tests).
-    Snapshot(oneshot::Sender<Vec<Envelope>>),
+    /// Report the queued envelopes in scope (for status and tests).
+    Snapshot(Scope, oneshot::Sender<Vec<Envelope>>),
     /// Report how many envelopes are queued, and when the oldest arrived, per domain.
     Stats(oneshot::Sender<HashMap<String, QueueStats>>),
     /// Start no more deliveries; answer once those in flight have finished.
@@ -317,8 +317,11 @@ impl Scheduler {
                 }
                 let _ = reply.send(stats);
             }
-            Event::Snapshot(reply) => {
-                let _ = reply.send(self.entries.values().cloned().collect());
+            Event::Snapshot(Scope::Id(id), reply) => {
+                let _ = reply.send(self.entries.get(&id).cloned().into_iter().collect());
+            }
+            Event::Snapshot(scope, reply) => {
+                let _ = reply.send(self.entries.values().filter(|e| scope.covers(e)).cloned().collect());
             }
         }
     }
