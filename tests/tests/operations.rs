@@ -181,6 +181,38 @@ async fn held_mail_waits_through_retries_and_restarts_until_released() {
     assert_eq!(held_gauge(), Some(0.0));
 }
 
+/// A held message does not expire while held, though one left unheld beside it does; once
+/// released it gets its attempt and is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_mail_does_not_expire_while_held() {
+    let sink_addr = format!("127.0.1.143:{}", mxrelay_e2e::free_port("127.0.1.143"));
+    let (relay, _) = with_admin(&sink_addr, "retry = [\"100ms\"]\nmax_queue_lifetime = \"1s\"\nprobe_interval = \"1h\"");
+    let config = relay.config_path().display().to_string();
+    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("deferred", || !relay.log_lines(&["deferred"]).is_empty()).await;
+    // The customer's mail in the queue (the expiry's notification to the sender is there too).
+    let listed = || -> Vec<serde_json::Value> {
+        let all: Vec<serde_json::Value> = serde_json::from_str(&mxrelay(&["queue", "list", &config, "--json"]).1).expect("json");
+        all.into_iter().filter(|e| e["domain"] == "customer.test").collect()
+    };
+    let held = listed()[0]["id"].as_str().expect("id").to_string();
+    let (ok, out, err) = mxrelay(&["queue", "hold", &config, &held]);
+    assert!(ok && out == "held 1 message\n", "{out}{err}");
+    // The same, unheld: its retries go on, and it expires after the lifetime.
+    assert!(send_one(&relay.addr, "user@customer.test", 2).await);
+    eventually("the unheld one expired", || !relay.log_lines(&["expired after max_queue_lifetime"]).is_empty()).await;
+    eventually("the held one past the lifetime", || listed().first().is_some_and(|e| e["age_seconds"].as_u64() >= Some(2))).await;
+    assert_eq!(listed().len(), 1, "only the held message is left");
+    assert_eq!(listed()[0]["id"], held.as_str());
+
+    let sink = Sink::start_at(&sink_addr, &[]);
+    let (ok, out, err) = mxrelay(&["queue", "release", &config, &held]);
+    assert!(ok && out == "released 1 message\n", "{out}{err}");
+    eventually("delivered once released", || sink.received().contains_key(&1)).await;
+    assert_eq!(relay.log_lines(&["expired after max_queue_lifetime"]).len(), 1, "{}", relay.log_text());
+    assert!(!sink.received().contains_key(&2), "the expired one is not delivered");
+}
+
 /// `hold = true` on a domain: its mail is accepted and held on arrival while other domains'
 /// mail flows. Turned off by a reload, new mail flows again, and what was held waits for the
 /// operator's release.

@@ -257,18 +257,8 @@ impl Scheduler {
                 self.retry_now(ids);
             }
             Event::RetryNow(scope) => {
-                // An operator's retry makes real attempts: forget the down marks of the
-                // servers involved (a failing one is marked down again at once).
-                let policies = self.deliverer.policies();
-                let domains: HashSet<&str> =
-                    self.entries.values().filter(|e| scope.covers(e)).map(|e| e.domain.as_str()).collect();
-                for domain in domains {
-                    for server in policies.domain(domain).map(|p| p.servers()).unwrap_or_default() {
-                        self.deliverer.health().clear(server);
-                    }
-                }
                 let ids: Vec<u64> = self.entries.values().filter(|e| scope.covers(e)).map(|e| e.id).collect();
-                self.retry_now(ids);
+                self.operator_retry(ids);
             }
             Event::Drain(done) => {
                 self.draining.get_or_insert_with(Vec::new).push(done);
@@ -297,7 +287,7 @@ impl Scheduler {
                     let _ = reply.send(queue.flush().await.map(|()| n).map_err(|e| e.to_string()));
                 });
                 if !hold {
-                    self.retry_now(changed);
+                    self.operator_retry(changed);
                 }
             }
             Event::Stats(reply) => {
@@ -324,6 +314,20 @@ impl Scheduler {
                 let _ = reply.send(self.entries.values().filter(|e| scope.covers(e)).cloned().collect());
             }
         }
+    }
+
+    /// An operator's retry or release: real attempts now. The down marks of the servers
+    /// involved are forgotten, so an attempt is not a deferral for "every server down" (a
+    /// failing server is marked down again at once).
+    fn operator_retry(&mut self, ids: Vec<u64>) {
+        let policies = self.deliverer.policies();
+        let domains: HashSet<&str> = ids.iter().filter_map(|id| self.entries.get(id)).map(|e| e.domain.as_str()).collect();
+        for domain in domains {
+            for server in policies.domain(domain).map(|p| p.servers()).unwrap_or_default() {
+                self.deliverer.health().clear(server);
+            }
+        }
+        self.retry_now(ids);
     }
 
     fn retry_now(&mut self, ids: Vec<u64>) {
