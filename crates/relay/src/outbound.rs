@@ -960,14 +960,20 @@ mod tests {
         assert_eq!(server_side.await.expect("fake server"), 0, "and the connection is closed");
     }
 
-    /// A connection left idle for the cache time is ended with QUIT, not left for the
-    /// server to time out.
-    #[tokio::test]
-    async fn an_idle_connection_is_ended_with_quit_after_the_cache_time() {
+    /// Sends one small message to the server on 127.0.0.1:`port`, without TLS.
+    async fn send_one(transport: &Transport, port: u16) -> ServerVerdict {
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
+        let rcpts = ["user@customer.test".to_string()];
+        let msg = Outgoing { sender: "a@src.test", recipients: &rcpts, data: b"Subject: x\r\n\r\nhi\r\n", dsn: None };
+        transport.send(&server("127.0.0.1", port), &msg, &settings).await
+    }
+
+    /// A server that answers one transaction, then reports what the client says next, and
+    /// whether the connection then closes.
+    async fn one_transaction_then_quit() -> (SocketAddr, tokio::task::JoinHandle<(String, usize)>) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        // One transaction, then whatever the client says next, and whether it then closes.
         let server_side = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
             let mut s = BufReader::new(stream);
@@ -990,19 +996,43 @@ mod tests {
             line.clear();
             (next, s.read_line(&mut line).await.expect("close"))
         });
+        (addr, server_side)
+    }
+
+    /// Whether the server saw QUIT, then the close, within 10 s.
+    async fn ended_with_quit(server_side: tokio::task::JoinHandle<(String, usize)>) {
+        let ended = tokio::time::timeout(Duration::from_secs(10), server_side).await;
+        let (next, closed) = ended.expect("the connection was left open").expect("fake server");
+        assert_eq!(next, "QUIT\r\n");
+        assert_eq!(closed, 0, "and the connection is closed after the reply");
+    }
+
+    /// A connection that has carried its last message is ended with QUIT, not dropped.
+    #[tokio::test]
+    async fn a_retired_connection_is_ended_with_quit() {
+        let (addr, server_side) = one_transaction_then_quit().await;
+        let transport = Transport::new("relay.test", &config("").delivery);
+        assert!(matches!(send_one(&transport, addr.port()).await, ServerVerdict::Completed { .. }));
+        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
+        let key = pool_key(&server("127.0.0.1", addr.port()), &settings);
+        let mut session = transport.take_idle(&key).expect("kept for the next message");
+        session.sent = MAX_REUSE;
+        transport.put_idle(&key, session);
+        assert!(transport.take_idle(&key).is_none(), "not kept past MAX_REUSE");
+        ended_with_quit(server_side).await;
+    }
+
+    /// A connection left idle for the cache time is ended with QUIT, not left for the
+    /// server to time out.
+    #[tokio::test]
+    async fn an_idle_connection_is_ended_with_quit_after_the_cache_time() {
+        let (addr, server_side) = one_transaction_then_quit().await;
         let mut delivery = config("").delivery;
         delivery.connection_cache_time = Duration::from_millis(50);
         let transport = Arc::new(Transport::new("relay.test", &delivery));
         transport.close_idle_in_time();
-        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
-        let rcpts = ["user@customer.test".to_string()];
-        let msg = Outgoing { sender: "a@src.test", recipients: &rcpts, data: b"Subject: x\r\n\r\nhi\r\n", dsn: None };
-        let verdict = transport.send(&server("127.0.0.1", addr.port()), &msg, &settings).await;
-        assert!(matches!(verdict, ServerVerdict::Completed { .. }), "{verdict:?}");
-        let ended = tokio::time::timeout(Duration::from_secs(10), server_side).await;
-        let (next, closed) = ended.expect("the idle connection was left open").expect("fake server");
-        assert_eq!(next, "QUIT\r\n");
-        assert_eq!(closed, 0, "and the connection is closed after the reply");
+        assert!(matches!(send_one(&transport, addr.port()).await, ServerVerdict::Completed { .. }));
+        ended_with_quit(server_side).await;
     }
 
     /// A STARTTLS session's age, which bounds its reuse, counts from its connect as a clear
@@ -1127,11 +1157,7 @@ mod tests {
         });
         // The default command timeout (5 min): waiting for the RSET would exceed the test's.
         let transport = Transport::new("relay.test", &config("").delivery);
-        let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
-        let rcpts = ["user@customer.test".to_string()];
-        let msg = Outgoing { sender: "a@src.test", recipients: &rcpts, data: b"Subject: x\r\n\r\nhi\r\n", dsn: None };
-        let target = server("127.0.0.1", addr.port());
-        let sent = transport.send(&target, &msg, &settings);
+        let sent = send_one(&transport, addr.port());
         let verdict = tokio::time::timeout(Duration::from_secs(10), sent).await.expect("the verdict waited for the RSET");
         assert!(matches!(&verdict, ServerVerdict::TempFailed(t) if t.contains("MAIL: 451")), "{verdict:?}");
         assert_eq!(rset_rx.await.expect("RSET sent"), "RSET\r\n", "the transaction is still ended properly");
