@@ -421,6 +421,14 @@ pub fn http_request(addr: &str, method: &str, path: &str, token: Option<&str>, b
     (status, response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
 }
 
+/// Asserts that `text` (a dump, a report) contains every one of `needles`, naming the first
+/// missing one.
+pub fn assert_contains_all(text: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
+
 /// The value of a Prometheus sample whose line starts with `series` (name and labels).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())

@@ -46,6 +46,12 @@ fn notices(bounces: &Sink) -> Vec<String> {
     bounces.dumps().into_iter().filter(|d| d.trim_end().ends_with("--")).collect()
 }
 
+/// The one notification the bounce sink gets, once it has arrived whole.
+async fn the_notice(bounces: &Sink, what: &str) -> String {
+    eventually(what, || notices(bounces).len() == 1).await;
+    notices(bounces).remove(0)
+}
+
 const MAIL: &str = "MAIL FROM:<sender@src.test> RET=HDRS ENVID=env+2B1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,18 +86,18 @@ async fn requests_go_on_to_a_server_with_dsn_and_one_without_gets_a_relayed_repo
     eventually("delivered to the server without DSN", || without_dsn.count() == 1).await;
     let dump = &without_dsn.dumps()[0];
     assert!(!dump.contains("RET=") && !dump.contains("ENVID=") && dump.contains("X-Rcpt-Args: <user@plain.test>\n"), "{dump}");
-    eventually("one relayed report", || notices(&bounces).len() == 1).await;
-    let notice = &notices(&bounces)[0];
-    for needle in [
-        "X-Mail-Args: <>",
-        "X-Rcpt-Args: <sender@src.test>",
-        "Original-Envelope-Id: env+1\n",
-        "Original-Recipient: rfc822; first+last@old.test\nFinal-Recipient: rfc822; user@plain.test\nAction: relayed\nStatus: 2.0.0\n",
-        "Content-Type: text/rfc822-headers",
-        "X-Seq: 2",
-    ] {
-        assert!(notice.contains(needle), "missing {needle:?} in\n{notice}");
-    }
+    let notice = &the_notice(&bounces, "one relayed report").await;
+    mxrelay_e2e::assert_contains_all(
+        notice,
+        &[
+            "X-Mail-Args: <>",
+            "X-Rcpt-Args: <sender@src.test>",
+            "Original-Envelope-Id: env+1\n",
+            "Original-Recipient: rfc822; first+last@old.test\nFinal-Recipient: rfc822; user@plain.test\nAction: relayed\nStatus: 2.0.0\n",
+            "Content-Type: text/rfc822-headers",
+            "X-Seq: 2",
+        ],
+    );
     // The first message's report is the DSN server's to send. Its delivery ended before the
     // second message was sent, so a report of the relay's own would have been queued first.
     assert!(!notice.contains("user@customer.test"), "{notice}");
@@ -118,16 +124,16 @@ async fn the_relays_own_failure_report_obeys_notify_and_ret() {
     )
     .await;
     assert_eq!(replies.last().map(|r| r.0), Some(250), "{replies:?}");
-    eventually("one failure report", || notices(&bounces).len() == 1).await;
-    let notice = &notices(&bounces)[0];
-    for needle in [
-        "Original-Envelope-Id: batch-7\n",
-        "Original-Recipient: rfc822; told@old.test\nFinal-Recipient: rfc822; told@customer.test\nAction: failed\n",
-        "Content-Type: message/rfc822",
-        "END-OF-MESSAGE 3",
-    ] {
-        assert!(notice.contains(needle), "missing {needle:?} in\n{notice}");
-    }
+    let notice = &the_notice(&bounces, "one failure report").await;
+    mxrelay_e2e::assert_contains_all(
+        notice,
+        &[
+            "Original-Envelope-Id: batch-7\n",
+            "Original-Recipient: rfc822; told@old.test\nFinal-Recipient: rfc822; told@customer.test\nAction: failed\n",
+            "Content-Type: message/rfc822",
+            "END-OF-MESSAGE 3",
+        ],
+    );
     assert!(!notice.contains("quiet@customer.test") && !notice.contains("success-only@"), "{notice}");
     assert!(!notice.contains("second@old.test"), "{notice}");
     let skipped = relay.log_lines(&["no notification: the sender's NOTIFY does not ask for it"]);
@@ -215,8 +221,7 @@ async fn an_address_that_needs_smtputf8_never_goes_to_a_server_without_it() {
     let relay = Relay::start(&server_of("customer.test", &sink), &format!("bounce_relay = \"{bh}:{bp}\""));
     let replies = transaction(&relay.addr, &["MAIL FROM:<sender@src.test> SMTPUTF8", "RCPT TO:<jörg@customer.test>"], 9).await;
     assert_eq!(replies.last().map(|r| r.0), Some(250), "the relay offers SMTPUTF8: {replies:?}");
-    eventually("the sender told", || notices(&bounces).len() == 1).await;
-    let notice = &notices(&bounces)[0];
+    let notice = &the_notice(&bounces, "the sender told").await;
     assert!(notice.contains("Final-Recipient: rfc822; jörg@customer.test\nAction: failed\n"), "{notice}");
     assert!(notice.contains("needs SMTPUTF8, which the server does not offer"), "{notice}");
     // The failure was decided before any MAIL: the server never saw the transaction.

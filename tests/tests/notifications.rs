@@ -27,19 +27,20 @@ async fn a_permanent_failure_is_reported_to_the_sender_once() {
     let complete = |d: &String| d.trim_end().ends_with("--");
     eventually("one notification", || bounces.dumps().iter().filter(|d| complete(d)).count() == 1).await;
     let dsn = &bounces.dumps()[0];
-    for needle in [
-        "X-Mail-Args: <>",
-        "X-Rcpt-Args: <sender@src.test>",
-        "Content-Type: multipart/report; report-type=delivery-status",
-        "Final-Recipient: rfc822; user@customer.test",
-        "Action: failed",
-        "Status: 5.",
-        "Diagnostic-Code: smtp;",
-        "Content-Type: text/rfc822-headers",
-        "X-Seq: 7",
-    ] {
-        assert!(dsn.contains(needle), "missing {needle:?} in\n{dsn}");
-    }
+    mxrelay_e2e::assert_contains_all(
+        dsn,
+        &[
+            "X-Mail-Args: <>",
+            "X-Rcpt-Args: <sender@src.test>",
+            "Content-Type: multipart/report; report-type=delivery-status",
+            "Final-Recipient: rfc822; user@customer.test",
+            "Action: failed",
+            "Status: 5.",
+            "Diagnostic-Code: smtp;",
+            "Content-Type: text/rfc822-headers",
+            "X-Seq: 7",
+        ],
+    );
     assert!(!dsn.contains("END-OF-MESSAGE"), "only headers of the original are returned");
 
     // A notification that fails is not reported: mail from <> to a rejecting server.

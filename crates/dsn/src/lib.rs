@@ -367,6 +367,12 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn assert_contains_all(text: &str, needles: &[&str]) {
+        for needle in needles {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
     #[test]
     fn status_codes_from_replies() {
         assert_eq!(status_of("127.0.0.1:25: RCPT: 550 5.1.1 no such user", "5.0.0"), "5.1.1");
@@ -394,18 +400,19 @@ mod tests {
             request: None,
         };
         let text = String::from_utf8(build(&report, b"Subject: hello\r\nFrom: a@src.test\r\n\r\nbody\r\n")).expect("utf8");
-        for needle in [
-            "Content-Type: multipart/report; report-type=delivery-status",
-            "Reporting-MTA: dns; relay.test",
-            "Final-Recipient: rfc822; user@customer.test",
-            "Action: failed",
-            "Status: 5.1.1",
-            "Remote-MTA: dns; 127.0.1.1:25",
-            "Diagnostic-Code: smtp; 127.0.1.1:25: RCPT: 550 5.1.1 no such user",
-            "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\nFrom: a@src.test\r\n",
-        ] {
-            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
-        }
+        assert_contains_all(
+            &text,
+            &[
+                "Content-Type: multipart/report; report-type=delivery-status",
+                "Reporting-MTA: dns; relay.test",
+                "Final-Recipient: rfc822; user@customer.test",
+                "Action: failed",
+                "Status: 5.1.1",
+                "Remote-MTA: dns; 127.0.1.1:25",
+                "Diagnostic-Code: smtp; 127.0.1.1:25: RCPT: 550 5.1.1 no such user",
+                "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\nFrom: a@src.test\r\n",
+            ],
+        );
         assert!(!text.contains("body"), "only the headers of the original are returned");
         assert!(text.ends_with("--\r\n"));
     }
@@ -502,13 +509,14 @@ mod tests {
         }];
         let original = b"Subject: hello\r\n\r\nthe body\r\n";
         let text = String::from_utf8(build(&report_for(Action::Failed, &rcpts, Some(&r)), original)).expect("utf8");
-        for needle in [
-            "Original-Envelope-Id: id+1 = x\r\nReporting-MTA:",
-            "Original-Recipient: rfc822; Orig+A@old.test\r\nFinal-Recipient: rfc822; a@customer.test",
-            "Content-Type: message/rfc822\r\n\r\nSubject: hello\r\n\r\nthe body\r\n",
-        ] {
-            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
-        }
+        assert_contains_all(
+            &text,
+            &[
+                "Original-Envelope-Id: id+1 = x\r\nReporting-MTA:",
+                "Original-Recipient: rfc822; Orig+A@old.test\r\nFinal-Recipient: rfc822; a@customer.test",
+                "Content-Type: message/rfc822\r\n\r\nSubject: hello\r\n\r\nthe body\r\n",
+            ],
+        );
         // Over the limit, RET=FULL gets the headers, and the text says why.
         let big = [&b"Subject: big\r\n\r\n"[..], &vec![b'x'; FULL_RETURN_LIMIT]].concat();
         let text = String::from_utf8(build(&report_for(Action::Failed, &rcpts, Some(&r)), &big)).expect("utf8");
