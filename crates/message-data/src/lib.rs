@@ -5,6 +5,9 @@
 //! by a space (Postfix's `cleanup_replace_stray_cr_lf`). What is queued therefore holds only
 //! CRLF line ends, so nothing a client sends can end the message early downstream: outbound
 //! data is that canonical text, dot-stuffed, followed by `.<CR><LF>`.
+//!
+//! [`header_summary`] reads what intake needs from the header section in one pass: the
+//! `Received:` count that detects mail loops, and the `Message-ID` for the log.
 #![forbid(unsafe_code)]
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};

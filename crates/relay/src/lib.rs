@@ -7,7 +7,9 @@
 //! * [`simulate`]: `mxrelay plan`, the policy run on simulated messages;
 //! * [`inbound`] → [`queue`] → [`scheduler`] → [`delivery`] → [`outbound`]: the relay's path
 //!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them;
-//! * [`tls`]: STARTTLS in and out;
+//! * [`admin`]: the admin API (metrics, domains, queue control) and [`queue_cli`], the
+//!   `mxrelay queue` commands that call it;
+//! * [`tls`]: STARTTLS in and out, and the relay's client certificate;
 //! * [`dsn`]: the sender's DSN requests and the notifications the relay sends.
 #![forbid(unsafe_code)]
 
