@@ -235,3 +235,32 @@ fn a_module_that_keeps_failing_is_set_aside() {
     assert!(matches!(plan.source, PlanSource::Fallback(_)));
     assert_eq!(plan.order, vec![1, 0]);
 }
+
+/// The epoch ticker sleeps once no policy call has been made for a second, so an idle relay
+/// is not woken 200 times a second. A call that starts wakes it, and one that runs longer
+/// than that second keeps it awake: an endless loop is interrupted as on a busy engine.
+#[test]
+fn an_endless_loop_is_interrupted_after_the_engine_has_been_idle() {
+    use mxrelay_policy_core::Server;
+    use mxrelay_policy_host::{DomainPolicy, Limits, PlanRequest, PlanSource, PolicyEngine, PolicyError};
+    use std::time::{Duration, Instant};
+    let limits = Limits { call_deadline: Duration::from_millis(1500), ..Limits::default() };
+    let engine = PolicyEngine::new(limits).expect("engine");
+    let bytes = std::fs::read(policy_module!(HOSTILE)).expect("module");
+    let component = engine.load("hostile", &bytes).expect("load");
+    let servers = vec![Server::new("a.example.com", 10), Server::new("b.example.com", 20)];
+    let policy = DomainPolicy::new(component, "example.com", servers, r#"{"mode":"loop"}"#.into()).expect("policy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !engine.is_idle() {
+        assert!(Instant::now() < deadline, "the ticker kept ticking with no call for 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let msg = PlanRequest { seed: 1, attempt: 1, now_ms: 0, down: &[], recipients: &[], sender: "", size: 0 };
+        let _ = done.send(policy.plan(&msg));
+    });
+    let plan = outcome.recv_timeout(Duration::from_secs(60)).expect("the endless call was never interrupted");
+    assert!(matches!(plan.source, PlanSource::Fallback(PolicyError::Timeout { .. })), "{:?}", plan.source);
+    assert_eq!(plan.order, vec![0, 1], "the fail-safe plan");
+}

@@ -1,8 +1,6 @@
 //! The wasmtime engine, its limits, compiled components and live instances.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
 use std::time::Duration;
 
 use mxrelay_policy_core as core;
@@ -12,11 +10,8 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, Upd
 use crate::bindings::{Policy, PolicyPre};
 use crate::convert;
 use crate::error::{PolicyError, check_plan};
+use crate::ticker::{Call, TICK, Ticker};
 use crate::{BUILTIN_COMPONENT, Message};
-
-/// How long one epoch tick lasts; deadlines are whole ticks. Coarse on purpose: the ticker
-/// thread wakes once per tick for the life of the process.
-const TICK: Duration = Duration::from_millis(5);
 
 /// Limits applied to every policy call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,20 +39,21 @@ struct EngineInner {
     engine: Engine,
     linker: Linker<StoreState>,
     limits: Limits,
-    stop_ticker: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
     /// The built-in policy, compiled on first use and shared by every domain and reload.
     builtin: std::sync::OnceLock<PolicyPre<StoreState>>,
 }
 
 impl Drop for EngineInner {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
 /// A wasmtime engine configured for policies: epoch interruption driven by a 5 ms ticker
-/// thread (at each deadline the call's CPU time is checked against its budget), and memory
-/// caps. Cheap to clone; the ticker stops when the last clone is dropped.
+/// thread that runs while calls are made (at each deadline the call's CPU time is checked
+/// against its budget), and memory caps. Cheap to clone; the ticker stops when the last
+/// clone is dropped.
 #[derive(Clone)]
 pub struct PolicyEngine {
     inner: Arc<EngineInner>,
@@ -78,27 +74,21 @@ impl PolicyEngine {
         let engine = Engine::new(&config).map_err(|e| load_error("engine", &e))?;
         // The world imports nothing, so the linker stays empty: a policy gets no capabilities.
         let linker = Linker::new(&engine);
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        let (ticking, stop) = (engine.weak(), stop_ticker.clone());
-        thread::Builder::new()
-            .name("policy-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    thread::sleep(TICK);
-                    match ticking.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => return,
-                    }
-                }
-            })
+        let ticker = Ticker::start(engine.weak())
             .map_err(|e| PolicyError::Load { name: "engine".into(), reason: format!("cannot start epoch ticker: {e}") })?;
-        let inner = EngineInner { engine, linker, limits, stop_ticker, builtin: std::sync::OnceLock::new() };
+        let inner = EngineInner { engine, linker, limits, ticker, builtin: std::sync::OnceLock::new() };
         Ok(PolicyEngine { inner: Arc::new(inner) })
     }
 
     /// The limits every call runs under.
     pub fn limits(&self) -> Limits {
         self.inner.limits
+    }
+
+    /// Whether the epoch ticker sleeps: no call has been made for a second. The next call
+    /// wakes it.
+    pub fn is_idle(&self) -> bool {
+        self.inner.ticker.is_asleep()
     }
 
     /// The built-in policy; compiled once per engine (about 80 ms), then shared.
@@ -147,10 +137,11 @@ struct StoreState {
 }
 
 /// Arms the deadline of the call about to run in `store`: its CPU clock is read at the next
-/// tick, if it lasts that long.
-fn start_call(store: &mut Store<StoreState>) {
+/// tick, if it lasts that long. The ticker ticks until the returned guard is dropped.
+fn start_call<'t>(store: &mut Store<StoreState>, ticker: &'t Ticker) -> Call<'t> {
     store.data_mut().cpu_mark = None;
     store.set_epoch_deadline(1);
+    ticker.begin()
 }
 
 impl StoreState {
@@ -246,16 +237,19 @@ impl PolicyComponent {
         };
         let mut store = Store::new(&self.engine.inner.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        let ticker = self.engine.inner.ticker.clone();
         if limits.interruptible {
             // Wall-clock ticks only say when to look: the budget is the call's CPU time.
             store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline_reached()));
-            start_call(&mut store);
         }
+        // Instantiating runs the module's start code, which is a call like any other.
+        let call = limits.interruptible.then(|| start_call(&mut store, &ticker));
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             let denied = store.data().memory_denied;
             classify(&self.name, limits, denied, e)
         })?;
-        Ok(PolicyInstance { store, bindings, name: self.name.clone(), limits, poisoned: false })
+        drop(call);
+        Ok(PolicyInstance { store, bindings, name: self.name.clone(), limits, poisoned: false, ticker })
     }
 }
 
@@ -303,6 +297,7 @@ pub struct PolicyInstance {
     name: String,
     limits: Limits,
     poisoned: bool,
+    ticker: Arc<Ticker>,
 }
 
 impl std::fmt::Debug for PolicyInstance {
@@ -320,9 +315,7 @@ impl PolicyInstance {
         if self.poisoned {
             return Err(PolicyError::Poisoned { name: self.name.clone() });
         }
-        if self.limits.interruptible {
-            start_call(&mut self.store);
-        }
+        let _call = self.limits.interruptible.then(|| start_call(&mut self.store, &self.ticker));
         call(&self.bindings, &mut self.store).map_err(|e| {
             self.poisoned = true;
             classify(&self.name, self.limits, self.store.data().memory_denied, e)
@@ -375,6 +368,8 @@ impl PolicyInstance {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread;
 
     fn servers(n: usize) -> Vec<core::Server> {
         (0..n).map(|i| core::Server::new(format!("mx{i}.example.com"), 10 * (i as u16 % 4))).collect()
@@ -420,7 +415,7 @@ mod tests {
     fn a_deadline_interrupts_only_once_the_cpu_budget_is_spent() {
         let engine = PolicyEngine::new(Limits::default()).expect("engine");
         let mut instance = engine.builtin().expect("builtin").instantiate().expect("instance");
-        start_call(&mut instance.store);
+        let _call = start_call(&mut instance.store, &engine.inner.ticker);
         let state = instance.store.data_mut();
         assert!(matches!(state.deadline_reached(), UpdateDeadline::Continue(ticks) if ticks > 1), "the first look");
         assert!(matches!(state.deadline_reached(), UpdateDeadline::Continue(ticks) if ticks > 1), "budget left");

@@ -15,6 +15,7 @@ mod convert;
 mod domain;
 mod engine;
 mod error;
+mod ticker;
 
 pub use domain::{DomainPolicy, Plan, PlanRequest, PlanSource};
 pub use engine::{Limits, PolicyComponent, PolicyEngine, PolicyInstance, RouterHandle};
