@@ -132,6 +132,71 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
 /// Held mail gets no attempt, not on the operator's retry, nor when its server comes back,
 /// nor after a crash and restart, while new mail for the same domain flows; released, it is
 /// delivered at once, exactly once.
+/// Sends `message` (CRLF lines, any bytes) as 8-bit MIME in one plain SMTP session;
+/// returns the reply to the final dot.
+fn send_bytes(addr: &str, rcpt: &str, message: &[u8]) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut reply = || {
+        let mut last = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("reply");
+            last.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return last;
+            }
+        }
+    };
+    let mut w = &stream;
+    let mut say = |bytes: &[u8]| w.write_all(bytes).expect("write");
+    reply();
+    say(b"EHLO sender.test\r\n");
+    reply();
+    for command in
+        ["MAIL FROM:<sender@src.test> BODY=8BITMIME\r\n".to_string(), format!("RCPT TO:<{rcpt}>\r\n"), "DATA\r\n".into()]
+    {
+        say(command.as_bytes());
+        let r = reply();
+        assert!(r.starts_with('2') || r.starts_with('3'), "{command:?} got {r}");
+    }
+    say(message);
+    say(b".\r\n");
+    let end = reply();
+    say(b"QUIT\r\n");
+    end
+}
+
+/// `queue show --full` prints the queued message byte for byte, as `postcat` does, also
+/// when it is not UTF-8 (Latin-1 text from an old mail client) and larger than one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_show_full_prints_an_8bit_message_byte_for_byte() {
+    let closed = format!("127.0.1.144:{}", mxrelay_e2e::free_port("127.0.1.144"));
+    let (relay, _) = with_admin(&closed, "retry = [\"1h\"]\nprobe_interval = \"1h\"");
+    let config = relay.config_path().display().to_string();
+    let mut message = b"From: M\xfcller <sender@src.test>\r\nSubject: r\xe9sum\xe9\r\n\r\n".to_vec();
+    for line in 0..2000 {
+        message.extend_from_slice(format!("{line:04} Gr\u{fc}\u{df}e, caf").as_bytes());
+        message.extend_from_slice(b"\xe9 \xff\r\n");
+    }
+    let end = send_bytes(&relay.addr, "user@customer.test", &message);
+    assert!(end.starts_with("250"), "{end}");
+    eventually("deferred", || !relay.log_lines(&["deferred"]).is_empty()).await;
+    let (_, json, _) = mxrelay(&["queue", "list", &config, "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let id = list[0]["id"].as_str().expect("id");
+
+    let out = std::process::Command::new(mxrelay_e2e::relay_binary())
+        .args(["queue", "show", &config, id, "--full"])
+        .output()
+        .expect("run mxrelay");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.starts_with(b"Received: from "), "the relay's trace header comes first");
+    assert!(out.stdout.ends_with(&message), "the message as sent follows, byte for byte ({} bytes shown)", out.stdout.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_mail_waits_through_retries_and_restarts_until_released() {
     let sink_addr = format!("127.0.1.141:{}", mxrelay_e2e::free_port("127.0.1.141"));

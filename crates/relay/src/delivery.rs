@@ -217,6 +217,8 @@ impl Deliverer {
                                 // From acceptance to delivery, retries included (Postfix's `delay=`).
                                 let delay_ms = now_ms().saturating_sub(env.received_ms);
                                 metrics::histogram!("mxrelay_delivery_delay_seconds").record(delay_ms as f64 / 1000.0);
+                                // Only recipients that asked for a success report: the
+                                // list stays empty for nearly every message.
                                 if !dsn_offered && dsn::wanted(env.dsn.as_deref(), &rcpt, Action::Relayed) {
                                     relayed.push((rcpt.clone(), reply.clone()));
                                 }

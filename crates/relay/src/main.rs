@@ -343,7 +343,8 @@ fn counted(body: &str, field: &str) -> String {
 }
 
 fn queue(command: QueueCommand) -> ExitCode {
-    use mxrelay::queue_cli::{render_list, request};
+    use mxrelay::queue_cli::{QueueCliError, render_list, request, request_bytes};
+    use std::io::Write;
     let path = match &command {
         QueueCommand::List { config, .. }
         | QueueCommand::Retry { config, .. }
@@ -359,38 +360,44 @@ fn queue(command: QueueCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Text answers, except the message itself, which goes out byte for byte (`postcat`).
+    let text = |answer: Result<String, QueueCliError>| answer.map(String::into_bytes);
     let result = match &command {
-        QueueCommand::List { json: true, .. } => request(&config, "GET", "/api/queue", "").map(|b| b + "\n"),
-        QueueCommand::List { json: false, .. } => request(&config, "GET", "/api/queue", "").map(|b| render_list(&b)),
-        QueueCommand::Retry { id: Some(id), .. } => {
+        QueueCommand::List { json: true, .. } => text(request(&config, "GET", "/api/queue", "").map(|b| b + "\n")),
+        QueueCommand::List { json: false, .. } => text(request(&config, "GET", "/api/queue", "").map(|b| render_list(&b))),
+        QueueCommand::Retry { id: Some(id), .. } => text(
             request(&config, "POST", "/api/queue/retry", &serde_json::json!({ "id": id }).to_string())
-                .map(|_| format!("retrying {id} now\n"))
-        }
-        QueueCommand::Retry { domain: Some(d), .. } => {
+                .map(|_| format!("retrying {id} now\n")),
+        ),
+        QueueCommand::Retry { domain: Some(d), .. } => text(
             request(&config, "POST", "/api/queue/retry", &serde_json::json!({ "domain": d }).to_string())
-                .map(|_| format!("retrying every message for {d} now\n"))
-        }
+                .map(|_| format!("retrying every message for {d} now\n")),
+        ),
         QueueCommand::Retry { .. } => {
-            request(&config, "POST", "/api/queue/retry", "{}").map(|_| "retrying every queued message now\n".into())
+            text(request(&config, "POST", "/api/queue/retry", "{}").map(|_| "retrying every queued message now\n".into()))
         }
         QueueCommand::Remove { id, .. } => {
-            request(&config, "DELETE", &format!("/api/queue/{id}"), "").map(|_| format!("removed {id}\n"))
+            text(request(&config, "DELETE", &format!("/api/queue/{id}"), "").map(|_| format!("removed {id}\n")))
         }
-        QueueCommand::Show { id, full: true, .. } => request(&config, "GET", &format!("/api/queue/{id}/message"), ""),
+        QueueCommand::Show { id, full: true, .. } => request_bytes(&config, "GET", &format!("/api/queue/{id}/message"), ""),
         QueueCommand::Show { id, full: false, .. } => {
-            request(&config, "GET", &format!("/api/queue/{id}"), "").map(|b| mxrelay::queue_cli::render_show(&b))
+            text(request(&config, "GET", &format!("/api/queue/{id}"), "").map(|b| mxrelay::queue_cli::render_show(&b)))
         }
         QueueCommand::Hold { which, .. } => {
-            request(&config, "POST", "/api/queue/hold", &which.body()).map(|b| counted(&b, "held"))
+            text(request(&config, "POST", "/api/queue/hold", &which.body()).map(|b| counted(&b, "held")))
         }
         QueueCommand::Release { which, .. } => {
-            request(&config, "POST", "/api/queue/release", &which.body()).map(|b| counted(&b, "released"))
+            text(request(&config, "POST", "/api/queue/release", &which.body()).map(|b| counted(&b, "released")))
         }
     };
     match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout.write_all(&output).and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                // A closed pipe (`| head`) is not worth a message; the exit status says it.
+                Err(_) => ExitCode::FAILURE,
+            }
         }
         Err(e) => {
             eprintln!("error: {e}");

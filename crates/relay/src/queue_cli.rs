@@ -31,8 +31,15 @@ pub enum QueueCliError {
     },
 }
 
-/// Sends one request to the admin API; returns the response body.
+/// Sends one request to the admin API; returns the response body as text (the API answers
+/// in JSON, which is UTF-8).
 pub fn request(config: &Config, method: &str, path: &str, body: &str) -> Result<String, QueueCliError> {
+    request_bytes(config, method, path, body).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Sends one request to the admin API; returns the response body as it came, so a queued
+/// message (`queue show --full`) keeps bytes that are not UTF-8.
+pub fn request_bytes(config: &Config, method: &str, path: &str, body: &str) -> Result<Vec<u8>, QueueCliError> {
     let addr = config
         .relay
         .admin_listen
@@ -51,26 +58,44 @@ pub fn request(config: &Config, method: &str, path: &str, body: &str) -> Result<
         body.len()
     )
     .map_err(connect_err)?;
-    // Lossy: a queued message (`queue show --full`) may hold bytes that are not UTF-8.
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).map_err(connect_err)?;
-    let response = String::from_utf8_lossy(&raw).into_owned();
-    let status: u16 = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (headers, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    // axum answers small bodies with Content-Length; chunked ones are joined here.
-    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
-    if (200..300).contains(&status) { Ok(body) } else { Err(QueueCliError::Refused { status, body }) }
+    let (status, body) = parse_response(&raw);
+    if (200..300).contains(&status) {
+        Ok(body)
+    } else {
+        Err(QueueCliError::Refused { status, body: String::from_utf8_lossy(&body).into_owned() })
+    }
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+/// The status and body of an HTTP/1.1 response read to its end (the request said
+/// `Connection: close`); status 0 when there is no status line.
+fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n");
+    let (head, body) = match split {
+        Some(at) => (&raw[..at], &raw[at + 4..]),
+        None => (raw, &[][..]),
+    };
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // axum answers with Content-Length; a chunked body is joined here.
+    let chunked = head.lines().any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+    (status, if chunked { dechunk(body) } else { body.to_vec() })
+}
+
+/// Joins a chunked body. Chunk sizes count bytes, so this works on bytes: a chunk may end
+/// inside a UTF-8 sequence, and a message need not be UTF-8 at all.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&body[..eol]).ok().map(|s| s.split(';').next().unwrap_or("").trim());
+        let Some(n) = size.and_then(|s| usize::from_str_radix(s, 16).ok()) else { break };
+        let rest = &body[eol + 2..];
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&rest[..n]);
+        body = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
     }
     out
 }
@@ -124,4 +149,36 @@ pub fn render_list(json: &str) -> String {
         held => out.push_str(&format!("{} queued, {held} held\n", items.len())),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_keeps_its_bytes_whether_it_came_whole_or_in_chunks() {
+        // Latin-1 "é", then UTF-8 "ü" split across two chunks.
+        let message: &[u8] = b"Subject: caf\xe9\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n";
+        let whole = [b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n".as_slice(), message].concat();
+        assert_eq!(parse_response(&whole), (200, message.to_vec()));
+        let (first, second) = message.split_at(20);
+        assert_eq!((first.last(), second.first()), (Some(&0xc3), Some(&0xbc)), "the chunks split the \"ü\"");
+        let chunked = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".as_slice(),
+            format!("{:x}\r\n", first.len()).as_bytes(),
+            first,
+            b"\r\n",
+            format!("{:x};ext=1\r\n", second.len()).as_bytes(),
+            second,
+            b"\r\n0\r\n\r\n",
+        ]
+        .concat();
+        assert_eq!(parse_response(&chunked), (200, message.to_vec()));
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_status_and_a_garbled_answer_has_none() {
+        assert_eq!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\nno such message"), (404, b"no such message".to_vec()));
+        assert_eq!(parse_response(b"garbage"), (0, vec![]));
+    }
 }
