@@ -35,8 +35,9 @@ async fn a_permanent_failure_is_reported_to_the_sender_once() {
             "Content-Type: multipart/report; report-type=delivery-status",
             "Final-Recipient: rfc822; user@customer.test",
             "Action: failed",
-            "Status: 5.",
-            "Diagnostic-Code: smtp;",
+            // smtp-sink's own words for `-f rcpt`: the server's status, not one made up.
+            "Status: 5.3.0",
+            "Diagnostic-Code: smtp; 500 5.3.0 Error: command failed",
             "Content-Type: text/rfc822-headers",
             "X-Seq: 7",
         ],

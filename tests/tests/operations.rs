@@ -480,3 +480,77 @@ async fn the_customers_postfix_sees_every_session_end_with_quit() {
     let unclean = |l: &&str| l.contains("timeout after") || (l.contains("lost connection") && !l.contains("after CONNECT"));
     assert_eq!(log.lines().filter(unclean).count(), 0, "{log}");
 }
+
+/// `test-servers` asks each of a domain's servers, as a delivery reaches it, whether it would
+/// take the domain's mail, and sends no message: smtp-sinks that accept, defer (`-r rcpt`)
+/// and refuse (`-f rcpt`) the recipient, and a port where nothing listens. The admin API
+/// tests the same way, also a list given before it is saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_servers_asks_each_server_about_the_recipient_and_sends_nothing() {
+    let accepting = Sink::start("127.0.1.145", &[]);
+    let deferring = Sink::start("127.0.1.145", &["-r", "rcpt"]);
+    let refusing = Sink::start("127.0.1.146", &["-f", "rcpt"]);
+    let closed = mxrelay_e2e::free_port("127.0.1.147");
+    let (a, d, r) = (accepting.host_port(), deferring.host_port(), refusing.host_port());
+    let servers = [(a.0, a.1, 10), (d.0, d.1, 10), (r.0, r.1, 20), ("127.0.1.147", closed, 30)];
+    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let token = "server-test-token-0123456789";
+    let relay = Relay::start_with(
+        &format!("admin_listen = \"{admin}\"\nadmin_token = \"{token}\""),
+        &mxrelay_e2e::domain_with("customer.test", "", &servers),
+        "",
+    );
+    let config = relay.config_path().display().to_string();
+
+    let (ok, out, err) = mxrelay(&["test-servers", &config, "--domain", "customer.test", "--json"]);
+    assert!(!ok, "not every server accepts, so the exit status is 1: {out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(report["rcpt"], "postmaster@customer.test");
+    assert_eq!(report["passed"], false);
+    let result =
+        |i: usize| (report["servers"][i]["addresses"][0]["result"].as_str(), report["servers"][i]["preference"].as_u64());
+    assert_eq!(
+        (0..4).map(result).collect::<Vec<_>>(),
+        [(Some("accepts"), Some(10)), (Some("defers"), Some(10)), (Some("refuses"), Some(20)), (Some("failed"), Some(30))],
+        "{report}"
+    );
+    assert!(report["servers"][2]["addresses"][0]["reply"].as_str().is_some_and(|r| r.starts_with("RCPT: 5")), "{report}");
+    let (_, text, _) = mxrelay(&["test-servers", &config, "--domain", "customer.test", "--rcpt", "alice@customer.test"]);
+    mxrelay_e2e::assert_contains_all(
+        &text,
+        &[
+            "RCPT TO:<alice@customer.test>",
+            "preference 10\n",
+            "preference 30\n",
+            "accepts",
+            "DEFERS",
+            "REFUSES",
+            "FAILED",
+            "1 of 4 servers",
+        ],
+    );
+    let (ok, _, err) = mxrelay(&["test-servers", &config, "--domain", "other.test"]);
+    assert!(!ok && err.contains("\"other.test\" is not configured"), "{err}");
+
+    // Through the API: the configured list, then one given in the body, before it is saved.
+    let (status, body) = mxrelay_e2e::http_request(&admin, "POST", "/api/domains/customer.test/test", Some(token), "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"passed\":false"), "{body}");
+    let only_accepting = format!(r#"{{"rcpt":"bob@customer.test","servers":[{{"host":"{}","port":{}}}]}}"#, a.0, a.1);
+    let (status, body) =
+        mxrelay_e2e::http_request(&admin, "POST", "/api/domains/customer.test/test", Some(token), &only_accepting);
+    assert_eq!(status, 200, "{body}");
+    let tested: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!((tested["passed"].as_bool(), tested["rcpt"].as_str()), (Some(true), Some("bob@customer.test")), "{body}");
+    let bad = r#"{"servers":[{"host":"999.1.1.1"}]}"#;
+    let (status, body) = mxrelay_e2e::http_request(&admin, "POST", "/api/domains/customer.test/test", Some(token), bad);
+    assert!(status == 422 && body.contains("999.1.1.1"), "{status} {body}");
+    let (status, _) = mxrelay_e2e::http_request(&admin, "POST", "/api/domains/customer.test/test", None, "");
+    assert_eq!(status, 401, "the test needs the token");
+
+    // Tests are not deliveries: no sink got a message, and no server was marked down.
+    assert_eq!(accepting.count() + deferring.count() + refusing.count(), 0);
+    assert!(relay.log_lines(&["marked down"]).is_empty(), "{}", relay.log_text());
+    let saved = std::fs::read_to_string(relay.config_path()).expect("config");
+    assert!(saved.contains("127.0.1.147"), "testing a list does not save it");
+}

@@ -270,6 +270,24 @@ pub fn status_of(diagnostic: &str, fallback: &str) -> String {
 }
 
 /// The server part of a diagnostic (`127.0.0.1:25: RCPT: ...` → `127.0.0.1:25`).
+/// The `Diagnostic-Code` of a diagnostic: `smtp; ` and the server's reply from its code on
+/// (RFC 3464 §2.3.6: the reply itself; which server and command stay in the readable part and
+/// `Remote-MTA`), or, when no server replied (a refused connection, a DNS failure),
+/// `X-Mxrelay; ` and the relay's own words, as Postfix writes `X-Postfix; `.
+fn diagnostic_code(diagnostic: &str) -> String {
+    let one_line = diagnostic.replace(['\r', '\n'], " ");
+    let mut offset = 0;
+    for word in one_line.split(' ') {
+        let is_reply_code =
+            word.len() == 3 && word.bytes().all(|b| b.is_ascii_digit()) && (b'2'..=b'5').contains(&word.as_bytes()[0]);
+        if is_reply_code {
+            return format!("smtp; {}", &one_line[offset..]);
+        }
+        offset += word.len() + 1;
+    }
+    format!("X-Mxrelay; {one_line}")
+}
+
 fn remote_mta(diagnostic: &str) -> Option<&str> {
     let (first, _) = diagnostic.split_once(": ")?;
     (first.contains(':') || first.contains('.')).then_some(first)
@@ -346,7 +364,7 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
         if let Some(mta) = remote_mta(&r.diagnostic) {
             let _ = write!(m, "Remote-MTA: dns; {mta}\r\n");
         }
-        let _ = write!(m, "Diagnostic-Code: smtp; {}\r\n", r.diagnostic.replace(['\r', '\n'], " "));
+        let _ = write!(m, "Diagnostic-Code: {}\r\n", diagnostic_code(&r.diagnostic));
         let _ = write!(m, "Last-Attempt-Date: {}\r\n", rfc5322_date(report.now_secs));
         if let Some(until) = report.retry_until_secs {
             let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
@@ -382,6 +400,20 @@ mod tests {
     }
 
     #[test]
+    fn the_diagnostic_code_is_the_servers_reply_or_the_relays_own_words() {
+        assert_eq!(diagnostic_code("127.0.0.1:25: RCPT: 550 5.1.1 no such\r\n user"), "smtp; 550 5.1.1 no such   user");
+        assert_eq!(
+            diagnostic_code("delivery time expired: [::1]:2525: MAIL: 451 4.3.0 try later"),
+            "smtp; 451 4.3.0 try later",
+            "a port is no reply code"
+        );
+        assert_eq!(
+            diagnostic_code("connect to 127.0.0.1:25: Connection refused (os error 111)"),
+            "X-Mxrelay; connect to 127.0.0.1:25: Connection refused (os error 111)"
+        );
+    }
+
+    #[test]
     fn a_report_has_the_three_parts() {
         let rcpts = [RecipientStatus {
             recipient: "user@customer.test".into(),
@@ -409,7 +441,7 @@ mod tests {
                 "Action: failed",
                 "Status: 5.1.1",
                 "Remote-MTA: dns; 127.0.1.1:25",
-                "Diagnostic-Code: smtp; 127.0.1.1:25: RCPT: 550 5.1.1 no such user",
+                "Diagnostic-Code: smtp; 550 5.1.1 no such user",
                 "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\nFrom: a@src.test\r\n",
             ],
         );

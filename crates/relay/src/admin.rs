@@ -58,6 +58,8 @@ pub struct AdminState {
     pub gauged_domains: Arc<std::sync::Mutex<HashSet<String>>>,
     /// The queue, to read a queued message for `GET /api/queue/{id}`.
     pub queue: crate::queue::Queue,
+    /// The relay's outbound side, to test a domain's servers as deliveries reach them.
+    pub transport: Arc<crate::outbound::Transport>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -74,6 +76,7 @@ pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<Socke
         .route("/metrics", get(metrics))
         .route("/api/domains", get(list_domains))
         .route("/api/domains/{domain}/servers", get(get_servers).put(put_servers))
+        .route("/api/domains/{domain}/test", axum::routing::post(test_domain_servers))
         .route("/api/queue", get(list_queue))
         .route("/api/queue/retry", axum::routing::post(retry_queue))
         .route("/api/queue/hold", axum::routing::post(hold_queued))
@@ -408,6 +411,66 @@ async fn put_servers(_: Authorized, State(state): State<AdminState>, UrlPath(dom
     }
     tracing::info!(domain = %name, servers = servers.len(), "server list changed through the API");
     Json(servers).into_response()
+}
+
+/// The body of `POST /api/domains/{domain}/test`; every field is optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestRequest {
+    /// The recipient to offer; default `postmaster@` the domain.
+    rcpt: Option<String>,
+    /// The sender to offer; default the null sender.
+    #[serde(default)]
+    sender: String,
+    /// A server list to test instead of the configured one (as `PUT .../servers` takes it),
+    /// so that a list can be tried before it is saved.
+    servers: Option<Vec<RawServer>>,
+}
+
+/// `POST /api/domains/{domain}/test`: what `mxrelay test-servers --json` prints, for the
+/// domain's servers or a list given in the body, with the domain's TLS settings.
+async fn test_domain_servers(
+    _: Authorized,
+    State(state): State<AdminState>,
+    UrlPath(domain): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    let request: TestRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TestRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body must be a JSON object of rcpt, sender and servers: {e}"),
+                );
+            }
+        }
+    };
+    let Some((name, configured)) = read(&state.config).domain(&domain).map(|d| (d.name.clone(), d.servers.clone())) else {
+        return error(StatusCode::NOT_FOUND, format!("{domain} is not a configured domain"));
+    };
+    let servers = match &request.servers {
+        None => configured,
+        Some(raw) => match validate_servers(raw) {
+            Ok((servers, _warnings)) => servers,
+            Err(problems) => {
+                let count = problems.iter().filter(|p| p.severity == Severity::Error).count();
+                let body = ApiError { error: format!("{count} problem(s) in the server list; nothing was tested"), problems };
+                return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
+            }
+        },
+    };
+    let tls = read(&state.policies).tls(&name);
+    let envelope = crate::outbound::TestEnvelope {
+        sender: request.sender,
+        rcpt: request.rcpt.unwrap_or_else(|| format!("postmaster@{name}")),
+    };
+    let results = crate::outbound::test_servers(&state.transport, &servers, &tls, &envelope).await;
+    let report = crate::outbound::server_tests_json(&name, &envelope, &results);
+    tracing::info!(domain = %name, servers = results.len(), passed = %report["passed"], "servers tested through the API");
+    Json(report).into_response()
 }
 
 /// Writes `servers` as the domain's `[[domain.server]]` list, keeping the rest of the file

@@ -1,4 +1,4 @@
-//! The `mxrelay` command: `run`, `check`, `plan`.
+//! The `mxrelay` command: `run`, `check`, `plan`, `test-servers`, `queue`, `policy check`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,6 +51,25 @@ enum Command {
         #[arg(long)]
         rcpt: Option<String>,
         /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test a domain's servers as a delivery reaches them, without sending a message:
+    /// connect, EHLO, STARTTLS as the domain's `tls` asks, MAIL FROM and RCPT TO, then RSET.
+    /// Exit 0 when every address of every server accepts the recipient, 1 otherwise.
+    TestServers {
+        /// The configuration file.
+        config: PathBuf,
+        /// The domain whose servers to test.
+        #[arg(long)]
+        domain: String,
+        /// The recipient to offer (default postmaster@DOMAIN, which every server must accept).
+        #[arg(long)]
+        rcpt: Option<String>,
+        /// The sender to offer (default the null sender `<>`, as the relay's notifications use).
+        #[arg(long, default_value = "")]
+        sender: String,
+        /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -177,6 +196,7 @@ fn main() -> ExitCode {
         Command::Plan { config, domain, messages, down, now_ms, rcpt, json } => {
             plan(&config, &domain, PlanOptions { messages, down: &down, now_ms, rcpt, json })
         }
+        Command::TestServers { config, domain, rcpt, sender, json } => test_servers(&config, &domain, rcpt, sender, json),
         Command::Queue { command } => queue(command),
         Command::Policy { command: PolicyCommand::Check { module, settings } } => {
             let report = mxrelay::policy_check::check(&module, &settings);
@@ -425,6 +445,38 @@ struct PlanOptions<'a> {
     now_ms: Option<u64>,
     rcpt: Option<String>,
     json: bool,
+}
+
+fn test_servers(path: &Path, domain: &str, rcpt: Option<String>, sender: String, json: bool) -> ExitCode {
+    use mxrelay::outbound::{TestEnvelope, Transport, render_server_tests, server_tests_json, test_servers};
+    let Some(Loaded { config, policies, .. }) = load(path, Say::Lines) else {
+        return ExitCode::FAILURE;
+    };
+    let Some(domain_config) = config.domain(domain) else {
+        let known: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
+        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
+        return ExitCode::FAILURE;
+    };
+    let name = &domain_config.name;
+    let envelope = TestEnvelope { sender, rcpt: rcpt.unwrap_or_else(|| format!("postmaster@{name}")) };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let results = runtime.block_on(async {
+        let transport = std::sync::Arc::new(Transport::new(&config.relay.hostname, &config.delivery));
+        test_servers(&transport, &domain_config.servers, &policies.tls(name), &envelope).await
+    });
+    let passed = results.iter().all(|t| t.passed());
+    if json {
+        println!("{}", server_tests_json(name, &envelope, &results));
+    } else {
+        print!("{}", render_server_tests(name, &envelope, &results));
+    }
+    if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn plan(path: &Path, domain: &str, opts: PlanOptions<'_>) -> ExitCode {

@@ -45,6 +45,11 @@ use crate::data::dot_stuff;
 use crate::dsn::DsnRequest;
 use crate::tls::OutboundTls;
 
+mod server_test;
+pub use server_test::{
+    AddressTest, ServerTest, TestEnvelope, TestResult, render as render_server_tests, report as server_tests_json, test_servers,
+};
+
 /// How long a server's reply to QUIT is awaited before the connection is closed anyway.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most messages sent over one connection before it is closed.
@@ -307,8 +312,15 @@ fn reply_kind(code: u16) -> ReplyKind {
     }
 }
 
+/// A reply as the server sent it, on one line. The enhanced status code (RFC 3463), which
+/// mail-send parses out of the text, is put back: logs show it, and a notification's
+/// `Status` is the server's (`5.1.1`), not one guessed from the reply code (`5.0.0`).
 fn reply_text(r: &Response<String>) -> String {
-    format!("{} {}", r.code, r.message.replace(['\r', '\n'], " "))
+    let message = r.message.replace(['\r', '\n'], " ");
+    match r.esc {
+        [0, 0, 0] => format!("{} {message}", r.code),
+        [class, subject, detail] => format!("{} {class}.{subject}.{detail} {message}", r.code),
+    }
 }
 
 fn error_text(e: &mail_send::Error) -> String {
@@ -1215,6 +1227,15 @@ mod tests {
             );
             assert!(kept, "{v:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn replies_keep_their_enhanced_status_codes() {
+        let (v, _) =
+            verdict_for(PIPELINING, &["250 2.1.0 ok", "550 5.1.1 no such user", "250 ok", "354 go", "250 2.0.0 queued"]).await;
+        let ServerVerdict::Completed { rcpts, reply, .. } = v else { panic!("{v:?}") };
+        assert!(reply.ends_with(": 250 2.0.0 queued"), "{reply}");
+        assert!(matches!(&rcpts[0], RcptVerdict::PermRejected(t) if t.ends_with("RCPT: 550 5.1.1 no such user")), "{rcpts:?}");
     }
 
     #[tokio::test]

@@ -135,6 +135,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
                 events: events_tx.clone(),
                 gauged_domains: Arc::default(),
                 queue: queue.clone(),
+                transport: transport.clone(),
             };
             Some(crate::admin::serve(addr, state).await.map_err(|source| StartError::Admin { addr, source })?)
         }
