@@ -1,5 +1,6 @@
 // The inbound-servers widget: validation and preview run in WebAssembly (the same policy
-// core as the relay), on every keystroke. Saving sends the list to the relay's admin API.
+// core as the relay), on every keystroke. Saving sends the list to the relay's admin API;
+// testing asks the relay to try each server as a delivery would, without saving or sending.
 import init, { validate, preview } from './pkg/mxrelay_policy_web.js';
 
 const PRESETS = {
@@ -74,7 +75,9 @@ function showProblems(problems) {
   const errors = problems.filter((p) => p.severity === 'error').map((p) => p.message).join(' ');
   if (errors && errors !== lastErrors) announce.textContent = `${problems.filter((p) => p.severity === 'error').length} problem(s): ${errors}`;
   lastErrors = errors;
-  document.getElementById('save').disabled = problems.some((p) => p.severity === 'error');
+  const invalid = problems.some((p) => p.severity === 'error');
+  document.getElementById('save').disabled = invalid;
+  document.getElementById('test').disabled = invalid;
   return listLevel;
 }
 
@@ -137,6 +140,8 @@ function renderPreview(result, listLevel) {
 }
 
 function refresh() {
+  // Results of an earlier test describe a list that has changed.
+  document.getElementById('test-results').hidden = true;
   const list = entries();
   down = new Set([...down].filter((i) => i < list.length));
   const json = JSON.stringify(list);
@@ -152,21 +157,70 @@ function load(list) {
   refresh();
 }
 
+// The relay's admin API for this domain, with the token from the page's address.
+function api(path, init = {}) {
+  const headers = { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) };
+  return fetch(`/api/domains/${encodeURIComponent(domain)}${path}`, { ...init, headers });
+}
+
 async function save(event) {
   event.preventDefault();
   const status = document.getElementById('save-status');
   if (!domain) { status.className = 'bad'; status.textContent = 'No domain given (?domain=...): nothing to save to.'; return; }
   status.className = ''; status.textContent = 'Saving…';
-  const res = await fetch(`/api/domains/${encodeURIComponent(domain)}/servers`, {
-    method: 'PUT',
-    headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
-    body: JSON.stringify(entries()),
-  });
+  const res = await api('/servers', { method: 'PUT', body: JSON.stringify(entries()) });
   if (res.ok) { status.className = 'ok'; status.textContent = 'Saved. New mail follows this list.'; return; }
   const body = await res.json().catch(() => ({}));
   if (res.status === 422 && Array.isArray(body.problems)) showProblems(body.problems);
   status.className = 'bad';
   status.textContent = body.error || `Not saved (HTTP ${res.status}).`;
+}
+
+const VERDICT = { accepts: 'Accepts your mail', defers: 'Asks to try later', refuses: 'Refuses your mail', failed: 'Cannot be used' };
+
+// One line per address: the verdict, then the server's own reply (text only: it is the
+// server's, so never markup).
+function renderTest(report) {
+  const list = document.getElementById('test-list');
+  list.replaceChildren();
+  for (const server of report.servers) {
+    const lines = server.lookup_error ? [{ result: 'failed', reply: server.lookup_error }] : server.addresses;
+    for (const a of lines) {
+      const li = document.createElement('li');
+      li.dataset.testid = 'test-result';
+      li.dataset.result = a.result;
+      const verdict = document.createElement('span');
+      verdict.className = 'verdict';
+      verdict.textContent = `${VERDICT[a.result]}:`;
+      const where = a.address && a.address !== server.server ? ` (${a.address})` : '';
+      const reply = document.createElement('span');
+      reply.className = 'reply';
+      reply.textContent = a.reply;
+      li.append(verdict, `${server.server}${where}`, reply);
+      list.appendChild(li);
+    }
+  }
+  document.getElementById('test-summary').textContent = report.passed
+    ? `Every server accepts mail for ${report.rcpt}.`
+    : `Not every server accepts mail for ${report.rcpt}. Mail would skip the ones marked here.`;
+  document.getElementById('test-results').hidden = false;
+}
+
+async function testServers() {
+  const status = document.getElementById('save-status');
+  if (!domain) { status.className = 'bad'; status.textContent = 'No domain given (?domain=...): nothing to test for.'; return; }
+  status.className = ''; status.textContent = 'Testing…';
+  const res = await api('/test', { method: 'POST', body: JSON.stringify({ servers: entries() }) }).catch(() => null);
+  const body = await res?.json().catch(() => ({}));
+  if (!res?.ok) {
+    if (res?.status === 422 && Array.isArray(body.problems)) showProblems(body.problems);
+    status.className = 'bad';
+    status.textContent = body?.error || (res ? `Not tested (HTTP ${res.status}).` : 'The relay could not be reached.');
+    return;
+  }
+  renderTest(body);
+  status.className = body.passed ? 'ok' : 'bad';
+  status.textContent = body.passed ? 'Tested: every server accepts.' : 'Tested: see below.';
 }
 
 await init();
@@ -183,12 +237,13 @@ rows.addEventListener('click', (e) => {
 });
 document.getElementById('add').addEventListener('click', () => { addRow().querySelector('input').focus(); refresh(); });
 document.getElementById('servers-form').addEventListener('submit', save);
+document.getElementById('test').addEventListener('click', testServers);
 for (const b of document.querySelectorAll('[data-preset]')) b.addEventListener('click', () => load(PRESETS[b.dataset.preset]));
 
 // Start from the domain's current list when the relay serves the page, else one empty row.
 let initial = null;
 if (domain && location.protocol.startsWith('http')) {
-  const res = await fetch(`/api/domains/${encodeURIComponent(domain)}/servers`, { headers: token ? { authorization: `Bearer ${token}` } : {} }).catch(() => null);
+  const res = await api('/servers').catch(() => null);
   if (res?.ok) initial = (await res.json()).map((s) => [s.host, s.preference, s.port === 25 ? '' : String(s.port), s.weight === 1 ? '' : String(s.weight)]);
 }
 load(initial ?? [['', DEFAULT_PREFERENCE]]);

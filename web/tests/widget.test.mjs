@@ -202,6 +202,25 @@ test('validation + preview of 64 servers per keystroke (figure for the README)',
   assert.ok(Number.isFinite(ms.median));
 });
 
+test('testing the entered servers shows what each one says, and saves and sends nothing', async () => {
+  const config = readFileSync(join(work, 'relay.toml'), 'utf8');
+  // The second sink, and an address where nothing listens.
+  await typeServers([[sinks[1].ip, 10], ['127.0.1.62', 20]]);
+  await rows().first().locator('details summary').click();
+  await rows().first().getByTestId('server-port').fill(String(sinks[1].port));
+  await page.getByTestId('test-servers').click();
+  await waitFor('test results', async () => (await page.getByTestId('test-result').count()) === 2);
+  const results = page.getByTestId('test-result');
+  assert.equal(await results.nth(0).getAttribute('data-result'), 'accepts');
+  assert.match(await results.nth(0).textContent(), new RegExp(`Accepts your mail:${sinks[1].ip}:${sinks[1].port}RCPT: 250`));
+  assert.equal(await results.nth(1).getAttribute('data-result'), 'failed');
+  assert.match(await results.nth(1).textContent(), /Cannot be used:127\.0\.1\.62:25.*refused/);
+  assert.match(await page.locator('#test-summary').textContent(), /Not every server accepts mail for postmaster@customer\.test/);
+  await page.screenshot({ path: join(shots, 'widget-tested.png'), fullPage: true });
+  assert.equal(readFileSync(join(work, 'relay.toml'), 'utf8'), config, 'testing saves nothing');
+  assert.equal(sinks[1].count(), 0, 'testing sends no mail');
+});
+
 test('saving through the relay changes where mail goes', async () => {
   const api = (path, init = {}) => fetch(`http://${relayAdmin}${path}`, { ...init, headers: { authorization: `Bearer ${TOKEN}`, ...(init.headers || {}) } });
   // Without the token nothing is readable or writable.
