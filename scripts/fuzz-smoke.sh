@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-for target in smtp_data smtp_command config servers_and_plan journal; do
+for target in smtp_data smtp_command config servers_and_plan journal dsn_report; do
   echo "fuzz: $target for ${secs}s"
   # A copy of the corpus: the committed one stays as it is; findings go to fuzz/artifacts.
   work=$(mktemp -d)

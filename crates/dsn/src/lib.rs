@@ -257,7 +257,9 @@ pub fn status_of(diagnostic: &str, fallback: &str) -> String {
         let (code, enhanced) = (pair[0], pair[1]);
         let parts: Vec<&str> = enhanced.split('.').collect();
         let is_code = code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit());
-        if is_code && parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        // RFC 3463 §2: class 2, 4 or 5, then subject and detail of 1 to 3 digits.
+        let number = |p: &&str| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
+        if is_code && parts.len() == 3 && ["2", "4", "5"].contains(&parts[0]) && parts[1..].iter().all(number) {
             return enhanced.to_string();
         }
     }
@@ -290,7 +292,9 @@ fn diagnostic_code(diagnostic: &str) -> String {
 
 fn remote_mta(diagnostic: &str) -> Option<&str> {
     let (first, _) = diagnostic.split_once(": ")?;
-    (first.contains(':') || first.contains('.')).then_some(first)
+    // An address (`127.0.0.1:25`, `[::1]:25`), never words or a line break.
+    let address = !first.is_empty() && !first.contains(|c: char| c.is_whitespace() || c.is_control());
+    (address && (first.contains(':') || first.contains('.'))).then_some(first)
 }
 
 /// The notification as a message (headers and MIME body, CRLF line ends), with the original
@@ -397,6 +401,16 @@ mod tests {
         assert_eq!(status_of("127.0.0.1:25: MAIL: 554 rejected", "5.0.0"), "5.0.0");
         assert_eq!(status_of("127.0.0.1:25: 452 4.2.2 mailbox full", "4.0.0"), "4.2.2");
         assert_eq!(status_of("every server of the domain is down", "4.4.7"), "4.4.7");
+        assert_eq!(status_of("127.0.0.1:25: RCPT: 550 9.1.1 no such class", "5.0.0"), "5.0.0", "class 2, 4 or 5 only");
+        assert_eq!(status_of("127.0.0.1:25: RCPT: 550 5.1234.1 too long", "5.0.0"), "5.0.0", "at most 3 digits");
+    }
+
+    #[test]
+    fn the_remote_mta_is_an_address_and_never_text_with_a_line_break() {
+        assert_eq!(remote_mta("127.0.0.1:25: RCPT: 550 5.1.1 no such user"), Some("127.0.0.1:25"));
+        assert_eq!(remote_mta("[::1]:2525: MAIL: 451 later"), Some("[::1]:2525"));
+        assert_eq!(remote_mta("[::1]\n-674: MAIL: 451 later"), None, "found by the dsn_report fuzz target");
+        assert_eq!(remote_mta("delivery time expired: every server is down"), None);
     }
 
     #[test]
