@@ -226,6 +226,18 @@ async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
     assert!(series("encrypted").is_some_and(|n| n >= 1.0), "{metrics}");
     assert!(series("failed").is_some_and(|n| n >= 2.0), "the sink without TLS and the rogue server: {metrics}");
     assert_eq!(series("clear"), None, "no connection went on in clear: {metrics}");
+
+    // `test-servers` holds the servers to the same TLS rules and says why each one fails.
+    let config = relay.config_path().display().to_string();
+    let (ok, out, err) = mxrelay(&["test-servers", &config, "--domain", "customer.test", "--json"]);
+    assert!(!ok, "two of three servers fail: {out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    let address = |i: usize| &report["servers"][i]["addresses"][0];
+    let said = |i: usize| (address(i)["result"].as_str().unwrap_or(""), address(i)["reply"].as_str().unwrap_or(""));
+    assert!(matches!(said(0), ("failed", r) if r.contains("does not offer STARTTLS")), "{report}");
+    assert!(matches!(said(1), ("failed", r) if r.contains("invalid peer certificate")), "{report}");
+    assert!(matches!(said(2), ("accepts", r) if r.starts_with("RCPT: 250")), "{report}");
+    assert!(address(2)["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1.")), "{report}");
     drop(postfix);
 }
 
