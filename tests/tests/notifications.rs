@@ -77,3 +77,43 @@ async fn expiry_and_delay_are_reported() {
     assert!(failed.contains("Status: 4.4.7") && failed.contains("delivery time expired"), "{failed}");
     assert!(!relay.log_lines(&["expired after max_queue_lifetime"]).is_empty());
 }
+
+/// A customer whose agreement keeps mail for another time than the default has its own
+/// `max_queue_lifetime`. It applies to that domain alone, and a reload applies a change to
+/// mail already queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domains_own_queue_lifetime_applies_to_it_alone_and_a_reload_changes_it() {
+    let bounces = Sink::start("127.0.1.104", &[]);
+    let port = mxrelay_e2e::free_port("127.0.1.105");
+    let down = |name: &str, extra: &str| {
+        format!("[[domain]]\nname = \"{name}\"\n{extra}[[domain.server]]\nhost = \"127.0.1.105\"\nport = {port}\n")
+    };
+    let (bh, bp) = bounces.host_port();
+    let relay = Relay::start(
+        &(down("short.test", "max_queue_lifetime = \"1s\"\n") + &down("default.test", "")),
+        &format!("bounce_relay = \"{bh}:{bp}\"\nretry = [\"200ms\"]\nprobe_interval = \"1h\""),
+    );
+    assert!(send_one(&relay.addr, "user@short.test", 1).await);
+    assert!(send_one(&relay.addr, "user@default.test", 2).await);
+    let expired = || relay.log_lines(&["expired after max_queue_lifetime"]);
+    eventually("short.test's mail expired", || expired().len() == 1).await;
+    assert!(expired()[0].contains("user@short.test"), "{}", relay.log_text());
+    // default.test's message, as old, is tried three more times and stays queued (5 days).
+    let deferrals = relay.log_lines(&["deferred"]).len();
+    eventually("three more attempts", || relay.log_lines(&["deferred"]).len() >= deferrals + 3).await;
+    assert_eq!(expired().len(), 1, "default.test's mail expired with short.test's lifetime: {}", relay.log_text());
+
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    let next = text.replace("name = \"default.test\"\n", "name = \"default.test\"\nmax_queue_lifetime = \"1s\"\n");
+    std::fs::write(&path, next).expect("write");
+    relay.signal("HUP");
+    eventually("default.test's queued mail expired after the reload", || expired().len() == 2).await;
+    assert!(expired()[1].contains("user@default.test"), "{}", relay.log_text());
+    let notices = || bounces.dumps().into_iter().filter(|d| d.trim_end().ends_with("--")).collect::<Vec<_>>();
+    eventually("two expiry notices", || notices().len() == 2).await;
+    for rcpt in ["user@short.test", "user@default.test"] {
+        let notice = notices().into_iter().find(|d| d.contains(&format!("Final-Recipient: rfc822; {rcpt}"))).expect(rcpt);
+        assert!(notice.contains("Status: 4.4.7"), "{notice}");
+    }
+}

@@ -141,6 +141,8 @@ struct FileDomain {
     #[serde(default)]
     hold: bool,
     #[serde(default)]
+    max_queue_lifetime: Option<String>,
+    #[serde(default)]
     server: Vec<FileServer>,
 }
 
@@ -195,6 +197,9 @@ pub struct DomainConfig {
     /// Mail that arrives for the domain is held, as `queue hold` holds it, until released
     /// (Postfix's `HOLD` access action): for a customer who asks the relay to keep their mail.
     pub hold: bool,
+    /// How long its mail is retried before it is returned to the sender, when the customer's
+    /// agreement says other than `delivery.max_queue_lifetime`.
+    pub max_queue_lifetime: Option<Duration>,
 }
 
 /// Outbound TLS for a domain (`tls = ...`), after Postfix's `smtp_tls_security_level`.
@@ -762,6 +767,13 @@ fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<Config
                 message: "mail for this domain is held on arrival: nothing new is delivered until `mxrelay queue release`".into(),
             });
         }
+        let max_queue_lifetime = d.max_queue_lifetime.and_then(|v| match parse_duration(&v) {
+            Ok(lifetime) => Some(lifetime),
+            Err(e) => {
+                problems.push(error(format!("{location}: max_queue_lifetime"), e));
+                None
+            }
+        });
         let policy_settings_json = serde_json::to_string(&d.policy_config.unwrap_or_default()).unwrap_or_else(|_| "{}".into());
         let raw: Vec<RawServer> = d
             .server
@@ -777,7 +789,16 @@ fn domain_configs(files: Vec<FileDomain>, base: &Path, problems: &mut Vec<Config
         match validate_servers(&raw) {
             Ok((servers, warnings)) => {
                 problems.extend(warnings.into_iter().map(as_config));
-                out.push(DomainConfig { name, policy, policy_settings_json, servers, tls, tls_ca, hold: d.hold });
+                out.push(DomainConfig {
+                    name,
+                    policy,
+                    policy_settings_json,
+                    servers,
+                    tls,
+                    tls_ca,
+                    hold: d.hold,
+                    max_queue_lifetime,
+                });
             }
             Err(found) => problems.extend(found.into_iter().map(as_config)),
         }
@@ -828,6 +849,23 @@ preference = 20
         assert_eq!(c.relay.max_hops, 50);
         assert_eq!(c.delivery.connection_cache_time, Duration::from_secs(5));
         assert!(!c.domains[0].hold);
+    }
+
+    #[test]
+    fn a_domain_may_keep_its_mail_longer_or_shorter_than_the_default() {
+        assert_eq!(Config::parse(Path::new("/etc/mxrelay/test.toml"), SEED).expect("valid").domains[0].max_queue_lifetime, None);
+        let text = SEED.replace("name = \"mailroutedemo.com\"", "name = \"mailroutedemo.com\"\nmax_queue_lifetime = \"14d\"");
+        let c = Config::parse(Path::new("/etc/mxrelay/test.toml"), &text).expect("valid");
+        assert_eq!(c.domains[0].max_queue_lifetime, Some(Duration::from_secs(14 * 86400)));
+        let text =
+            SEED.replace("name = \"mailroutedemo.com\"", "name = \"mailroutedemo.com\"\nmax_queue_lifetime = \"two weeks\"");
+        assert!(
+            problems(&text)
+                .iter()
+                .any(|e| e.contains("domain mailroutedemo.com: max_queue_lifetime") && e.contains("\"two weeks\"")),
+            "{:?}",
+            problems(&text)
+        );
     }
 
     #[test]

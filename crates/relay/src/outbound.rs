@@ -903,6 +903,7 @@ mod tests {
             tls,
             tls_ca,
             hold: false,
+            max_queue_lifetime: None,
         }
     }
 

@@ -1,8 +1,10 @@
-//! Loads each domain's policy component once and binds it to the domain's servers.
+//! Loads each domain's policy component once and binds it to the domain's servers, with the
+//! domain's other delivery settings (TLS, how long its mail is retried).
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mxrelay_policy_core::Severity;
 use mxrelay_policy_host::{DomainPolicy, Limits, PolicyComponent, PolicyEngine, PolicyError};
@@ -20,6 +22,8 @@ pub struct Policies {
     tls: BTreeMap<String, OutboundTls>,
     /// The outbound TLS of mail to anywhere else (notifications via `bounce_relay`).
     default_tls: OutboundTls,
+    /// Domains whose `max_queue_lifetime` is not `delivery.max_queue_lifetime`.
+    lifetimes: BTreeMap<String, Duration>,
     /// The built-in policy over `delivery.bounce_relay`, for notifications to senders
     /// outside the configured domains.
     bounce: Option<Arc<DomainPolicy>>,
@@ -101,7 +105,8 @@ impl Policies {
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(problems);
         }
-        Ok(Policies { engine, domains, tls, default_tls, bounce })
+        let lifetimes = config.domains.iter().filter_map(|d| Some((d.name.clone(), d.max_queue_lifetime?))).collect();
+        Ok(Policies { engine, domains, tls, default_tls, lifetimes, bounce })
     }
 
     /// A copy with `domain`'s servers replaced, its policy built anew for them (same
@@ -113,15 +118,9 @@ impl Policies {
             .ok_or_else(|| PolicyError::Load { name: domain.into(), reason: "not a configured domain".into() })?;
         let fresh =
             DomainPolicy::new(current.component().clone(), current.domain(), servers, current.settings_json().to_string())?;
-        let mut domains = self.domains.clone();
-        domains.insert(domain.to_string(), Arc::new(fresh));
-        Ok(Policies {
-            engine: self.engine.clone(),
-            domains,
-            tls: self.tls.clone(),
-            default_tls: self.default_tls.clone(),
-            bounce: self.bounce.clone(),
-        })
+        let mut next = self.clone();
+        next.domains.insert(domain.to_string(), Arc::new(fresh));
+        Ok(next)
     }
 
     /// The engine, for reloads.
@@ -137,6 +136,11 @@ impl Policies {
     /// A domain's outbound TLS; opportunistic for anything else (notifications via `bounce_relay`).
     pub fn tls(&self, domain: &str) -> OutboundTls {
         self.tls.get(domain).unwrap_or(&self.default_tls).clone()
+    }
+
+    /// How long a domain's mail is retried, when it is not `delivery.max_queue_lifetime`.
+    pub fn max_queue_lifetime(&self, domain: &str) -> Option<Duration> {
+        self.lifetimes.get(domain).copied()
     }
 
     /// The policy of a configured domain.

@@ -79,7 +79,8 @@ impl Scope {
 pub struct RetryPolicy {
     /// Delays after the 1st, 2nd, ... failed attempt; the last repeats.
     pub schedule: Vec<Duration>,
-    /// Give up (and tell the sender) after this long in the queue.
+    /// Give up (and tell the sender) after this long in the queue, unless the domain says
+    /// otherwise ([`crate::policies::Policies::max_queue_lifetime`]).
     pub max_lifetime: Duration,
     /// Tell the sender once when a message is still queued after this long.
     pub delay_warning: Option<Duration>,
@@ -342,6 +343,12 @@ impl Scheduler {
         }
     }
 
+    /// How long mail for `domain` is retried: its own setting, read from the policies in
+    /// force so that a reload applies to mail already queued, or the default.
+    fn max_lifetime(&self, domain: &str) -> Duration {
+        self.deliverer.policies().max_queue_lifetime(domain).unwrap_or(self.retry.max_lifetime)
+    }
+
     fn check_drained(&mut self) {
         if self.in_flight.is_empty()
             && let Some(waiting) = self.draining.as_mut()
@@ -386,7 +393,7 @@ impl Scheduler {
         env.last_error = Some(reason.to_string());
         let now = now_ms();
         let age = Duration::from_millis(now.saturating_sub(env.received_ms));
-        if age >= self.retry.max_lifetime {
+        if age >= self.max_lifetime(&env.domain) {
             tracing::warn!(queue_id = %env.queue_id(), rcpts = ?env.recipients, reason = %reason, "expired after max_queue_lifetime; giving up");
             metrics::counter!("mxrelay_expired_total").increment(1);
             self.entries.remove(&env.id);
@@ -461,7 +468,7 @@ impl Scheduler {
         };
         let sender_domain = sender_domain.trim_end_matches('.').to_ascii_lowercase();
         let (events, hostname, env) = (self.events.clone(), self.retry.hostname.clone(), env.clone());
-        let retry_until_secs = (env.received_ms + self.retry.max_lifetime.as_millis() as u64) / 1000;
+        let retry_until_secs = (env.received_ms + self.max_lifetime(&env.domain).as_millis() as u64) / 1000;
         tokio::spawn(async move {
             // Reading the original before it is removed: its headers go into the reports.
             let original = queue.read_data(env.id).unwrap_or_default();
