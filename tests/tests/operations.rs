@@ -82,6 +82,16 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
 
     let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "list", &config]);
     assert!(ok && out.contains("3 queued") && out.contains("customer.test"), "{out}{err}");
+    // One domain's mail: a customer's own, and nothing for a domain with none queued.
+    let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "list", &config, "--domain", "Customer.Test"]);
+    assert!(ok && out.contains("3 queued"), "{out}{err}");
+    let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "list", &config, "--domain", "other.test"]);
+    assert!(ok && out.contains("the queue is empty"), "{out}{err}");
+    let (ok, _, err) = mxrelay_e2e::mxrelay(&["queue", "list", &config, "--domain", "a b"]);
+    assert!(!ok && err.contains("\"a b\" is not a domain name"), "{err}");
+    let token = Some("queue-test-token-0123456789");
+    let (status, body) = mxrelay_e2e::http_request(&admin, "GET", "/api/queue?sender=x", token, "");
+    assert!(status == 400 && body.contains("?domain=NAME"), "{status} {body}");
     let (ok, json, _) = mxrelay_e2e::mxrelay(&["queue", "list", &config, "--json"]);
     assert!(ok);
     let list: serde_json::Value = serde_json::from_str(&json).expect("json");

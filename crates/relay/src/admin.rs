@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -224,8 +224,14 @@ async fn snapshot(state: &AdminState, scope: Scope) -> Result<Vec<crate::queue::
     rx.await.map_err(|_| unavailable())
 }
 
-async fn list_queue(_: Authorized, State(state): State<AdminState>) -> Response {
-    let mut envelopes = match snapshot(&state, Scope::All).await {
+/// `GET /api/queue`, or `GET /api/queue?domain=D` for one domain's mail.
+async fn list_queue(_: Authorized, State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    let scope = match query.as_deref().map(|q| q.split_once('=')) {
+        None => Scope::All,
+        Some(Some(("domain", domain))) if !domain.is_empty() => Scope::Domain(domain.trim_end_matches('.').to_ascii_lowercase()),
+        Some(_) => return error(StatusCode::BAD_REQUEST, "the only query is ?domain=NAME"),
+    };
+    let mut envelopes = match snapshot(&state, scope).await {
         Ok(envelopes) => envelopes,
         Err(refused) => return refused,
     };

@@ -100,6 +100,9 @@ enum QueueCommand {
     List {
         /// The running relay's configuration file.
         config: PathBuf,
+        /// Only this domain's messages.
+        #[arg(long)]
+        domain: Option<String>,
         /// Print the JSON list instead of a table.
         #[arg(long)]
         json: bool,
@@ -383,8 +386,16 @@ fn queue(command: QueueCommand) -> ExitCode {
     // Text answers, except the message itself, which goes out byte for byte (`postcat`).
     let text = |answer: Result<String, QueueCliError>| answer.map(String::into_bytes);
     let result = match &command {
-        QueueCommand::List { json: true, .. } => text(request(&config, "GET", "/api/queue", "").map(|b| b + "\n")),
-        QueueCommand::List { json: false, .. } => text(request(&config, "GET", "/api/queue", "").map(|b| render_list(&b))),
+        QueueCommand::List { domain, json, .. } => {
+            let listed = match domain {
+                Some(d) if !d.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) => {
+                    Err(QueueCliError::Usage(format!("--domain {d:?} is not a domain name")))
+                }
+                Some(d) => request(&config, "GET", &format!("/api/queue?domain={d}"), ""),
+                None => request(&config, "GET", "/api/queue", ""),
+            };
+            text(if *json { listed.map(|b| b + "\n") } else { listed.map(|b| render_list(&b)) })
+        }
         QueueCommand::Retry { id: Some(id), .. } => text(
             request(&config, "POST", "/api/queue/retry", &serde_json::json!({ "id": id }).to_string())
                 .map(|_| format!("retrying {id} now\n")),

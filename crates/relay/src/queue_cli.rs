@@ -13,6 +13,9 @@ pub enum QueueCliError {
     /// The config has no admin listener or token.
     #[error("{0}")]
     NotEnabled(&'static str),
+    /// A command-line value that cannot be asked for.
+    #[error("{0}")]
+    Usage(String),
     /// The relay could not be reached.
     #[error("cannot reach the relay's admin API at {addr}: {source} (is `mxrelay run` running?)")]
     Connect {
