@@ -146,10 +146,20 @@ impl Transport {
         tested
     }
 
-    /// `MAIL FROM`, then, if it is taken, `RCPT TO`.
+    /// `MAIL FROM`, then, if it is taken, `RCPT TO`. A UTF-8 address goes only with
+    /// `SMTPUTF8`, as a delivery would send it.
     async fn offer(&self, s: &mut Session, envelope: &TestEnvelope) -> TestResult {
-        let commands =
-            [("MAIL", format!("MAIL FROM:<{}>\r\n", envelope.sender)), ("RCPT", format!("RCPT TO:<{}>\r\n", envelope.rcpt))];
+        let utf8 = if envelope.sender.is_ascii() && envelope.rcpt.is_ascii() {
+            ""
+        } else if s.capabilities & EXT_SMTP_UTF8 != 0 {
+            " SMTPUTF8"
+        } else {
+            return TestResult::Refuses("the address needs SMTPUTF8, which the server does not offer".into());
+        };
+        let commands = [
+            ("MAIL", format!("MAIL FROM:<{}>{utf8}\r\n", envelope.sender)),
+            ("RCPT", format!("RCPT TO:<{}>\r\n", envelope.rcpt)),
+        ];
         for (verb, command) in commands {
             let reply = match s.client.cmd(command.as_bytes()).await {
                 Ok(reply) => reply,
@@ -313,6 +323,17 @@ mod tests {
             "{null_sender_refused:?}"
         );
         assert!(!seen.contains(&"RCPT".to_string()), "no RCPT after a refused MAIL: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_utf8_address_is_never_offered_to_a_server_without_smtputf8() {
+        let (addr, seen) = server("250 ok\r\n", "250 ok\r\n").await;
+        let (transport, _) = scene();
+        let envelope = TestEnvelope { sender: String::new(), rcpt: "j\u{f6}rg@customer.test".into() };
+        let server = Server { port: addr.port(), ..Server::new("127.0.0.1", 10) };
+        let test = transport.test_server(&server, &crate::tls::ClientTls::anonymous().opportunistic(), &envelope).await;
+        assert!(matches!(&test.addresses[0].result, TestResult::Refuses(r) if r.contains("SMTPUTF8")), "{test:?}");
+        assert_eq!(seen.await.expect("server"), ["EHLO", "RSET", "QUIT"], "no MAIL or RCPT was sent");
     }
 
     #[tokio::test]
