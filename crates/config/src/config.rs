@@ -398,8 +398,13 @@ impl Config {
 
     /// The domain named `name` (case-insensitive).
     pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
+        self.domain_index(name).and_then(|i| self.domains.get(i))
+    }
+
+    /// Where a domain is in [`Config::domains`], by name as [`Config::domain`] finds it.
+    pub fn domain_index(&self, name: &str) -> Option<usize> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        self.domains.iter().find(|d| d.name == name)
+        self.domains.iter().position(|d| d.name == name)
     }
 }
 

@@ -458,16 +458,24 @@ struct PlanOptions<'a> {
     json: bool,
 }
 
+/// Loads the config for a command about one domain, and finds the domain (its index in
+/// `config.domains`); reports a domain that is not configured.
+fn load_for_domain(path: &Path, domain: &str) -> Option<(Loaded, usize)> {
+    let loaded = load(path, Say::Lines)?;
+    let Some(index) = loaded.config.domain_index(domain) else {
+        let known: Vec<&str> = loaded.config.domains.iter().map(|d| d.name.as_str()).collect();
+        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
+        return None;
+    };
+    Some((loaded, index))
+}
+
 fn test_servers(path: &Path, domain: &str, rcpt: Option<String>, sender: String, json: bool) -> ExitCode {
     use mxrelay::outbound::{TestEnvelope, Transport, render_server_tests, server_tests_json, test_servers};
-    let Some(Loaded { config, policies, .. }) = load(path, Say::Lines) else {
+    let Some((Loaded { config, policies, .. }, index)) = load_for_domain(path, domain) else {
         return ExitCode::FAILURE;
     };
-    let Some(domain_config) = config.domain(domain) else {
-        let known: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
-        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
-        return ExitCode::FAILURE;
-    };
+    let domain_config = &config.domains[index];
     let name = &domain_config.name;
     let envelope = TestEnvelope { sender, rcpt: rcpt.unwrap_or_else(|| format!("postmaster@{name}")) };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -492,14 +500,10 @@ fn test_servers(path: &Path, domain: &str, rcpt: Option<String>, sender: String,
 
 fn plan(path: &Path, domain: &str, opts: PlanOptions<'_>) -> ExitCode {
     let PlanOptions { messages, down, now_ms, rcpt, json } = opts;
-    let Some(Loaded { config, policies, .. }) = load(path, Say::Lines) else {
+    let Some((Loaded { config, policies, .. }, index)) = load_for_domain(path, domain) else {
         return ExitCode::FAILURE;
     };
-    let Some(domain_config) = config.domain(domain) else {
-        let known: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
-        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
-        return ExitCode::FAILURE;
-    };
+    let domain_config = &config.domains[index];
     let Some(policy) = policies.domain(&domain_config.name) else {
         eprintln!("error: domain {}: policy not loaded", domain_config.name);
         return ExitCode::FAILURE;
