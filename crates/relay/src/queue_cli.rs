@@ -34,6 +34,12 @@ pub enum QueueCliError {
     },
 }
 
+/// Whether `name` can be a domain in a query string as it is (`?domain=NAME`): letters,
+/// digits, `-`, `.` and `_`, so nothing needs escaping and nothing can add a parameter.
+pub fn is_domain_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
 /// Sends one request to the admin API; returns the response body as text (the API answers
 /// in JSON, which is UTF-8).
 pub fn request(config: &Config, method: &str, path: &str, body: &str) -> Result<String, QueueCliError> {
