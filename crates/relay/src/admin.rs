@@ -228,9 +228,7 @@ async fn snapshot(state: &AdminState, scope: Scope) -> Result<Vec<crate::queue::
 async fn list_queue(_: Authorized, State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
     let scope = match query.as_deref().map(|q| q.split_once('=')) {
         None => Scope::All,
-        Some(Some(("domain", domain)))
-            if !domain.is_empty() && domain.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) =>
-        {
+        Some(Some(("domain", domain))) if crate::queue_cli::is_domain_name(domain) => {
             Scope::Domain(domain.trim_end_matches('.').to_ascii_lowercase())
         }
         Some(_) => return error(StatusCode::BAD_REQUEST, "the only query is ?domain=NAME, with a domain name"),

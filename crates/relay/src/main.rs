@@ -388,7 +388,7 @@ fn queue(command: QueueCommand) -> ExitCode {
     let result = match &command {
         QueueCommand::List { domain, json, .. } => {
             let listed = match domain {
-                Some(d) if !d.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) => {
+                Some(d) if !mxrelay::queue_cli::is_domain_name(d) => {
                     Err(QueueCliError::Usage(format!("--domain {d:?} is not a domain name")))
                 }
                 Some(d) => request(&config, "GET", &format!("/api/queue?domain={d}"), ""),
