@@ -271,7 +271,6 @@ pub fn status_of(diagnostic: &str, fallback: &str) -> String {
     fallback.to_string()
 }
 
-/// The server part of a diagnostic (`127.0.0.1:25: RCPT: ...` → `127.0.0.1:25`).
 /// The `Diagnostic-Code` of a diagnostic: `smtp; ` and the server's reply from its code on
 /// (RFC 3464 §2.3.6: the reply itself; which server and command stay in the readable part and
 /// `Remote-MTA`), or, when no server replied (a refused connection, a DNS failure),
@@ -290,6 +289,7 @@ fn diagnostic_code(diagnostic: &str) -> String {
     format!("X-Mxrelay; {one_line}")
 }
 
+/// The server part of a diagnostic (`127.0.0.1:25: RCPT: ...` → `127.0.0.1:25`).
 fn remote_mta(diagnostic: &str) -> Option<&str> {
     let (first, _) = diagnostic.split_once(": ")?;
     // An address (`127.0.0.1:25`, `[::1]:25`), never words or a line break.
