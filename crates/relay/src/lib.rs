@@ -3,10 +3,12 @@
 //! tiers, equal shares, instant failover).
 //!
 //! * [`config`]: the TOML configuration and its validation;
-//! * [`policies`]: each domain's policy component, loaded once;
+//! * [`policies`]: each domain's policy component, loaded once, with its TLS and queue
+//!   lifetime;
 //! * [`simulate`]: `mxrelay plan`, the policy run on simulated messages;
 //! * [`inbound`] → [`queue`] → [`scheduler`] → [`delivery`] → [`outbound`]: the relay's path
 //!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them;
+//!   [`outbound`] also tests a domain's servers without sending (`mxrelay test-servers`);
 //! * [`admin`]: the admin API (metrics, domains, queue control) and [`queue_cli`], the
 //!   `mxrelay queue` commands that call it;
 //! * [`tls`]: STARTTLS in and out, and the relay's client certificate;
