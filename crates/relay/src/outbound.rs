@@ -907,12 +907,12 @@ mod tests {
         }
     }
 
-    fn server(host: &str, port: u16) -> Server {
+    pub(super) fn server(host: &str, port: u16) -> Server {
         Server { port, ..Server::new(host, 10) }
     }
 
     /// A minimal config, with `relay_extra` lines under `[relay]`.
-    fn config(relay_extra: &str) -> crate::config::Config {
+    pub(super) fn config(relay_extra: &str) -> crate::config::Config {
         let text = format!(
             "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n{relay_extra}\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n"
         );

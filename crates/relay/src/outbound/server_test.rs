@@ -255,16 +255,25 @@ pub fn render(domain: &str, envelope: &TestEnvelope, results: &[ServerTest]) -> 
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{config, server};
     use super::*;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::sync::Barrier;
 
-    /// A server on loopback that answers the test's commands with `mail` and `rcpt`, and
-    /// records every command it gets.
-    async fn server(mail: &'static str, rcpt: &'static str) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    /// A server on loopback that greets once `gate` lets it (if given), answers the test's
+    /// commands with `mail` and `rcpt`, and records every command it gets.
+    async fn fake(
+        mail: &'static str,
+        rcpt: &'static str,
+        gate: Option<Arc<Barrier>>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
+            if let Some(gate) = gate {
+                gate.wait().await;
+            }
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
             write.write_all(b"220 test ESMTP\r\n").await.expect("greet");
@@ -289,35 +298,36 @@ mod tests {
         (addr, task)
     }
 
-    fn scene() -> (Transport, TestEnvelope) {
-        let text = "[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"q\"\n\n[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"192.0.2.1\"\n";
-        let config = crate::config::Config::parse(std::path::Path::new("relay.toml"), text).expect("config");
-        let envelope = TestEnvelope { sender: String::new(), rcpt: "postmaster@customer.test".into() };
-        (Transport::new("relay.test", &config.delivery), envelope)
+    fn postmaster() -> TestEnvelope {
+        TestEnvelope { sender: String::new(), rcpt: "postmaster@customer.test".into() }
     }
 
-    async fn test_against(mail: &'static str, rcpt: &'static str) -> (ServerTest, Vec<String>) {
-        let (addr, seen) = server(mail, rcpt).await;
-        let (transport, envelope) = scene();
-        let server = Server { port: addr.port(), ..Server::new("127.0.0.1", 10) };
-        let test = transport.test_server(&server, &crate::tls::ClientTls::anonymous().opportunistic(), &envelope).await;
+    fn opportunistic() -> OutboundTls {
+        crate::tls::ClientTls::anonymous().opportunistic()
+    }
+
+    /// What one test of a fake server answering `mail` and `rcpt` gives, and the commands it saw.
+    async fn test_against(mail: &'static str, rcpt: &'static str, envelope: &TestEnvelope) -> (ServerTest, Vec<String>) {
+        let (addr, seen) = fake(mail, rcpt, None).await;
+        let transport = Transport::new("relay.test", &config("").delivery);
+        let test = transport.test_server(&server("127.0.0.1", addr.port()), &opportunistic(), envelope).await;
         (test, seen.await.expect("server"))
     }
 
     #[tokio::test]
     async fn each_reply_to_the_envelope_has_its_result_and_no_data_is_ever_sent() {
-        let (accepted, seen) = test_against("250 ok\r\n", "250 2.1.5 ok\r\n").await;
+        let (accepted, seen) = test_against("250 ok\r\n", "250 2.1.5 ok\r\n", &postmaster()).await;
         assert!(matches!(&accepted.addresses[0].result, TestResult::Accepts(r) if r == "RCPT: 250 2.1.5 ok"), "{accepted:?}");
         assert!(accepted.passed());
         assert_eq!(accepted.addresses[0].extensions, vec!["PIPELINING", "8BITMIME"]);
         assert_eq!(seen, ["EHLO", "MAIL", "RCPT", "RSET", "QUIT"], "no DATA, and the session ends cleanly");
 
-        let (greylisted, _) = test_against("250 ok\r\n", "450 4.2.0 greylisted\r\n").await;
+        let (greylisted, _) = test_against("250 ok\r\n", "450 4.2.0 greylisted\r\n", &postmaster()).await;
         assert!(matches!(&greylisted.addresses[0].result, TestResult::Defers(r) if r.contains("RCPT: 450")), "{greylisted:?}");
         assert!(!greylisted.passed());
-        let (unknown, _) = test_against("250 ok\r\n", "550 5.1.1 no such user\r\n").await;
+        let (unknown, _) = test_against("250 ok\r\n", "550 5.1.1 no such user\r\n", &postmaster()).await;
         assert!(matches!(&unknown.addresses[0].result, TestResult::Refuses(r) if r.contains("RCPT: 550")), "{unknown:?}");
-        let (null_sender_refused, seen) = test_against("553 5.1.8 sender refused\r\n", "250 ok\r\n").await;
+        let (null_sender_refused, seen) = test_against("553 5.1.8 sender refused\r\n", "250 ok\r\n", &postmaster()).await;
         assert!(
             matches!(&null_sender_refused.addresses[0].result, TestResult::Refuses(r) if r.contains("MAIL: 553")),
             "{null_sender_refused:?}"
@@ -327,13 +337,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_utf8_address_is_never_offered_to_a_server_without_smtputf8() {
-        let (addr, seen) = server("250 ok\r\n", "250 ok\r\n").await;
-        let (transport, _) = scene();
         let envelope = TestEnvelope { sender: String::new(), rcpt: "j\u{f6}rg@customer.test".into() };
-        let server = Server { port: addr.port(), ..Server::new("127.0.0.1", 10) };
-        let test = transport.test_server(&server, &crate::tls::ClientTls::anonymous().opportunistic(), &envelope).await;
+        let (test, seen) = test_against("250 ok\r\n", "250 ok\r\n", &envelope).await;
         assert!(matches!(&test.addresses[0].result, TestResult::Refuses(r) if r.contains("SMTPUTF8")), "{test:?}");
-        assert_eq!(seen.await.expect("server"), ["EHLO", "RSET", "QUIT"], "no MAIL or RCPT was sent");
+        assert_eq!(seen, ["EHLO", "RSET", "QUIT"], "no MAIL or RCPT was sent");
     }
 
     #[tokio::test]
@@ -341,15 +348,23 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         drop(listener);
-        let (transport, envelope) = scene();
-        let test = transport
-            .test_server(
-                &Server { port, ..Server::new("127.0.0.1", 10) },
-                &crate::tls::ClientTls::anonymous().opportunistic(),
-                &envelope,
-            )
-            .await;
+        let transport = Transport::new("relay.test", &config("").delivery);
+        let test = transport.test_server(&server("127.0.0.1", port), &opportunistic(), &postmaster()).await;
         assert!(matches!(&test.addresses[0].result, TestResult::Failed(r) if r.contains("connect to")), "{test:?}");
         assert!(!test.passed());
+    }
+
+    /// Servers are tested at once: two that greet only once both have been connected to both
+    /// accept. Tested one after the other, the first would wait for the second, which is not
+    /// connected to until the first has failed for want of a greeting.
+    #[tokio::test]
+    async fn servers_are_tested_at_once() {
+        let gate = Arc::new(Barrier::new(2));
+        let (a, _) = fake("250 ok\r\n", "250 ok\r\n", Some(gate.clone())).await;
+        let (b, _) = fake("250 ok\r\n", "250 ok\r\n", Some(gate)).await;
+        let transport = Arc::new(Transport::new("relay.test", &config("\n[delivery]\ncommand_timeout = \"2s\"").delivery));
+        let servers = [server("127.0.0.1", a.port()), server("127.0.0.1", b.port())];
+        let results = test_servers(&transport, &servers, &opportunistic(), &postmaster()).await;
+        assert!(results.len() == 2 && results.iter().all(ServerTest::passed), "{results:?}");
     }
 }
