@@ -558,9 +558,14 @@ async fn test_servers_asks_each_server_about_the_recipient_and_sends_nothing() {
     let (status, _) = mxrelay_e2e::http_request(&admin, "POST", "/api/domains/customer.test/test", None, "");
     assert_eq!(status, 401, "the test needs the token");
 
-    // Tests are not deliveries: no sink got a message, and no server was marked down.
+    // Tests are not deliveries: no sink got a message, no server was marked down, and no
+    // connection counts in the delivery metrics.
     assert_eq!(accepting.count() + deferring.count() + refusing.count(), 0);
     assert!(relay.log_lines(&["marked down"]).is_empty(), "{}", relay.log_text());
+    let metrics = mxrelay_e2e::http_get(&admin, "/metrics");
+    for series in ["mxrelay_outbound_connections_total{", "mxrelay_server_marked_down_total{", "mxrelay_delivered_total{"] {
+        assert!(!metrics.contains(series), "{series} counted a test: {metrics}");
+    }
     let saved = std::fs::read_to_string(relay.config_path()).expect("config");
     assert!(saved.contains("127.0.1.147"), "testing a list does not save it");
 }
