@@ -393,13 +393,9 @@ async fn put_servers(_: Authorized, State(state): State<AdminState>, UrlPath(dom
         Some(d) => d.name.clone(),
         None => return error(StatusCode::NOT_FOUND, format!("{domain} is not a configured domain")),
     };
-    let servers = match validate_servers(&raw) {
-        Ok((servers, _warnings)) => servers,
-        Err(problems) => {
-            let count = problems.iter().filter(|p| p.severity == Severity::Error).count();
-            let body = ApiError { error: format!("{count} problem(s) in the server list; nothing was changed"), problems };
-            return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
-        }
+    let servers = match validated(&raw, "changed") {
+        Ok(servers) => servers,
+        Err(refused) => return *refused,
     };
     // Build the new policy first: if the domain's policy refuses the list, nothing changes.
     let next = match read(&state.policies).with_domain_servers(&name, servers.clone()) {
@@ -419,6 +415,16 @@ async fn put_servers(_: Authorized, State(state): State<AdminState>, UrlPath(dom
     }
     tracing::info!(domain = %name, servers = servers.len(), "server list changed through the API");
     Json(servers).into_response()
+}
+
+/// A server list from a request body, validated by the core; or `422` with every problem,
+/// the widget's messages, saying that nothing was `done`.
+fn validated(raw: &[RawServer], done: &str) -> Result<Vec<Server>, Box<Response>> {
+    validate_servers(raw).map(|(servers, _warnings)| servers).map_err(|problems| {
+        let count = problems.iter().filter(|p| p.severity == Severity::Error).count();
+        let body = ApiError { error: format!("{count} problem(s) in the server list; nothing was {done}"), problems };
+        Box::new((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response())
+    })
 }
 
 /// The body of `POST /api/domains/{domain}/test`; every field is optional.
@@ -461,13 +467,9 @@ async fn test_domain_servers(
     };
     let servers = match &request.servers {
         None => configured,
-        Some(raw) => match validate_servers(raw) {
-            Ok((servers, _warnings)) => servers,
-            Err(problems) => {
-                let count = problems.iter().filter(|p| p.severity == Severity::Error).count();
-                let body = ApiError { error: format!("{count} problem(s) in the server list; nothing was tested"), problems };
-                return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
-            }
+        Some(raw) => match validated(raw, "tested") {
+            Ok(servers) => servers,
+            Err(refused) => return *refused,
         },
     };
     let tls = read(&state.policies).tls(&name);
