@@ -1,11 +1,20 @@
 //! `mxrelay queue list|show|retry|remove|hold|release`: queue control of a running relay, through its admin API
 //! (`admin_listen` and `admin_token` from the same config file).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
+
 use crate::config::Config;
+
+/// How long the relay may take to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the whole answer may take (a queued message of the largest size included).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a queue command failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,9 +29,18 @@ pub enum QueueCliError {
     #[error("cannot reach the relay's admin API at {addr}: {source} (is `mxrelay run` running?)")]
     Connect {
         /// The admin address.
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The answer was cut off, late or not HTTP: nothing of it is printed, so a message is
+    /// never shown in part as if it were whole.
+    #[error("no complete answer from the relay's admin API at {addr}: {reason}")]
+    Answer {
+        /// The admin address.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
     },
     /// The relay answered with an error.
     #[error("the relay answered {status}: {body}")]
@@ -58,18 +76,25 @@ pub fn request_bytes(config: &Config, method: &str, path: &str, body: &str) -> R
         .admin_token
         .as_deref()
         .ok_or(QueueCliError::NotEnabled("relay.admin_token is not set: the admin API is off"))?;
-    let connect_err = |source| QueueCliError::Connect { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(connect_err)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(connect_err)?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(connect_err)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(connect_err)?;
-    let (status, body) = parse_response(&raw);
+    call(addr, token, method, path, body)
+}
+
+/// One HTTP/1.1 exchange with the admin API at `addr`. hyper reads the answer, chunked or
+/// not, and reports one that ends before its announced length.
+fn call(addr: SocketAddr, token: &str, method: &str, path: &str, body: &str) -> Result<Vec<u8>, QueueCliError> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, addr.to_string())
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .map_err(|e| QueueCliError::Usage(format!("{method} {path:?} cannot be asked for: {e}")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| QueueCliError::Connect { addr, source })?;
+    let (status, body) = runtime.block_on(exchange(addr, request))?;
     if (200..300).contains(&status) {
         Ok(body)
     } else {
@@ -77,36 +102,25 @@ pub fn request_bytes(config: &Config, method: &str, path: &str, body: &str) -> R
     }
 }
 
-/// The status and body of an HTTP/1.1 response read to its end (the request said
-/// `Connection: close`); status 0 when there is no status line.
-fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n");
-    let (head, body) = match split {
-        Some(at) => (&raw[..at], &raw[at + 4..]),
-        None => (raw, &[][..]),
+async fn exchange(addr: SocketAddr, request: hyper::Request<Full<Bytes>>) -> Result<(u16, Vec<u8>), QueueCliError> {
+    let connect_err = |source| QueueCliError::Connect { addr, source };
+    let answer_err = |e: hyper::Error| QueueCliError::Answer { addr, reason: e.to_string() };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(connect_err)?;
+    let answer = async {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(answer_err)?;
+        // The connection is driven beside the request, and ends when the answer is read.
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await.map_err(answer_err)?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.map_err(answer_err)?.to_bytes();
+        Ok((status, body.to_vec()))
     };
-    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    // axum answers with Content-Length; a chunked body is joined here.
-    let chunked = head.lines().any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
-    (status, if chunked { dechunk(body) } else { body.to_vec() })
-}
-
-/// Joins a chunked body. Chunk sizes count bytes, so this works on bytes: a chunk may end
-/// inside a UTF-8 sequence, and a message need not be UTF-8 at all.
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&body[..eol]).ok().map(|s| s.split(';').next().unwrap_or("").trim());
-        let Some(n) = size.and_then(|s| usize::from_str_radix(s, 16).ok()) else { break };
-        let rest = &body[eol + 2..];
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.extend_from_slice(&rest[..n]);
-        body = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
-    }
-    out
+    tokio::time::timeout(ANSWER_TIMEOUT, answer)
+        .await
+        .map_err(|_| QueueCliError::Answer { addr, reason: format!("none within {}s", ANSWER_TIMEOUT.as_secs()) })?
 }
 
 /// One queued message: its envelope, then its header section.
@@ -163,14 +177,39 @@ pub fn render_list(json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// Serves one connection at a loopback address: reads the request head, then writes
+    /// `answer` and closes. Returns the address and what the client sent.
+    fn answering(answer: Vec<u8>) -> (SocketAddr, std::thread::JoinHandle<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).expect("read") == 1 {
+                head.push(byte[0]);
+            }
+            stream.write_all(&answer).expect("write");
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (addr, server)
+    }
+
+    /// Latin-1 "é", then UTF-8 "ü".
+    const MESSAGE: &[u8] = b"Subject: caf\xe9\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n";
 
     #[test]
-    fn a_body_keeps_its_bytes_whether_it_came_whole_or_in_chunks() {
-        // Latin-1 "é", then UTF-8 "ü" split across two chunks.
-        let message: &[u8] = b"Subject: caf\xe9\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n";
-        let whole = [b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n".as_slice(), message].concat();
-        assert_eq!(parse_response(&whole), (200, message.to_vec()));
-        let (first, second) = message.split_at(20);
+    fn a_body_keeps_its_bytes_whether_it_comes_whole_or_in_chunks() {
+        let whole = [format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", MESSAGE.len()).as_bytes(), MESSAGE].concat();
+        let (addr, server) = answering(whole);
+        assert_eq!(call(addr, "t0k3n", "GET", "/api/queue/1/message", "").expect("answer"), MESSAGE);
+        let head = server.join().expect("server");
+        assert!(head.starts_with("GET /api/queue/1/message HTTP/1.1\r\n"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("authorization: bearer t0k3n\r\n"), "{head}");
+
+        let (first, second) = MESSAGE.split_at(20);
         assert_eq!((first.last(), second.first()), (Some(&0xc3), Some(&0xbc)), "the chunks split the \"ü\"");
         let chunked = [
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".as_slice(),
@@ -182,12 +221,40 @@ mod tests {
             b"\r\n0\r\n\r\n",
         ]
         .concat();
-        assert_eq!(parse_response(&chunked), (200, message.to_vec()));
+        let (addr, _) = answering(chunked);
+        assert_eq!(call(addr, "t", "GET", "/api/queue/1/message", "").expect("answer"), MESSAGE);
     }
 
     #[test]
-    fn a_refusal_keeps_its_status_and_a_garbled_answer_has_none() {
-        assert_eq!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\nno such message"), (404, b"no such message".to_vec()));
-        assert_eq!(parse_response(b"garbage"), (0, vec![]));
+    fn an_answer_cut_off_is_an_error_never_a_shorter_message() {
+        let short = [b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".as_slice(), MESSAGE].concat();
+        let (addr, _) = answering(short);
+        let cut = call(addr, "t", "GET", "/api/queue/1/message", "");
+        assert!(matches!(cut, Err(QueueCliError::Answer { .. })), "{cut:?}");
+        let chunk = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n".as_slice(), &MESSAGE[..16], b"\r\n"].concat();
+        let (addr, _) = answering(chunk);
+        let cut = call(addr, "t", "GET", "/api/queue/1/message", "");
+        assert!(matches!(cut, Err(QueueCliError::Answer { .. })), "{cut:?}");
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_status_and_a_garbled_answer_is_an_error() {
+        let (addr, _) = answering(b"HTTP/1.1 404 Not Found\r\ncontent-length: 15\r\n\r\nno such message".to_vec());
+        let refused = call(addr, "t", "GET", "/api/queue/9", "");
+        assert!(
+            matches!(&refused, Err(QueueCliError::Refused { status: 404, body }) if body == "no such message"),
+            "{refused:?}"
+        );
+        let (addr, _) = answering(b"garbage\r\n\r\n".to_vec());
+        let garbled = call(addr, "t", "GET", "/api/queue", "");
+        assert!(matches!(garbled, Err(QueueCliError::Answer { .. })), "{garbled:?}");
+    }
+
+    #[test]
+    fn a_path_that_is_not_one_is_refused_before_anything_is_sent() {
+        // Nothing listens at this address: the request must fail before connecting.
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("address");
+        let bad = call(addr, "t", "DELETE", "/api/queue/a b\r\nX-Injected: 1", "");
+        assert!(matches!(&bad, Err(QueueCliError::Usage(m)) if m.contains("cannot be asked for")), "{bad:?}");
     }
 }
