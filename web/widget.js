@@ -41,6 +41,9 @@ function addRow(host = '', preference = DEFAULT_PREFERENCE, port = '', weight = 
     input.setAttribute('aria-describedby', err.id);
   }
   row.querySelector('[data-testid="remove-server"]').setAttribute('aria-label', `Remove server ${n}`);
+  // A row just added is not wrong yet: its empty host is reported once the user has typed in
+  // it or left it (Save stays disabled meanwhile).
+  if (!host) row.dataset.fresh = 'true';
   rows.appendChild(row);
   return row;
 }
@@ -61,10 +64,13 @@ function showProblems(problems) {
     for (const input of row.querySelectorAll('input')) input.removeAttribute('aria-invalid');
   }
   const listLevel = [];
+  const shown = [];
   for (const p of problems) {
     const row = p.index == null ? null : rowEls()[p.index];
-    if (!row) { listLevel.push(p); continue; }
+    if (!row) { listLevel.push(p); shown.push(p); continue; }
     const field = p.field === 'servers' ? 'host' : p.field;
+    if (row.dataset.fresh && field === 'host') continue;
+    shown.push(p);
     const el = row.querySelector(`.field-error[data-field="${field}"]`);
     el.hidden = false;
     el.textContent = el.textContent ? `${el.textContent} ${p.message}` : p.message;
@@ -72,8 +78,9 @@ function showProblems(problems) {
     else row.querySelector(`input[name="${field}"]`).setAttribute('aria-invalid', 'true');
     if (field === 'port' || field === 'weight') row.querySelector('details').open = true;
   }
-  const errors = problems.filter((p) => p.severity === 'error').map((p) => p.message).join(' ');
-  if (errors && errors !== lastErrors) announce.textContent = `${problems.filter((p) => p.severity === 'error').length} problem(s): ${errors}`;
+  const shownErrors = shown.filter((p) => p.severity === 'error');
+  const errors = shownErrors.map((p) => p.message).join(' ');
+  if (errors && errors !== lastErrors) announce.textContent = `${shownErrors.length} problem(s): ${errors}`;
   lastErrors = errors;
   const invalid = problems.some((p) => p.severity === 'error');
   document.getElementById('save').disabled = invalid;
@@ -224,7 +231,16 @@ async function testServers() {
 }
 
 await init();
-rows.addEventListener('input', refresh);
+rows.addEventListener('input', (e) => {
+  if (e.target.name === 'host') delete e.target.closest('[data-testid="server-row"]').dataset.fresh;
+  refresh();
+});
+rows.addEventListener('focusout', (e) => {
+  const row = e.target.closest('[data-testid="server-row"]');
+  if (e.target.name !== 'host' || !row?.dataset.fresh) return;
+  delete row.dataset.fresh;
+  refresh();
+});
 rows.addEventListener('click', (e) => {
   const remove = e.target.closest('[data-testid="remove-server"]');
   if (!remove) return;

@@ -145,6 +145,23 @@ test('a bad preference and a bad host are explained next to their fields', async
   assert.equal(await page.getByTestId('field-error').filter({ visible: true }).count(), 0);
 });
 
+test('a row just added is not marked wrong until the user leaves it empty', async () => {
+  await typeServers(EIGHT);
+  await page.getByTestId('add-server').click();
+  const added = rows().last();
+  const hostError = added.locator('[data-testid="field-error"][data-field="host"]');
+  assert.equal(await hostError.isVisible(), false);
+  assert.equal(await added.getByTestId('server-host').getAttribute('aria-invalid'), null);
+  // Nothing is saved with an empty host meanwhile.
+  assert.equal(await page.getByTestId('save').isDisabled(), true);
+  // Leaving it empty reports it.
+  await rows().first().getByTestId('server-host').focus();
+  assert.match(await hostError.textContent(), /host is empty/);
+  assert.equal(await added.getByTestId('server-host').getAttribute('aria-invalid'), 'true');
+  await added.getByTestId('remove-server').click();
+  assert.equal(await page.getByTestId('save').isDisabled(), false);
+});
+
 test('marking the first tier down moves mail to the second, then to the queue', async () => {
   await page.getByRole('button', { name: '8 servers in 3 tiers' }).click();
   const tiers = page.getByTestId('preview-tier');
