@@ -152,8 +152,9 @@ test('a row just added is not marked wrong until the user leaves it empty', asyn
   const hostError = added.locator('[data-testid="field-error"][data-field="host"]');
   assert.equal(await hostError.isVisible(), false);
   assert.equal(await added.getByTestId('server-host').getAttribute('aria-invalid'), null);
-  // Nothing is saved with an empty host meanwhile.
+  // Nothing is saved or tested with an empty host meanwhile.
   assert.equal(await page.getByTestId('save').isDisabled(), true);
+  assert.equal(await page.locator('#test').isDisabled(), true);
   // Leaving it empty reports it.
   await rows().first().getByTestId('server-host').focus();
   assert.match(await hostError.textContent(), /host is empty/);
