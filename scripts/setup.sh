@@ -3,8 +3,8 @@
 #   scripts/setup.sh          Rust wasm targets only (enough to build and run the relay)
 #   scripts/setup.sh --test   also the test peers: Postfix (smtp-sink/smtp-source and test-owned
 #                             instances for interop), swaks with TLS,
-#                             dnsmasq, dig, GNU time (for a bench script) and the
-#                             browser-test tools
+#                             dnsmasq, dig, GNU time (for a bench script), systemd-analyze
+#                             and the browser-test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +28,8 @@ command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
 # GNU time: bench/relay-vs-postfix.sh reads smtp-source's CPU and context switches from it.
 [ -x /usr/bin/time ] || pkgs+=(time)
 [ -x /usr/bin/chromium ] || pkgs+=(chromium)
+# systemd-analyze checks the systemd unit in contrib/ (no systemd needs to run).
+command -v systemd-analyze >/dev/null || pkgs+=(systemd)
 command -v node >/dev/null || pkgs+=(nodejs npm)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${pkgs[*]}"

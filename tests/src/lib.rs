@@ -261,6 +261,8 @@ pub struct Relay {
     pub file_size_limit_kib: Option<u64>,
     /// Run with `--log-format json`, from its next (re)start on.
     pub json_logs: bool,
+    /// More environment variables, from its next (re)start on.
+    pub env: Vec<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
     child: Option<Child>,
 }
@@ -297,7 +299,8 @@ impl Relay {
                 "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
-            let mut relay = Relay { addr, dir, file_size_limit_kib, json_logs: false, log: Arc::default(), child: None };
+            let mut relay =
+                Relay { addr, dir, file_size_limit_kib, json_logs: false, env: Vec::new(), log: Arc::default(), child: None };
             relay.launch().map(|()| relay).map_err(|log| format!("mxrelay did not become ready; log:\n{log}"))
         })
     }
@@ -328,8 +331,13 @@ impl Relay {
         if self.json_logs {
             cmd.args(["--log-format", "json"]);
         }
-        let mut child =
-            cmd.env("MXRELAY_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn mxrelay");
+        let mut child = cmd
+            .env("MXRELAY_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mxrelay");
         let stderr = child.stderr.take().expect("stderr");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let log = self.log.clone();

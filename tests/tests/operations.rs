@@ -33,6 +33,79 @@ async fn sighup_applies_a_new_config_and_refuses_a_broken_one() {
     eventually("still delivered by b", || b.count() == 3).await;
 }
 
+/// Under systemd (`Type=notify`, `WatchdogSec=`), the relay says over `$NOTIFY_SOCKET` when
+/// it accepts mail, when a reload starts and how it ended, and when it stops, and pings the
+/// watchdog meanwhile.
+#[test]
+fn systemd_is_told_of_readiness_reloads_and_shutdown_and_the_watchdog_is_pinged() {
+    let mut relay = Relay::start(&mxrelay_e2e::domain_with("customer.test", "", &[("127.0.1.148", 25, 10)]), "");
+    relay.signal("TERM");
+    assert!(relay.wait_exit());
+    let path = relay.dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+    notify.set_read_timeout(Some(mxrelay_e2e::PATIENCE)).expect("timeout");
+    relay.env = vec![("NOTIFY_SOCKET".into(), path.display().to_string()), ("WATCHDOG_USEC".into(), "200000".into())];
+    relay.restart();
+    let receive = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification within PATIENCE");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // The next notification that is not a watchdog ping (those are counted).
+    let next = |pings: &mut u32| loop {
+        match receive() {
+            ping if ping == "WATCHDOG=1" => *pings += 1,
+            other => return other,
+        }
+    };
+    let mut pings = 0;
+    let ready = format!("READY=1\nSTATUS=accepting mail on {}", relay.addr);
+    assert_eq!(next(&mut pings), ready);
+
+    relay.signal("HUP");
+    let reloading = next(&mut pings);
+    assert!(reloading.starts_with("RELOADING=1\n") && reloading.contains("\nMONOTONIC_USEC="), "{reloading}");
+    assert_eq!(next(&mut pings), ready);
+
+    let config = relay.config_path();
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("preference = 10", "preference = 70000")).expect("write");
+    relay.signal("HUP");
+    assert!(next(&mut pings).starts_with("RELOADING=1\n"));
+    assert_eq!(next(&mut pings), format!("{ready}; the last reload was refused (see the log)"));
+
+    // The watchdog is pinged every 100 ms, also after the reloads.
+    for _ in 0..2 {
+        assert_eq!(receive(), "WATCHDOG=1");
+    }
+    assert!(pings > 0, "pinged from the start");
+    relay.signal("TERM");
+    let stopping = next(&mut pings);
+    assert!(stopping.starts_with("STOPPING=1\n"), "{stopping}");
+    assert!(relay.wait_exit());
+}
+
+/// The systemd unit in `contrib/` passes `systemd-analyze verify` with no complaint (an
+/// unknown key or a command that cannot run would be one), and runs the relay the way the
+/// test above does: `Type=notify` with a watchdog, and a reload by SIGHUP.
+#[test]
+fn the_systemd_unit_is_valid() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let unit = std::fs::read_to_string(repo.join("contrib/systemd/mxrelay.service")).expect("unit");
+    for line in ["Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "ExecStart=/usr/local/bin/mxrelay run "] {
+        assert!(unit.lines().any(|l| l.starts_with(line)), "no {line} line");
+    }
+    // Verified with this build standing in for the installed binary.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mxrelay.service");
+    let binary = mxrelay_e2e::relay_binary();
+    std::fs::write(&path, unit.replace("/usr/local/bin/mxrelay", &binary.display().to_string())).expect("write");
+    let out =
+        std::process::Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().expect("systemd-analyze");
+    let complaints = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && complaints.trim().is_empty(), "{complaints}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_delivery_in_flight_finish_and_keeps_the_rest_queued() {
     // The sink waits 2 s before answering DATA, so the first delivery is in flight when the

@@ -12,7 +12,8 @@
 //! * [`admin`]: the admin API (metrics, domains, queue control) and [`queue_cli`], the
 //!   `mxrelay queue` commands that call it;
 //! * [`tls`]: STARTTLS in and out, and the relay's client certificate;
-//! * [`dsn`]: the sender's DSN requests and the notifications the relay sends.
+//! * [`dsn`]: the sender's DSN requests and the notifications the relay sends;
+//! * [`service_manager`]: readiness, reloads, shutdown and the watchdog, told to systemd.
 #![forbid(unsafe_code)]
 
 pub use mxrelay_config::{config, duration};
@@ -30,5 +31,6 @@ pub mod queue;
 pub mod queue_cli;
 pub mod relay;
 pub mod scheduler;
+pub mod service_manager;
 pub mod simulate;
 pub mod tls;

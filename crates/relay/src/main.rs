@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mxrelay::config::{Config, ConfigError, ConfigProblem};
 use mxrelay::policies::Policies;
+use mxrelay::service_manager::ServiceManager;
 use mxrelay::simulate;
 use mxrelay_policy_core::Severity;
 
@@ -299,6 +300,11 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Handlers first: a signal sent as soon as the relay says it is ready (a reload
+        // right after start, say) must reach them, not the default action, which ends the
+        // process.
+        use tokio::signal::unix::{SignalKind, signal};
+        let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()));
         let relay = match mxrelay::relay::start(&config, policies, tls).await {
             Ok(r) => r,
             Err(e) => {
@@ -309,48 +315,61 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         let addrs: Vec<String> = relay.listening.iter().map(ToString::to_string).collect();
         let admin = relay.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         tracing::info!(listen = %addrs.join(","), admin = %admin, queue = %config.relay.queue.display(), domains = config.domains.len(), "mxrelay ready");
-        serve_signals(relay, path, config.relay.shutdown_timeout).await;
+        let manager = std::sync::Arc::new(ServiceManager::from_env());
+        let status = format!("accepting mail on {}", addrs.join(", "));
+        manager.ready(&status);
+        if let Some(every) = manager.watchdog_interval() {
+            // Pinged from the runtime that serves mail, so a runtime that hangs stops it.
+            let manager = manager.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    manager.watchdog();
+                }
+            });
+        }
+        serve_signals(signals, relay, path, config.relay.shutdown_timeout, &manager, &status).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Runs until SIGTERM or Ctrl-C (graceful shutdown); SIGHUP reloads the configuration.
-async fn serve_signals(relay: mxrelay::relay::Relay, path: &Path, grace: std::time::Duration) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+/// SIGTERM, SIGINT and SIGHUP, as installed.
+type Signals = (
+    std::io::Result<tokio::signal::unix::Signal>,
+    std::io::Result<tokio::signal::unix::Signal>,
+    std::io::Result<tokio::signal::unix::Signal>,
+);
+
+/// Runs until SIGTERM or SIGINT (graceful shutdown); SIGHUP reloads the configuration.
+/// The service manager is told of each reload and of the shutdown.
+async fn serve_signals(
+    signals: Signals,
+    relay: mxrelay::relay::Relay,
+    path: &Path,
+    grace: std::time::Duration,
+    manager: &ServiceManager,
+    status: &str,
+) {
+    let (Ok(mut term), Ok(mut interrupt), Ok(mut hup)) = signals else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL (queued mail is safe)");
         return std::future::pending().await;
     };
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => match Config::load(path) {
-                Ok(next) => match (next.warnings.clone(), relay.reload(next)) {
-                    (warnings, Ok(notes)) => {
-                        for warning in warnings {
-                            tracing::warn!(problem = %warning, "configuration warning");
-                        }
-                        for note in notes {
-                            tracing::warn!(note = %note, "reload");
-                        }
-                        tracing::info!(config = %path.display(), "configuration reloaded");
-                    }
-                    (_, Err(problems)) => {
-                        for p in problems {
-                            tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
-                        }
-                    }
-                },
-                Err(ConfigError::Invalid { problems }) => {
-                    for p in problems.iter().filter(|p| p.severity == Severity::Error) {
-                        tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
-                    }
+            _ = hup.recv() => {
+                manager.reloading();
+                // Applied or refused, a configuration is in force.
+                match reload(&relay, path) {
+                    true => manager.ready(status),
+                    false => manager.ready(&format!("{status}; the last reload was refused (see the log)")),
                 }
-                Err(e) => tracing::error!(error = %e, "reload refused; the previous configuration stays in force"),
-            },
+            }
         }
     }
+    manager.stopping();
     tracing::info!(grace = ?grace, "shutting down: no new mail accepted; letting deliveries in flight finish");
     if relay.shutdown(grace).await {
         tracing::info!("stopped; queued mail stays queued for the next start");
@@ -433,6 +452,41 @@ fn queue(command: QueueCommand) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGHUP: the configuration is read again and applied (true), or refused with the reasons
+/// logged.
+fn reload(relay: &mxrelay::relay::Relay, path: &Path) -> bool {
+    match Config::load(path) {
+        Ok(next) => match (next.warnings.clone(), relay.reload(next)) {
+            (warnings, Ok(notes)) => {
+                for warning in warnings {
+                    tracing::warn!(problem = %warning, "configuration warning");
+                }
+                for note in notes {
+                    tracing::warn!(note = %note, "reload");
+                }
+                tracing::info!(config = %path.display(), "configuration reloaded");
+                true
+            }
+            (_, Err(problems)) => {
+                for p in problems {
+                    tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
+                }
+                false
+            }
+        },
+        Err(ConfigError::Invalid { problems }) => {
+            for p in problems.iter().filter(|p| p.severity == Severity::Error) {
+                tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
+            }
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused; the previous configuration stays in force");
+            false
         }
     }
 }
