@@ -319,13 +319,18 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         let status = format!("accepting mail on {}", addrs.join(", "));
         manager.ready(&status);
         if let Some(every) = manager.watchdog_interval() {
-            // Pinged from the runtime that serves mail, so a runtime that hangs stops it.
-            let manager = manager.clone();
+            // Alive means more than this task running: the queue's writer (intake's path to
+            // the disk) and the scheduler (delivery) both answer. One that hangs stops the pings.
+            let (manager, queue, events) = (manager.clone(), relay.queue.clone(), relay.events.clone());
             tokio::spawn(async move {
                 let mut ticks = tokio::time::interval(every);
                 loop {
                     ticks.tick().await;
-                    manager.watchdog();
+                    let (tx, scheduler) = tokio::sync::oneshot::channel();
+                    let scheduled = events.send(mxrelay::scheduler::Event::Ping(tx)).is_ok();
+                    if queue.ping().await.is_ok() && scheduled && scheduler.await.is_ok() {
+                        manager.watchdog();
+                    }
                 }
             });
         }

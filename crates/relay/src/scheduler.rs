@@ -39,6 +39,8 @@ pub enum Event {
     /// Hold (`true`) or release (`false`) the envelopes in scope (operator's `queue hold` and
     /// `queue release`); answers how many changed once the change is durable.
     Hold(Scope, bool, oneshot::Sender<Result<usize, String>>),
+    /// Answered at once: the scheduler's loop is alive (the watchdog).
+    Ping(oneshot::Sender<()>),
 }
 
 /// Envelopes queued for one domain.
@@ -290,6 +292,9 @@ impl Scheduler {
                 if !hold {
                     self.operator_retry(changed);
                 }
+            }
+            Event::Ping(reply) => {
+                let _ = reply.send(());
             }
             Event::Stats(reply) => {
                 let mut stats: HashMap<String, QueueStats> = HashMap::new();
