@@ -163,6 +163,9 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     let (ok, _, err) = mxrelay_e2e::mxrelay(&["queue", "list", &config, "--domain", "a b"]);
     assert!(!ok && err.contains("\"a b\" is not a domain name"), "{err}");
     let token = Some("queue-test-token-0123456789");
+    // Health for load balancers: no token, and the queue's writer and the scheduler answered.
+    let (status, body) = mxrelay_e2e::http_request(&admin, "GET", "/healthz", None, "");
+    assert!(status == 200 && body.contains("\"ok\""), "{status} {body}");
     let (status, body) = mxrelay_e2e::http_request(&admin, "GET", "/api/queue?sender=x", token, "");
     assert!(status == 400 && body.contains("?domain=NAME"), "{status} {body}");
     let (ok, json, _) = mxrelay_e2e::mxrelay(&["queue", "list", &config, "--json"]);

@@ -2,6 +2,8 @@
 //! and the inbound-servers widget.
 //!
 //! * `GET /metrics`: Prometheus text format (no token: bind it to a private address).
+//! * `GET /healthz`: `200` when the queue's writer and the scheduler answer, `503` naming the
+//!   one that does not (no token), for load balancers and orchestrators.
 //! * `GET /api/domains`, `GET /api/domains/{domain}/servers`,
 //!   `PUT /api/domains/{domain}/servers`: need `Authorization: Bearer <relay.admin_token>`.
 //!   A PUT is validated by the same core as the widget (`422` with the same problems, nothing
@@ -74,6 +76,7 @@ pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<Socke
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .route("/api/domains", get(list_domains))
         .route("/api/domains/{domain}/servers", get(get_servers).put(put_servers))
         .route("/api/domains/{domain}/test", axum::routing::post(test_domain_servers))
@@ -97,6 +100,20 @@ pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<Socke
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How long `/healthz` waits for each part to answer.
+const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn healthz(State(state): State<AdminState>) -> Response {
+    match crate::relay::check_alive(&state.queue, &state.events, HEALTH_WAIT).await {
+        Ok(()) => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Err(stuck) => {
+            let error = format!("{stuck} within {}s", HEALTH_WAIT.as_secs());
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "unresponsive", "error": error })))
+                .into_response()
+        }
+    }
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

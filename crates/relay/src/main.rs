@@ -326,10 +326,9 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
                 let mut ticks = tokio::time::interval(every);
                 loop {
                     ticks.tick().await;
-                    let (tx, scheduler) = tokio::sync::oneshot::channel();
-                    let scheduled = events.send(mxrelay::scheduler::Event::Ping(tx)).is_ok();
-                    if queue.ping().await.is_ok() && scheduled && scheduler.await.is_ok() {
-                        manager.watchdog();
+                    match mxrelay::relay::check_alive(&queue, &events, every).await {
+                        Ok(()) => manager.watchdog(),
+                        Err(stuck) => tracing::error!(error = %stuck, "not telling the watchdog the relay is alive"),
                     }
                 }
             });

@@ -70,6 +70,37 @@ fn check_source_addresses(delivery: &crate::config::DeliveryConfig) -> Result<()
     Ok(())
 }
 
+/// A part of the relay that did not answer a liveness check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unresponsive {
+    /// The queue's writer: intake's path to the disk.
+    #[error("the queue's writer did not answer")]
+    QueueWriter,
+    /// The scheduler: delivery.
+    #[error("the scheduler did not answer")]
+    Scheduler,
+}
+
+/// Whether the queue's writer and the scheduler each answer within `within`: more than a
+/// running process or a listening socket shows. The service manager's watchdog and
+/// `GET /healthz` report it.
+pub async fn check_alive(
+    queue: &Queue,
+    events: &mpsc::UnboundedSender<Event>,
+    within: std::time::Duration,
+) -> Result<(), Unresponsive> {
+    match tokio::time::timeout(within, queue.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => return Err(Unresponsive::QueueWriter),
+    }
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    events.send(Event::Ping(answer)).map_err(|_| Unresponsive::Scheduler)?;
+    match tokio::time::timeout(within, answered).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(Unresponsive::Scheduler),
+    }
+}
+
 /// A running relay.
 #[derive(Debug)]
 pub struct Relay {
@@ -256,4 +287,35 @@ fn watch_modules(config: Arc<RwLock<Config>>, policies: Arc<RwLock<Arc<Policies>
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn alive_only_while_the_writer_and_the_scheduler_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (queue, _) = Queue::open(dir.path()).expect("open");
+        let within = Duration::from_secs(5);
+        // A scheduler that answers.
+        let (events, mut inbox) = mpsc::unbounded_channel();
+        let scheduler = tokio::spawn(async move {
+            while let Some(event) = inbox.recv().await {
+                if let Event::Ping(answer) = event {
+                    let _ = answer.send(());
+                }
+            }
+        });
+        assert_eq!(check_alive(&queue, &events, within).await, Ok(()));
+        // One that has stopped.
+        scheduler.abort();
+        let _ = scheduler.await;
+        assert_eq!(check_alive(&queue, &events, within).await, Err(Unresponsive::Scheduler));
+        // One that takes the ping and never answers.
+        let (events, _inbox) = mpsc::unbounded_channel();
+        assert_eq!(check_alive(&queue, &events, Duration::from_millis(50)).await, Err(Unresponsive::Scheduler));
+        queue.close();
+    }
 }
