@@ -111,11 +111,17 @@ async fn sigterm_lets_the_delivery_in_flight_finish_and_keeps_the_rest_queued() 
     // The sink waits 2 s before answering DATA, so the first delivery is in flight when the
     // relay is told to stop; one worker means the other two have not started.
     let mut slow = Sink::start("127.0.1.82", &["-w", "2"]);
-    let mut relay = Relay::start(&domain_block("customer.test", &[(&slow, 10)]), "workers = 1\nretry = [\"1h\"]");
+    let (mut relay, admin) = with_admin(&format!("127.0.1.82:{}", slow.host_port().1), "workers = 1\nretry = [\"1h\"]");
     let acked = send(&relay.addr, "user@customer.test", 0..3, 3).await;
     assert_eq!(acked.len(), 3);
     eventually("first delivery under way", || !relay.log_lines(&["accepted"]).is_empty()).await;
     relay.signal("TERM");
+    // While the delivery finishes, a load balancer is told to send mail elsewhere.
+    eventually("/healthz says stopping", || {
+        let (status, body) = mxrelay_e2e::http_request(&admin, "GET", "/healthz", None, "");
+        status == 503 && body.contains("\"stopping\"")
+    })
+    .await;
     assert!(relay.wait_exit(), "graceful shutdown exits with 0");
     assert!(!relay.log_lines(&["stopped; queued mail stays queued"]).is_empty(), "{}", relay.log_text());
     assert_eq!(slow.count(), 1, "exactly the delivery in flight finished");

@@ -3,7 +3,8 @@
 //!
 //! * `GET /metrics`: Prometheus text format (no token: bind it to a private address).
 //! * `GET /healthz`: `200` when the queue's writer and the scheduler answer, `503` naming the
-//!   one that does not (no token), for load balancers and orchestrators.
+//!   one that does not, or once shutdown has started (no token), for load balancers and
+//!   orchestrators.
 //! * `GET /api/domains`, `GET /api/domains/{domain}/servers`,
 //!   `PUT /api/domains/{domain}/servers`: need `Authorization: Bearer <relay.admin_token>`.
 //!   A PUT is validated by the same core as the widget (`422` with the same problems, nothing
@@ -62,6 +63,8 @@ pub struct AdminState {
     pub queue: crate::queue::Queue,
     /// The relay's outbound side, to test a domain's servers as deliveries reach them.
     pub transport: Arc<crate::outbound::Transport>,
+    /// Set once shutdown starts.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -106,6 +109,11 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn healthz(State(state): State<AdminState>) -> Response {
+    if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        // No new mail is taken: a load balancer should send it elsewhere.
+        let body = serde_json::json!({ "status": "stopping", "error": "shutting down: no new mail accepted" });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     match crate::relay::check_alive(&state.queue, &state.events, HEALTH_WAIT).await {
         Ok(()) => Json(serde_json::json!({ "status": "ok" })).into_response(),
         Err(stuck) => {

@@ -117,6 +117,8 @@ pub struct Relay {
     pub queue: Queue,
     /// The addresses actually listened on (useful with port 0).
     pub listening: Vec<std::net::SocketAddr>,
+    /// Set once shutdown starts (`/healthz` answers `503` from then on).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Starts the relay with `policies` and the STARTTLS acceptor `tls` loaded from `config`
@@ -157,6 +159,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
         listening.push(listener.local_addr().unwrap_or(addr));
         listeners.push(tokio::spawn(inbound::serve(listener, inbound.clone())));
     }
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin = match config.relay.admin_listen {
         Some(addr) => {
             let state = crate::admin::AdminState {
@@ -167,12 +170,24 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
                 gauged_domains: Arc::default(),
                 queue: queue.clone(),
                 transport: transport.clone(),
+                stopping: stopping.clone(),
             };
             Some(crate::admin::serve(addr, state).await.map_err(|source| StartError::Admin { addr, source })?)
         }
         None => None,
     };
-    Ok(Relay { config: shared_config, policies, inbound, transport, listeners, admin, events: events_tx, queue, listening })
+    Ok(Relay {
+        config: shared_config,
+        policies,
+        inbound,
+        transport,
+        listeners,
+        admin,
+        events: events_tx,
+        queue,
+        listening,
+        stopping,
+    })
 }
 
 impl Relay {
@@ -207,6 +222,7 @@ impl Relay {
     /// delivered stays queued for the next start. Returns whether the deliveries in flight
     /// finished in time.
     pub async fn shutdown(self, grace: std::time::Duration) -> bool {
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         for l in &self.listeners {
             l.abort();
         }
