@@ -126,7 +126,8 @@ enum Op {
     Checkpoint,
     /// Deferred updates or removals are waiting (sent only to a writer asleep without a timer).
     Wake,
-    /// Answered once the writer has handled what came before it: it is alive (the watchdog).
+    /// Answered once the writer has handled what came before it: it is alive (the watchdog,
+    /// `/healthz`).
     Ping,
 }
 

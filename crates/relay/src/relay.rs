@@ -311,7 +311,7 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test]
-    async fn alive_only_while_the_writer_and_the_scheduler_answer() {
+    async fn not_alive_when_the_scheduler_has_stopped_or_does_not_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (queue, _) = Queue::open(dir.path()).expect("open");
         let within = Duration::from_secs(5);

@@ -39,7 +39,7 @@ pub enum Event {
     /// Hold (`true`) or release (`false`) the envelopes in scope (operator's `queue hold` and
     /// `queue release`); answers how many changed once the change is durable.
     Hold(Scope, bool, oneshot::Sender<Result<usize, String>>),
-    /// Answered at once: the scheduler's loop is alive (the watchdog).
+    /// Answered at once: the scheduler's loop is alive (the watchdog, `/healthz`).
     Ping(oneshot::Sender<()>),
 }
 
