@@ -279,9 +279,9 @@ impl Relay {
         Relay::start_limited(relay, domains, delivery, None)
     }
 
-    /// [`Relay::start`] with no file larger than `kib` KiB ([`Relay::file_size_limit_kib`]).
-    pub fn start_with_file_size_limit(kib: u64, domains: &str, delivery: &str) -> Relay {
-        Relay::start_limited("", domains, delivery, Some(kib))
+    /// [`Relay::start_with`] with no file larger than `kib` KiB ([`Relay::file_size_limit_kib`]).
+    pub fn start_with_file_size_limit(kib: u64, relay: &str, domains: &str, delivery: &str) -> Relay {
+        Relay::start_limited(relay, domains, delivery, Some(kib))
     }
 
     fn start_limited(relay: &str, domains: &str, delivery: &str, file_size_limit_kib: Option<u64>) -> Relay {

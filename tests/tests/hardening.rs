@@ -358,7 +358,10 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     // 20 MiB per file: the journal segments (16 MiB) fit; the redb index does not, so
     // checkpoints start failing and, two full segments later, new mail is refused.
     let domain = domain_with("customer.test", "", &[("127.0.1.76", sink_port, 10)]);
-    let mut relay = Relay::start_with_file_size_limit(20 * 1024, &domain, "retry = [\"1h\"]");
+    let admin = "admin_listen = \"127.0.0.1:0\"\nadmin_token = \"0123456789abcdef0123\"";
+    let mut relay = Relay::start_with_file_size_limit(20 * 1024, admin, &domain, "retry = [\"1h\"]");
+    let health = |relay: &Relay| http_request(&relay.admin_addr(), "GET", "/healthz", None, "");
+    assert_eq!(health(&relay).0, 200);
     let mut acked = Vec::new();
     let mut refused = 0;
     for seq in 0..400u64 {
@@ -375,6 +378,9 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     }
     assert!(refused > 0, "the 20 MiB limit was never hit: acked {}", acked.len());
     assert!(!acked.is_empty(), "nothing was accepted before the disk filled");
+    // A load balancer is told, with the reason.
+    let (status, body) = health(&relay);
+    assert!(status == 503 && body.contains("\"refusing\"") && body.contains("checkpoints fail"), "{status} {body}");
     relay.kill9();
 
     // Room again, and the server is up: everything acknowledged is delivered, nothing else.
@@ -388,6 +394,7 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     .await;
     let got = sink.received();
     assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
+    assert_eq!(health(&relay).0, 200, "with room again, the relay takes mail");
 }
 
 /// The admin API refuses bodies over its limit.

@@ -2,8 +2,9 @@
 //! and the inbound-servers widget.
 //!
 //! * `GET /metrics`: Prometheus text format (no token: bind it to a private address).
-//! * `GET /healthz`: `200` when the queue's writer and the scheduler answer, `503` naming the
-//!   one that does not, or once shutdown has started (no token), for load balancers and
+//! * `GET /healthz`: `200` when the queue's writer and the scheduler answer and new mail is
+//!   stored, `503` naming the part that does not answer, the reason new mail is refused (a
+//!   full disk), or that shutdown has started (no token), for load balancers and
 //!   orchestrators.
 //! * `GET /api/domains`, `GET /api/domains/{domain}/servers`,
 //!   `PUT /api/domains/{domain}/servers`: need `Authorization: Bearer <relay.admin_token>`.
@@ -29,6 +30,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::policies::Policies;
+use crate::relay::Readiness;
 use crate::scheduler::Scope;
 
 /// Largest request body accepted (a server list is a few KiB).
@@ -115,7 +117,10 @@ async fn healthz(State(state): State<AdminState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     match crate::relay::check_alive(&state.queue, &state.events, HEALTH_WAIT).await {
-        Ok(()) => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Ok(Readiness::Ready) => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Ok(Readiness::Refusing(why)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "refusing", "error": why }))).into_response()
+        }
         Err(stuck) => {
             let error = format!("{stuck} within {}s", HEALTH_WAIT.as_secs());
             (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "unresponsive", "error": error })))

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mxrelay::config::{Config, ConfigError, ConfigProblem};
 use mxrelay::policies::Policies;
+use mxrelay::relay::Readiness;
 use mxrelay::service_manager::ServiceManager;
 use mxrelay::simulate;
 use mxrelay_policy_core::Severity;
@@ -327,7 +328,8 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
                 loop {
                     ticks.tick().await;
                     match mxrelay::relay::check_alive(&queue, &events, every).await {
-                        Ok(()) => manager.watchdog(),
+                        // Refusing mail for a full disk is not a hang: a restart would not help.
+                        Ok(Readiness::Ready | Readiness::Refusing(_)) => manager.watchdog(),
                         Err(stuck) => tracing::error!(error = %stuck, "not telling the watchdog the relay is alive"),
                     }
                 }

@@ -127,7 +127,7 @@ enum Op {
     /// Deferred updates or removals are waiting (sent only to a writer asleep without a timer).
     Wake,
     /// Answered once the writer has handled what came before it: it is alive (the watchdog,
-    /// `/healthz`).
+    /// `/healthz`), with an error if new mail is refused now.
     Ping,
 }
 
@@ -319,7 +319,8 @@ impl Queue {
     }
 
     /// Returns once the writer has handled every earlier request, with no disk write of its
-    /// own: proof that intake's path to the disk is not stuck.
+    /// own: proof that intake's path to the disk is not stuck. [`QueueError::Write`] says
+    /// that new mail is refused now, and why (a full disk).
     pub async fn ping(&self) -> Result<(), QueueError> {
         self.request(Op::Ping).await
     }
@@ -583,7 +584,13 @@ impl Writer {
         for req in batch.drain(..) {
             match req.op {
                 Op::Checkpoint => self.checkpoint(req.done),
-                Op::Insert(_) | Op::Update(_) | Op::Remove(_) | Op::Wake | Op::Ping => {
+                // Alive; and whether new mail would be stored now.
+                Op::Ping => {
+                    if let Some(done) = req.done {
+                        let _ = done.send(self.refusal().map_or(Ok(()), |why| Err(QueueError::Write(why))));
+                    }
+                }
+                Op::Insert(_) | Op::Update(_) | Op::Remove(_) | Op::Wake => {
                     if let Some(done) = req.done {
                         let _ = done.send(written.clone());
                     }
@@ -601,15 +608,21 @@ impl Writer {
             self.rotate().map_err(|e| e.to_string())?;
             self.ask_checkpoint(None);
         }
-        // redb failing to take what the journal holds (a full disk): the journal must not
-        // grow without end, and the indexer holds the unapplied operations in memory.
-        let behind = self.journal.seq() - 1 - self.checkpointed.load(Ordering::Acquire);
-        if sync && behind >= MAX_SEGMENTS_BEHIND {
-            return Err(format!("the queue index is {behind} journal segments behind (checkpoints fail); new mail refused"));
+        if sync && let Some(why) = self.refusal() {
+            return Err(why);
         }
         let result = self.journal.append(&mut self.batch).and_then(|()| if sync { self.journal.sync() } else { Ok(()) });
         self.rotate_first = result.is_err();
         result.map_err(|e| e.to_string())
+    }
+
+    /// Why new mail is refused now, if it is: redb failing to take what the journal holds (a
+    /// full disk). The journal must not grow without end, and the indexer holds the
+    /// unapplied operations in memory. Clears by itself once a checkpoint succeeds.
+    fn refusal(&self) -> Option<String> {
+        let behind = self.journal.seq() - 1 - self.checkpointed.load(Ordering::Acquire);
+        (behind >= MAX_SEGMENTS_BEHIND)
+            .then(|| format!("the queue index is {behind} journal segments behind (checkpoints fail); new mail refused"))
     }
 
     /// Continues in a new segment, so that a checkpoint covers the older ones whole.

@@ -81,22 +81,35 @@ pub enum Unresponsive {
     Scheduler,
 }
 
-/// Whether the queue's writer and the scheduler each answer within `within`: more than a
-/// running process or a listening socket shows. The service manager's watchdog and
-/// `GET /healthz` report it.
+/// Whether a relay whose parts all answer takes new mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// It takes new mail.
+    Ready,
+    /// New mail gets `452 4.3.1`: the queue cannot store it (a full disk), for this reason.
+    /// It clears by itself once the queue's index can be written again.
+    Refusing(String),
+}
+
+/// Whether the queue's writer and the scheduler each answer within `within` (more than a
+/// running process or a listening socket shows), and whether new mail would be stored. The
+/// service manager's watchdog takes any answer as alive; `GET /healthz` reports all three.
 pub async fn check_alive(
     queue: &Queue,
     events: &mpsc::UnboundedSender<Event>,
     within: std::time::Duration,
-) -> Result<(), Unresponsive> {
-    match tokio::time::timeout(within, queue.ping()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) | Err(_) => return Err(Unresponsive::QueueWriter),
-    }
+) -> Result<Readiness, Unresponsive> {
+    let health = match tokio::time::timeout(within, queue.ping()).await {
+        Ok(Ok(())) => Readiness::Ready,
+        Ok(Err(QueueError::Write(why))) => Readiness::Refusing(why),
+        Ok(Err(QueueError::Open { .. } | QueueError::Read(_) | QueueError::Closed)) | Err(_) => {
+            return Err(Unresponsive::QueueWriter);
+        }
+    };
     let (answer, answered) = tokio::sync::oneshot::channel();
     events.send(Event::Ping(answer)).map_err(|_| Unresponsive::Scheduler)?;
     match tokio::time::timeout(within, answered).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => Ok(health),
         Ok(Err(_)) | Err(_) => Err(Unresponsive::Scheduler),
     }
 }
@@ -324,7 +337,7 @@ mod tests {
                 }
             }
         });
-        assert_eq!(check_alive(&queue, &events, within).await, Ok(()));
+        assert_eq!(check_alive(&queue, &events, within).await, Ok(Readiness::Ready));
         // One that has stopped.
         scheduler.abort();
         let _ = scheduler.await;
