@@ -323,7 +323,8 @@ impl Relay {
             // `ulimit -f` counts KiB in bash (512-byte blocks in dash): bash by name.
             Some(kib) => {
                 let mut bash = Command::new("bash");
-                bash.arg("-c").arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\"")).arg(relay_binary());
+                // The soft limit only, so that a test can lift it from outside (`prlimit`).
+                bash.arg("-c").arg(format!("trap '' XFSZ; ulimit -S -f {kib}; exec \"$0\" \"$@\"")).arg(relay_binary());
                 bash
             }
         };
@@ -362,6 +363,11 @@ impl Relay {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The relay's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Sends a signal (`HUP`, `TERM`, ...) to the relay process.

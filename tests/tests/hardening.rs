@@ -381,6 +381,17 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     // A load balancer is told, with the reason.
     let (status, body) = health(&relay);
     assert!(status == 503 && body.contains("\"refusing\"") && body.contains("checkpoints fail"), "{status} {body}");
+    // Room again, with no mail coming in or going out (the server is down, the retry an hour
+    // away): the relay finds out by itself and takes mail again.
+    let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();
+    assert!(lifted.is_ok_and(|s| s.success()), "prlimit");
+    eventually("/healthz says ok again", || health(&relay).0 == 200).await;
+    let mut c = Raw::start(&relay.addr, "user@customer.test").await;
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.send(b"X-Seq: 400\r\n\r\nafter the disk had room again\r\nEND-OF-MESSAGE 400\r\n.\r\n").await;
+    let answer = c.reply().await;
+    assert!(answer.starts_with("250"), "{answer}");
+    acked.push(400);
     relay.kill9();
 
     // Room again, and the server is up: everything acknowledged is delivered, nothing else.

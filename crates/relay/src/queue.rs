@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -163,10 +163,41 @@ impl Pending {
 /// Message data journaled but not yet in redb, for [`Queue::read_data`].
 type Unapplied = Arc<Mutex<HashMap<u64, Arc<Vec<u8>>>>>;
 
+/// redb behind a lock, so that the index thread can open it again: after an I/O error (a
+/// full disk) redb refuses every later transaction on the same handle.
+struct Index {
+    path: PathBuf,
+    db: RwLock<Option<Database>>,
+}
+
+impl Index {
+    fn new(path: PathBuf, db: Database) -> Index {
+        Index { path, db: RwLock::new(Some(db)) }
+    }
+
+    /// Runs `f` on the database; its transactions end inside `f`.
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, String>) -> Result<T, String> {
+        match self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            Some(db) => f(db),
+            None => Err("the queue index could not be opened again after a write error".into()),
+        }
+    }
+
+    /// Closes the handle and opens the file again. redb locks its file, so the old handle
+    /// goes first; no transaction outlives [`Index::with`], so none holds it.
+    fn reopen(&self) -> Result<(), String> {
+        let mut slot = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = None;
+        *slot = Some(Database::create(&self.path).map_err(|e| e.to_string())?);
+        tracing::info!("queue index opened again after a write error");
+        Ok(())
+    }
+}
+
 /// Handle to the queue; cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
-    db: Arc<Database>,
+    db: Arc<Index>,
     unapplied: Unapplied,
     writer: mpsc::Sender<Request>,
     /// Updates and removals, picked up by the writer when it next wakes.
@@ -225,7 +256,8 @@ impl Queue {
         let open_err = |reason: String| QueueError::Open { path: dir.into(), reason };
         let journal_dir = dir.join("journal");
         std::fs::create_dir_all(&journal_dir).map_err(|e| open_err(e.to_string()))?;
-        let db = Database::create(dir.join("queue.redb")).map_err(|e| open_err(e.to_string()))?;
+        let db_path = dir.join("queue.redb");
+        let db = Database::create(&db_path).map_err(|e| open_err(e.to_string()))?;
         let last_seq = replay(&db, &journal_dir).map_err(open_err)?;
         let journal = Journal::start(&journal_dir, last_seq + 1, 0).map_err(|e| open_err(e.to_string()))?;
         let mut envelopes = Vec::new();
@@ -240,7 +272,7 @@ impl Queue {
             }
         }
         let last = envelopes.iter().map(|e| e.id).max().unwrap_or(0);
-        let db = Arc::new(db);
+        let db = Arc::new(Index::new(db_path, db));
         let unapplied = Unapplied::default();
         let deferred = Deferred::default();
         let (tx, rx) = mpsc::channel();
@@ -248,6 +280,7 @@ impl Queue {
         let (index, index_rx) = mpsc::channel();
         let mut indexer = Indexer {
             db: db.clone(),
+            reopen_first: false,
             dir: journal_dir,
             pending: Vec::new(),
             unapplied: unapplied.clone(),
@@ -263,6 +296,7 @@ impl Queue {
             rotate_first: false,
             checkpointed,
             last_rotation: Instant::now(),
+            last_checkpoint_ask: Instant::now(),
             unapplied: unapplied.clone(),
             to_index: Vec::new(),
             to_index_since: None,
@@ -338,10 +372,13 @@ impl Queue {
         if let Some(data) = self.unapplied.lock().map_err(|_| QueueError::Closed)?.get(&id) {
             return Ok(data.to_vec());
         }
-        let rx = self.db.begin_read().map_err(|e| QueueError::Read(e.to_string()))?;
-        let table = rx.open_table(DATA).map_err(|e| QueueError::Read(e.to_string()))?;
-        let value = table.get(id).map_err(|e| QueueError::Read(e.to_string()))?;
-        value.map(|v| v.value().to_vec()).ok_or_else(|| QueueError::Read(format!("no data for {}", format_id(id))))
+        let value = self.db.with(|db| {
+            let rx = db.begin_read().map_err(|e| e.to_string())?;
+            let table = rx.open_table(DATA).map_err(|e| e.to_string())?;
+            let value = table.get(id).map_err(|e| e.to_string())?;
+            Ok(value.map(|v| v.value().to_vec()))
+        });
+        value.map_err(QueueError::Read)?.ok_or_else(|| QueueError::Read(format!("no data for {}", format_id(id))))
     }
 }
 
@@ -447,6 +484,8 @@ struct Writer {
     /// Every segment up to this one is in redb durably (the indexer moves it on).
     checkpointed: Arc<AtomicU64>,
     last_rotation: Instant,
+    /// When the indexer was last asked for a checkpoint.
+    last_checkpoint_ask: Instant,
     unapplied: Unapplied,
     /// Journaled operations collected for the indexer, which gets them in batches: one
     /// wake-up per [`Timing::apply_after`], not one per group commit.
@@ -508,7 +547,11 @@ impl Writer {
 
     /// When the current segment is due to be closed and checkpointed, if it holds anything.
     fn checkpoint_due(&self) -> Option<Instant> {
-        (!self.journal.is_empty()).then_some(self.last_rotation + self.timing.checkpoint_every)
+        // While new mail is refused, checkpoints are retried even with nothing new to cover:
+        // once there is room, one succeeds and mail is taken again, with no mail or
+        // delivery needed to set it off.
+        let due = !self.journal.is_empty() || self.refusal().is_some();
+        due.then_some(self.last_rotation.max(self.last_checkpoint_ask) + self.timing.checkpoint_every)
     }
 
     /// When the collected operations are due at the indexer, if there are any.
@@ -657,6 +700,7 @@ impl Writer {
     /// Hands over what is collected, then asks the indexer to commit redb durably and retire
     /// the segments before the current one: the indexer has every operation of those by then.
     fn ask_checkpoint(&mut self, done: Option<oneshot::Sender<Result<(), QueueError>>>) {
+        self.last_checkpoint_ask = Instant::now();
         self.hand_over();
         let _ = self.index.send(IndexMsg::Checkpoint { through: self.journal.seq() - 1, done });
     }
@@ -677,7 +721,9 @@ enum IndexMsg {
 /// second (10 MB at full load) held up the journal's syncs behind it and raised the p99
 /// acceptance latency about threefold.
 struct Indexer {
-    db: Arc<Database>,
+    db: Arc<Index>,
+    /// Set by a failed write: redb is opened again before the next one.
+    reopen_first: bool,
     dir: PathBuf,
     /// Operations not yet in redb: a failed write is retried with the next batch.
     pending: Vec<Pending>,
@@ -725,21 +771,12 @@ impl Indexer {
     /// every message is queued and removed before it is written (see [`settled`]), and a
     /// commit with nothing in it would still cost a sync that competes with the journal's.
     fn apply(&mut self, held: &HashSet<u64>) -> Result<bool, QueueError> {
-        let write = |pending: &[Pending]| -> Result<(), String> {
-            let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
-            tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-            {
-                let mut tables = Tables::open(&tx)?;
-                settled(pending).try_for_each(|op| tables.apply(op.record()))?;
-            }
-            tx.commit().map_err(|e| e.to_string())
-        };
         // One message's operations are kept in order, and no operation touches another
         // message's rows, so holding some messages back reorders nothing that matters.
         let (kept, due): (Vec<Pending>, Vec<Pending>) =
             std::mem::take(&mut self.pending).into_iter().partition(|op| held.contains(&op.id()));
         let changes = settled(&due).next().is_some();
-        if changes && let Err(e) = write(&due) {
+        if changes && let Err(e) = self.write(&due) {
             // Retried with the next batch, in the same order.
             self.pending = due;
             self.pending.extend(kept);
@@ -753,6 +790,26 @@ impl Indexer {
             }
         }
         Ok(changes)
+    }
+
+    /// Writes `pending` to redb in one durable transaction, opening redb again first if the
+    /// last write failed.
+    fn write(&mut self, pending: &[Pending]) -> Result<(), String> {
+        if self.reopen_first {
+            self.db.reopen()?;
+            self.reopen_first = false;
+        }
+        let written = self.db.with(|db| {
+            let mut tx = db.begin_write().map_err(|e| e.to_string())?;
+            tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+            {
+                let mut tables = Tables::open(&tx)?;
+                settled(pending).try_for_each(|op| tables.apply(op.record()))?;
+            }
+            tx.commit().map_err(|e| e.to_string())
+        });
+        self.reopen_first = written.is_err();
+        written
     }
 
     /// Commits redb durably with everything received so far, which includes every operation
@@ -856,21 +913,26 @@ mod tests {
     #[test]
     fn mail_delivered_by_the_next_hand_over_makes_no_redb_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Database::create(dir.path().join("queue.redb")).expect("redb"));
+        let path = dir.path().join("queue.redb");
+        let db = Database::create(&path).expect("redb");
         let tx = db.begin_write().expect("write");
         drop(Tables::open(&tx).expect("tables"));
         tx.commit().expect("commit");
+        let db = Arc::new(Index::new(path, db));
         let unapplied = Unapplied::default();
         let mut indexer = Indexer {
             db: db.clone(),
+            reopen_first: false,
             dir: dir.path().to_path_buf(),
             pending: Vec::new(),
             unapplied: unapplied.clone(),
             checkpointed: Arc::default(),
         };
         let insert = |id| Pending::Insert { id, envelope: b"{}".to_vec(), data: Arc::new(b"data".to_vec()) };
-        let stored =
-            |id: u64| db.begin_read().expect("read").open_table(ENVELOPES).expect("table").get(id).expect("get").is_some();
+        let stored = |id: u64| {
+            db.with(|db| Ok(db.begin_read().expect("read").open_table(ENVELOPES).expect("table").get(id).expect("get").is_some()))
+                .expect("read")
+        };
         let held_in_memory = |id: u64| unapplied.lock().expect("lock").contains_key(&id);
         for id in [1, 2] {
             unapplied.lock().expect("lock").insert(id, Arc::new(Vec::new()));
