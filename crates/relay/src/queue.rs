@@ -126,9 +126,9 @@ enum Op {
     Checkpoint,
     /// Deferred updates or removals are waiting (sent only to a writer asleep without a timer).
     Wake,
-    /// Answered once the writer has handled what came before it: it is alive (the watchdog,
-    /// `/healthz`), with an error if new mail is refused now.
-    Ping,
+    /// Answered once the writer has handled what came before it, so it is alive (the
+    /// watchdog, `/healthz`): with why new mail is refused now, if it is.
+    Ping(oneshot::Sender<Option<String>>),
 }
 
 struct Request {
@@ -295,8 +295,7 @@ impl Queue {
             timing,
             rotate_first: false,
             checkpointed,
-            last_rotation: Instant::now(),
-            last_checkpoint_ask: Instant::now(),
+            last_checkpoint: Instant::now(),
             unapplied: unapplied.clone(),
             to_index: Vec::new(),
             to_index_since: None,
@@ -353,10 +352,12 @@ impl Queue {
     }
 
     /// Returns once the writer has handled every earlier request, with no disk write of its
-    /// own: proof that intake's path to the disk is not stuck. [`QueueError::Write`] says
-    /// that new mail is refused now, and why (a full disk).
-    pub async fn ping(&self) -> Result<(), QueueError> {
-        self.request(Op::Ping).await
+    /// own: proof that intake's path to the disk is not stuck. The answer says why new mail
+    /// is refused now (a full disk), if it is.
+    pub async fn ping(&self) -> Result<Option<String>, QueueError> {
+        let (answer, answered) = oneshot::channel();
+        self.writer.send(Request { op: Op::Ping(answer), done: None }).map_err(|_| QueueError::Closed)?;
+        answered.await.map_err(|_| QueueError::Closed)
     }
 
     async fn request(&self, op: Op) -> Result<(), QueueError> {
@@ -483,9 +484,8 @@ struct Writer {
     rotate_first: bool,
     /// Every segment up to this one is in redb durably (the indexer moves it on).
     checkpointed: Arc<AtomicU64>,
-    last_rotation: Instant,
-    /// When the indexer was last asked for a checkpoint.
-    last_checkpoint_ask: Instant,
+    /// When a checkpoint was last started or tried (a rotation, or the indexer asked).
+    last_checkpoint: Instant,
     unapplied: Unapplied,
     /// Journaled operations collected for the indexer, which gets them in batches: one
     /// wake-up per [`Timing::apply_after`], not one per group commit.
@@ -551,7 +551,7 @@ impl Writer {
         // once there is room, one succeeds and mail is taken again, with no mail or
         // delivery needed to set it off.
         let due = !self.journal.is_empty() || self.refusal().is_some();
-        due.then_some(self.last_rotation.max(self.last_checkpoint_ask) + self.timing.checkpoint_every)
+        due.then_some(self.last_checkpoint + self.timing.checkpoint_every)
     }
 
     /// When the collected operations are due at the indexer, if there are any.
@@ -598,7 +598,7 @@ impl Writer {
                 })),
                 Op::Update(env) => staged.push(Pending::Update { id: env.id, envelope: envelope_json(env) }),
                 Op::Remove(id) => staged.push(Pending::Remove(*id)),
-                Op::Checkpoint | Op::Wake | Op::Ping => {}
+                Op::Checkpoint | Op::Wake | Op::Ping(_) => {}
             }
         }
         let inserts = staged.iter().any(|op| matches!(op, Pending::Insert { .. }));
@@ -627,11 +627,8 @@ impl Writer {
         for req in batch.drain(..) {
             match req.op {
                 Op::Checkpoint => self.checkpoint(req.done),
-                // Alive; and whether new mail would be stored now.
-                Op::Ping => {
-                    if let Some(done) = req.done {
-                        let _ = done.send(self.refusal().map_or(Ok(()), |why| Err(QueueError::Write(why))));
-                    }
+                Op::Ping(answer) => {
+                    let _ = answer.send(self.refusal());
                 }
                 Op::Insert(_) | Op::Update(_) | Op::Remove(_) | Op::Wake => {
                     if let Some(done) = req.done {
@@ -670,7 +667,7 @@ impl Writer {
 
     /// Continues in a new segment, so that a checkpoint covers the older ones whole.
     fn rotate(&mut self) -> Result<(), journal::JournalError> {
-        self.last_rotation = Instant::now();
+        self.last_checkpoint = Instant::now();
         // Updates and removals are not synced when written; the old segment keeps them.
         if !self.rotate_first {
             self.journal.finish()?;
@@ -700,7 +697,7 @@ impl Writer {
     /// Hands over what is collected, then asks the indexer to commit redb durably and retire
     /// the segments before the current one: the indexer has every operation of those by then.
     fn ask_checkpoint(&mut self, done: Option<oneshot::Sender<Result<(), QueueError>>>) {
-        self.last_checkpoint_ask = Instant::now();
+        self.last_checkpoint = Instant::now();
         self.hand_over();
         let _ = self.index.send(IndexMsg::Checkpoint { through: self.journal.seq() - 1, done });
     }
@@ -1012,7 +1009,7 @@ mod tests {
             segments.iter().map(|s| std::fs::read(&s.path).expect("read")).collect::<Vec<_>>()
         };
         let before = journal();
-        q.ping().await.expect("the writer answers");
+        assert_eq!(q.ping().await.expect("the writer answers"), None, "new mail is taken");
         assert_eq!(journal(), before);
         q.close();
     }

@@ -1,4 +1,5 @@
-//! `mxrelay run`: the listeners, the queue, the scheduler and the deliverer, wired together.
+//! `mxrelay run`: the listeners, the queue, the scheduler and the deliverer, wired together,
+//! and the check that they are alive ([`check_alive`]).
 
 use std::sync::{Arc, RwLock};
 
@@ -99,17 +100,15 @@ pub async fn check_alive(
     events: &mpsc::UnboundedSender<Event>,
     within: std::time::Duration,
 ) -> Result<Readiness, Unresponsive> {
-    let health = match tokio::time::timeout(within, queue.ping()).await {
-        Ok(Ok(())) => Readiness::Ready,
-        Ok(Err(QueueError::Write(why))) => Readiness::Refusing(why),
-        Ok(Err(QueueError::Open { .. } | QueueError::Read(_) | QueueError::Closed)) | Err(_) => {
-            return Err(Unresponsive::QueueWriter);
-        }
+    let readiness = match tokio::time::timeout(within, queue.ping()).await {
+        Ok(Ok(None)) => Readiness::Ready,
+        Ok(Ok(Some(why))) => Readiness::Refusing(why),
+        Ok(Err(_)) | Err(_) => return Err(Unresponsive::QueueWriter),
     };
     let (answer, answered) = tokio::sync::oneshot::channel();
     events.send(Event::Ping(answer)).map_err(|_| Unresponsive::Scheduler)?;
     match tokio::time::timeout(within, answered).await {
-        Ok(Ok(())) => Ok(health),
+        Ok(Ok(())) => Ok(readiness),
         Ok(Err(_)) | Err(_) => Err(Unresponsive::Scheduler),
     }
 }
