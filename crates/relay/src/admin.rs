@@ -111,21 +111,18 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn healthz(State(state): State<AdminState>) -> Response {
+    // `503` with what is wrong, for whoever routes mail to the relay.
+    let unavailable = |status: &str, error: String| {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": status, "error": error }))).into_response()
+    };
     if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
         // No new mail is taken: a load balancer should send it elsewhere.
-        let body = serde_json::json!({ "status": "stopping", "error": "shutting down: no new mail accepted" });
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        return unavailable("stopping", "shutting down: no new mail accepted".into());
     }
     match crate::relay::check_alive(&state.queue, &state.events, HEALTH_WAIT).await {
         Ok(Readiness::Ready) => Json(serde_json::json!({ "status": "ok" })).into_response(),
-        Ok(Readiness::Refusing(why)) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "refusing", "error": why }))).into_response()
-        }
-        Err(stuck) => {
-            let error = format!("{stuck} within {}s", HEALTH_WAIT.as_secs());
-            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "unresponsive", "error": error })))
-                .into_response()
-        }
+        Ok(Readiness::Refusing(why)) => unavailable("refusing", why),
+        Err(stuck) => unavailable("unresponsive", format!("{stuck} within {}s", HEALTH_WAIT.as_secs())),
     }
 }
 

@@ -368,9 +368,10 @@ async fn serve_signals(
             _ = hup.recv() => {
                 manager.reloading();
                 // Applied or refused, a configuration is in force.
-                match reload(&relay, path) {
-                    true => manager.ready(status),
-                    false => manager.ready(&format!("{status}; the last reload was refused (see the log)")),
+                if reload(&relay, path) {
+                    manager.ready(status);
+                } else {
+                    manager.ready(&format!("{status}; the last reload was refused (see the log)"));
                 }
             }
         }
@@ -465,7 +466,7 @@ fn queue(command: QueueCommand) -> ExitCode {
 /// SIGHUP: the configuration is read again and applied (true), or refused with the reasons
 /// logged.
 fn reload(relay: &mxrelay::relay::Relay, path: &Path) -> bool {
-    match Config::load(path) {
+    let refused: Vec<String> = match Config::load(path) {
         Ok(next) => match (next.warnings.clone(), relay.reload(next)) {
             (warnings, Ok(notes)) => {
                 for warning in warnings {
@@ -475,26 +476,19 @@ fn reload(relay: &mxrelay::relay::Relay, path: &Path) -> bool {
                     tracing::warn!(note = %note, "reload");
                 }
                 tracing::info!(config = %path.display(), "configuration reloaded");
-                true
+                return true;
             }
-            (_, Err(problems)) => {
-                for p in problems {
-                    tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
-                }
-                false
-            }
+            (_, Err(problems)) => problems.iter().map(ToString::to_string).collect(),
         },
         Err(ConfigError::Invalid { problems }) => {
-            for p in problems.iter().filter(|p| p.severity == Severity::Error) {
-                tracing::error!(problem = %p, "reload refused; the previous configuration stays in force");
-            }
-            false
+            problems.iter().filter(|p| p.severity == Severity::Error).map(ToString::to_string).collect()
         }
-        Err(e) => {
-            tracing::error!(error = %e, "reload refused; the previous configuration stays in force");
-            false
-        }
+        Err(e) => vec![e.to_string()],
+    };
+    for problem in refused {
+        tracing::error!(%problem, "reload refused; the previous configuration stays in force");
     }
+    false
 }
 
 fn check(path: &Path) -> ExitCode {
