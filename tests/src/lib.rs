@@ -249,6 +249,42 @@ pub fn relay_binary() -> PathBuf {
     bin
 }
 
+/// A socket standing in for systemd's `$NOTIFY_SOCKET`: what the relay tells its service
+/// manager arrives here.
+#[derive(Debug)]
+pub struct NotifySocket {
+    /// Its path, the value of `NOTIFY_SOCKET`.
+    pub path: String,
+    socket: std::os::unix::net::UnixDatagram,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    /// Binds a new one.
+    pub fn bind() -> NotifySocket {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        socket.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        NotifySocket { path: path.display().to_string(), socket, _dir: dir }
+    }
+
+    /// The next notification; panics if none comes within [`PATIENCE`].
+    pub fn receive(&self) -> String {
+        let mut buf = [0u8; 512];
+        let n = self.socket.recv(&mut buf).expect("a notification within PATIENCE");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Drops the notifications that have arrived so far.
+    pub fn drain(&self) {
+        self.socket.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 512];
+        while self.socket.recv(&mut buf).is_ok() {}
+        self.socket.set_nonblocking(false).expect("blocking");
+    }
+}
+
 /// A running `mxrelay run` process.
 #[derive(Debug)]
 pub struct Relay {
@@ -276,15 +312,27 @@ impl Relay {
     /// Starts the relay with extra `[relay]` lines too, listening on a free port
     /// ([`on_a_free_port`]).
     pub fn start_with(relay: &str, domains: &str, delivery: &str) -> Relay {
-        Relay::start_limited(relay, domains, delivery, None)
+        Relay::start_limited(relay, domains, delivery, None, &[])
     }
 
-    /// [`Relay::start_with`] with no file larger than `kib` KiB ([`Relay::file_size_limit_kib`]).
-    pub fn start_with_file_size_limit(kib: u64, relay: &str, domains: &str, delivery: &str) -> Relay {
-        Relay::start_limited(relay, domains, delivery, Some(kib))
+    /// [`Relay::start`] with more environment variables ([`Relay::env`]).
+    pub fn start_with_env(env: &[(&str, &str)], domains: &str, delivery: &str) -> Relay {
+        Relay::start_limited("", domains, delivery, None, env)
     }
 
-    fn start_limited(relay: &str, domains: &str, delivery: &str, file_size_limit_kib: Option<u64>) -> Relay {
+    /// [`Relay::start_with`] with no file larger than `kib` KiB ([`Relay::file_size_limit_kib`])
+    /// and more environment variables.
+    pub fn start_with_file_size_limit(kib: u64, env: &[(&str, &str)], relay: &str, domains: &str, delivery: &str) -> Relay {
+        Relay::start_limited(relay, domains, delivery, Some(kib), env)
+    }
+
+    fn start_limited(
+        relay: &str,
+        domains: &str,
+        delivery: &str,
+        file_size_limit_kib: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Relay {
         // Short timeouts for tests, unless the test sets its own.
         let defaults: String =
             [("connect_timeout", "2s"), ("command_timeout", "5s"), ("data_timeout", "5s"), ("probe_interval", "100ms")]
@@ -299,8 +347,8 @@ impl Relay {
                 "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
-            let mut relay =
-                Relay { addr, dir, file_size_limit_kib, json_logs: false, env: Vec::new(), log: Arc::default(), child: None };
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let mut relay = Relay { addr, dir, file_size_limit_kib, json_logs: false, env, log: Arc::default(), child: None };
             relay.launch().map(|()| relay).map_err(|log| format!("mxrelay did not become ready; log:\n{log}"))
         })
     }
@@ -372,7 +420,7 @@ impl Relay {
 
     /// Sends a signal (`HUP`, `TERM`, ...) to the relay process.
     pub fn signal(&self, name: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
+        let pid = self.pid().to_string();
         let ok = Command::new("kill").args(["-s", name, &pid]).status().map(|s| s.success()).unwrap_or(false);
         assert!(ok, "kill -s {name} {pid} failed");
     }

@@ -359,7 +359,9 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     // checkpoints start failing and, two full segments later, new mail is refused.
     let domain = domain_with("customer.test", "", &[("127.0.1.76", sink_port, 10)]);
     let admin = "admin_listen = \"127.0.0.1:0\"\nadmin_token = \"0123456789abcdef0123\"";
-    let mut relay = Relay::start_with_file_size_limit(20 * 1024, admin, &domain, "retry = [\"1h\"]");
+    let notify = mxrelay_e2e::NotifySocket::bind();
+    let env = [("NOTIFY_SOCKET", notify.path.as_str()), ("WATCHDOG_USEC", "200000")];
+    let mut relay = Relay::start_with_file_size_limit(20 * 1024, &env, admin, &domain, "retry = [\"1h\"]");
     let health = |relay: &Relay| http_request(&relay.admin_addr(), "GET", "/healthz", None, "");
     assert_eq!(health(&relay).0, 200);
     let mut acked = Vec::new();
@@ -381,6 +383,12 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     // A load balancer is told, with the reason.
     let (status, body) = health(&relay);
     assert!(status == 503 && body.contains("\"refusing\"") && body.contains("checkpoints fail"), "{status} {body}");
+    // Refusing for a full disk is not a hang: the watchdog is still pinged (a restart by
+    // systemd would not make room).
+    notify.drain();
+    for _ in 0..2 {
+        assert_eq!(notify.receive(), "WATCHDOG=1");
+    }
     // Room again, with no mail coming in or going out (the server is down, the retry an hour
     // away): the relay finds out by itself and takes mail again.
     let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();

@@ -38,19 +38,10 @@ async fn sighup_applies_a_new_config_and_refuses_a_broken_one() {
 /// watchdog meanwhile.
 #[test]
 fn systemd_is_told_of_readiness_reloads_and_shutdown_and_the_watchdog_is_pinged() {
-    let mut relay = Relay::start(&mxrelay_e2e::domain_with("customer.test", "", &[("127.0.1.148", 25, 10)]), "");
-    relay.signal("TERM");
-    assert!(relay.wait_exit());
-    let path = relay.dir.path().join("notify");
-    let notify = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
-    notify.set_read_timeout(Some(mxrelay_e2e::PATIENCE)).expect("timeout");
-    relay.env = vec![("NOTIFY_SOCKET".into(), path.display().to_string()), ("WATCHDOG_USEC".into(), "200000".into())];
-    relay.restart();
-    let receive = || {
-        let mut buf = [0u8; 512];
-        let n = notify.recv(&mut buf).expect("a notification within PATIENCE");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
+    let notify = mxrelay_e2e::NotifySocket::bind();
+    let env = [("NOTIFY_SOCKET", notify.path.as_str()), ("WATCHDOG_USEC", "200000")];
+    let mut relay = Relay::start_with_env(&env, &mxrelay_e2e::domain_with("customer.test", "", &[("127.0.1.148", 25, 10)]), "");
+    let receive = || notify.receive();
     // The next notification that is not a watchdog ping (those are counted).
     let next = |pings: &mut u32| loop {
         match receive() {
