@@ -461,3 +461,66 @@ fn every_api_route_needs_the_token() {
         assert_eq!(http_request(&open.admin_addr(), method, path, Some(TOKEN), body).0, 403, "{method} {path}: the API is off");
     }
 }
+
+/// The relay's resident memory, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib / 1024.0
+}
+
+/// Sends `count` messages of about 1 MiB each to `rcpt`, four sessions at a time; asserts
+/// each got `250`.
+async fn send_large(addr: &str, rcpt: &str, count: usize) {
+    let body: Arc<String> = Arc::new((0..16_000).map(|i| format!("{i:08} {}\r\n", "m".repeat(54))).collect());
+    let gate = Arc::new(tokio::sync::Semaphore::new(4));
+    let sends: Vec<_> = (0..count)
+        .map(|_| {
+            let (addr, rcpt, body, gate) = (addr.to_string(), rcpt.to_string(), body.clone(), gate.clone());
+            tokio::spawn(async move {
+                let _slot = gate.acquire_owned().await.expect("gate");
+                let mut c = Raw::start(&addr, &rcpt).await;
+                assert!(c.cmd("DATA").await.starts_with("354"));
+                c.send(format!("Subject: large\r\n\r\n{body}.\r\n").as_bytes()).await;
+                c.reply().await
+            })
+        })
+        .collect();
+    for send in sends {
+        let reply = send.await.expect("send");
+        assert!(reply.starts_with("250"), "a large message was not accepted: {reply:?}");
+    }
+}
+
+/// Queued mail waits on disk, not in memory: once the relay has taken a burst of large mail,
+/// as much again waiting adds little to its memory, both for a domain on hold and for a
+/// backlog behind a server that takes a connection and never answers (one delivery worker,
+/// stuck on it). Before, each message's data stayed in memory until it was delivered. The
+/// bursts also fill journal segments faster than redb takes them: their senders wait for
+/// their `250` rather than get a `452`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_mail_waits_on_disk_not_in_memory() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let domains = [
+        domain_with("held.test", "hold = true", &[("127.0.0.1", port, 10)]),
+        domain_with("slow.test", "", &[("127.0.0.1", port, 10)]),
+    ]
+    .join("\n");
+    let relay =
+        Relay::start_with("max_message_size = 2000000", &domains, "workers = 1\ncommand_timeout = \"300s\"\nretry = [\"1h\"]");
+    let mut rss = vec![rss_mib(relay.pid())];
+    for rcpt in ["user@held.test", "user@held.test", "user@slow.test", "user@slow.test"] {
+        send_large(&relay.addr, rcpt, 100).await;
+        rss.push(rss_mib(relay.pid()));
+    }
+    eprintln!("RSS in MiB: idle, then after each 100 MiB (2 held, 2 for the silent server): {rss:.1?}");
+    let (held, backlog) = (rss[2] - rss[1], rss[4] - rss[3]);
+    assert!(held < 32.0, "100 MiB more of held mail took {held:.1} MiB more memory");
+    assert!(backlog < 32.0, "100 MiB more of mail waiting for a server took {backlog:.1} MiB more memory");
+    assert!(rss[4] - rss[0] < 128.0, "400 MiB of waiting mail took {:.1} MiB of memory", rss[4] - rss[0]);
+}

@@ -553,6 +553,9 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     if fixed.bare_lf > 0 || fixed.stray_cr > 0 {
         tracing::info!(%peer, bare_lf = fixed.bare_lf, stray_cr = fixed.stray_cr, "normalised non-CRLF line ends");
     }
+    // The buffer grew by doubling: up to half of it is spare, and the data may stay in memory
+    // until its first delivery.
+    data.shrink_to_fit();
     let data = Arc::new(data);
     let sender = txn.sender.clone().unwrap_or_default();
     let mut by_domain: Vec<(String, Vec<String>)> = Vec::new();

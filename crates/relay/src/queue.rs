@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -100,8 +100,47 @@ const MAX_BATCH: usize = 1024;
 /// Journaled operations are handed to the indexer when this many are waiting (or after
 /// [`Timing::apply_after`]).
 const APPLY_MAX_OPS: usize = 2048;
-/// Full journal segments that may wait for a checkpoint before new mail is refused.
+/// Full journal segments that may wait for a checkpoint before new mail waits too (or is
+/// refused, if checkpoints fail).
 const MAX_SEGMENTS_BEHIND: u64 = 2;
+
+/// How far redb has caught up with the journal: set by the indexer, waited on by the writer.
+#[derive(Debug, Default)]
+struct IndexProgress {
+    state: Mutex<Checkpointed>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Checkpointed {
+    /// Every segment up to this one is in redb durably.
+    through: u64,
+    /// Why the last checkpoint failed, if it did.
+    failure: Option<String>,
+}
+
+impl IndexProgress {
+    fn starting_at(through: u64) -> IndexProgress {
+        IndexProgress { state: Mutex::new(Checkpointed { through, failure: None }), changed: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Checkpointed> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a checkpoint's outcome and wakes a writer waiting for it.
+    fn record(&self, through: u64, result: &Result<(), QueueError>) {
+        let mut state = self.lock();
+        match result {
+            Ok(()) => {
+                state.through = state.through.max(through);
+                state.failure = None;
+            }
+            Err(e) => state.failure = Some(e.to_string()),
+        }
+        self.changed.notify_all();
+    }
+}
 
 /// When the writer moves journaled operations on to redb.
 #[derive(Debug, Clone, Copy)]
@@ -188,10 +227,20 @@ impl Index {
     fn reopen(&self) -> Result<(), String> {
         let mut slot = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         *slot = None;
-        *slot = Some(Database::create(&self.path).map_err(|e| e.to_string())?);
+        *slot = Some(open_index(&self.path).map_err(|e| e.to_string())?);
         tracing::info!("queue index opened again after a write error");
         Ok(())
     }
+}
+
+/// redb's page cache, in bytes. Its default (1 GiB) keeps every page written since the start
+/// in memory, message data included, so RSS grew with the mail that passed through. Delivery
+/// reads a message's data once, and reads after a restart are sequential: the kernel's page
+/// cache serves them as well.
+const INDEX_CACHE_BYTES: usize = 8 << 20;
+
+fn open_index(path: &Path) -> Result<Database, redb::DatabaseError> {
+    redb::Builder::new().set_cache_size(INDEX_CACHE_BYTES).create(path)
 }
 
 /// Handle to the queue; cheap to clone.
@@ -257,7 +306,7 @@ impl Queue {
         let journal_dir = dir.join("journal");
         std::fs::create_dir_all(&journal_dir).map_err(|e| open_err(e.to_string()))?;
         let db_path = dir.join("queue.redb");
-        let db = Database::create(&db_path).map_err(|e| open_err(e.to_string()))?;
+        let db = open_index(&db_path).map_err(|e| open_err(e.to_string()))?;
         let last_seq = replay(&db, &journal_dir).map_err(open_err)?;
         let journal = Journal::start(&journal_dir, last_seq + 1, 0).map_err(|e| open_err(e.to_string()))?;
         let mut envelopes = Vec::new();
@@ -276,7 +325,7 @@ impl Queue {
         let unapplied = Unapplied::default();
         let deferred = Deferred::default();
         let (tx, rx) = mpsc::channel();
-        let checkpointed = Arc::new(AtomicU64::new(last_seq));
+        let progress = Arc::new(IndexProgress::starting_at(last_seq));
         let (index, index_rx) = mpsc::channel();
         let mut indexer = Indexer {
             db: db.clone(),
@@ -284,7 +333,7 @@ impl Queue {
             dir: journal_dir,
             pending: Vec::new(),
             unapplied: unapplied.clone(),
-            checkpointed: checkpointed.clone(),
+            progress: progress.clone(),
         };
         let indexer = thread::Builder::new()
             .name("queue-index".into())
@@ -294,7 +343,7 @@ impl Queue {
             journal,
             timing,
             rotate_first: false,
-            checkpointed,
+            progress,
             last_checkpoint: Instant::now(),
             unapplied: unapplied.clone(),
             to_index: Vec::new(),
@@ -482,8 +531,8 @@ struct Writer {
     /// Set when a journal write failed: its segment may end in a torn record, so nothing may
     /// follow it there.
     rotate_first: bool,
-    /// Every segment up to this one is in redb durably (the indexer moves it on).
-    checkpointed: Arc<AtomicU64>,
+    /// How far redb has caught up (the indexer moves it on).
+    progress: Arc<IndexProgress>,
     /// When a checkpoint was last started or tried (a rotation, or the indexer asked).
     last_checkpoint: Instant,
     unapplied: Unapplied,
@@ -648,8 +697,8 @@ impl Writer {
             self.rotate().map_err(|e| e.to_string())?;
             self.ask_checkpoint(None);
         }
-        if sync && let Some(why) = self.refusal() {
-            return Err(why);
+        if sync {
+            self.wait_for_index()?;
         }
         let result = self.journal.append(&mut self.batch).and_then(|()| if sync { self.journal.sync() } else { Ok(()) });
         self.rotate_first = result.is_err();
@@ -657,12 +706,40 @@ impl Writer {
     }
 
     /// Why new mail is refused now, if it is: redb failing to take what the journal holds (a
-    /// full disk). The journal must not grow without end, and the indexer holds the
-    /// unapplied operations in memory. Clears by itself once a checkpoint succeeds.
+    /// full disk) while [`MAX_SEGMENTS_BEHIND`] segments wait for it. The journal must not
+    /// grow without end, and the indexer holds the unapplied operations in memory. Clears by
+    /// itself once a checkpoint succeeds.
     fn refusal(&self) -> Option<String> {
-        let behind = self.journal.seq() - 1 - self.checkpointed.load(Ordering::Acquire);
-        (behind >= MAX_SEGMENTS_BEHIND)
-            .then(|| format!("the queue index is {behind} journal segments behind (checkpoints fail); new mail refused"))
+        self.refusal_in(&self.progress.lock())
+    }
+
+    fn refusal_in(&self, index: &Checkpointed) -> Option<String> {
+        let behind = self.segments_behind(index);
+        let failure = index.failure.as_ref().filter(|_| behind >= MAX_SEGMENTS_BEHIND)?;
+        Some(format!("the queue index is {behind} journal segments behind (checkpoints fail: {failure}); new mail refused"))
+    }
+
+    /// Full segments not yet checkpointed.
+    fn segments_behind(&self, index: &Checkpointed) -> u64 {
+        (self.journal.seq() - 1).saturating_sub(index.through)
+    }
+
+    /// Holds new mail back while [`MAX_SEGMENTS_BEHIND`] segments wait for a checkpoint:
+    /// refused if checkpoints fail ([`Writer::refusal`]), otherwise until the checkpoint
+    /// under way ends. A burst of large messages can fill segments faster than redb takes
+    /// them; its senders then wait for their `250` instead of getting a `452`. A rotation
+    /// asks for a checkpoint of every segment before the current one, so one is under way.
+    fn wait_for_index(&self) -> Result<(), String> {
+        let mut index = self.progress.lock();
+        loop {
+            if let Some(why) = self.refusal_in(&index) {
+                return Err(why);
+            }
+            if self.segments_behind(&index) < MAX_SEGMENTS_BEHIND {
+                return Ok(());
+            }
+            index = self.progress.changed.wait(index).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
     }
 
     /// Continues in a new segment, so that a checkpoint covers the older ones whole.
@@ -725,7 +802,7 @@ struct Indexer {
     /// Operations not yet in redb: a failed write is retried with the next batch.
     pending: Vec<Pending>,
     unapplied: Unapplied,
-    checkpointed: Arc<AtomicU64>,
+    progress: Arc<IndexProgress>,
 }
 
 impl Indexer {
@@ -812,8 +889,9 @@ impl Indexer {
     /// Commits redb durably with everything received so far, which includes every operation
     /// of the segments up to `through`, then retires those segments.
     fn checkpoint(&mut self, through: u64) -> Result<(), QueueError> {
-        self.apply(&HashSet::new())?;
-        self.checkpointed.fetch_max(through, Ordering::AcqRel);
+        let applied = self.apply(&HashSet::new()).map(|_| ());
+        self.progress.record(through, &applied);
+        applied?;
         let covered: Vec<_> = journal::segments(&self.dir)
             .map_err(|e| QueueError::Write(e.to_string()))?
             .into_iter()
@@ -923,7 +1001,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
             pending: Vec::new(),
             unapplied: unapplied.clone(),
-            checkpointed: Arc::default(),
+            progress: Arc::default(),
         };
         let insert = |id| Pending::Insert { id, envelope: b"{}".to_vec(), data: Arc::new(b"data".to_vec()) };
         let stored = |id: u64| {

@@ -97,11 +97,49 @@ impl RetryPolicy {
     }
 }
 
+/// How much accepted data the scheduler keeps in memory for first deliveries (32 MiB). Past
+/// it, as when intake outruns a slow server, a delivery reads its data back from the queue:
+/// memory stays bounded however much mail waits.
+const FRESH_DATA_BUDGET: usize = 32 << 20;
+
+/// The data of accepted envelopes not yet tried, up to a budget in bytes, so that a first
+/// delivery need not read it back from the queue.
+#[derive(Debug)]
+struct FreshData {
+    by_id: HashMap<u64, Arc<Vec<u8>>>,
+    /// Bytes kept, counted per envelope: a message split between domains is counted once per
+    /// envelope, so the budget is never exceeded.
+    bytes: usize,
+    budget: usize,
+}
+
+impl FreshData {
+    fn new(budget: usize) -> FreshData {
+        FreshData { by_id: HashMap::new(), bytes: 0, budget }
+    }
+
+    /// Keeps `data` for envelope `id` if it fits the budget; otherwise delivery reads it back.
+    fn keep(&mut self, id: u64, data: &Arc<Vec<u8>>) {
+        self.take(id);
+        if self.bytes + data.len() <= self.budget {
+            self.by_id.insert(id, data.clone());
+            self.bytes += data.len();
+        }
+    }
+
+    /// Hands over (or forgets) envelope `id`'s data, if kept.
+    fn take(&mut self, id: u64) -> Option<Arc<Vec<u8>>> {
+        let data = self.by_id.remove(&id)?;
+        self.bytes -= data.len();
+        Some(data)
+    }
+}
+
 /// The scheduler's state and loop.
 pub struct Scheduler {
     entries: HashMap<u64, Envelope>,
     /// Data of envelopes not yet tried, kept from intake for their first delivery.
-    fresh: HashMap<u64, Arc<Vec<u8>>>,
+    fresh: FreshData,
     in_flight: HashSet<u64>,
     timers: BinaryHeap<Reverse<(u64, u64)>>,
     ready: VecDeque<u64>,
@@ -132,7 +170,7 @@ impl Scheduler {
     ) -> Scheduler {
         let mut s = Scheduler {
             entries: HashMap::new(),
-            fresh: HashMap::new(),
+            fresh: FreshData::new(FRESH_DATA_BUDGET),
             in_flight: HashSet::new(),
             timers: BinaryHeap::new(),
             ready: VecDeque::new(),
@@ -194,7 +232,7 @@ impl Scheduler {
             };
             self.in_flight.insert(id);
             let (deliverer, queue, events) = (self.deliverer.clone(), self.queue.clone(), self.events.clone());
-            let fresh = self.fresh.remove(&id);
+            let fresh = self.fresh.take(id);
             tokio::spawn(async move {
                 let data = match fresh {
                     Some(data) => Ok(data),
@@ -232,8 +270,9 @@ impl Scheduler {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Accepted(envs, data) => {
-                for env in &envs {
-                    self.fresh.insert(env.id, data.clone());
+                // Held mail waits for an operator, maybe for days: its data stays on disk.
+                for env in envs.iter().filter(|e| !e.held) {
+                    self.fresh.keep(env.id, &data);
                 }
                 self.accept(envs);
             }
@@ -271,7 +310,7 @@ impl Scheduler {
                 // One in flight finishes its run; its outcome then finds no entry to keep.
                 let known = self.entries.remove(&id).is_some();
                 if known {
-                    self.fresh.remove(&id);
+                    self.fresh.take(id);
                     self.queue.remove(id);
                     tracing::info!(queue_id = %crate::queue::format_id(id), "removed by the operator");
                 }
@@ -284,6 +323,11 @@ impl Scheduler {
                     self.queue.update(e.clone());
                     tracing::info!(queue_id = %e.queue_id(), "{} by the operator", if hold { "held" } else { "released" });
                     changed.push(e.id);
+                }
+                if hold {
+                    for id in &changed {
+                        self.fresh.take(*id);
+                    }
                 }
                 let (queue, n) = (self.queue.clone(), changed.len());
                 tokio::spawn(async move {
@@ -389,7 +433,7 @@ impl Scheduler {
         let Some((remaining, reason)) = rest else {
             // Done: the original goes once its failures (if any) are reported.
             self.entries.remove(&env.id);
-            self.fresh.remove(&env.id);
+            self.fresh.take(env.id);
             self.notify(&env, vec![(Action::Relayed, relayed), (Action::Failed, failed)], true);
             return;
         };
@@ -524,5 +568,28 @@ impl Scheduler {
     fn any_server_up(&self, domain: &str) -> bool {
         let policies = self.deliverer.policies();
         policies.domain(domain).is_some_and(|p| p.servers().iter().any(|s| !self.deliverer.health().is_down(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_data_stays_within_its_budget_and_counts_what_it_hands_over() {
+        let data = |len: usize| Arc::new(vec![b'x'; len]);
+        let mut fresh = FreshData::new(100);
+        fresh.keep(1, &data(60));
+        fresh.keep(2, &data(60));
+        assert!(fresh.take(2).is_none(), "kept past the budget");
+        fresh.keep(3, &data(40));
+        assert_eq!(fresh.bytes, 100);
+        assert_eq!(fresh.take(1).map(|d| d.len()), Some(60));
+        assert!(fresh.take(1).is_none(), "handed over twice");
+        assert_eq!(fresh.bytes, 40);
+        fresh.keep(4, &data(60));
+        assert_eq!(fresh.bytes, 100, "room freed by a hand-over is used again");
+        fresh.keep(3, &data(10));
+        assert_eq!(fresh.bytes, 70, "kept again: the old data no longer counts");
     }
 }
