@@ -18,7 +18,15 @@ struct Raw {
 
 impl Raw {
     async fn connect(addr: &str) -> Raw {
-        let (r, w) = TcpStream::connect(addr).await.expect("connect").into_split();
+        Raw::connect_from(addr, "127.0.0.1").await
+    }
+
+    /// Connects from source address `from` (any 127.x on loopback).
+    async fn connect_from(addr: &str, from: &str) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(format!("{from}:0").parse().expect("source")).expect("bind");
+        let stream = socket.connect(addr.parse().expect("addr")).await.expect("connect");
+        let (r, w) = stream.into_split();
         Raw { reader: BufReader::new(r), writer: w }
     }
 
@@ -123,7 +131,7 @@ async fn data_pipelined_before_354_is_refused() {
 async fn limits_on_connections_recipients_and_line_length() {
     let sink = Sink::start("127.0.1.72", &[]);
     let relay = Relay::start_with(
-        "max_connections_per_client = 2\nmax_recipients = 3",
+        "max_connections = 3\nmax_connections_per_client = 2\nmax_recipients = 3",
         &domain_block("customer.test", &[(&sink, 10)]),
         "",
     );
@@ -133,8 +141,14 @@ async fn limits_on_connections_recipients_and_line_length() {
     assert!(second.reply().await.starts_with("220"));
     let mut third = Raw::connect(&relay.addr).await;
     assert!(third.reply().await.starts_with("421 4.7.0"), "a third connection from one client is refused");
-    assert!(first.cmd("QUIT").await.starts_with("221") && second.cmd("QUIT").await.starts_with("221"));
-    drop((first, second, third));
+    let mut other = Raw::connect_from(&relay.addr, "127.0.0.2").await;
+    assert!(other.reply().await.starts_with("220"), "another client still gets in");
+    let mut fourth = Raw::connect_from(&relay.addr, "127.0.0.3").await;
+    assert!(fourth.reply().await.starts_with("421 4.3.2"), "a fourth connection in all is refused");
+    for mut c in [first, second, other] {
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+    drop((third, fourth));
     // The relay frees a slot when a session's task ends, a moment after its 221: wait for it.
     let started = std::time::Instant::now();
     loop {

@@ -84,6 +84,8 @@ struct FileRelay {
     #[serde(default)]
     max_hops: Option<u32>,
     #[serde(default)]
+    max_connections: Option<u32>,
+    #[serde(default)]
     max_connections_per_client: Option<u32>,
     #[serde(default)]
     idle_timeout: Option<String>,
@@ -294,6 +296,9 @@ pub struct RelayConfig {
     /// Most `Received:` fields a message may arrive with; more means a mail loop (default 50,
     /// Postfix's `hopcount_limit`).
     pub max_hops: u32,
+    /// Most simultaneous connections in all (default 1000). Each may hold a message of up to
+    /// `max_message_size` in memory while it arrives, so this bounds that memory too.
+    pub max_connections: u32,
     /// Most simultaneous connections from one client address (default 100).
     pub max_connections_per_client: u32,
     /// A client silent for this long is disconnected with 421 (default 5 min, RFC 5321 §4.5.3.2).
@@ -551,6 +556,10 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
             "0 would refuse mail from every MTA, since each adds a Received: field; Postfix allows 50",
         ));
     }
+    let max_connections = file.max_connections.unwrap_or(1000);
+    if max_connections == 0 {
+        problems.push(error("relay.max_connections", "0 would refuse every connection; use at least 1"));
+    }
     let max_connections_per_client = file.max_connections_per_client.unwrap_or(100);
     if max_connections_per_client == 0 {
         problems.push(error("relay.max_connections_per_client", "0 would refuse every client; use at least 1"));
@@ -563,6 +572,7 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         max_message_size,
         max_recipients,
         max_hops,
+        max_connections,
         max_connections_per_client,
         idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
         shutdown_timeout: duration_field("relay.shutdown_timeout", file.shutdown_timeout, Duration::from_secs(30), problems),
@@ -852,6 +862,7 @@ preference = 20
         assert_eq!(c.domains[0].servers[1], Server { host: "192.0.2.20".into(), port: 2526, preference: 20, weight: 1 });
         assert!(c.relay.accept_from.iter().any(|r| r.contains("127.0.0.1".parse().expect("ip"))));
         assert_eq!(c.relay.max_hops, 50);
+        assert_eq!((c.relay.max_connections, c.relay.max_connections_per_client), (1000, 100));
         assert_eq!(c.delivery.connection_cache_time, Duration::from_secs(5));
         assert!(!c.domains[0].hold);
     }
@@ -922,6 +933,8 @@ preference = 20
         assert!(p.iter().any(|l| l.starts_with("delivery.bind_address: \"0.0.0.0\" means any address")), "{p:?}");
         let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nmax_hops = 0"));
         assert!(p.iter().any(|l| l.starts_with("relay.max_hops: 0 would refuse")), "{p:?}");
+        let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nmax_connections = 0"));
+        assert!(p.iter().any(|l| l.starts_with("relay.max_connections: 0 would refuse")), "{p:?}");
     }
 
     #[test]

@@ -54,7 +54,22 @@ pub struct Inbound {
     pub events: mpsc::UnboundedSender<Event>,
     /// STARTTLS, when `tls_cert`/`tls_key` are set; a reload re-reads the files.
     tls: std::sync::RwLock<Option<TlsAcceptor>>,
-    connections: Mutex<HashMap<IpAddr, u32>>,
+    connections: Mutex<Connections>,
+}
+
+/// Open connections: in all, and per client address.
+#[derive(Debug, Default)]
+struct Connections {
+    total: u32,
+    per_client: HashMap<IpAddr, u32>,
+}
+
+/// Why a connection was not taken.
+enum ConnectionRefusal {
+    /// `max_connections` are open.
+    Total,
+    /// `max_connections_per_client` are open from this client.
+    Client,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -107,15 +122,20 @@ impl Inbound {
         self.domains.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(domain).is_some_and(|hold| *hold)
     }
 
-    /// Counts a connection from `ip`; `None` when the client already has `limit`.
-    fn open_connection(self: &Arc<Self>, ip: IpAddr, limit: u32) -> Option<ConnectionSlot> {
-        let mut map = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = map.entry(ip).or_insert(0);
-        if *count >= limit {
-            return None;
+    /// Counts a connection from `ip`, unless `max_connections` are open, or
+    /// `max_connections_per_client` from `ip`.
+    fn open_connection(self: &Arc<Self>, ip: IpAddr, settings: &RelayConfig) -> Result<ConnectionSlot, ConnectionRefusal> {
+        let mut open = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if open.total >= settings.max_connections {
+            return Err(ConnectionRefusal::Total);
+        }
+        let count = open.per_client.entry(ip).or_insert(0);
+        if *count >= settings.max_connections_per_client {
+            return Err(ConnectionRefusal::Client);
         }
         *count += 1;
-        Some(ConnectionSlot { inbound: self.clone(), ip })
+        open.total += 1;
+        Ok(ConnectionSlot { inbound: self.clone(), ip })
     }
 }
 
@@ -126,11 +146,12 @@ struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut map = self.inbound.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = map.get_mut(&self.ip) {
+        let mut open = self.inbound.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.total -= 1;
+        if let Some(c) = open.per_client.get_mut(&self.ip) {
             *c -= 1;
             if *c == 0 {
-                map.remove(&self.ip);
+                open.per_client.remove(&self.ip);
             }
         }
     }
@@ -235,9 +256,19 @@ async fn session(mut stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>)
         reply(&mut writer, &format!("554 5.7.1 {ip} is not allowed to send mail through {hostname}")).await?;
         return writer.flush().await;
     }
-    let Some(_slot) = inbound.open_connection(ip, settings.max_connections_per_client) else {
-        reply(&mut writer, &format!("421 4.7.0 {hostname} too many connections from {ip}, try again later")).await?;
-        return writer.flush().await;
+    let _slot = match inbound.open_connection(ip, &settings) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let text = match refusal {
+                ConnectionRefusal::Total => {
+                    tracing::warn!(%peer, limit = settings.max_connections, "max_connections reached; connection refused");
+                    format!("421 4.3.2 {hostname} too many connections, try again later")
+                }
+                ConnectionRefusal::Client => format!("421 4.7.0 {hostname} too many connections from {ip}, try again later"),
+            };
+            reply(&mut writer, &text).await?;
+            return writer.flush().await;
+        }
     };
     // Early talkers: a client that sends before the greeting is not speaking SMTP in step
     // (Exim's "synchronization error", Postfix postscreen's pregreet test). With
