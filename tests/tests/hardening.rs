@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 /// A raw SMTP client: writes exactly the bytes given, reads reply lines.
 struct Raw {
