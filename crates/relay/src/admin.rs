@@ -279,10 +279,7 @@ async fn queued(state: &AdminState, id: &str) -> Result<(crate::queue::Envelope,
         .await?
         .pop()
         .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("{id} is not in the queue")))?;
-    let queue = state.queue.clone();
-    let data = tokio::task::spawn_blocking(move || queue.read_data(parsed))
-        .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    let data = (state.queue.load_data(parsed).await)
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {id}: {e}")))?;
     Ok((envelope, data))
 }

@@ -415,6 +415,13 @@ impl Queue {
         wait.await.map_err(|_| QueueError::Closed)?
     }
 
+    /// [`Queue::read_data`] on tokio's blocking threads, so that reading a large message from
+    /// disk holds up no task.
+    pub async fn load_data(&self, id: u64) -> Result<Vec<u8>, QueueError> {
+        let queue = self.clone();
+        tokio::task::spawn_blocking(move || queue.read_data(id)).await.map_err(|_| QueueError::Closed)?
+    }
+
     /// The message data of an envelope.
     pub fn read_data(&self, id: u64) -> Result<Vec<u8>, QueueError> {
         // The journaled-but-unapplied map first: the index thread removes data from it only

@@ -236,7 +236,7 @@ impl Scheduler {
             tokio::spawn(async move {
                 let data = match fresh {
                     Some(data) => Ok(data),
-                    None => queue.read_data(env.id).map(Arc::new),
+                    None => queue.load_data(env.id).await.map(Arc::new),
                 };
                 let outcome = match data {
                     Ok(data) => deliverer.deliver(&env, &data).await,
@@ -520,7 +520,7 @@ impl Scheduler {
         let retry_until_secs = (env.received_ms + self.max_lifetime(&env.domain).as_millis() as u64) / 1000;
         tokio::spawn(async move {
             // Reading the original before it is removed: its headers go into the reports.
-            let original = queue.read_data(env.id).unwrap_or_default();
+            let original = queue.load_data(env.id).await.unwrap_or_default();
             let queue_id = env.queue_id();
             for (action, recipients) in reports {
                 let now = now_ms();
