@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxrelay_message_data::{DataEnd, MAX_LOGGED_MESSAGE_ID, dot_stuff, header_summary, read_data};
+use mxrelay_message_data::{DataEnd, MAX_LOGGED_MESSAGE_ID, dot_stuff, dot_stuff_window, header_summary, read_data};
 
 fuzz_target!(|input: &[u8]| {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
@@ -34,4 +34,17 @@ fuzz_target!(|input: &[u8]| {
     let markers = wire.windows(marker.len()).filter(|w| *w == marker).count() + usize::from(wire.starts_with(b".\r\n"));
     assert_eq!(markers, 1, "smuggled end of data: {wire:?}");
     assert!(wire.ends_with(b".\r\n"));
+    // Sent a window at a time (as to a server), the same bytes.
+    let size = (out.len() / 3).max(1);
+    let mut windowed = Vec::new();
+    let mut at = 0;
+    loop {
+        let end = (at + size).min(out.len());
+        dot_stuff_window(&out, at..end, &mut windowed);
+        at = end;
+        if at == out.len() {
+            break;
+        }
+    }
+    assert_eq!(windowed, wire, "windows of {size}");
 });

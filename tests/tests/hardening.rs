@@ -486,10 +486,15 @@ fn rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// A message body of about `mib` MiB, in numbered lines of 65 bytes.
+fn large_body(mib: usize) -> String {
+    (0..mib * 16_000).map(|i| format!("{i:08} {}\r\n", "m".repeat(54))).collect()
+}
+
 /// Sends `count` messages of about 1 MiB each to `rcpt`, four sessions at a time; asserts
 /// each got `250`.
 async fn send_large(addr: &str, rcpt: &str, count: usize) {
-    let body: Arc<String> = Arc::new((0..16_000).map(|i| format!("{i:08} {}\r\n", "m".repeat(54))).collect());
+    let body = Arc::new(large_body(1));
     let gate = Arc::new(tokio::sync::Semaphore::new(4));
     let sends: Vec<_> = (0..count)
         .map(|_| {
@@ -536,4 +541,101 @@ async fn queued_mail_waits_on_disk_not_in_memory() {
     assert!(held < 32.0, "100 MiB more of held mail took {held:.1} MiB more memory");
     assert!(backlog < 32.0, "100 MiB more of mail waiting for a server took {backlog:.1} MiB more memory");
     assert!(rss[4] - rss[0] < 128.0, "400 MiB of waiting mail took {:.1} MiB of memory", rss[4] - rss[0]);
+}
+
+/// A customer server that says `354` to DATA and then reads the data in 16 KiB pieces,
+/// `pace` apart, or (`None`) never reads it. Its receive buffer is small (64 KiB), so what
+/// it has not read waits mostly in the relay's send buffer (at most 4 MiB here, by
+/// `net.ipv4.tcp_wmem`). Returns its port and the sizes of the messages it took whole.
+async fn data_reader(ip: &str, pace: Option<Duration>) -> (u16, Arc<std::sync::Mutex<Vec<usize>>>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    socket.bind(format!("{ip}:0").parse().expect("addr")).expect("bind");
+    let listener = socket.listen(16).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let taken = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 reader ESMTP\r\n").await.ok()?;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.ok()? == 0 {
+                        return Some(());
+                    }
+                    let answer: &[u8] = match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                        "DATA" => {
+                            w.write_all(b"354 go ahead\r\n").await.ok()?;
+                            let Some(pace) = pace else {
+                                // Never read the data, and keep the connection.
+                                return std::future::pending().await;
+                            };
+                            let mut data = Vec::new();
+                            let mut piece = vec![0; 16 * 1024];
+                            while !data.ends_with(b"\r\n.\r\n") {
+                                tokio::time::sleep(pace).await;
+                                let n = r.read(&mut piece).await.ok()?;
+                                if n == 0 {
+                                    return Some(());
+                                }
+                                data.extend_from_slice(&piece[..n]);
+                            }
+                            log.lock().expect("log").push(data.len());
+                            b"250 2.0.0 taken\r\n"
+                        }
+                        "QUIT" => return w.write_all(b"221 2.0.0 bye\r\n").await.ok(),
+                        _ => b"250 reader\r\n",
+                    };
+                    w.write_all(answer).await.ok()?;
+                }
+            });
+        }
+    });
+    (port, taken)
+}
+
+/// Sends test message 1 with about `mib` MiB of text (a [`Sink`] counts it); asserts it got
+/// `250`.
+async fn send_one_large(addr: &str, rcpt: &str, mib: usize) {
+    let mut c = Raw::start(addr, rcpt).await;
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.send(format!("Subject: large\r\nX-Seq: 1\r\n\r\n{}END-OF-MESSAGE 1\r\n.\r\n", large_body(mib)).as_bytes()).await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+/// `data_timeout` bounds a stall, not the whole transfer: a 24 MiB message to a server that
+/// takes at most 4 MiB a second (some 6 s in all) is delivered with a `data_timeout` of 3 s.
+/// The reply to the final dot comes once the server has read what the send buffer held,
+/// within about a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_to_a_slow_server_takes_as_long_as_it_needs() {
+    let (port, taken) = data_reader("127.0.1.149", Some(Duration::from_millis(4))).await;
+    let domain = domain_with("customer.test", "", &[("127.0.1.149", port, 10)]);
+    let relay = Relay::start_with("max_message_size = 30000000", &domain, "data_timeout = \"3s\"");
+    send_one_large(&relay.addr, "user@customer.test", 24).await;
+    eventually("the slow server took the message whole", || !taken.lock().expect("log").is_empty()).await;
+    assert!(taken.lock().expect("log")[0] > 24_000_000);
+    assert!(relay.log_lines(&["deferred"]).is_empty(), "{}", relay.log_text());
+}
+
+/// A server that stops taking the data for `data_timeout` is passed over: the message goes
+/// to the next server. 8 MiB is more than the sockets' buffers hold, so the relay's writes
+/// stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_taking_the_data_is_passed_over() {
+    let (port, taken) = data_reader("127.0.1.150", None).await;
+    let backup = Sink::start("127.0.1.151", &[]);
+    let (bh, bp) = backup.host_port();
+    let domain = domain_with("customer.test", "", &[("127.0.1.150", port, 10), (bh, bp, 20)]);
+    let relay = Relay::start(&domain, "data_timeout = \"1s\"");
+    send_one_large(&relay.addr, "user@customer.test", 8).await;
+    eventually("delivered by the backup", || backup.count() == 1).await;
+    assert!(taken.lock().expect("log").is_empty());
+    assert!(!relay.log_lines(&["the data stalled"]).is_empty(), "{}", relay.log_text());
 }

@@ -336,7 +336,8 @@ pub struct DeliveryConfig {
     pub connect_timeout: Duration,
     /// Timeout for the greeting and each command reply.
     pub command_timeout: Duration,
-    /// Timeout for the reply to the final `.`.
+    /// How long sending the data may stall (no byte taken), and the wait for the reply to the
+    /// final `.` (default 10 min).
     pub data_timeout: Duration,
     /// How often a server marked down is probed.
     pub probe_interval: Duration,

@@ -87,22 +87,34 @@ pub async fn read_data<R: AsyncBufRead + Unpin>(
 
 /// Appends `data` (canonical CRLF text) to `wire`, dot-stuffed and terminated by `.<CR><LF>`.
 pub fn dot_stuff(data: &[u8], wire: &mut Vec<u8>) {
-    wire.reserve(data.len() + data.len() / 64 + 5);
-    if data.first() == Some(&b'.') {
+    dot_stuff_window(data, 0..data.len(), wire);
+}
+
+/// [`dot_stuff`] for the part `window` of `data`, so that a large message can be sent a
+/// window at a time instead of copied whole: the windows of `data`, in order, append what
+/// [`dot_stuff`] would. The terminator comes with the window that ends `data`.
+pub fn dot_stuff_window(data: &[u8], window: std::ops::Range<usize>, wire: &mut Vec<u8>) {
+    let part = &data[window.clone()];
+    wire.reserve(part.len() + part.len() / 64 + 5);
+    let at_line_start = window.start == 0 || data[window.start - 1] == b'\n';
+    if at_line_start && part.first() == Some(&b'.') {
         wire.push(b'.');
     }
-    // Copied in runs between the lines that start with a period.
+    // Copied in runs between the lines that start with a period. A line that starts in the
+    // next window is that window's first byte, checked above.
     let mut from = 0;
-    for at in memchr::memmem::find_iter(data, b"\n.") {
-        wire.extend_from_slice(&data[from..=at]);
+    for at in memchr::memmem::find_iter(part, b"\n.") {
+        wire.extend_from_slice(&part[from..=at]);
         wire.push(b'.');
         from = at + 1;
     }
-    wire.extend_from_slice(&data[from..]);
-    if !data.is_empty() && !data.ends_with(b"\n") {
-        wire.extend_from_slice(b"\r\n");
+    wire.extend_from_slice(&part[from..]);
+    if window.end == data.len() {
+        if !data.is_empty() && !data.ends_with(b"\n") {
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b".\r\n");
     }
-    wire.extend_from_slice(b".\r\n");
 }
 
 /// What the relay reads from a message's header section, in one pass.
@@ -346,7 +358,22 @@ mod tests {
                 .collect();
             let mut wire = Vec::new();
             dot_stuff(&data, &mut wire);
-            assert_eq!(wire, bytewise(&data), "{data:?}");
+            let expected = bytewise(&data);
+            assert_eq!(wire, expected, "{data:?}");
+            // In windows of every size, the same bytes.
+            for size in 1..=len.max(1) {
+                let mut wire = Vec::new();
+                let mut at = 0;
+                loop {
+                    let end = (at + size).min(len);
+                    dot_stuff_window(&data, at..end, &mut wire);
+                    at = end;
+                    if at == len {
+                        break;
+                    }
+                }
+                assert_eq!(wire, expected, "windows of {size}: {data:?}");
+            }
         }
     }
 

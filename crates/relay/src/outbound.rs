@@ -41,7 +41,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{DeliveryConfig, TlsMode};
-use crate::data::dot_stuff;
+use crate::data::dot_stuff_window;
 use crate::dsn::DsnRequest;
 use crate::tls::OutboundTls;
 
@@ -92,7 +92,7 @@ pub enum ServerVerdict {
     /// A session was open but failed before the final `.`: next server.
     SessionFailed(String),
     /// A session was open, then the server went silent before the final `.`: no reply
-    /// within the command timeout, or the data not taken within the data timeout. It would
+    /// within the command timeout, or none of the data taken for the data timeout. It would
     /// stall the next message too: next server; mark it down.
     Stalled(String),
     /// No reply to the final `.` within the data timeout: defer as [`ServerVerdict::Unknown`]
@@ -320,6 +320,40 @@ fn reply_text(r: &Response<String>) -> String {
     match r.esc {
         [0, 0, 0] => format!("{} {message}", r.code),
         [class, subject, detail] => format!("{} {class}.{subject}.{detail} {message}", r.code),
+    }
+}
+
+/// How much of a message is dot-stuffed and written at a time: a small message goes in one
+/// write, a large one is never copied whole.
+const DATA_WINDOW: usize = 64 * 1024;
+
+/// Sends `data` dot-stuffed, with its terminator, a window at a time. Times out (`Err`) only
+/// when the server takes none of a window for `stall`: a large message to a slow server
+/// takes as long as it needs while it moves (Postfix's `smtp_data_xfer_timeout` works the
+/// same way).
+async fn send_data<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    data: &[u8],
+    stall: Duration,
+) -> Result<std::io::Result<()>, tokio::time::error::Elapsed> {
+    let mut wire = Vec::with_capacity(data.len().min(DATA_WINDOW) + 1024);
+    let mut at = 0;
+    loop {
+        let end = (at + DATA_WINDOW).min(data.len());
+        wire.clear();
+        dot_stuff_window(data, at..end, &mut wire);
+        let mut written = 0;
+        while written < wire.len() {
+            match tokio::time::timeout(stall, stream.write(&wire[written..])).await? {
+                Ok(0) => return Ok(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        at = end;
+        if at == data.len() {
+            return tokio::time::timeout(stall, stream.flush()).await;
+        }
     }
 }
 
@@ -763,17 +797,12 @@ impl Transport {
             Ok(s) => s,
             Err(verdict) => return Ok(verdict),
         };
-        let mut wire = Vec::new();
-        dot_stuff(msg.data, &mut wire);
-        let sent = async {
-            s.client.stream.write_all(&wire).await?;
-            s.client.stream.flush().await
-        };
-        match tokio::time::timeout(self.data_timeout, sent).await {
+        match send_data(&mut s.client.stream, msg.data, self.data_timeout).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Ok(ServerVerdict::SessionFailed(format!("{addr}: connection lost while sending data: {e}"))),
             Err(_) => {
-                return Ok(ServerVerdict::Stalled(format!("{addr}: the data was not taken within {:?}", self.data_timeout)));
+                let why = format!("{addr}: the data stalled: none taken for {:?}", self.data_timeout);
+                return Ok(ServerVerdict::Stalled(why));
             }
         }
         let final_reply = match tokio::time::timeout(self.data_timeout, s.client.read()).await {
