@@ -130,7 +130,7 @@ async fn data_pipelined_before_354_is_refused() {
 async fn limits_on_connections_recipients_and_line_length() {
     let sink = Sink::start("127.0.1.72", &[]);
     let relay = Relay::start_with(
-        "max_connections = 3\nmax_connections_per_client = 2\nmax_recipients = 3",
+        "max_connections = 3\nmax_connections_per_client = 2\nmax_recipients = 3\nadmin_listen = \"127.0.0.1:0\"",
         &domain_block("customer.test", &[(&sink, 10)]),
         "",
     );
@@ -144,6 +144,12 @@ async fn limits_on_connections_recipients_and_line_length() {
     assert!(other.reply().await.starts_with("220"), "another client still gets in");
     let mut fourth = Raw::connect_from(&relay.addr, "127.0.0.3").await;
     assert!(fourth.reply().await.starts_with("421 4.3.2"), "a fourth connection in all is refused");
+    // Operators see both: how many are open, and what was refused by which limit.
+    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    let value = |series: &str| mxrelay_e2e::metric(&metrics, series);
+    assert_eq!(value("mxrelay_inbound_connections "), Some(3.0), "{metrics}");
+    assert_eq!(value("mxrelay_inbound_refused_total{reason=\"max_connections\"}"), Some(1.0), "{metrics}");
+    assert_eq!(value("mxrelay_inbound_refused_total{reason=\"max_connections_per_client\"}"), Some(1.0), "{metrics}");
     for mut c in [first, second, other] {
         assert!(c.cmd("QUIT").await.starts_with("221"));
     }

@@ -135,6 +135,7 @@ impl Inbound {
         }
         *count += 1;
         open.total += 1;
+        metrics::gauge!("mxrelay_inbound_connections").set(f64::from(open.total));
         Ok(ConnectionSlot { inbound: self.clone(), ip })
     }
 }
@@ -148,6 +149,7 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut open = self.inbound.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         open.total -= 1;
+        metrics::gauge!("mxrelay_inbound_connections").set(f64::from(open.total));
         if let Some(c) = open.per_client.get_mut(&self.ip) {
             *c -= 1;
             if *c == 0 {
@@ -253,19 +255,24 @@ async fn session(mut stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>)
     let ip = peer.ip();
     if !settings.accept_from.iter().any(|c: &Cidr| c.contains(ip)) {
         tracing::warn!(%peer, "client not in accept_from; refused");
+        metrics::counter!("mxrelay_inbound_refused_total", "reason" => "accept_from").increment(1);
         reply(&mut writer, &format!("554 5.7.1 {ip} is not allowed to send mail through {hostname}")).await?;
         return writer.flush().await;
     }
     let _slot = match inbound.open_connection(ip, &settings) {
         Ok(slot) => slot,
         Err(refusal) => {
-            let text = match refusal {
+            let (reason, text) = match refusal {
                 ConnectionRefusal::Total => {
                     tracing::warn!(%peer, limit = settings.max_connections, "max_connections reached; connection refused");
-                    format!("421 4.3.2 {hostname} too many connections, try again later")
+                    ("max_connections", format!("421 4.3.2 {hostname} too many connections, try again later"))
                 }
-                ConnectionRefusal::Client => format!("421 4.7.0 {hostname} too many connections from {ip}, try again later"),
+                ConnectionRefusal::Client => (
+                    "max_connections_per_client",
+                    format!("421 4.7.0 {hostname} too many connections from {ip}, try again later"),
+                ),
             };
+            metrics::counter!("mxrelay_inbound_refused_total", "reason" => reason).increment(1);
             reply(&mut writer, &text).await?;
             return writer.flush().await;
         }
