@@ -64,6 +64,16 @@ impl Raw {
         assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).await.starts_with("250"));
         c
     }
+
+    /// One whole transaction in a new session: `text` (ending in CRLF) as a message to
+    /// `rcpt`. Returns the reply to its final dot.
+    async fn send_message(addr: &str, rcpt: &str, text: &str) -> String {
+        let mut c = Raw::start(addr, rcpt).await;
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        c.send(text.as_bytes()).await;
+        c.send(b".\r\n").await;
+        c.reply().await
+    }
 }
 
 /// Each known smuggling payload: the message carries a second, smuggled transaction after a
@@ -386,10 +396,8 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let mut acked = Vec::new();
     let mut refused = 0;
     for seq in 0..400u64 {
-        let mut c = Raw::start(&relay.addr, "user@customer.test").await;
-        assert!(c.cmd("DATA").await.starts_with("354"));
-        c.send(format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n.\r\n", "z".repeat(256 * 1024)).as_bytes()).await;
-        let answer = c.reply().await;
+        let text = format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n", "z".repeat(256 * 1024));
+        let answer = Raw::send_message(&relay.addr, "user@customer.test", &text).await;
         if answer.starts_with("250") {
             acked.push(seq);
         } else {
@@ -413,10 +421,8 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();
     assert!(lifted.is_ok_and(|s| s.success()), "prlimit");
     eventually("/healthz says ok again", || health(&relay).0 == 200).await;
-    let mut c = Raw::start(&relay.addr, "user@customer.test").await;
-    assert!(c.cmd("DATA").await.starts_with("354"));
-    c.send(b"X-Seq: 400\r\n\r\nafter the disk had room again\r\nEND-OF-MESSAGE 400\r\n.\r\n").await;
-    let answer = c.reply().await;
+    let text = "X-Seq: 400\r\n\r\nafter the disk had room again\r\nEND-OF-MESSAGE 400\r\n";
+    let answer = Raw::send_message(&relay.addr, "user@customer.test", text).await;
     assert!(answer.starts_with("250"), "{answer}");
     acked.push(400);
     relay.kill9();
@@ -500,17 +506,14 @@ fn large_body(mib: usize) -> String {
 /// Sends `count` messages of about 1 MiB each to `rcpt`, four sessions at a time; asserts
 /// each got `250`.
 async fn send_large(addr: &str, rcpt: &str, count: usize) {
-    let body = Arc::new(large_body(1));
+    let text = Arc::new(format!("Subject: large\r\n\r\n{}", large_body(1)));
     let gate = Arc::new(tokio::sync::Semaphore::new(4));
     let sends: Vec<_> = (0..count)
         .map(|_| {
-            let (addr, rcpt, body, gate) = (addr.to_string(), rcpt.to_string(), body.clone(), gate.clone());
+            let (addr, rcpt, text, gate) = (addr.to_string(), rcpt.to_string(), text.clone(), gate.clone());
             tokio::spawn(async move {
                 let _slot = gate.acquire_owned().await.expect("gate");
-                let mut c = Raw::start(&addr, &rcpt).await;
-                assert!(c.cmd("DATA").await.starts_with("354"));
-                c.send(format!("Subject: large\r\n\r\n{body}.\r\n").as_bytes()).await;
-                c.reply().await
+                Raw::send_message(&addr, &rcpt, &text).await
             })
         })
         .collect();
@@ -608,10 +611,8 @@ async fn data_reader(ip: &str, pace: Option<Duration>) -> (u16, Arc<std::sync::M
 /// Sends test message 1 with about `mib` MiB of text (a [`Sink`] counts it); asserts it got
 /// `250`.
 async fn send_one_large(addr: &str, rcpt: &str, mib: usize) {
-    let mut c = Raw::start(addr, rcpt).await;
-    assert!(c.cmd("DATA").await.starts_with("354"));
-    c.send(format!("Subject: large\r\nX-Seq: 1\r\n\r\n{}END-OF-MESSAGE 1\r\n.\r\n", large_body(mib)).as_bytes()).await;
-    let reply = c.reply().await;
+    let text = format!("Subject: large\r\nX-Seq: 1\r\n\r\n{}END-OF-MESSAGE 1\r\n", large_body(mib));
+    let reply = Raw::send_message(addr, rcpt, &text).await;
     assert!(reply.starts_with("250"), "{reply}");
 }
 
