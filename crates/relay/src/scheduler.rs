@@ -118,6 +118,14 @@ impl FreshData {
         FreshData { by_id: HashMap::new(), bytes: 0, budget }
     }
 
+    /// Keeps the data of newly accepted `envelopes` (one message's), except those held on
+    /// arrival: held mail waits for an operator, maybe for days, and its data on disk.
+    fn keep_accepted(&mut self, envelopes: &[Envelope], data: &Arc<Vec<u8>>) {
+        for env in envelopes.iter().filter(|e| !e.held) {
+            self.keep(env.id, data);
+        }
+    }
+
     /// Keeps `data` for envelope `id` if it fits the budget; otherwise delivery reads it back.
     fn keep(&mut self, id: u64, data: &Arc<Vec<u8>>) {
         self.take(id);
@@ -270,10 +278,7 @@ impl Scheduler {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Accepted(envs, data) => {
-                // Held mail waits for an operator, maybe for days: its data stays on disk.
-                for env in envs.iter().filter(|e| !e.held) {
-                    self.fresh.keep(env.id, &data);
-                }
+                self.fresh.keep_accepted(&envs, &data);
                 self.accept(envs);
             }
             Event::Finished(env, outcome) => {
@@ -591,5 +596,28 @@ mod tests {
         assert_eq!(fresh.bytes, 100, "room freed by a hand-over is used again");
         fresh.keep(3, &data(10));
         assert_eq!(fresh.bytes, 70, "kept again: the old data no longer counts");
+    }
+
+    #[test]
+    fn the_data_of_mail_held_on_arrival_is_not_kept() {
+        let envelope = |id: u64, held: bool| Envelope {
+            id,
+            sender: "a@src.test".into(),
+            domain: if held { "held.test" } else { "customer.test" }.into(),
+            recipients: vec!["u@x.test".into()],
+            received_ms: 0,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+            size: 10,
+            warned: false,
+            dsn: None,
+            held,
+        };
+        let mut fresh = FreshData::new(1000);
+        fresh.keep_accepted(&[envelope(1, false), envelope(2, true)], &Arc::new(vec![b'x'; 10]));
+        assert!(fresh.take(2).is_none(), "held mail's data kept in memory");
+        assert!(fresh.take(1).is_some());
+        assert_eq!(fresh.bytes, 0);
     }
 }
