@@ -5,9 +5,9 @@
 //! `fdatasync` for all of them. The index thread puts the same operations into redb later,
 //! in batches of about 20 ms. About once a second (a checkpoint) the writer starts a new
 //! segment, and the segments before it are retired once redb holds their operations
-//! durably. New mail waits for redb only when two full segments wait for a checkpoint (a burst
-//! of large messages), and is refused with `452` if checkpoints fail (a full disk). After a
-//! crash the segments left are replayed into redb at startup.
+//! durably. New mail waits for redb only when two full segments wait for a checkpoint (a
+//! burst of large messages), and is refused with `452` if checkpoints fail (a full disk).
+//! After a crash the segments left are replayed into redb at startup.
 //!
 //! Removals after delivery and schedule updates are journaled without their own sync and
 //! become durable with the next group commit of new mail: a crash can at worst deliver a
@@ -797,11 +797,11 @@ enum IndexMsg {
 }
 
 /// Writes the journaled operations to redb in the batches the writer hands over, on its own
-/// thread, so that the journal does not wait for each redb commit. A batch's new mail waits for the next
-/// batch, by which time most of it is delivered and need not be written at all. Each commit
-/// is durable: small syncs every 20 ms keep the disk evenly busy, where one large commit a
-/// second (10 MB at full load) held up the journal's syncs behind it and raised the p99
-/// acceptance latency about threefold.
+/// thread, so that the journal does not wait for each redb commit. A batch's new mail waits
+/// for the next batch, by which time most of it is delivered and need not be written at
+/// all. Each commit is durable: small syncs every 20 ms keep the disk evenly busy, where one
+/// large commit a second (10 MB at full load) held up the journal's syncs behind it and
+/// raised the p99 acceptance latency about threefold.
 struct Indexer {
     db: Arc<Index>,
     /// Set by a failed write: redb is opened again before the next one.
