@@ -48,10 +48,17 @@ fn a_mailbox_named_twice_gets_the_message_once() {
 #[test]
 fn clients_outside_accept_from_are_refused() {
     let sink = Sink::start("127.0.1.31", &[]);
-    let relay = Relay::start_with("accept_from = [\"127.0.0.1/32\"]", &domain_block("customer.test", &[(&sink, 10)]), "");
+    let relay = Relay::start_with(
+        "accept_from = [\"127.0.0.1/32\"]\nadmin_listen = \"127.0.0.1:0\"",
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
     let (ok, out) =
         swaks(&["--server", &relay.addr, "--local-interface", "127.0.0.2", "--from", "a@src.test", "--to", "user@customer.test"]);
     assert!(!ok && out.contains("554 5.7.1 127.0.0.2 is not allowed"), "{out}");
+    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    let refused = mxrelay_e2e::metric(&metrics, "mxrelay_inbound_refused_total{reason=\"accept_from\"}");
+    assert_eq!(refused, Some(1.0), "{metrics}");
     let (ok, out) =
         swaks(&["--server", &relay.addr, "--local-interface", "127.0.0.1", "--from", "a@src.test", "--to", "user@customer.test"]);
     assert!(ok, "{out}");
