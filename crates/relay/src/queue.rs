@@ -104,6 +104,9 @@ const APPLY_MAX_OPS: usize = 2048;
 /// Full journal segments that may wait for a checkpoint before new mail waits too (or is
 /// refused, if checkpoints fail).
 const MAX_SEGMENTS_BEHIND: u64 = 2;
+/// How long new mail may wait for a checkpoint before it is refused after all: its senders
+/// wait for their reply meanwhile.
+const MAX_INDEX_WAIT: Duration = Duration::from_secs(10);
 
 /// How far redb has caught up with the journal: set by the indexer, waited on by the writer.
 #[derive(Debug, Default)]
@@ -116,7 +119,7 @@ struct IndexProgress {
 struct Checkpointed {
     /// Every segment up to this one is in redb durably.
     through: u64,
-    /// Why the last checkpoint failed, if it did.
+    /// Why the last write to redb failed, if it did.
     failure: Option<String>,
 }
 
@@ -129,16 +132,18 @@ impl IndexProgress {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records a checkpoint's outcome and wakes a writer waiting for it.
-    fn record(&self, through: u64, result: &Result<(), QueueError>) {
+    /// Records a write to redb, and wakes a writer waiting for the index: one that failed
+    /// makes a waiting writer refuse new mail at once, instead of waiting for a checkpoint
+    /// queued behind more failing writes.
+    fn wrote(&self, result: &Result<(), String>) {
+        self.lock().failure = result.as_ref().err().cloned();
+        self.changed.notify_all();
+    }
+
+    /// Records a checkpoint through segment `through`, and wakes a writer waiting for it.
+    fn checkpointed(&self, through: u64) {
         let mut state = self.lock();
-        match result {
-            Ok(()) => {
-                state.through = state.through.max(through);
-                state.failure = None;
-            }
-            Err(e) => state.failure = Some(e.to_string()),
-        }
+        state.through = state.through.max(through);
         self.changed.notify_all();
     }
 }
@@ -713,8 +718,8 @@ impl Writer {
         result.map_err(|e| e.to_string())
     }
 
-    /// Why new mail is refused now, if it is: redb failing to take what the journal holds (a
-    /// full disk) while [`MAX_SEGMENTS_BEHIND`] segments wait for it. The journal must not
+    /// Why new mail is refused now, if it is: the last write to redb failed (a full disk)
+    /// while [`MAX_SEGMENTS_BEHIND`] segments wait for a checkpoint. The journal must not
     /// grow without end, and the indexer holds the unapplied operations in memory. Clears by
     /// itself once a checkpoint succeeds.
     fn refusal(&self) -> Option<String> {
@@ -733,20 +738,29 @@ impl Writer {
     }
 
     /// Holds new mail back while [`MAX_SEGMENTS_BEHIND`] segments wait for a checkpoint:
-    /// refused if checkpoints fail ([`Writer::refusal`]), otherwise until the checkpoint
-    /// under way ends. A burst of large messages can fill segments faster than redb takes
-    /// them; its senders then wait for their `250` instead of getting a `452`. A rotation
-    /// asks for a checkpoint of every segment before the current one, so one is under way.
+    /// refused if writes to redb fail ([`Writer::refusal`]), otherwise until the checkpoint
+    /// under way ends, for at most [`MAX_INDEX_WAIT`]. A burst of large messages can fill
+    /// segments faster than redb takes them; its senders then wait for their `250` instead
+    /// of getting a `452`. A rotation asks for a checkpoint of every segment before the
+    /// current one, so one is under way.
     fn wait_for_index(&self) -> Result<(), String> {
+        let until = Instant::now() + MAX_INDEX_WAIT;
         let mut index = self.progress.lock();
         loop {
             if let Some(why) = self.refusal_in(&index) {
                 return Err(why);
             }
-            if self.segments_behind(&index) < MAX_SEGMENTS_BEHIND {
+            let behind = self.segments_behind(&index);
+            if behind < MAX_SEGMENTS_BEHIND {
                 return Ok(());
             }
-            index = self.progress.changed.wait(index).unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                return Err(format!(
+                    "the queue index is {behind} journal segments behind and no checkpoint ended within {}s; new mail refused",
+                    MAX_INDEX_WAIT.as_secs()
+                ));
+            };
+            index = self.progress.changed.wait_timeout(index, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
     }
 
@@ -877,29 +891,28 @@ impl Indexer {
     /// Writes `pending` to redb in one durable transaction, opening redb again first if the
     /// last write failed.
     fn write(&mut self, pending: &[Pending]) -> Result<(), String> {
-        if self.reopen_first {
-            self.db.reopen()?;
-            self.reopen_first = false;
-        }
-        let written = self.db.with(|db| {
-            let mut tx = db.begin_write().map_err(|e| e.to_string())?;
-            tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-            {
-                let mut tables = Tables::open(&tx)?;
-                settled(pending).try_for_each(|op| tables.apply(op.record()))?;
-            }
-            tx.commit().map_err(|e| e.to_string())
+        let reopened = if self.reopen_first { self.db.reopen() } else { Ok(()) };
+        let written = reopened.and_then(|()| {
+            self.db.with(|db| {
+                let mut tx = db.begin_write().map_err(|e| e.to_string())?;
+                tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+                {
+                    let mut tables = Tables::open(&tx)?;
+                    settled(pending).try_for_each(|op| tables.apply(op.record()))?;
+                }
+                tx.commit().map_err(|e| e.to_string())
+            })
         });
         self.reopen_first = written.is_err();
+        self.progress.wrote(&written);
         written
     }
 
     /// Commits redb durably with everything received so far, which includes every operation
     /// of the segments up to `through`, then retires those segments.
     fn checkpoint(&mut self, through: u64) -> Result<(), QueueError> {
-        let applied = self.apply(&HashSet::new()).map(|_| ());
-        self.progress.record(through, &applied);
-        applied?;
+        self.apply(&HashSet::new())?;
+        self.progress.checkpointed(through);
         let covered: Vec<_> = journal::segments(&self.dir)
             .map_err(|e| QueueError::Write(e.to_string()))?
             .into_iter()
