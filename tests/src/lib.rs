@@ -367,12 +367,13 @@ impl Relay {
         let mut cmd = match self.file_size_limit_kib {
             None => Command::new(relay_binary()),
             // RLIMIT_FSIZE: a write past the limit in any one file fails with EFBIG, as on a
-            // full disk (SIGXFSZ ignored, so the write fails instead of killing the process).
-            // `ulimit -f` counts KiB in bash (512-byte blocks in dash): bash by name.
+            // full disk. The relay handles SIGXFSZ itself, so the write fails instead of
+            // killing the process. `ulimit -f` counts KiB in bash (512-byte blocks in dash):
+            // bash by name.
             Some(kib) => {
                 let mut bash = Command::new("bash");
                 // The soft limit only, so that a test can lift it from outside (`prlimit`).
-                bash.arg("-c").arg(format!("trap '' XFSZ; ulimit -S -f {kib}; exec \"$0\" \"$@\"")).arg(relay_binary());
+                bash.arg("-c").arg(format!("ulimit -S -f {kib}; exec \"$0\" \"$@\"")).arg(relay_binary());
                 bash
             }
         };
@@ -451,6 +452,22 @@ impl Relay {
     /// Log lines containing every one of `needles`.
     pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
         self.log.lock().expect("log").iter().filter(|l| needles.iter().all(|n| l.contains(n))).cloned().collect()
+    }
+
+    /// How many log lines contain every one of `needles`, once at least one does. The log
+    /// reaches the test through a pipe that a thread reads, so a line written before an
+    /// event the test awaited may not have been read yet: awaited here, not assumed. Panics
+    /// with the log after [`PATIENCE`].
+    pub async fn logged(&self, needles: &[&str]) -> usize {
+        let start = Instant::now();
+        loop {
+            let n = self.log_lines(needles).len();
+            if n > 0 {
+                return n;
+            }
+            assert!(start.elapsed() < PATIENCE, "no log line with {needles:?}; the log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -76,6 +76,24 @@ fn systemd_is_told_of_readiness_reloads_and_shutdown_and_the_watchdog_is_pinged(
     assert!(relay.wait_exit());
 }
 
+/// A service manager that stops reading `$NOTIFY_SOCKET` (its queue holds ten datagrams)
+/// never holds up mail: with one runtime thread, a relay that sent from it stopped
+/// accepting once the queue was full.
+#[tokio::test]
+async fn a_service_manager_that_stops_reading_never_holds_up_mail() {
+    let notify = mxrelay_e2e::NotifySocket::bind();
+    let sink = Sink::start("127.0.1.152", &[]);
+    let env = [("NOTIFY_SOCKET", notify.path.as_str()), ("WATCHDOG_USEC", "20000"), ("TOKIO_WORKER_THREADS", "1")];
+    let relay = Relay::start_with_env(&env, &domain_block("customer.test", &[(&sink, 10)]), "");
+    relay.logged(&["not reading its notifications"]).await;
+    let acked = send(&relay.addr, "user@customer.test", 0..20, 4).await;
+    assert_eq!(acked.len(), 20, "mail refused or unanswered while the service manager was not reading");
+    eventually("all delivered", || sink.count() == 20).await;
+    // Reading again, it hears the watchdog again.
+    notify.drain();
+    assert_eq!(notify.receive(), "WATCHDOG=1");
+}
+
 /// The systemd unit in `contrib/` passes `systemd-analyze verify` with no complaint (an
 /// unknown key or a command that cannot run would be one), and runs the relay the way the
 /// test above does: `Type=notify` with a watchdog, and a reload by SIGHUP.
@@ -114,7 +132,7 @@ async fn sigterm_lets_the_delivery_in_flight_finish_and_keeps_the_rest_queued() 
     })
     .await;
     assert!(relay.wait_exit(), "graceful shutdown exits with 0");
-    assert!(!relay.log_lines(&["stopped; queued mail stays queued"]).is_empty(), "{}", relay.log_text());
+    relay.logged(&["stopped; queued mail stays queued"]).await;
     assert_eq!(slow.count(), 1, "exactly the delivery in flight finished");
 
     // The rest was kept and goes out on the next start, each message once.
@@ -357,7 +375,7 @@ async fn held_mail_does_not_expire_while_held() {
     let (ok, out, err) = mxrelay(&["queue", "release", &config, &held]);
     assert!(ok && out == "released 1 message\n", "{out}{err}");
     eventually("delivered once released", || sink.received().contains_key(&1)).await;
-    assert_eq!(relay.log_lines(&["expired after max_queue_lifetime"]).len(), 1, "{}", relay.log_text());
+    assert_eq!(relay.logged(&["expired after max_queue_lifetime"]).await, 1, "{}", relay.log_text());
     assert!(!sink.received().contains_key(&2), "the expired one is not delivered");
 }
 
@@ -381,20 +399,20 @@ async fn a_domain_on_hold_keeps_what_arrives_until_released() {
     assert!(send_one(&relay.addr, "user@open.test", 2).await);
     eventually("the other domain's mail delivered", || sink.received().contains_key(&2)).await;
     assert!(!sink.received().contains_key(&1), "mail for a domain on hold was delivered");
-    assert_eq!(relay.log_lines(&["held on arrival (the domain's hold = true)", "held.test"]).len(), 1, "{}", relay.log_text());
+    assert_eq!(relay.logged(&["held on arrival (the domain's hold = true)", "held.test"]).await, 1, "{}", relay.log_text());
     assert!(mxrelay(&["queue", "list", &config]).1.ends_with("1 queued, 1 held\n"));
-    assert!(!relay.log_lines(&["warning: domain held.test: hold"]).is_empty(), "the start warns: {}", relay.log_text());
+    relay.logged(&["warning: domain held.test: hold"]).await;
 
     let path = relay.config_path();
     let text = std::fs::read_to_string(&path).expect("config");
     // A reload with the hold still on warns again; one that turns it off does not.
     relay.signal("HUP");
     eventually("reloaded", || relay.log_lines(&["configuration reloaded"]).len() == 1).await;
-    assert_eq!(relay.log_lines(&["configuration warning", "domain held.test: hold"]).len(), 1, "{}", relay.log_text());
+    assert_eq!(relay.logged(&["configuration warning", "domain held.test: hold"]).await, 1, "{}", relay.log_text());
     std::fs::write(&path, text.replace("hold = true", "hold = false")).expect("write");
     relay.signal("HUP");
     eventually("reloaded", || relay.log_lines(&["configuration reloaded"]).len() == 2).await;
-    assert_eq!(relay.log_lines(&["configuration warning", "domain held.test: hold"]).len(), 1, "{}", relay.log_text());
+    assert_eq!(relay.logged(&["configuration warning", "domain held.test: hold"]).await, 1, "{}", relay.log_text());
     assert!(send_one(&relay.addr, "user@held.test", 3).await);
     eventually("new mail flows once the hold is off", || sink.received().contains_key(&3)).await;
     assert!(!sink.received().contains_key(&1), "what was held waits for the release");

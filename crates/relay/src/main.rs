@@ -306,6 +306,19 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         // process.
         use tokio::signal::unix::{SignalKind, signal};
         let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()));
+        // A write past the file-size limit (systemd's LimitFSIZE=, `ulimit -f`) raises SIGXFSZ,
+        // whose default action ends the process. Handled, the write fails with EFBIG instead,
+        // and the relay treats it as a full disk: new mail refused with 452, queued mail kept.
+        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            Ok(mut too_large) => {
+                tokio::spawn(async move {
+                    while too_large.recv().await.is_some() {
+                        tracing::warn!("a write went past the file-size limit (RLIMIT_FSIZE); it failed as on a full disk");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ; a write past the file-size limit ends the process"),
+        }
         let relay = match mxrelay::relay::start(&config, policies, tls).await {
             Ok(r) => r,
             Err(e) => {
@@ -376,7 +389,7 @@ async fn serve_signals(
             }
         }
     }
-    manager.stopping();
+    manager.stopping().await;
     tracing::info!(grace = ?grace, "shutting down: no new mail accepted; letting deliveries in flight finish");
     if relay.shutdown(grace).await {
         tracing::info!("stopped; queued mail stays queued for the next start");
