@@ -10,7 +10,16 @@ fuzz_target!(|input: &[u8]| {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     let mut reader = tokio::io::BufReader::new(input);
     let mut out = Vec::new();
-    let (end, _) = runtime.block_on(read_data(&mut reader, &mut out, 1 << 20)).expect("in-memory read");
+    // Memory granted up to a limit taken from the input, so that refusals are explored too:
+    // `out` never holds more than was granted.
+    let limit = usize::from(input.first().copied().unwrap_or(0)) << 8;
+    let mut granted = 0;
+    let room = |capacity| {
+        granted = if capacity <= limit.max(1024) { capacity } else { granted };
+        capacity <= limit.max(1024)
+    };
+    let (end, _) = runtime.block_on(read_data(&mut reader, &mut out, 1 << 20, room)).expect("in-memory read");
+    assert!(out.capacity() <= granted || out.capacity() == 0, "{} > {granted}", out.capacity());
     if end != DataEnd::Complete {
         return;
     }

@@ -136,6 +136,48 @@ async fn data_pipelined_before_354_is_refused() {
     assert_eq!(c.reply().await, "", "the session must be closed");
 }
 
+/// The messages arriving at once hold at most `max_data_in_memory`: past it, a sender gets
+/// `452 4.3.1` (at MAIL when its SIZE says so, else after its data) and tries again later;
+/// the message already arriving is taken, and so is the next once there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_arriving_at_once_hold_at_most_max_data_in_memory() {
+    let sink = Sink::start("127.0.1.153", &[]);
+    let relay = Relay::start_with(
+        "max_data_in_memory = 1048576\nadmin_listen = \"127.0.0.1:0\"",
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
+    let held = || mxrelay_e2e::metric(&mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics"), "mxrelay_inbound_data_bytes");
+    // The first message is alone, so it may take more than the limit: 900 KiB, still arriving.
+    let mut first = Raw::start(&relay.addr, "user@customer.test").await;
+    assert!(first.cmd("DATA").await.starts_with("354"));
+    // Lines of 65 bytes: 920 KiB.
+    first.send(format!("X-Seq: 1\r\n\r\n{}", &large_body(1)[..65 * 14_500]).as_bytes()).await;
+    eventually("the first message's data held", || held().is_some_and(|b| b >= f64::from(900 << 10))).await;
+
+    let mut sized = Raw::connect(&relay.addr).await;
+    assert!(sized.reply().await.starts_with("220"));
+    assert!(sized.cmd("EHLO sender.test").await.starts_with("250"));
+    let answer = sized.cmd("MAIL FROM:<a@src.test> SIZE=200000").await;
+    assert!(answer.starts_with("452 4.3.1"), "{answer}");
+    let text = format!("X-Seq: 2\r\n\r\n{}END-OF-MESSAGE 2\r\n", &large_body(1)[..65 * 4_700]);
+    let answer = Raw::send_message(&relay.addr, "user@customer.test", &text).await;
+    assert!(answer.starts_with("452 4.3.1"), "{answer}");
+
+    first.send(b"END-OF-MESSAGE 1\r\n.\r\n").await;
+    let answer = first.reply().await;
+    assert!(answer.starts_with("250"), "{answer}");
+    eventually("every share given back", || held() == Some(0.0)).await;
+    let text = text.replace("X-Seq: 2", "X-Seq: 3").replace("END-OF-MESSAGE 2", "END-OF-MESSAGE 3");
+    let answer = Raw::send_message(&relay.addr, "user@customer.test", &text).await;
+    assert!(answer.starts_with("250"), "with room again: {answer}");
+    eventually("both taken delivered", || sink.count() == 2).await;
+    assert_eq!(sink.received().keys().copied().collect::<Vec<_>>(), [1, 3]);
+    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    let refused = mxrelay_e2e::metric(&metrics, "mxrelay_inbound_refused_total{reason=\"max_data_in_memory\"}");
+    assert_eq!(refused, Some(2.0), "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_on_connections_recipients_and_line_length() {
     let sink = Sink::start("127.0.1.72", &[]);

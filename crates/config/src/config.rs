@@ -88,6 +88,8 @@ struct FileRelay {
     #[serde(default)]
     max_connections_per_client: Option<u32>,
     #[serde(default)]
+    max_data_in_memory: Option<u64>,
+    #[serde(default)]
     idle_timeout: Option<String>,
     #[serde(default)]
     shutdown_timeout: Option<String>,
@@ -296,11 +298,14 @@ pub struct RelayConfig {
     /// Most `Received:` fields a message may arrive with; more means a mail loop (default 50,
     /// Postfix's `hopcount_limit`).
     pub max_hops: u32,
-    /// Most simultaneous connections in all (default 1000). Each may hold a message of up to
-    /// `max_message_size` in memory while it arrives, so this bounds that memory too.
+    /// Most simultaneous connections in all (default 1000).
     pub max_connections: u32,
     /// Most simultaneous connections from one client address (default 100).
     pub max_connections_per_client: u32,
+    /// Most message data held in memory while it arrives, in bytes, across all sessions
+    /// (default 512 MiB). A message that would take more gets `452 4.3.1`, unless it is the
+    /// only one arriving.
+    pub max_data_in_memory: u64,
     /// A client silent for this long is disconnected with 421 (default 5 min, RFC 5321 §4.5.3.2).
     pub idle_timeout: Duration,
     /// On SIGTERM, how long deliveries in flight may take to finish (default 30 s).
@@ -565,6 +570,15 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
     if max_connections_per_client == 0 {
         problems.push(error("relay.max_connections_per_client", "0 would refuse every client; use at least 1"));
     }
+    let max_data_in_memory = file.max_data_in_memory.unwrap_or(512 << 20);
+    if max_data_in_memory < MIN_DATA_IN_MEMORY {
+        problems.push(error(
+            "relay.max_data_in_memory",
+            format!(
+                "{max_data_in_memory} bytes would have most mail arrive one message at a time; use at least {MIN_DATA_IN_MEMORY} (1 MiB)"
+            ),
+        ));
+    }
     RelayConfig {
         hostname: file.hostname.trim_end_matches('.').to_ascii_lowercase(),
         listen,
@@ -575,6 +589,7 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         max_hops,
         max_connections,
         max_connections_per_client,
+        max_data_in_memory,
         idle_timeout: duration_field("relay.idle_timeout", file.idle_timeout, Duration::from_secs(300), problems),
         shutdown_timeout: duration_field("relay.shutdown_timeout", file.shutdown_timeout, Duration::from_secs(30), problems),
         greet_pause: duration_field("relay.greet_pause", file.greet_pause, Duration::ZERO, problems),
@@ -586,6 +601,9 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         require_tls,
     }
 }
+
+/// The least `relay.max_data_in_memory` allowed.
+const MIN_DATA_IN_MEMORY: u64 = 1 << 20;
 
 /// Default retry schedule: quick first retries for short outages, then backing off to RFC
 /// 5321's "one every two or three hours". Recovery of a dead server retries at once anyway.
@@ -864,6 +882,7 @@ preference = 20
         assert!(c.relay.accept_from.iter().any(|r| r.contains("127.0.0.1".parse().expect("ip"))));
         assert_eq!(c.relay.max_hops, 50);
         assert_eq!((c.relay.max_connections, c.relay.max_connections_per_client), (1000, 100));
+        assert_eq!(c.relay.max_data_in_memory, 512 << 20);
         assert_eq!(c.delivery.connection_cache_time, Duration::from_secs(5));
         assert!(!c.domains[0].hold);
     }
@@ -936,6 +955,8 @@ preference = 20
         assert!(p.iter().any(|l| l.starts_with("relay.max_hops: 0 would refuse")), "{p:?}");
         let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nmax_connections = 0"));
         assert!(p.iter().any(|l| l.starts_with("relay.max_connections: 0 would refuse")), "{p:?}");
+        let p = problems(&SEED.replace("queue = \"var/queue\"", "queue = \"var/queue\"\nmax_data_in_memory = 65536"));
+        assert!(p.iter().any(|l| l.starts_with("relay.max_data_in_memory: 65536 bytes would have")), "{p:?}");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub enum DataEnd {
     Complete,
     /// Complete, but larger than the limit; the content was discarded.
     TooLarge,
+    /// Complete, but memory to hold it was refused; the content was discarded.
+    NoRoom,
     /// The connection closed before the end of data.
     Eof,
 }
@@ -34,14 +36,20 @@ pub struct Normalised {
 
 /// Reads DATA up to the end marker into `out` (canonical, unstuffed). Bytes after `max_size`
 /// are discarded but still read, so the session stays in sync.
+///
+/// `out` grows only with leave from `room`, which is asked for each capacity before `out`
+/// takes it, and told `0` once the content is discarded. So the caller can bound the memory
+/// that all messages arriving at once hold ([`DataEnd::NoRoom`] when it does). Capacity
+/// doubles, as a `Vec`'s would, up to `max_size`.
 pub async fn read_data<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     out: &mut Vec<u8>,
     max_size: u64,
+    mut room: impl FnMut(usize) -> bool,
 ) -> std::io::Result<(DataEnd, Normalised)> {
     let mut line = Vec::with_capacity(1024);
     let mut fixed = Normalised::default();
-    let mut too_large = false;
+    let mut discarded: Option<DataEnd> = None;
     // The end marker counts only after a real CRLF: `<LF>.<CR><LF>` is not an end of data.
     let mut after_crlf = true;
     loop {
@@ -51,9 +59,12 @@ pub async fn read_data<R: AsyncBufRead + Unpin>(
             return Ok((DataEnd::Eof, fixed));
         }
         if after_crlf && line == b".\r\n" {
-            return Ok((if too_large { DataEnd::TooLarge } else { DataEnd::Complete }, fixed));
+            return Ok((discarded.unwrap_or(DataEnd::Complete), fixed));
         }
         after_crlf = line.ends_with(b"\r\n");
+        if discarded.is_some() {
+            continue;
+        }
         let content = match line.strip_suffix(b"\r\n") {
             Some(c) => c,
             None => {
@@ -66,9 +77,24 @@ pub async fn read_data<R: AsyncBufRead + Unpin>(
             [b'.', rest @ ..] if !rest.is_empty() => rest,
             other => other,
         };
-        if too_large || (out.len() + content.len() + 2) as u64 > max_size {
-            too_large = true;
-            out.clear();
+        let needed = out.len() + content.len() + 2;
+        let end = if needed as u64 > max_size {
+            Some(DataEnd::TooLarge)
+        } else if needed > out.capacity() {
+            let capacity = (out.capacity() * 2).max(needed).min(max_size as usize);
+            if room(capacity) {
+                out.reserve_exact(capacity - out.len());
+                None
+            } else {
+                Some(DataEnd::NoRoom)
+            }
+        } else {
+            None
+        };
+        if end.is_some() {
+            discarded = end;
+            *out = Vec::new();
+            room(0);
             continue;
         }
         // Copied in runs between stray CRs (almost always one run): a byte-at-a-time copy
@@ -241,7 +267,7 @@ mod tests {
     async fn read(input: &[u8], max: u64) -> (DataEnd, Normalised, Vec<u8>, Vec<u8>) {
         let mut reader = tokio::io::BufReader::new(input);
         let mut out = Vec::new();
-        let (end, fixed) = read_data(&mut reader, &mut out, max).await.expect("read");
+        let (end, fixed) = read_data(&mut reader, &mut out, max, |_| true).await.expect("read");
         let mut rest = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest).await.expect("rest");
         (end, fixed, out, rest)
@@ -303,7 +329,54 @@ mod tests {
         input.extend_from_slice(b".\r\nQUIT\r\n");
         let (end, _, out, rest) = read(&input, 1000).await;
         assert_eq!(end, DataEnd::TooLarge);
-        assert!(out.is_empty());
+        assert_eq!((out.len(), out.capacity()), (0, 0), "the memory is given back");
+        assert_eq!(rest, b"QUIT\r\n");
+    }
+
+    /// `out` takes no capacity that `room` did not grant, capacities double up to the limit,
+    /// and a refusal discards the content (reported with `0`) but reads to the end.
+    #[tokio::test]
+    async fn memory_is_taken_only_with_leave() {
+        let line = b"0123456789012345678901234567890123456789\r\n";
+        let mut input = line.repeat(1000);
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        let mut granted = Vec::new();
+        let mut out = Vec::new();
+        let mut reader = tokio::io::BufReader::new(&input[..]);
+        let ask = |capacity| {
+            granted.push(capacity);
+            true
+        };
+        let (end, _) = read_data(&mut reader, &mut out, 1 << 20, ask).await.expect("read");
+        assert_eq!(end, DataEnd::Complete);
+        assert_eq!(out.len(), 42_000);
+        assert!(out.capacity() <= *granted.last().expect("asked"), "{} > {granted:?}", out.capacity());
+        assert!(granted.windows(2).all(|w| w[1] >= 2 * w[0]), "{granted:?}");
+        assert!(granted.len() < 20, "asked once per doubling: {granted:?}");
+        // Capped at the limit, not doubled past it.
+        let mut granted = Vec::new();
+        let ask = |capacity| {
+            granted.push(capacity);
+            true
+        };
+        let (end, _) = read_data(&mut tokio::io::BufReader::new(&input[..]), &mut Vec::new(), 42_000, ask).await.expect("read");
+        assert_eq!(end, DataEnd::Complete);
+        assert_eq!(granted.last(), Some(&42_000));
+
+        // Refused past 4 KiB: the rest is read and discarded, and the grant given back.
+        let mut asked = Vec::new();
+        let ask = |capacity| {
+            asked.push(capacity);
+            capacity <= 4096
+        };
+        let mut out = Vec::new();
+        let mut reader = tokio::io::BufReader::new(&input[..]);
+        let (end, _) = read_data(&mut reader, &mut out, 1 << 20, ask).await.expect("read");
+        assert_eq!(end, DataEnd::NoRoom);
+        assert_eq!((out.len(), out.capacity()), (0, 0));
+        assert_eq!(asked.last(), Some(&0), "{asked:?}");
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest).await.expect("rest");
         assert_eq!(rest, b"QUIT\r\n");
     }
 

@@ -18,10 +18,14 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
 use crate::data::{DataEnd, header_summary, read_data, rfc5322_date};
+use crate::data_memory::DataMemory;
 use crate::dsn::{DsnRequest, RcptDsn};
 use crate::queue::{Envelope, Queue, format_id, now_ms};
 use crate::scheduler::Event;
 
+/// The reply to a message there is no memory for now (`max_data_in_memory`): the client
+/// tries again later.
+const NO_ROOM: &str = "452 4.3.1 insufficient system storage: too much mail arriving at once, try again later";
 /// Longest command line accepted (RFC 5321 §4.5.3.1.4 says 512; extensions make it longer).
 const MAX_COMMAND_LINE: usize = 4096;
 /// Bad commands tolerated before the session is closed.
@@ -55,6 +59,8 @@ pub struct Inbound {
     /// STARTTLS, when `tls_cert`/`tls_key` are set; a reload re-reads the files.
     tls: std::sync::RwLock<Option<TlsAcceptor>>,
     connections: Mutex<Connections>,
+    /// Message data arriving now, bounded by `max_data_in_memory`.
+    data_memory: DataMemory,
 }
 
 /// Open connections: in all, and per client address.
@@ -94,6 +100,7 @@ impl Inbound {
             events,
             tls: std::sync::RwLock::new(tls),
             connections: Mutex::default(),
+            data_memory: DataMemory::default(),
         }
     }
 
@@ -392,6 +399,10 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         &format!("552 5.3.4 message size {} exceeds the limit of {} bytes", from.size, settings.max_message_size),
                     )
                     .await?;
+                } else if inbound.data_memory.would_refuse(from.size as u64, settings.max_data_in_memory) {
+                    // RFC 1870 §6.1: no room for a message of this size at the moment.
+                    metrics::counter!("mxrelay_inbound_refused_total", "reason" => "max_data_in_memory").increment(1);
+                    reply(writer, NO_ROOM).await?;
                 } else if let Some(param) = unoffered_mail_parameter(&from) {
                     reply(writer, &format!("555 5.5.4 {param} is not supported")).await?;
                 } else {
@@ -564,10 +575,18 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         id = format_id(first_id),
         date = rfc5322_date(received_ms / 1000),
     );
-    let mut data = Vec::with_capacity(8 * 1024);
+    // The buffer's capacity is this message's share of `max_data_in_memory`, given back when
+    // the message is queued or refused.
+    let mut share = inbound.data_memory.share(settings.max_data_in_memory);
+    // Room for most messages at once: one ask, not one per doubling from a few bytes.
+    let first = header.len() + 8 * 1024;
+    let admitted = share.resize(first);
+    let mut data = Vec::with_capacity(if admitted { first } else { header.len() });
     data.extend_from_slice(header.as_bytes());
+    let room = |capacity| (admitted || capacity == 0) && share.resize(capacity);
     let timeout = settings.idle_timeout.max(Duration::from_secs(60));
-    let read = tokio::time::timeout(timeout, read_data(reader, &mut data, settings.max_message_size + header.len() as u64)).await;
+    let limit = settings.max_message_size + header.len() as u64;
+    let read = tokio::time::timeout(timeout, read_data(reader, &mut data, limit, room)).await;
     let (end, fixed) = match read {
         Err(_) => return Ok(None),
         Ok(r) => r?,
@@ -576,6 +595,11 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         DataEnd::Eof => return Ok(None),
         DataEnd::TooLarge => {
             return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", settings.max_message_size)));
+        }
+        DataEnd::NoRoom => {
+            tracing::warn!(%peer, limit = settings.max_data_in_memory, held = inbound.data_memory.held(), "no room for a message arriving now (max_data_in_memory); answered 452");
+            metrics::counter!("mxrelay_inbound_refused_total", "reason" => "max_data_in_memory").increment(1);
+            return Ok(Some(NO_ROOM.into()));
         }
         DataEnd::Complete => {}
     }
@@ -594,6 +618,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     // The buffer grew by doubling: up to half of it is spare, and the data may stay in memory
     // until its first delivery.
     data.shrink_to_fit();
+    share.resize(data.capacity());
     let data = Arc::new(data);
     let sender = txn.sender.clone().unwrap_or_default();
     let mut by_domain: Vec<(String, Vec<String>)> = Vec::new();

@@ -9,6 +9,7 @@
 //! * [`inbound`] → [`queue`] → [`scheduler`] → [`delivery`] → [`outbound`]: the relay's path
 //!   for a message, with [`health`] remembering which servers are down; [`relay`] wires them;
 //!   [`outbound`] also tests a domain's servers without sending (`mxrelay test-servers`);
+//!   [`data_memory`] bounds the memory of the messages arriving at once;
 //! * [`admin`]: the admin API (metrics, domains, queue control) and [`queue_cli`], the
 //!   `mxrelay queue` commands that call it;
 //! * [`tls`]: STARTTLS in and out, and the relay's client certificate;
@@ -21,6 +22,7 @@ pub use mxrelay_dsn as dsn;
 pub use mxrelay_message_data as data;
 
 pub mod admin;
+pub mod data_memory;
 pub mod delivery;
 pub mod health;
 pub mod inbound;
