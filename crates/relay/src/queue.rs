@@ -104,9 +104,6 @@ const APPLY_MAX_OPS: usize = 2048;
 /// Full journal segments that may wait for a checkpoint before new mail waits too (or is
 /// refused, if checkpoints fail).
 const MAX_SEGMENTS_BEHIND: u64 = 2;
-/// How long new mail may wait for a checkpoint before it is refused after all: its senders
-/// wait for their reply meanwhile.
-const MAX_INDEX_WAIT: Duration = Duration::from_secs(10);
 
 /// How far redb has caught up with the journal: set by the indexer, waited on by the writer.
 #[derive(Debug, Default)]
@@ -155,11 +152,18 @@ struct Timing {
     apply_after: Duration,
     /// How often the writer starts a new segment, so that the ones before it can be retired.
     checkpoint_every: Duration,
+    /// How long new mail may wait for a checkpoint before it is refused after all: its
+    /// senders wait for their reply meanwhile.
+    max_index_wait: Duration,
 }
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing { apply_after: Duration::from_millis(20), checkpoint_every: Duration::from_secs(1) }
+        Timing {
+            apply_after: Duration::from_millis(20),
+            checkpoint_every: Duration::from_secs(1),
+            max_index_wait: Duration::from_secs(10),
+        }
     }
 }
 
@@ -739,12 +743,12 @@ impl Writer {
 
     /// Holds new mail back while [`MAX_SEGMENTS_BEHIND`] segments wait for a checkpoint:
     /// refused if writes to redb fail ([`Writer::refusal`]), otherwise until the checkpoint
-    /// under way ends, for at most [`MAX_INDEX_WAIT`]. A burst of large messages can fill
+    /// under way ends, for at most [`Timing::max_index_wait`]. A burst of large messages can fill
     /// segments faster than redb takes them; its senders then wait for their `250` instead
     /// of getting a `452`. A rotation asks for a checkpoint of every segment before the
     /// current one, so one is under way.
     fn wait_for_index(&self) -> Result<(), String> {
-        let until = Instant::now() + MAX_INDEX_WAIT;
+        let until = Instant::now() + self.timing.max_index_wait;
         let mut index = self.progress.lock();
         loop {
             if let Some(why) = self.refusal_in(&index) {
@@ -756,8 +760,8 @@ impl Writer {
             }
             let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                 return Err(format!(
-                    "the queue index is {behind} journal segments behind and no checkpoint ended within {}s; new mail refused",
-                    MAX_INDEX_WAIT.as_secs()
+                    "the queue index is {behind} journal segments behind and no checkpoint ended within {:?}; new mail refused",
+                    self.timing.max_index_wait
                 ));
             };
             index = self.progress.changed.wait_timeout(index, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
@@ -1061,7 +1065,11 @@ mod tests {
 
     /// The writer leaves redb alone for an hour: everything since `open` is in the journal
     /// only, as after a crash.
-    const JOURNAL_ONLY: Timing = Timing { apply_after: Duration::from_secs(3600), checkpoint_every: Duration::from_secs(3600) };
+    const JOURNAL_ONLY: Timing = Timing {
+        apply_after: Duration::from_secs(3600),
+        checkpoint_every: Duration::from_secs(3600),
+        max_index_wait: Duration::from_secs(10),
+    };
 
     /// A queue that leaves redb alone, holding one acknowledged message with `data`.
     async fn journal_only_with_one(dir: &Path, data: &[u8]) -> (Queue, Envelope) {
@@ -1203,6 +1211,82 @@ mod tests {
             assert!(Instant::now() < deadline, "the removal never reached redb: the sleeping writer was not woken");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        q.close();
+    }
+
+    /// A writer that is stuck stops answering pings, so `/healthz` and the watchdog (both
+    /// [`crate::relay::check_alive`]) report it, and it answers again once free. Stuck here
+    /// on the lock it shares with the index thread, held by the test, as a sync that never
+    /// returns would hold it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(clippy::await_holding_lock, reason = "the held lock is what the writer is stuck on")]
+    async fn a_stuck_writer_is_reported_unresponsive_until_it_moves_again() {
+        use crate::relay::{Readiness, Unresponsive, check_alive};
+        use crate::scheduler::Event;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open(dir.path()).expect("open");
+        // A scheduler that answers.
+        let (events, mut scheduler) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = scheduler.recv().await {
+                if let Event::Ping(answer) = event {
+                    let _ = answer.send(());
+                }
+            }
+        });
+        let patience = Duration::from_secs(10);
+        assert!(matches!(check_alive(&q, &events, patience).await, Ok(Readiness::Ready)));
+        let held = q.unapplied.lock().expect("lock");
+        let a = envelope(&q, "a@customer.test");
+        let mut insert = Box::pin(q.insert(vec![(a.clone(), Arc::new(b"x".to_vec()))]));
+        // Polled once, so the insert is in the writer's channel before the ping.
+        tokio::select! {
+            biased;
+            _ = &mut insert => panic!("inserted while the writer could not move"),
+            () = std::future::ready(()) => {}
+        }
+        let stuck = check_alive(&q, &events, Duration::from_millis(300)).await;
+        assert!(matches!(stuck, Err(Unresponsive::QueueWriter)), "{stuck:?}");
+        drop(held);
+        insert.await.expect("insert once free");
+        assert!(matches!(check_alive(&q, &events, patience).await, Ok(Readiness::Ready)));
+        assert_eq!(q.read_data(a.id).expect("data"), b"x");
+        q.close();
+    }
+
+    /// New mail waits for a checkpoint under way, but only for `max_index_wait`: past it,
+    /// with the index stuck (here on its lock, held by the test), the sender is refused, not
+    /// kept waiting. Once the index moves again, mail is taken again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(clippy::await_holding_lock, reason = "the held lock is what the index is stuck on")]
+    async fn mail_waits_for_a_stuck_index_only_so_long() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let timing = Timing {
+            apply_after: Duration::from_millis(20),
+            checkpoint_every: Duration::from_secs(3600),
+            max_index_wait: Duration::from_millis(200),
+        };
+        let (q, _) = Queue::open_with(dir.path(), timing).expect("open");
+        let stuck = q.db.db.write().expect("lock");
+        let data = Arc::new(vec![b'x'; 2 << 20]);
+        let mut taken = 0;
+        let (refusal, waited) = loop {
+            let env = envelope(&q, "a@customer.test");
+            let started = Instant::now();
+            match q.insert(vec![(env, data.clone())]).await {
+                Ok(()) => taken += 1,
+                Err(e) => break (e.to_string(), started.elapsed()),
+            }
+            assert!(taken < 100, "never refused with the index stuck");
+        };
+        // Two full 16 MiB segments (seven 2 MiB messages each) wait before mail does.
+        assert!(taken >= 14, "refused after {taken} messages: {refusal}");
+        assert!(refusal.contains("no checkpoint ended within 200ms"), "{refusal}");
+        assert!(waited >= Duration::from_millis(200), "refused after {waited:?}, without waiting for the index");
+        drop(stuck);
+        q.flush().await.expect("the index moves again");
+        let env = envelope(&q, "a@customer.test");
+        q.insert(vec![(env, data)]).await.expect("taken again");
         q.close();
     }
 }
