@@ -143,6 +143,20 @@ impl FreshData {
     }
 }
 
+/// An operator's hold or release of the envelopes in `scope`; returns those it changed. Data
+/// kept for the first delivery of mail now held is dropped: it may wait for days.
+fn set_held(entries: &mut HashMap<u64, Envelope>, fresh: &mut FreshData, scope: &Scope, hold: bool) -> Vec<u64> {
+    let mut changed = Vec::new();
+    for e in entries.values_mut().filter(|e| scope.covers(e) && e.held != hold) {
+        e.held = hold;
+        if hold {
+            fresh.take(e.id);
+        }
+        changed.push(e.id);
+    }
+    changed
+}
+
 /// The scheduler's state and loop.
 pub struct Scheduler {
     entries: HashMap<u64, Envelope>,
@@ -322,16 +336,11 @@ impl Scheduler {
                 let _ = reply.send(known);
             }
             Event::Hold(scope, hold, reply) => {
-                let mut changed = Vec::new();
-                for e in self.entries.values_mut().filter(|e| scope.covers(e) && e.held != hold) {
-                    e.held = hold;
-                    self.queue.update(e.clone());
-                    tracing::info!(queue_id = %e.queue_id(), "{} by the operator", if hold { "held" } else { "released" });
-                    changed.push(e.id);
-                }
-                if hold {
-                    for id in &changed {
-                        self.fresh.take(*id);
+                let changed = set_held(&mut self.entries, &mut self.fresh, &scope, hold);
+                for id in &changed {
+                    if let Some(e) = self.entries.get(id) {
+                        self.queue.update(e.clone());
+                        tracing::info!(queue_id = %e.queue_id(), "{} by the operator", if hold { "held" } else { "released" });
                     }
                 }
                 let (queue, n) = (self.queue.clone(), changed.len());
@@ -598,9 +607,8 @@ mod tests {
         assert_eq!(fresh.bytes, 70, "kept again: the old data no longer counts");
     }
 
-    #[test]
-    fn the_data_of_mail_held_on_arrival_is_not_kept() {
-        let envelope = |id: u64, held: bool| Envelope {
+    fn envelope(id: u64, held: bool) -> Envelope {
+        Envelope {
             id,
             sender: "a@src.test".into(),
             domain: if held { "held.test" } else { "customer.test" }.into(),
@@ -613,11 +621,37 @@ mod tests {
             warned: false,
             dsn: None,
             held,
-        };
+        }
+    }
+
+    #[test]
+    fn the_data_of_mail_held_on_arrival_is_not_kept() {
         let mut fresh = FreshData::new(1000);
         fresh.keep_accepted(&[envelope(1, false), envelope(2, true)], &Arc::new(vec![b'x'; 10]));
         assert!(fresh.take(2).is_none(), "held mail's data kept in memory");
         assert!(fresh.take(1).is_some());
         assert_eq!(fresh.bytes, 0);
+    }
+
+    /// An operator's hold drops what was kept for the first delivery; a release keeps
+    /// nothing new, and mail outside the scope keeps its data.
+    #[test]
+    fn an_operators_hold_drops_the_data_kept_for_the_held_mail() {
+        let mut entries: HashMap<u64, Envelope> = (1..=3).map(|id| (id, envelope(id, false))).collect();
+        let mut fresh = FreshData::new(1000);
+        for id in 1..=3 {
+            fresh.keep(id, &Arc::new(vec![b'x'; 10]));
+        }
+        let mut changed = set_held(&mut entries, &mut fresh, &Scope::Id(2), true);
+        assert_eq!(changed, [2]);
+        assert!(entries[&2].held);
+        assert_eq!(fresh.bytes, 20, "the held message's data still kept");
+        assert!(fresh.take(2).is_none());
+        changed = set_held(&mut entries, &mut fresh, &Scope::All, true);
+        changed.sort_unstable();
+        assert_eq!(changed, [1, 3], "only what changes is reported");
+        assert_eq!(fresh.bytes, 0);
+        assert_eq!(set_held(&mut entries, &mut fresh, &Scope::Id(2), false), [2]);
+        assert!(!entries[&2].held);
     }
 }
