@@ -13,6 +13,8 @@ use crate::PATIENCE;
 #[derive(Debug)]
 pub struct Postfix {
     dir: tempfile::TempDir,
+    /// The listeners, with the ports they were started on.
+    listeners: Vec<Listener>,
 }
 
 /// One `smtpd` listener: its port and `-o name=value` overrides (TLS certificate, hostname).
@@ -54,8 +56,33 @@ fn postfix_command() -> PathBuf {
 impl Postfix {
     /// Starts Postfix with `smtpd` on each listener, relaying everything for `domains` to
     /// `next_hop` (`host:port`), with `main_cf` lines added to the generated main.cf.
-    /// Postfix needs root to start (it drops to its `postfix` user).
+    /// Postfix needs root to start (it drops to its `postfix` user). A listener's port can be
+    /// taken between the test's choice and Postfix's bind (another test's outgoing
+    /// connection, say): then every listener gets another free port, at most five times.
+    /// [`Postfix::port`] says which ports were used.
     pub fn start(domains: &[&str], next_hop: &str, listeners: &[Listener], main_cf: &str) -> Postfix {
+        const ATTEMPTS: usize = 5;
+        let mut listeners = listeners.to_vec();
+        for attempt in 1..=ATTEMPTS {
+            match Postfix::try_start(domains, next_hop, &listeners, main_cf) {
+                Ok(postfix) => return postfix,
+                Err(why) if why.contains("Address already in use") && attempt < ATTEMPTS => {
+                    for l in &mut listeners {
+                        l.port = crate::free_port("127.0.0.1");
+                    }
+                }
+                Err(why) => panic!("postfix start failed (attempt {attempt} of {ATTEMPTS}): {why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// The port listener `index` (in the order given to [`Postfix::start`]) listens on.
+    pub fn port(&self, index: usize) -> u16 {
+        self.listeners[index].port
+    }
+
+    fn try_start(domains: &[&str], next_hop: &str, listeners: &[Listener], main_cf: &str) -> Result<Postfix, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         // Postfix's daemons run as `postfix` and must reach the queue and data directories.
@@ -102,9 +129,11 @@ impl Postfix {
         }
         master.push_str(MASTER_CF);
         std::fs::write(root.join("conf/master.cf"), master).expect("master.cf");
-        let postfix = Postfix { dir };
+        let postfix = Postfix { dir, listeners: listeners.to_vec() };
         let out = Command::new(postfix_command()).arg("-c").arg(postfix.conf()).arg("start").output().expect("run postfix");
-        assert!(out.status.success(), "postfix start failed: {}\nlog:\n{}", String::from_utf8_lossy(&out.stderr), postfix.log());
+        if !out.status.success() {
+            return Err(format!("{}\nlog:\n{}", String::from_utf8_lossy(&out.stderr), postfix.log()));
+        }
         for l in listeners {
             let start = Instant::now();
             while std::net::TcpStream::connect(("127.0.0.1", l.port)).is_err() {
@@ -112,7 +141,7 @@ impl Postfix {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
-        postfix
+        Ok(postfix)
     }
 
     fn conf(&self) -> PathBuf {
@@ -150,6 +179,22 @@ impl Drop for Postfix {
 
 #[cfg(test)]
 mod tests {
+    use super::{Listener, Postfix};
+
+    /// A port taken before Postfix binds it is replaced, and [`Postfix::port`] says by which.
+    #[test]
+    fn a_listener_port_taken_meanwhile_is_replaced() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let postfix = Postfix::start(&["customer.test"], "127.0.0.1:25", &[Listener { port, options: vec![] }], "");
+        assert_ne!(postfix.port(0), port);
+        let mut greeting = String::new();
+        let stream = std::net::TcpStream::connect(("127.0.0.1", postfix.port(0))).expect("connect");
+        stream.set_read_timeout(Some(crate::PATIENCE)).expect("timeout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut greeting).expect("greeting");
+        assert!(greeting.starts_with("220 "), "{greeting}");
+    }
+
     #[test]
     fn overrides_replace_base_lines_and_every_parameter_appears_once() {
         let merged = super::with_overrides("a = 1\nb = 2\nc = 3\n", "b = two\nd = 4");

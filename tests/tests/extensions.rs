@@ -175,7 +175,7 @@ async fn requests_made_to_a_postfix_upstream_reach_the_customers_server() {
     let front = Listener { port: free_port("127.0.0.1"), options: vec![] };
     let postfix = Postfix::start(&["customer.test"], &relay.addr, std::slice::from_ref(&front), "");
     let replies = transaction(
-        &format!("127.0.0.1:{}", front.port),
+        &format!("127.0.0.1:{}", postfix.port(0)),
         &[
             "MAIL FROM:<sender@src.test> RET=HDRS ENVID=pf+2B7",
             "RCPT TO:<user@customer.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;orig@old.test",

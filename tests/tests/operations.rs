@@ -552,7 +552,7 @@ async fn the_customers_postfix_sees_every_session_end_with_quit() {
     let front = Listener { port: mxrelay_e2e::free_port("127.0.0.1"), options: vec![] };
     let postfix = Postfix::start(&["customer.test"], &sink.addr, std::slice::from_ref(&front), "");
     let domain =
-        format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.0.1\"\nport = {}\n", front.port);
+        format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"127.0.0.1\"\nport = {}\n", postfix.port(0));
     let disconnects = || {
         let log = postfix.log();
         // Sessions that said EHLO: the harness's readiness check connects and says nothing.

@@ -176,7 +176,7 @@ async fn postfix_upstream_relays_into_mxrelay_over_tls() {
             ca.write(certs.path(), "ca.crt").display()
         ),
     );
-    let acked = send(&format!("127.0.0.1:{}", front.port), "user@customer.test", 0..20, 4).await;
+    let acked = send(&format!("127.0.0.1:{}", postfix.port(0)), "user@customer.test", 0..20, 4).await;
     assert_eq!(acked.len(), 20, "Postfix accepted every message");
     eventually("all relayed through mxrelay", || sink.count() == 20).await;
     assert_exactly_once(&[&sink], &acked);
@@ -202,12 +202,12 @@ async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
     // Tier 10 speaks no TLS at all (smtp-sink offers no STARTTLS).
     let clear = Sink::start("127.0.1.113", &[]);
     let (rogue_l, good_l) = (tls_listener("rogue.customer.test", &rogue), tls_listener("good.customer.test", &good));
-    let postfix = Postfix::start(&["customer.test"], &mailbox.addr, &[rogue_l.clone(), good_l.clone()], "");
+    let postfix = Postfix::start(&["customer.test"], &mailbox.addr, &[rogue_l, good_l], "");
     let (clear_host, clear_port) = clear.host_port();
     let domain = domain_with(
         "customer.test",
         &format!("tls = \"required\"\ntls_ca = {}", quoted(&ca.write(certs.path(), "ca.crt"))),
-        &[(clear_host, clear_port, 10), ("127.0.0.1", rogue_l.port, 20), ("127.0.0.1", good_l.port, 30)],
+        &[(clear_host, clear_port, 10), ("127.0.0.1", postfix.port(0), 20), ("127.0.0.1", postfix.port(1), 30)],
     );
     let relay = Relay::start_with(&format!("admin_listen = \"127.0.0.1:{}\"", free_port("127.0.0.1")), &domain, "");
     let acked = send(&relay.addr, "user@customer.test", 0..10, 2).await;
@@ -249,11 +249,11 @@ async fn opportunistic_encrypts_when_offered_and_none_never_does() {
     let mailbox = Sink::start("127.0.1.114", &[]);
     let plain = Sink::start("127.0.1.115", &[]);
     let l = tls_listener("mx.customer.test", &server);
-    let _postfix = Postfix::start(&["may.test", "never.test"], &mailbox.addr, std::slice::from_ref(&l), "");
+    let postfix = Postfix::start(&["may.test", "never.test"], &mailbox.addr, std::slice::from_ref(&l), "");
     let (plain_host, plain_port) = plain.host_port();
     let domains = [
-        domain_with("may.test", "", &[("127.0.0.1", l.port, 10)]),
-        domain_with("never.test", "tls = \"none\"", &[("127.0.0.1", l.port, 10)]),
+        domain_with("may.test", "", &[("127.0.0.1", postfix.port(0), 10)]),
+        domain_with("never.test", "tls = \"none\"", &[("127.0.0.1", postfix.port(0), 10)]),
         domain_with("clear.test", "tls = \"opportunistic\"", &[(plain_host, plain_port, 10)]),
     ]
     .concat();
@@ -288,8 +288,8 @@ async fn a_server_that_asks_gets_the_relays_client_certificate() {
         ("smtpd_tls_ask_ccert".into(), "yes".into()),
         ("smtpd_tls_CAfile".into(), client_ca.write(certs.path(), "client-ca.crt").display().to_string()),
     ]);
-    let _postfix = Postfix::start(&["customer.test"], &mailbox.addr, std::slice::from_ref(&l), "");
-    let domain = domain_with("customer.test", "", &[("127.0.0.1", l.port, 10)]);
+    let postfix = Postfix::start(&["customer.test"], &mailbox.addr, std::slice::from_ref(&l), "");
+    let domain = domain_with("customer.test", "", &[("127.0.0.1", postfix.port(0), 10)]);
 
     let relay = Relay::start(&domain, "");
     assert_eq!(send(&relay.addr, "user@customer.test", 10..11, 1).await.len(), 1);
@@ -338,7 +338,7 @@ async fn opportunistic_falls_back_to_clear_when_the_handshake_fails() {
     let mut l = tls_listener("old.customer.test", &server);
     l.options.push(("smtpd_tls_protocols".into(), "<=TLSv1.1".into()));
     let postfix = Postfix::start(&["may.test", "must.test"], &mailbox.addr, std::slice::from_ref(&l), "");
-    let relay = may_and_must_relay(l.port);
+    let relay = may_and_must_relay(postfix.port(0));
     assert_eq!(send(&relay.addr, "user@may.test", 0..2, 1).await.len(), 2);
     assert_eq!(send(&relay.addr, "user@must.test", 10..12, 1).await.len(), 2);
     eventually("opportunistic mail delivered in clear", || mailbox.count() == 2).await;
