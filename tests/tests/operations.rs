@@ -147,7 +147,9 @@ async fn sigterm_lets_the_delivery_in_flight_finish_and_keeps_the_rest_queued() 
 /// `delivery` lines; returns it and the admin address.
 fn with_admin(server: &str, delivery: &str) -> (Relay, String) {
     let (host, port) = server.split_once(':').expect("addr");
-    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    // A fixed port, since `mxrelay queue` reads it from the config, on an address of its
+    // own: ports of 127.0.0.1 are also taken by the tests' outgoing connections.
+    let admin = format!("127.0.2.1:{}", mxrelay_e2e::free_port("127.0.2.1"));
     let domain = format!("[[domain]]\nname = \"customer.test\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\n");
     let relay = Relay::start_with(
         &format!("admin_listen = \"{admin}\"\nadmin_token = \"queue-test-token-0123456789\""),
@@ -386,7 +388,7 @@ async fn held_mail_does_not_expire_while_held() {
 async fn a_domain_on_hold_keeps_what_arrives_until_released() {
     let sink = Sink::start("127.0.1.142", &[]);
     let (host, port) = sink.host_port();
-    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let admin = format!("127.0.2.2:{}", mxrelay_e2e::free_port("127.0.2.2"));
     let domains = [
         mxrelay_e2e::domain_with("held.test", "hold = true", &[(host, port, 10)]),
         mxrelay_e2e::domain_with("open.test", "", &[(host, port, 10)]),
@@ -429,7 +431,7 @@ async fn a_domain_on_hold_keeps_what_arrives_until_released() {
 async fn the_queue_gauge_of_a_removed_domain_falls_to_zero_when_its_mail_is_gone() {
     let down = format!("127.0.1.84:{}", mxrelay_e2e::free_port("127.0.1.84"));
     let (host, port) = down.split_once(':').expect("addr");
-    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let admin = format!("127.0.2.3:{}", mxrelay_e2e::free_port("127.0.2.3"));
     let block = |name: &str| format!("[[domain]]\nname = \"{name}\"\n[[domain.server]]\nhost = \"{host}\"\nport = {port}\n");
     let relay = Relay::start_with(
         &format!("admin_listen = \"{admin}\"\nadmin_token = \"gauge-test-token-0123456789\""),
@@ -594,7 +596,7 @@ async fn test_servers_asks_each_server_about_the_recipient_and_sends_nothing() {
     let closed = mxrelay_e2e::free_port("127.0.1.147");
     let (a, d, r) = (accepting.host_port(), deferring.host_port(), refusing.host_port());
     let servers = [(a.0, a.1, 10), (d.0, d.1, 10), (r.0, r.1, 20), ("127.0.1.147", closed, 30)];
-    let admin = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let admin = format!("127.0.2.4:{}", mxrelay_e2e::free_port("127.0.2.4"));
     let token = "server-test-token-0123456789";
     let relay = Relay::start_with(
         &format!("admin_listen = \"{admin}\"\nadmin_token = \"{token}\""),
