@@ -380,8 +380,10 @@ async fn serve_signals(
             _ = term.recv() => break,
             _ = hup.recv() => {
                 manager.reloading();
-                // Applied or refused, a configuration is in force.
-                if reload(&relay, path) {
+                // Applied or refused, a configuration is in force. Reading the files and
+                // compiling custom policies takes a while (some 90 ms a module), so the
+                // sessions on this runtime thread move to another meanwhile.
+                if tokio::task::block_in_place(|| reload(&relay, path)) {
                     manager.ready(status);
                 } else {
                     manager.ready(&format!("{status}; the last reload was refused (see the log)"));
