@@ -300,6 +300,8 @@ pub struct Relay {
     /// More environment variables, from its next (re)start on.
     pub env: Vec<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
+    /// While set, nothing reads the relay's stderr ([`Relay::pause_log_reader`]).
+    log_paused: Arc<std::sync::atomic::AtomicBool>,
     child: Option<Child>,
 }
 
@@ -348,7 +350,16 @@ impl Relay {
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
             let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let mut relay = Relay { addr, dir, file_size_limit_kib, json_logs: false, env, log: Arc::default(), child: None };
+            let mut relay = Relay {
+                addr,
+                dir,
+                file_size_limit_kib,
+                json_logs: false,
+                env,
+                log: Arc::default(),
+                log_paused: Arc::default(),
+                child: None,
+            };
             relay.launch().map(|()| relay).map_err(|log| format!("mxrelay did not become ready; log:\n{log}"))
         })
     }
@@ -390,9 +401,12 @@ impl Relay {
             .expect("spawn mxrelay");
         let stderr = child.stderr.take().expect("stderr");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let log = self.log.clone();
+        let (log, paused) = (self.log.clone(), self.log_paused.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                while paused.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 let ready = line.contains("mxrelay ready");
                 // Into the log first: whoever is woken by `ready` may look for this line.
                 log.lock().expect("log").push(line);
@@ -442,6 +456,17 @@ impl Relay {
     /// Path of the relay's config file.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("relay.toml")
+    }
+
+    /// Stops reading the relay's stderr (after at most one more line), as a stalled journald
+    /// would: the pipe fills and the relay's writes to it would block.
+    pub fn pause_log_reader(&self) {
+        self.log_paused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Reads the relay's stderr again.
+    pub fn resume_log_reader(&self) {
+        self.log_paused.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Everything the relay logged so far.

@@ -94,6 +94,23 @@ async fn a_service_manager_that_stops_reading_never_holds_up_mail() {
     assert_eq!(notify.receive(), "WATCHDOG=1");
 }
 
+/// A log reader that stops reading (a stalled journald: stderr is a stream that fills)
+/// never holds up mail. With one runtime thread, a relay that wrote its log from it stopped
+/// once the pipe was full (some 300 lines). Past the 10 000 lines that may wait, lines are
+/// dropped, and the relay says how many once it is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stops_reading_never_holds_up_mail() {
+    let sink = Sink::start("127.0.1.154", &[]);
+    let relay = Relay::start_with_env(&[("TOKIO_WORKER_THREADS", "1")], &domain_block("customer.test", &[(&sink, 10)]), "");
+    relay.pause_log_reader();
+    // Two lines a message (accepted, delivered): more than may wait.
+    let acked = send(&relay.addr, "user@customer.test", 0..6000, 20).await;
+    assert_eq!(acked.len(), 6000, "mail refused or unanswered while nothing read the log");
+    eventually("all delivered", || sink.count() == 6000).await;
+    relay.resume_log_reader();
+    relay.logged(&["log lines dropped: stderr was not being read"]).await;
+}
+
 /// The systemd unit in `contrib/` passes `systemd-analyze verify` with no complaint (an
 /// unknown key or a command that cannot run would be one), and runs the relay the way the
 /// test above does: `Type=notify` with a watchdog, and a reload by SIGHUP.

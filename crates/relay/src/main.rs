@@ -276,10 +276,23 @@ fn load(path: &Path, say: Say) -> Option<Loaded> {
     }
 }
 
+/// Log lines that may wait for stderr; past these, new lines are dropped and counted.
+const LOG_LINES_WAITING: usize = 10_000;
+
 fn run(path: &Path, log_format: LogFormat) -> ExitCode {
+    // Log lines go to stderr from a thread of their own. Under systemd stderr is a stream to
+    // journald, and a write to it blocks while journald does not read: written from the
+    // runtime's threads, a stalled journald would stop mail. Lines past LOG_LINES_WAITING
+    // are dropped instead, and counted. Dropping the guard at the end writes what waits.
+    let (log_writer, _log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_LINES_WAITING)
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped_lines = log_writer.error_counter();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MXRELAY_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr);
+        .with_writer(log_writer);
     let say = match log_format {
         LogFormat::Text => {
             logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
@@ -329,6 +342,19 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         let addrs: Vec<String> = relay.listening.iter().map(ToString::to_string).collect();
         let admin = relay.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         tracing::info!(listen = %addrs.join(","), admin = %admin, queue = %config.relay.queue.display(), domains = config.domains.len(), "mxrelay ready");
+        tokio::spawn(async move {
+            let mut reported = 0;
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let dropped = dropped_lines.dropped_lines();
+                if dropped > reported {
+                    metrics::counter!("mxrelay_log_lines_dropped_total").absolute(dropped as u64);
+                    tracing::warn!(dropped = dropped - reported, "log lines dropped: stderr was not being read (a stalled journald?)");
+                    reported = dropped;
+                }
+            }
+        });
         let manager = std::sync::Arc::new(ServiceManager::from_env());
         let status = format!("accepting mail on {}", addrs.join(", "));
         manager.ready(&status);
