@@ -64,7 +64,7 @@ impl Notifier {
         match self.queue.try_send(Notification { state, sent }) {
             Ok(()) => {
                 if self.backlogged.swap(false, Ordering::Relaxed) {
-                    tracing::info!("the service manager reads its notifications again");
+                    tracing::info!("notifications to the service manager are sent again");
                 }
             }
             Err(TrySendError::Full(dropped)) => {
