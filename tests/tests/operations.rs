@@ -111,6 +111,45 @@ async fn a_log_reader_that_stops_reading_never_holds_up_mail() {
     relay.logged(&["log lines dropped: stderr was not being read"]).await;
 }
 
+/// Server lists saved through the API at the same time, for different domains, are all
+/// kept: in force, in the config file, and so after a restart.
+#[test]
+fn server_lists_saved_at_once_are_all_kept() {
+    const TOKEN: &str = "lists-test-token-0123456789";
+    let domains = ["d1.test", "d2.test", "d3.test", "d4.test"];
+    let blocks: String = domains.iter().map(|d| mxrelay_e2e::domain_with(d, "", &[("127.0.1.155", 25, 10)])).collect();
+    let mut relay = Relay::start_with(&format!("admin_listen = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\""), &blocks, "");
+    let admin = relay.admin_addr();
+    let last = |d: &str| format!("mx9.{d}");
+    std::thread::scope(|s| {
+        for d in domains {
+            let admin = &admin;
+            s.spawn(move || {
+                for i in 0..10 {
+                    let body = format!(r#"[{{"host":"mx{i}.{d}","preference":10}}]"#);
+                    let (status, reply) =
+                        mxrelay_e2e::http_request(admin, "PUT", &format!("/api/domains/{d}/servers"), Some(TOKEN), &body);
+                    assert_eq!(status, 200, "{d}: {reply}");
+                }
+            });
+        }
+    });
+    let in_force = |relay: &Relay, d: &str| {
+        let admin = relay.admin_addr();
+        mxrelay_e2e::http_request(&admin, "GET", &format!("/api/domains/{d}/servers"), Some(TOKEN), "").1
+    };
+    let config = std::fs::read_to_string(relay.config_path()).expect("config");
+    for d in domains {
+        assert!(in_force(&relay, d).contains(&format!("\"{}\"", last(d))), "{d}: {}", in_force(&relay, d));
+        assert!(config.contains(&format!("\"{}\"", last(d))), "{d} lost from the file:\n{config}");
+    }
+    relay.kill9();
+    relay.restart();
+    for d in domains {
+        assert!(in_force(&relay, d).contains(&format!("\"{}\"", last(d))), "{d} after a restart: {}", in_force(&relay, d));
+    }
+}
+
 /// The systemd unit in `contrib/` passes `systemd-analyze verify` with no complaint (an
 /// unknown key or a command that cannot run would be one), and runs the relay the way the
 /// test above does: `Type=notify` with a watchdog, and a reload by SIGHUP.

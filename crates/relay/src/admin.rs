@@ -61,6 +61,9 @@ pub struct AdminState {
     /// Domains given a queue gauge at the last scrape, so that one no longer configured or
     /// queued for is set to 0 once instead of keeping its last value.
     pub gauged_domains: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Held by each `PUT .../servers` from start to end: it reads the config file and the
+    /// policies in force and writes both back, so two at once would lose one's change.
+    pub server_lists: Arc<tokio::sync::Mutex<()>>,
     /// The queue, to read a queued message for `GET /api/queue/{id}`.
     pub queue: crate::queue::Queue,
     /// The relay's outbound side, to test a domain's servers as deliveries reach them.
@@ -413,6 +416,7 @@ async fn put_servers(_: Authorized, State(state): State<AdminState>, UrlPath(dom
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be a JSON list of servers: {e}")),
     };
+    let _one_at_a_time = state.server_lists.lock().await;
     let name = match read(&state.config).domain(&domain) {
         Some(d) => d.name.clone(),
         None => return error(StatusCode::NOT_FOUND, format!("{domain} is not a configured domain")),
@@ -427,7 +431,11 @@ async fn put_servers(_: Authorized, State(state): State<AdminState>, UrlPath(dom
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
     };
     let path = read(&state.config).path.clone();
-    if let Err(e) = persist(&path, &name, &servers) {
+    let saved = {
+        let (path, name, servers) = (path.clone(), name.clone(), servers.clone());
+        tokio::task::spawn_blocking(move || persist(&path, &name, &servers)).await
+    };
+    if let Err(e) = saved.map_err(|e| e.to_string()).and_then(|r| r) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, format!("not saved: cannot write {}: {e}", path.display()));
     }
     *state.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
@@ -533,9 +541,19 @@ fn persist(path: &Path, domain: &str, servers: &[Server]) -> Result<(), String> 
         list.push(t);
     }
     table.insert("server", toml_edit::Item::ArrayOfTables(list));
+    // Written whole under another name, synced, then renamed over the file and the directory
+    // synced: after a crash or a power cut the file is the old one or the new one, and a
+    // `200` means the new one.
+    // The new file keeps the old one's mode: it holds the admin token.
+    let mode = std::fs::metadata(path).map_err(|e| e.to_string())?.permissions();
     let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, doc.to_string()).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+    let mut file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+    file.set_permissions(mode).map_err(|e| e.to_string())?;
+    std::io::Write::write_all(&mut file, doc.to_string().as_bytes()).map_err(|e| e.to_string())?;
+    file.sync_all().map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())
 }
 
 async fn index(state: State<AdminState>) -> Response {
@@ -616,5 +634,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("mx.b.test") && text.contains("preference = 5"), "{text}");
+    }
+
+    /// The config holds the admin token: a saved list must not make it readable to others.
+    #[test]
+    fn persist_keeps_the_files_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "[[domain]]\nname = \"a.test\"\n[[domain.server]]\nhost = \"old.a.test\"\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        persist(&path, "a.test", &[Server::new("new.a.test", 10)]).expect("persist");
+        assert_eq!(std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o640);
+        assert!(std::fs::read_to_string(&path).expect("read").contains("new.a.test"));
+        assert!(!path.with_extension("toml.tmp").exists(), "the temporary file is gone");
     }
 }

@@ -180,6 +180,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
                 policies: policies.clone(),
                 events: events_tx.clone(),
                 gauged_domains: Arc::default(),
+                server_lists: Arc::default(),
                 queue: queue.clone(),
                 transport: transport.clone(),
                 stopping: stopping.clone(),
