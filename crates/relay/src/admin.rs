@@ -61,8 +61,9 @@ pub struct AdminState {
     /// Domains given a queue gauge at the last scrape, so that one no longer configured or
     /// queued for is set to 0 once instead of keeping its last value.
     pub gauged_domains: Arc<std::sync::Mutex<HashSet<String>>>,
-    /// Held by each `PUT .../servers` from start to end: it reads the config file and the
-    /// policies in force and writes both back, so two at once would lose one's change.
+    /// Held by each `PUT .../servers` from start to end (and by a reload): it reads the config
+    /// file and the policies in force and writes both back, so two at once would lose one's
+    /// change.
     pub server_lists: Arc<tokio::sync::Mutex<()>>,
     /// The queue, to read a queued message for `GET /api/queue/{id}`.
     pub queue: crate::queue::Queue,

@@ -409,6 +409,7 @@ async fn serve_signals(
                 // Applied or refused, a configuration is in force. Reading the files and
                 // compiling custom policies takes a while (some 90 ms a module), so the
                 // sessions on this runtime thread move to another meanwhile.
+                let _no_put_meanwhile = relay.hold_server_lists().await;
                 if tokio::task::block_in_place(|| reload(&relay, path)) {
                     manager.ready(status);
                 } else {

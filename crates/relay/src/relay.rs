@@ -131,6 +131,9 @@ pub struct Relay {
     pub listening: Vec<std::net::SocketAddr>,
     /// Set once shutdown starts (`/healthz` answers `503` from then on).
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Held while the configuration's server lists change: by the admin API's `PUT` and by
+    /// a reload, so that neither undoes the other's change half-way.
+    server_lists: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Starts the relay with `policies` and the STARTTLS acceptor `tls` loaded from `config`
@@ -172,6 +175,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
         listeners.push(tokio::spawn(inbound::serve(listener, inbound.clone())));
     }
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server_lists = Arc::new(tokio::sync::Mutex::new(()));
     let admin = match config.relay.admin_listen {
         Some(addr) => {
             let state = crate::admin::AdminState {
@@ -180,7 +184,7 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
                 policies: policies.clone(),
                 events: events_tx.clone(),
                 gauged_domains: Arc::default(),
-                server_lists: Arc::default(),
+                server_lists: server_lists.clone(),
                 queue: queue.clone(),
                 transport: transport.clone(),
                 stopping: stopping.clone(),
@@ -200,10 +204,17 @@ pub async fn start(config: &Config, policies: Policies, tls: Option<TlsAcceptor>
         queue,
         listening,
         stopping,
+        server_lists,
     })
 }
 
 impl Relay {
+    /// Waits until no `PUT` of a server list is under way and keeps others out until the
+    /// guard is dropped: taken around [`Relay::reload`].
+    pub async fn hold_server_lists(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.server_lists.clone().lock_owned().await
+    }
+
     /// Applies a changed configuration: domains (and their holds), server lists, policies and
     /// their settings, intake limits and `accept_from`, the admin token, the TLS certificates
     /// (the relay's, its client certificate) and each domain's TLS. Queued and in-flight mail
