@@ -6,7 +6,8 @@
 //! in batches of about 20 ms. About once a second (a checkpoint) the writer starts a new
 //! segment, and the segments before it are retired once redb holds their operations
 //! durably. New mail waits for redb only when two full segments wait for a checkpoint (a
-//! burst of large messages), and is refused with `452` if checkpoints fail (a full disk).
+//! burst of large messages), for at most 10 s, and is refused with `452` at once if
+//! checkpoints fail (a full disk).
 //! After a crash the segments left are replayed into redb at startup.
 //!
 //! Removals after delivery and schedule updates are journaled without their own sync and
@@ -1262,9 +1263,9 @@ mod tests {
     async fn mail_waits_for_a_stuck_index_only_so_long() {
         let dir = tempfile::tempdir().expect("tempdir");
         let timing = Timing {
-            apply_after: Duration::from_millis(20),
             checkpoint_every: Duration::from_secs(3600),
             max_index_wait: Duration::from_millis(200),
+            ..Timing::default()
         };
         let (q, _) = Queue::open_with(dir.path(), timing).expect("open");
         let stuck = q.db.db.write().expect("lock");
