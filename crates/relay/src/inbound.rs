@@ -23,9 +23,13 @@ use crate::dsn::{DsnRequest, RcptDsn};
 use crate::queue::{Envelope, Queue, format_id, now_ms};
 use crate::scheduler::Event;
 
-/// The reply to a message there is no memory for now (`max_data_in_memory`): the client
-/// tries again later.
-const NO_ROOM: &str = "452 4.3.1 insufficient system storage: too much mail arriving at once, try again later";
+/// A message there is no memory for now (`max_data_in_memory`), at MAIL by its SIZE or after
+/// its data: logged, counted, and the reply, with which the client tries again later.
+fn no_room(peer: SocketAddr, settings: &RelayConfig, memory: &DataMemory) -> &'static str {
+    tracing::warn!(%peer, limit = settings.max_data_in_memory, held = memory.held(), "no room for a message arriving now (max_data_in_memory); answered 452");
+    metrics::counter!("mxrelay_inbound_refused_total", "reason" => "max_data_in_memory").increment(1);
+    "452 4.3.1 insufficient system storage: too much mail arriving at once, try again later"
+}
 /// Longest command line accepted (RFC 5321 §4.5.3.1.4 says 512; extensions make it longer).
 const MAX_COMMAND_LINE: usize = 4096;
 /// Bad commands tolerated before the session is closed.
@@ -401,8 +405,7 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     .await?;
                 } else if inbound.data_memory.would_refuse(from.size as u64, settings.max_data_in_memory) {
                     // RFC 1870 §6.1: no room for a message of this size at the moment.
-                    metrics::counter!("mxrelay_inbound_refused_total", "reason" => "max_data_in_memory").increment(1);
-                    reply(writer, NO_ROOM).await?;
+                    reply(writer, no_room(peer, settings, &inbound.data_memory)).await?;
                 } else if let Some(param) = unoffered_mail_parameter(&from) {
                     reply(writer, &format!("555 5.5.4 {param} is not supported")).await?;
                 } else {
@@ -596,11 +599,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         DataEnd::TooLarge => {
             return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", settings.max_message_size)));
         }
-        DataEnd::NoRoom => {
-            tracing::warn!(%peer, limit = settings.max_data_in_memory, held = inbound.data_memory.held(), "no room for a message arriving now (max_data_in_memory); answered 452");
-            metrics::counter!("mxrelay_inbound_refused_total", "reason" => "max_data_in_memory").increment(1);
-            return Ok(Some(NO_ROOM.into()));
-        }
+        DataEnd::NoRoom => return Ok(Some(no_room(peer, settings, &inbound.data_memory).into())),
         DataEnd::Complete => {}
     }
     // RFC 5321 §6.3: a message that has been through this many MTAs is going round in circles
