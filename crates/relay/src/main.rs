@@ -319,19 +319,7 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         // process.
         use tokio::signal::unix::{SignalKind, signal};
         let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()));
-        // A write past the file-size limit (systemd's LimitFSIZE=, `ulimit -f`) raises SIGXFSZ,
-        // whose default action ends the process. Handled, the write fails with EFBIG instead,
-        // and the relay treats it as a full disk: new mail refused with 452, queued mail kept.
-        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
-            Ok(mut too_large) => {
-                tokio::spawn(async move {
-                    while too_large.recv().await.is_some() {
-                        tracing::warn!("a write went past the file-size limit (RLIMIT_FSIZE); it failed as on a full disk");
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ; a write past the file-size limit ends the process"),
-        }
+        handle_file_size_limit();
         let relay = match mxrelay::relay::start(&config, policies, tls).await {
             Ok(r) => r,
             Err(e) => {
@@ -342,19 +330,7 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         let addrs: Vec<String> = relay.listening.iter().map(ToString::to_string).collect();
         let admin = relay.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         tracing::info!(listen = %addrs.join(","), admin = %admin, queue = %config.relay.queue.display(), domains = config.domains.len(), "mxrelay ready");
-        tokio::spawn(async move {
-            let mut reported = 0;
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                every.tick().await;
-                let dropped = dropped_lines.dropped_lines();
-                if dropped > reported {
-                    metrics::counter!("mxrelay_log_lines_dropped_total").absolute(dropped as u64);
-                    tracing::warn!(dropped = dropped - reported, "log lines dropped: stderr was not being read (a stalled journald?)");
-                    reported = dropped;
-                }
-            }
-        });
+        tokio::spawn(report_dropped_log_lines(dropped_lines));
         let manager = std::sync::Arc::new(ServiceManager::from_env());
         let status = format!("accepting mail on {}", addrs.join(", "));
         manager.ready(&status);
@@ -377,6 +353,39 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
         serve_signals(signals, relay, path, config.relay.shutdown_timeout, &manager, &status).await;
         ExitCode::SUCCESS
     })
+}
+
+/// A write past the file-size limit (systemd's LimitFSIZE=, `ulimit -f`) raises SIGXFSZ,
+/// whose default action ends the process. Handled, the write fails with EFBIG instead, and
+/// the relay treats it as a full disk: new mail refused with 452, queued mail kept.
+fn handle_file_size_limit() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        Ok(mut too_large) => {
+            tokio::spawn(async move {
+                while too_large.recv().await.is_some() {
+                    tracing::warn!("a write went past the file-size limit (RLIMIT_FSIZE); it failed as on a full disk");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ; a write past the file-size limit ends the process"),
+    }
+}
+
+/// Once a second: log lines dropped since the last look (stderr not read) are counted in
+/// `mxrelay_log_lines_dropped_total` and reported in the log.
+async fn report_dropped_log_lines(dropped_lines: tracing_appender::non_blocking::ErrorCounter) {
+    let mut reported = 0;
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let dropped = dropped_lines.dropped_lines();
+        if dropped > reported {
+            metrics::counter!("mxrelay_log_lines_dropped_total").absolute(dropped as u64);
+            tracing::warn!(dropped = dropped - reported, "log lines dropped: stderr was not being read (a stalled journald?)");
+            reported = dropped;
+        }
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, as installed.
