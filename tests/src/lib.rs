@@ -317,9 +317,9 @@ impl Relay {
         Relay::start_limited(relay, domains, delivery, None, &[])
     }
 
-    /// [`Relay::start`] with more environment variables ([`Relay::env`]).
-    pub fn start_with_env(env: &[(&str, &str)], domains: &str, delivery: &str) -> Relay {
-        Relay::start_limited("", domains, delivery, None, env)
+    /// [`Relay::start_with`] with more environment variables ([`Relay::env`]).
+    pub fn start_with_env(env: &[(&str, &str)], relay: &str, domains: &str, delivery: &str) -> Relay {
+        Relay::start_limited(relay, domains, delivery, None, env)
     }
 
     /// [`Relay::start_with`] with no file larger than `kib` KiB ([`Relay::file_size_limit_kib`])

@@ -40,7 +40,8 @@ async fn sighup_applies_a_new_config_and_refuses_a_broken_one() {
 fn systemd_is_told_of_readiness_reloads_and_shutdown_and_the_watchdog_is_pinged() {
     let notify = mxrelay_e2e::NotifySocket::bind();
     let env = [("NOTIFY_SOCKET", notify.path.as_str()), ("WATCHDOG_USEC", "200000")];
-    let mut relay = Relay::start_with_env(&env, &mxrelay_e2e::domain_with("customer.test", "", &[("127.0.1.148", 25, 10)]), "");
+    let mut relay =
+        Relay::start_with_env(&env, "", &mxrelay_e2e::domain_with("customer.test", "", &[("127.0.1.148", 25, 10)]), "");
     let receive = || notify.receive();
     // The next notification that is not a watchdog ping (those are counted).
     let next = |pings: &mut u32| loop {
@@ -84,7 +85,7 @@ async fn a_service_manager_that_stops_reading_never_holds_up_mail() {
     let notify = mxrelay_e2e::NotifySocket::bind();
     let sink = Sink::start("127.0.1.152", &[]);
     let env = [("NOTIFY_SOCKET", notify.path.as_str()), ("WATCHDOG_USEC", "20000"), ("TOKIO_WORKER_THREADS", "1")];
-    let relay = Relay::start_with_env(&env, &domain_block("customer.test", &[(&sink, 10)]), "");
+    let relay = Relay::start_with_env(&env, "", &domain_block("customer.test", &[(&sink, 10)]), "");
     relay.logged(&["not reading its notifications"]).await;
     let acked = send(&relay.addr, "user@customer.test", 0..20, 4).await;
     assert_eq!(acked.len(), 20, "mail refused or unanswered while the service manager was not reading");
@@ -101,7 +102,12 @@ async fn a_service_manager_that_stops_reading_never_holds_up_mail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_reader_that_stops_reading_never_holds_up_mail() {
     let sink = Sink::start("127.0.1.154", &[]);
-    let relay = Relay::start_with_env(&[("TOKIO_WORKER_THREADS", "1")], &domain_block("customer.test", &[(&sink, 10)]), "");
+    let relay = Relay::start_with_env(
+        &[("TOKIO_WORKER_THREADS", "1")],
+        "admin_listen = \"127.0.0.1:0\"",
+        &domain_block("customer.test", &[(&sink, 10)]),
+        "",
+    );
     relay.pause_log_reader();
     // Two lines a message (accepted, delivered): more than may wait.
     let acked = send(&relay.addr, "user@customer.test", 0..6000, 20).await;
@@ -109,6 +115,10 @@ async fn a_log_reader_that_stops_reading_never_holds_up_mail() {
     eventually("all delivered", || sink.count() == 6000).await;
     relay.resume_log_reader();
     relay.logged(&["log lines dropped: stderr was not being read"]).await;
+    // Counted for monitoring too (set before the line above is logged).
+    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    let dropped = mxrelay_e2e::metric(&metrics, "mxrelay_log_lines_dropped_total");
+    assert!(dropped.is_some_and(|n| n > 0.0), "{metrics}");
 }
 
 /// Server lists saved through the API at the same time, for different domains, are all
