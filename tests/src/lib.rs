@@ -68,12 +68,18 @@ pub fn free_port(ip: &str) -> u16 {
 /// UDP query socket for one); when `start` fails with "Address already in use", it runs
 /// again with another port, at most five times. Any other failure panics with its text.
 pub fn on_a_free_port<T>(ip: &str, mut start: impl FnMut(u16) -> Result<T, String>) -> T {
+    while_address_in_use(&format!("on a free port of {ip}"), |_| start(free_port(ip)))
+}
+
+/// Runs `start` (given the attempt, from 1) again while it fails with "Address already in
+/// use", at most five times in all; any other failure panics with its text and `what`.
+pub fn while_address_in_use<T>(what: &str, mut start: impl FnMut(usize) -> Result<T, String>) -> T {
     const ATTEMPTS: usize = 5;
     for attempt in 1..=ATTEMPTS {
-        match start(free_port(ip)) {
+        match start(attempt) {
             Ok(started) => return started,
             Err(why) if why.contains("Address already in use") && attempt < ATTEMPTS => continue,
-            Err(why) => panic!("no start on a free port of {ip} (attempt {attempt} of {ATTEMPTS}): {why}"),
+            Err(why) => panic!("no start {what} (attempt {attempt} of {ATTEMPTS}): {why}"),
         }
     }
     unreachable!("the last attempt returns or panics")

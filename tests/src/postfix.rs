@@ -61,20 +61,15 @@ impl Postfix {
     /// connection, say): then every listener gets another free port, at most five times.
     /// [`Postfix::port`] says which ports were used.
     pub fn start(domains: &[&str], next_hop: &str, listeners: &[Listener], main_cf: &str) -> Postfix {
-        const ATTEMPTS: usize = 5;
         let mut listeners = listeners.to_vec();
-        for attempt in 1..=ATTEMPTS {
-            match Postfix::try_start(domains, next_hop, &listeners, main_cf) {
-                Ok(postfix) => return postfix,
-                Err(why) if why.contains("Address already in use") && attempt < ATTEMPTS => {
-                    for l in &mut listeners {
-                        l.port = crate::free_port("127.0.0.1");
-                    }
+        crate::while_address_in_use("of postfix", |attempt| {
+            if attempt > 1 {
+                for l in &mut listeners {
+                    l.port = crate::free_port("127.0.0.1");
                 }
-                Err(why) => panic!("postfix start failed (attempt {attempt} of {ATTEMPTS}): {why}"),
             }
-        }
-        unreachable!("the last attempt returns or panics")
+            Postfix::try_start(domains, next_hop, &listeners, main_cf)
+        })
     }
 
     /// The port listener `index` (in the order given to [`Postfix::start`]) listens on.
