@@ -546,6 +546,11 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// The admin address the relay logged as ready.
 impl Relay {
+    /// The admin API's `/metrics` (Prometheus text); `admin_listen` must be set.
+    pub fn metrics(&self) -> String {
+        http_get(&self.admin_addr(), "/metrics")
+    }
+
     /// `IP:PORT` of the admin listener, from the ready line.
     pub fn admin_addr(&self) -> String {
         let line = self.log_lines(&["mxrelay ready"]).pop().expect("ready line");

@@ -147,7 +147,7 @@ async fn messages_arriving_at_once_hold_at_most_max_data_in_memory() {
         &domain_block("customer.test", &[(&sink, 10)]),
         "",
     );
-    let held = || mxrelay_e2e::metric(&mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics"), "mxrelay_inbound_data_bytes");
+    let held = || mxrelay_e2e::metric(&relay.metrics(), "mxrelay_inbound_data_bytes");
     // The first message is alone, so it may take more than the limit: 900 KiB, still arriving.
     let mut first = Raw::start(&relay.addr, "user@customer.test").await;
     assert!(first.cmd("DATA").await.starts_with("354"));
@@ -173,7 +173,7 @@ async fn messages_arriving_at_once_hold_at_most_max_data_in_memory() {
     assert!(answer.starts_with("250"), "with room again: {answer}");
     eventually("both taken delivered", || sink.count() == 2).await;
     assert_eq!(sink.received().keys().copied().collect::<Vec<_>>(), [1, 3]);
-    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    let metrics = relay.metrics();
     let refused = mxrelay_e2e::metric(&metrics, "mxrelay_inbound_refused_total{reason=\"max_data_in_memory\"}");
     assert_eq!(refused, Some(2.0), "{metrics}");
 }
@@ -197,7 +197,7 @@ async fn limits_on_connections_recipients_and_line_length() {
     let mut fourth = Raw::connect_from(&relay.addr, "127.0.0.3").await;
     assert!(fourth.reply().await.starts_with("421 4.3.2"), "a fourth connection in all is refused");
     // Operators see both: how many are open, and what was refused by which limit.
-    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    let metrics = relay.metrics();
     let value = |series: &str| mxrelay_e2e::metric(&metrics, series);
     assert_eq!(value("mxrelay_inbound_connections "), Some(3.0), "{metrics}");
     assert_eq!(value("mxrelay_inbound_refused_total{reason=\"max_connections\"}"), Some(1.0), "{metrics}");
@@ -378,7 +378,7 @@ async fn a_server_that_stalls_mid_transaction_comes_back_through_one_trial() {
     assert_eq!(stalls(), 2, "only the first message and one trial waited: {}", relay.log_text());
     assert_eq!(relay.logged(&["trial delivery failed"]).await, 1, "{}", relay.log_text());
     let marked = format!("mxrelay_server_marked_down_total{{server=\"{primary_addr}\",fault=\"stalled\"}}");
-    assert_eq!(mxrelay_e2e::metric(&mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics"), &marked), Some(2.0));
+    assert_eq!(mxrelay_e2e::metric(&relay.metrics(), &marked), Some(2.0));
 
     // It answers again: the next trial gets through and the server is back in its place.
     stalling.kill();

@@ -59,7 +59,7 @@ fn clients_outside_accept_from_are_refused() {
     let (ok, out) =
         swaks(&["--server", &relay.addr, "--local-interface", "127.0.0.2", "--from", "a@src.test", "--to", "user@customer.test"]);
     assert!(!ok && out.contains("554 5.7.1 127.0.0.2 is not allowed"), "{out}");
-    let metrics = mxrelay_e2e::http_get(&relay.admin_addr(), "/metrics");
+    let metrics = relay.metrics();
     let refused = mxrelay_e2e::metric(&metrics, "mxrelay_inbound_refused_total{reason=\"accept_from\"}");
     assert_eq!(refused, Some(1.0), "{metrics}");
     let (ok, out) =

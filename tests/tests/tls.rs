@@ -9,7 +9,7 @@ use mxrelay_e2e::certs::CertFiles;
 use mxrelay_e2e::certs::TestCa;
 use mxrelay_e2e::postfix::{Listener, Postfix};
 use mxrelay_e2e::{
-    Relay, Sink, assert_exactly_once, domain_block, domain_with, eventually, free_port, http_get, metric, mxrelay, send, swaks,
+    Relay, Sink, assert_exactly_once, domain_block, domain_with, eventually, free_port, metric, mxrelay, send, swaks,
     swaks_tagged,
 };
 
@@ -221,7 +221,7 @@ async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
     }
     relay.logged(&["does not offer STARTTLS, and the domain requires TLS"]).await;
     relay.logged(&["invalid peer certificate", "requires TLS"]).await;
-    let metrics = http_get(&relay.admin_addr(), "/metrics");
+    let metrics = relay.metrics();
     let series = |result: &str| metric(&metrics, &format!("mxrelay_outbound_connections_total{{result=\"{result}\"}}"));
     assert!(series("encrypted").is_some_and(|n| n >= 1.0), "{metrics}");
     assert!(series("failed").is_some_and(|n| n >= 2.0), "the sink without TLS and the rogue server: {metrics}");
