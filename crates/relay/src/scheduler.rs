@@ -143,16 +143,17 @@ impl FreshData {
     }
 }
 
-/// An operator's hold or release of the envelopes in `scope`; returns those it changed. Data
-/// kept for the first delivery of mail now held is dropped: it may wait for days.
-fn set_held(entries: &mut HashMap<u64, Envelope>, fresh: &mut FreshData, scope: &Scope, hold: bool) -> Vec<u64> {
+/// An operator's hold or release of the envelopes in `scope`; returns those it changed, as
+/// they are now (to be written to the queue). Data kept for the first delivery of mail now
+/// held is dropped: it may wait for days.
+fn set_held(entries: &mut HashMap<u64, Envelope>, fresh: &mut FreshData, scope: &Scope, hold: bool) -> Vec<Envelope> {
     let mut changed = Vec::new();
     for e in entries.values_mut().filter(|e| scope.covers(e) && e.held != hold) {
         e.held = hold;
         if hold {
             fresh.take(e.id);
         }
-        changed.push(e.id);
+        changed.push(e.clone());
     }
     changed
 }
@@ -337,18 +338,17 @@ impl Scheduler {
             }
             Event::Hold(scope, hold, reply) => {
                 let changed = set_held(&mut self.entries, &mut self.fresh, &scope, hold);
-                for id in &changed {
-                    if let Some(e) = self.entries.get(id) {
-                        self.queue.update(e.clone());
-                        tracing::info!(queue_id = %e.queue_id(), "{} by the operator", if hold { "held" } else { "released" });
-                    }
+                let ids: Vec<u64> = changed.iter().map(|e| e.id).collect();
+                for e in changed {
+                    tracing::info!(queue_id = %e.queue_id(), "{} by the operator", if hold { "held" } else { "released" });
+                    self.queue.update(e);
                 }
-                let (queue, n) = (self.queue.clone(), changed.len());
+                let (queue, n) = (self.queue.clone(), ids.len());
                 tokio::spawn(async move {
                     let _ = reply.send(queue.flush().await.map(|()| n).map_err(|e| e.to_string()));
                 });
                 if !hold {
-                    self.operator_retry(changed);
+                    self.operator_retry(ids);
                 }
             }
             Event::Ping(reply) => {
@@ -642,16 +642,20 @@ mod tests {
         for id in 1..=3 {
             fresh.keep(id, &Arc::new(vec![b'x'; 10]));
         }
-        let mut changed = set_held(&mut entries, &mut fresh, &Scope::Id(2), true);
-        assert_eq!(changed, [2]);
+        let ids = |changed: Vec<Envelope>| -> Vec<u64> {
+            let mut ids: Vec<u64> = changed.iter().map(|e| e.id).collect();
+            ids.sort_unstable();
+            ids
+        };
+        let changed = set_held(&mut entries, &mut fresh, &Scope::Id(2), true);
+        assert!(changed.iter().all(|e| e.held), "returned as they are now");
+        assert_eq!(ids(changed), [2]);
         assert!(entries[&2].held);
         assert_eq!(fresh.bytes, 20, "the held message's data still kept");
         assert!(fresh.take(2).is_none());
-        changed = set_held(&mut entries, &mut fresh, &Scope::All, true);
-        changed.sort_unstable();
-        assert_eq!(changed, [1, 3], "only what changes is reported");
+        assert_eq!(ids(set_held(&mut entries, &mut fresh, &Scope::All, true)), [1, 3], "only what changes is reported");
         assert_eq!(fresh.bytes, 0);
-        assert_eq!(set_held(&mut entries, &mut fresh, &Scope::Id(2), false), [2]);
+        assert_eq!(ids(set_held(&mut entries, &mut fresh, &Scope::Id(2), false)), [2]);
         assert!(!entries[&2].held);
     }
 }
