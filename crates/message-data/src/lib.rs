@@ -6,6 +6,10 @@
 //! CRLF line ends, so nothing a client sends can end the message early downstream: outbound
 //! data is that canonical text, dot-stuffed, followed by `.<CR><LF>`.
 //!
+//! [`read_data`] grows its buffer only with the caller's leave, so the caller can bound the
+//! memory that all messages arriving at once hold; [`dot_stuff_window`] writes a large
+//! message a window at a time instead of copying it whole.
+//!
 //! [`header_summary`] reads what intake needs from the header section in one pass: the
 //! `Received:` count that detects mail loops, and the `Message-ID` for the log.
 #![forbid(unsafe_code)]
