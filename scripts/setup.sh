@@ -27,6 +27,10 @@ command -v dnsmasq >/dev/null || command -v /usr/sbin/dnsmasq >/dev/null || pkgs
 command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
 # GNU time: bench/relay-vs-postfix.sh reads smtp-source's CPU and context switches from it.
 [ -x /usr/bin/time ] || pkgs+=(time)
+# The hung-disk test freezes a small ext4 filesystem on a loop device.
+[ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || pkgs+=(e2fsprogs)
+[ -x /usr/sbin/fsfreeze ] || [ -x /sbin/fsfreeze ] || pkgs+=(util-linux)
+command -v mount >/dev/null || pkgs+=(mount)
 [ -x /usr/bin/chromium ] || pkgs+=(chromium)
 # systemd-analyze checks the systemd unit in contrib/ (no systemd needs to run).
 command -v systemd-analyze >/dev/null || pkgs+=(systemd)

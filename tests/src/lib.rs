@@ -6,6 +6,7 @@
 //!   under a file-size limit, so that its disk fills.
 //! * [`postfix::Postfix`]: a test-owned Postfix instance (interop, TLS peer).
 //! * [`certs::TestCa`]: certificates made in the test.
+//! * [`disk::FreezableDisk`]: a filesystem a test freezes, so that the relay's disk hangs.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
 //!   returns the sequence numbers that got a `250`.
 //! * [`spawn_until_ready`] and [`on_a_free_port`]: every helper process (sinks, relays,
@@ -29,6 +30,7 @@ use mail_send::SmtpClient;
 use tokio::sync::Semaphore;
 
 pub mod certs;
+pub mod disk;
 pub mod postfix;
 
 /// How long a test waits for something that should happen at once.
@@ -282,6 +284,21 @@ impl NotifySocket {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    /// The notifications that arrive within `period`, all of them.
+    pub fn receive_for(&self, period: Duration) -> Vec<String> {
+        let until = Instant::now() + period;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            self.socket.set_read_timeout(Some(left)).expect("timeout");
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        self.socket.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        got
+    }
+
     /// Drops the notifications that have arrived so far.
     pub fn drain(&self) {
         self.socket.set_nonblocking(true).expect("nonblocking");
@@ -348,11 +365,13 @@ impl Relay {
                 .filter(|(key, _)| !delivery.contains(key))
                 .map(|(key, value)| format!("{key} = \"{value}\"\n"))
                 .collect();
+        // The queue in the relay's directory, unless the test puts it elsewhere.
+        let queue = if relay.lines().any(|l| l.trim_start().starts_with("queue ")) { "" } else { "queue = \"queue\"\n" };
         on_a_free_port("127.0.0.1", |port| {
             let dir = tempfile::tempdir().expect("tempdir");
             let addr = format!("127.0.0.1:{port}");
             let config = format!(
-                "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\nqueue = \"queue\"\n{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
+                "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\n{queue}{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
             let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -544,7 +563,6 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
-/// The admin address the relay logged as ready.
 impl Relay {
     /// The admin API's `/metrics` (Prometheus text); `admin_listen` must be set.
     pub fn metrics(&self) -> String {

@@ -489,6 +489,56 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     assert_eq!(health(&relay).0, 200, "with room again, the relay takes mail");
 }
 
+/// A queue disk that hangs (here a frozen filesystem: writes and syncs block, nothing fails)
+/// is reported, and costs no mail: `/healthz` says the queue's writer does not answer, the
+/// watchdog is no longer pinged, and a message arriving meanwhile is not acknowledged. Once
+/// the disk moves again, that message gets its `250` and is delivered, and the relay is
+/// healthy again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
+    // Declared first, so dropped last: the relay goes before the filesystem is unmounted.
+    let disk = mxrelay_e2e::disk::FreezableDisk::create(128);
+    let sink = Sink::start("127.0.1.156", &[]);
+    let notify = mxrelay_e2e::NotifySocket::bind();
+    let env = [("NOTIFY_SOCKET", notify.path.as_str()), ("WATCHDOG_USEC", "200000")];
+    let queue = disk.path().join("queue");
+    let settings = format!("queue = \"{}\"\nadmin_listen = \"127.0.0.1:0\"", queue.display());
+    let relay = Relay::start_with_env(&env, &settings, &domain_block("customer.test", &[(&sink, 10)]), "");
+    let admin = relay.admin_addr();
+    let health = move || {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || http_request(&admin, "GET", "/healthz", None, ""))
+    };
+    let message = |seq: u64| format!("X-Seq: {seq}\r\n\r\nbody\r\nEND-OF-MESSAGE {seq}\r\n");
+    let answer = Raw::send_message(&relay.addr, "user@customer.test", &message(0)).await;
+    assert!(answer.starts_with("250"), "{answer}");
+    eventually("message 0 delivered", || sink.received().contains_key(&0)).await;
+    assert_eq!(health().await.expect("healthz").0, 200);
+
+    // Declared after the relay, so a failing test thaws the disk before it kills the relay.
+    let frozen = disk.freeze();
+    let addr = relay.addr.clone();
+    let waiting = tokio::spawn(async move { Raw::send_message(&addr, "user@customer.test", &message(1)).await });
+    relay.logged(&["not telling the watchdog the relay is alive", "the queue's writer did not answer"]).await;
+    let (status, body) = health().await.expect("healthz");
+    assert!(status == 503 && body.contains("\"unresponsive\"") && body.contains("queue's writer"), "{status} {body}");
+    // Ten ping intervals without a ping: a service manager would restart the relay.
+    notify.drain();
+    let pings = notify.receive_for(Duration::from_secs(1));
+    assert!(pings.is_empty(), "pinged the watchdog with the disk hung: {pings:?}");
+    assert!(!waiting.is_finished(), "answered while the message could not be stored: {:?}", waiting.await);
+    assert!(!sink.received().contains_key(&1), "delivered before it was stored");
+
+    drop(frozen);
+    let answer = tokio::time::timeout(PATIENCE, waiting).await.expect("an answer once the disk moves").expect("task");
+    assert!(answer.starts_with("250"), "{answer}; log:\n{}", relay.log_text());
+    eventually("message 1 delivered", || sink.received().contains_key(&1)).await;
+    assert_eq!(sink.received().values().copied().collect::<Vec<_>>(), [1, 1], "each message once");
+    assert_eq!(health().await.expect("healthz").0, 200);
+    notify.drain();
+    assert_eq!(notify.receive(), "WATCHDOG=1");
+}
+
 /// The admin API refuses bodies over its limit.
 #[test]
 fn admin_requests_are_size_limited() {

@@ -1,0 +1,90 @@
+//! A disk that hangs on demand: a small ext4 filesystem on a loop device that a test freezes
+//! with `fsfreeze`. While frozen, every write and sync to it blocks in the kernel (the
+//! writer sleeps uninterruptibly, as behind a stuck disk controller or a lost network block
+//! device), and nothing fails, until it is thawed. Needs root, as the README's test command
+//! runs; a missing tool or permission fails the test with the command's error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// How long a freeze lasts at most, even if the test process is killed before it thaws: a
+/// process blocked on a frozen filesystem cannot be killed, so a forgotten freeze would
+/// leave the relay, and whatever cleans up after the test, hanging.
+const MAX_FREEZE_SECS: u32 = 120;
+
+/// A mounted filesystem that can be frozen. Dropping it unmounts it; drop every process
+/// using it first (declare it before them).
+#[derive(Debug)]
+pub struct FreezableDisk {
+    mount: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FreezableDisk {
+    /// Makes and mounts a filesystem of `mib` MiB.
+    pub fn create(mib: u64) -> FreezableDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (image, mount) = (dir.path().join("image"), dir.path().join("mnt"));
+        std::fs::File::create(&image).and_then(|f| f.set_len(mib << 20)).expect("image file");
+        std::fs::create_dir(&mount).expect("mount point");
+        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), image.as_os_str()]);
+        // `-o loop` sets the loop device to free itself once the filesystem is unmounted.
+        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), mount.as_os_str()]);
+        FreezableDisk { mount, _dir: dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    /// From now on, writes and syncs block until the returned guard is dropped. Declared
+    /// after the processes using the disk, the guard thaws it before they are killed, also
+    /// when a test fails: a process blocked on a frozen filesystem cannot be killed.
+    pub fn freeze(&self) -> Frozen {
+        let script = format!("sleep {MAX_FREEZE_SECS}; exec fsfreeze -u \"$0\"");
+        let thaw_later = Command::new("sh")
+            .args(["-c".as_ref(), script.as_ref(), self.mount.as_os_str()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the thaw of last resort");
+        run("fsfreeze", &["-f".as_ref(), self.mount.as_os_str()]);
+        Frozen { mount: self.mount.clone(), thaw_later }
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        // Lazy: whatever still has a file open there keeps it until it closes it.
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// A frozen [`FreezableDisk`]; dropping this thaws it, and blocked writes and syncs go on.
+#[derive(Debug)]
+pub struct Frozen {
+    mount: PathBuf,
+    /// Thaws the filesystem after [`MAX_FREEZE_SECS`] unless killed first.
+    thaw_later: Child,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let thawed = Command::new("fsfreeze").arg("-u").arg(&self.mount).status();
+        let _ = self.thaw_later.kill();
+        let _ = self.thaw_later.wait();
+        // Not a panic while panicking; the thaw of last resort has been stopped, so say so.
+        if !thawed.is_ok_and(|s| s.success()) && !std::thread::panicking() {
+            panic!("fsfreeze -u {} failed", self.mount.display());
+        }
+    }
+}
+
+fn run(program: &str, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (install e2fsprogs, mount and util-linux; run as root)"));
+    assert!(out.status.success(), "{program} {args:?} failed (run as root): {}", String::from_utf8_lossy(&out.stderr));
+}
