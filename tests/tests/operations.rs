@@ -703,6 +703,25 @@ async fn the_customers_postfix_sees_every_session_end_with_quit() {
     assert_eq!(log.lines().filter(unclean).count(), 0, "{log}");
 }
 
+/// `test-servers` reaches the servers without the domain's policy: a module that does not
+/// compile, which `check` refuses, does not keep the servers from being tested.
+#[test]
+fn test_servers_does_not_need_the_domains_policy() {
+    let sink = Sink::start("127.0.1.158", &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("broken.wasm"), b"not a component").expect("module");
+    let (host, port) = sink.host_port();
+    let domain = mxrelay_e2e::domain_with("customer.test", "policy = \"broken.wasm\"", &[(host, port, 10)]);
+    let config = dir.path().join("relay.toml");
+    let text = format!("[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"queue\"\n\n{domain}");
+    std::fs::write(&config, text).expect("config");
+    let config = config.display().to_string();
+    let (ok, _, err) = mxrelay(&["check", &config]);
+    assert!(!ok && err.contains("broken.wasm"), "check refuses the module: {err}");
+    let (ok, out, err) = mxrelay(&["test-servers", &config, "--domain", "customer.test"]);
+    assert!(ok && out.contains("accepts"), "{out}{err}");
+}
+
 /// `test-servers` asks each of a domain's servers, as a delivery reaches it, whether it would
 /// take the domain's mail, and sends no message: smtp-sinks that accept, defer (`-r rcpt`)
 /// and refuse (`-f rcpt`) the recipient, and a port where nothing listens. The admin API
