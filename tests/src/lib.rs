@@ -509,13 +509,20 @@ impl Relay {
     /// event the test awaited may not have been read yet: awaited here, not assumed. Panics
     /// with the log after [`PATIENCE`].
     pub async fn logged(&self, needles: &[&str]) -> usize {
+        let mut n = 0;
+        self.eventually(&format!("a log line with {needles:?}"), || {
+            n = self.log_lines(needles).len();
+            n > 0
+        })
+        .await;
+        n
+    }
+
+    /// [`eventually`], with the relay's log in the panic: what it did instead.
+    pub async fn eventually(&self, what: &str, mut cond: impl FnMut() -> bool) {
         let start = Instant::now();
-        loop {
-            let n = self.log_lines(needles).len();
-            if n > 0 {
-                return n;
-            }
-            assert!(start.elapsed() < PATIENCE, "no log line with {needles:?}; the log:\n{}", self.log_text());
+        while !cond() {
+            assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}; the relay's log:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

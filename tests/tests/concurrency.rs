@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mxrelay_e2e::{Relay, Sink, domain_with, eventually, send};
+use mxrelay_e2e::{Relay, Sink, domain_with, send};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -69,7 +69,7 @@ async fn deliveries_to_one_server_never_exceed_the_limit() {
     let relay = Relay::start(&domain, "concurrency_per_server = 2\nworkers = 16");
     let acked = send(&relay.addr, "user@customer.test", 0..12, 12).await;
     assert_eq!(acked.len(), 12);
-    eventually("all 12 delivered", || received.load(Ordering::SeqCst) == 12).await;
+    relay.eventually("all 12 delivered", || received.load(Ordering::SeqCst) == 12).await;
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak == 2, "peak of {peak} simultaneous deliveries to one server with concurrency_per_server = 2");
 }
@@ -106,7 +106,7 @@ async fn deliveries_waiting_for_a_slot_skip_a_server_found_dead() {
     let relay = Relay::start(&domain, "concurrency_per_server = 1\nworkers = 16\nconnect_timeout = \"1s\"");
     let acked = send(&relay.addr, "user@customer.test", 0..8, 8).await;
     assert_eq!(acked.len(), 8);
-    eventually("all 8 at the backup", || backup.count() == 8).await;
+    relay.eventually("all 8 at the backup", || backup.count() == 8).await;
     let dead = format!("127.0.1.111:{dead_port}");
     let attempts = relay.log_lines(&["outcome=\"unreachable\"", &dead]).len();
     assert_eq!(attempts, 1, "connection attempts to the dead primary: {}", relay.log_text());

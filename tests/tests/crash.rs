@@ -1,7 +1,7 @@
 //! kill -9 the relay while it is accepting and delivering, restart it, and check that every
 //! message that got a `250` is delivered. Repeated at different moments.
 
-use mxrelay_e2e::{Relay, Sink, domain_block, eventually, send};
+use mxrelay_e2e::{Relay, Sink, domain_block, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_message_survives_kill_9() {
@@ -17,7 +17,7 @@ async fn every_acknowledged_message_survives_kill_9() {
         let (addr, first) = (relay.addr.clone(), next);
         let sender = tokio::spawn(async move { send(&addr, "user@customer.test", first..first + 600, 20).await });
         let base = sink.count();
-        eventually("deliveries under way", || sink.count() >= base + kill_after as usize).await;
+        relay.eventually("deliveries under way", || sink.count() >= base + kill_after as usize).await;
         relay.kill9();
         let got = sender.await.expect("sender");
         println!("round {round}: killed after {kill_after} deliveries; {} of 600 acknowledged", got.len());
@@ -25,11 +25,12 @@ async fn every_acknowledged_message_survives_kill_9() {
         next += 600;
         relay.restart();
     }
-    eventually("every acknowledged message delivered after the restarts", || {
-        let got = sink.received();
-        acked.iter().all(|s| got.contains_key(s))
-    })
-    .await;
+    relay
+        .eventually("every acknowledged message delivered after the restarts", || {
+            let got = sink.received();
+            acked.iter().all(|s| got.contains_key(s))
+        })
+        .await;
     // A crash between the server's 250 and the queue update may repeat a message (at least
     // once delivery); anything delivered must have been sent.
     let got = sink.received();

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use mxrelay_e2e::{Relay, Sink, domain_with, eventually, on_a_free_port, send_one, spawn_until_ready};
+use mxrelay_e2e::{Relay, Sink, domain_with, on_a_free_port, send_one, spawn_until_ready};
 
 struct Dnsmasq {
     child: Child,
@@ -73,11 +73,11 @@ async fn host_names_resolve_through_the_configured_resolver() {
     for seq in 0..3 {
         assert!(send_one(&relay.addr, "user@customer.test", seq).await);
     }
-    eventually("three at mx1", || mx1.count() == 3).await;
+    relay.eventually("three at mx1", || mx1.count() == 3).await;
     relay.logged(&["nxdomain.customer.test", "unreachable"]).await;
     mx1.kill();
     assert!(send_one(&relay.addr, "user@customer.test", 3).await);
-    eventually("failover to mx2 by name", || mx2.count() == 1).await;
+    relay.eventually("failover to mx2 by name", || mx2.count() == 1).await;
 }
 
 /// Like Postfix's connection cache by next hop: a message for a server that has an idle
@@ -93,7 +93,7 @@ async fn a_reused_connection_needs_no_dns_lookup() {
     for seq in 0..5 {
         assert!(send_one(&relay.addr, "user@customer.test", seq).await);
         // The delivery's log line comes after its connection went back to the pool.
-        eventually("delivered", || relay.log_lines(&["outcome=\"delivered\""]).len() == seq as usize + 1).await;
+        relay.eventually("delivered", || relay.log_lines(&["outcome=\"delivered\""]).len() == seq as usize + 1).await;
     }
     assert_eq!(mx.count(), 5);
     assert_eq!(dns.a_queries("mx.customer.test"), 1, "one lookup, then the connection is reused: {}", relay.log_text());
@@ -102,6 +102,6 @@ async fn a_reused_connection_needs_no_dns_lookup() {
     mx.kill();
     mx.restart();
     assert!(send_one(&relay.addr, "user@customer.test", 5).await);
-    eventually("delivered after the restart", || relay.log_lines(&["outcome=\"delivered\""]).len() == 6).await;
+    relay.eventually("delivered after the restart", || relay.log_lines(&["outcome=\"delivered\""]).len() == 6).await;
     assert_eq!(dns.a_queries("mx.customer.test"), 2, "a new connection resolves the name: {}", relay.log_text());
 }

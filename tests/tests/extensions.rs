@@ -69,7 +69,7 @@ async fn requests_go_on_to_a_server_with_dsn_and_one_without_gets_a_relayed_repo
     let replies = transaction(&relay.addr, &[MAIL, rcpt], 1).await;
     assert!(replies[0].1.lines().any(|l| l == "DSN"), "EHLO does not offer DSN: {:?}", replies[0]);
     assert_eq!(replies.last().map(|r| r.0), Some(250), "{replies:?}");
-    eventually("delivered to the server with DSN", || with_dsn.count() == 1).await;
+    relay.eventually("delivered to the server with DSN", || with_dsn.count() == 1).await;
     let dump = &with_dsn.dumps()[0];
     let mail_args = dump.lines().find_map(|l| l.strip_prefix("X-Mail-Args: ")).expect("MAIL args");
     assert!(mail_args.starts_with("<sender@src.test> ") && mail_args.ends_with(" RET=HDRS ENVID=env+2B1"), "{dump}");
@@ -83,7 +83,7 @@ async fn requests_go_on_to_a_server_with_dsn_and_one_without_gets_a_relayed_repo
     let rcpt = "RCPT TO:<user@plain.test> NOTIFY=SUCCESS ORCPT=rfc822;first+2Blast@old.test";
     let replies = transaction(&relay.addr, &[MAIL, rcpt], 2).await;
     assert_eq!(replies.last().map(|r| r.0), Some(250), "{replies:?}");
-    eventually("delivered to the server without DSN", || without_dsn.count() == 1).await;
+    relay.eventually("delivered to the server without DSN", || without_dsn.count() == 1).await;
     let dump = &without_dsn.dumps()[0];
     assert!(!dump.contains("RET=") && !dump.contains("ENVID=") && dump.contains("X-Rcpt-Args: <user@plain.test>\n"), "{dump}");
     let notice = &the_notice(&bounces, "one relayed report").await;
@@ -184,14 +184,14 @@ async fn requests_made_to_a_postfix_upstream_reach_the_customers_server() {
     )
     .await;
     assert_eq!(replies.last().map(|r| r.0), Some(250), "{replies:?}");
-    eventually("relayed through mxrelay", || sink.count() == 1).await;
+    relay.eventually("relayed through mxrelay", || sink.count() == 1).await;
     let dump = &sink.dumps()[0];
     assert!(dump.contains("by relay.test (mxrelay)") && dump.contains("(Postfix)"), "{dump}");
     let mail_args = dump.lines().find_map(|l| l.strip_prefix("X-Mail-Args: ")).expect("MAIL args");
     assert!(mail_args.contains(" RET=HDRS") && mail_args.contains(" ENVID=pf+2B7"), "{dump}");
     assert!(dump.contains("X-Rcpt-Args: <user@customer.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;orig@old.test\n"), "{dump}");
     // postlogd writes the log a moment after the events.
-    eventually("Postfix logs the hand-over", || postfix.log().contains("status=sent")).await;
+    relay.eventually("Postfix logs the hand-over", || postfix.log().contains("status=sent")).await;
     let log = postfix.log();
     assert!(!log.contains("dsn=5"), "{log}");
 }
@@ -206,7 +206,7 @@ async fn eight_bit_data_is_labelled_for_a_server_that_offers_8bitmime_and_sent_a
         let replies = transaction_with(&relay.addr, &["MAIL FROM:<sender@src.test> BODY=8BITMIME", rcpt], &text(seq)).await;
         assert_eq!(replies.last().map(|r| r.0), Some(250), "{replies:?}");
     }
-    eventually("both delivered", || with.count() == 1 && without.count() == 1).await;
+    relay.eventually("both delivered", || with.count() == 1 && without.count() == 1).await;
     let (labelled, plain) = (&with.dumps()[0], &without.dumps()[0]);
     assert!(labelled.contains(" BODY=8BITMIME") && labelled.contains("Grüße, Zeile eins"), "{labelled}");
     assert!(!plain.contains("BODY=") && plain.contains("Grüße, Zeile eins"), "{plain}");

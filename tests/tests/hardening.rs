@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, free_port, http_request};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, free_port, http_request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// A raw SMTP client: writes exactly the bytes given, reads reply lines.
@@ -97,7 +97,7 @@ async fn smuggling_payloads_never_become_a_second_message() {
         assert!(answer.starts_with("250"), "separator {sep:?}: {answer}");
         assert!(c.cmd("QUIT").await.starts_with("221"));
     }
-    eventually("every payload delivered whole", || sink.count() == separators.len()).await;
+    relay.eventually("every payload delivered whole", || sink.count() == separators.len()).await;
     let received = sink.received();
     assert_eq!(received.keys().copied().collect::<Vec<_>>(), (0..separators.len() as u64).collect::<Vec<_>>());
     assert!(received.values().all(|n| *n == 1), "{received:?}");
@@ -153,7 +153,7 @@ async fn messages_arriving_at_once_hold_at_most_max_data_in_memory() {
     assert!(first.cmd("DATA").await.starts_with("354"));
     // Lines of 65 bytes: 920 KiB.
     first.send(format!("X-Seq: 1\r\n\r\n{}", &large_body(1)[..65 * 14_500]).as_bytes()).await;
-    eventually("the first message's data held", || held().is_some_and(|b| b >= f64::from(900 << 10))).await;
+    relay.eventually("the first message's data held", || held().is_some_and(|b| b >= f64::from(900 << 10))).await;
 
     let mut sized = Raw::connect(&relay.addr).await;
     assert!(sized.reply().await.starts_with("220"));
@@ -167,11 +167,11 @@ async fn messages_arriving_at_once_hold_at_most_max_data_in_memory() {
     first.send(b"END-OF-MESSAGE 1\r\n.\r\n").await;
     let answer = first.reply().await;
     assert!(answer.starts_with("250"), "{answer}");
-    eventually("every share given back", || held() == Some(0.0)).await;
+    relay.eventually("every share given back", || held() == Some(0.0)).await;
     let text = text.replace("X-Seq: 2", "X-Seq: 3").replace("END-OF-MESSAGE 2", "END-OF-MESSAGE 3");
     let answer = Raw::send_message(&relay.addr, "user@customer.test", &text).await;
     assert!(answer.starts_with("250"), "with room again: {answer}");
-    eventually("both taken delivered", || sink.count() == 2).await;
+    relay.eventually("both taken delivered", || sink.count() == 2).await;
     assert_eq!(sink.received().keys().copied().collect::<Vec<_>>(), [1, 3]);
     let metrics = relay.metrics();
     let refused = mxrelay_e2e::metric(&metrics, "mxrelay_inbound_refused_total{reason=\"max_data_in_memory\"}");
@@ -246,7 +246,7 @@ async fn a_message_with_too_many_received_fields_is_refused_as_a_loop() {
     assert!(c.cmd("DATA").await.starts_with("354"));
     let answer = c.cmd(&format!("{}X-Seq: 2\r\n\r\nfine\r\nEND-OF-MESSAGE 2\r\n.", hops(3))).await;
     assert!(answer.starts_with("250"), "{answer}");
-    eventually("the second message delivered", || sink.count() == 1).await;
+    relay.eventually("the second message delivered", || sink.count() == 1).await;
     assert_eq!(sink.received().into_keys().collect::<Vec<_>>(), [2], "the looping message was queued");
     assert_eq!(relay.logged(&["a mail loop"]).await, 1);
 }
@@ -317,12 +317,12 @@ async fn silent_primary_scene(
 async fn a_stalled_server_is_passed_over() {
     let (relay, backup, _) = silent_primary_scene("127.0.1.74", "127.0.1.75", None, "1s").await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
-    eventually("delivered by the backup", || backup.count() == 1).await;
+    relay.eventually("delivered by the backup", || backup.count() == 1).await;
     assert_eq!(relay.logged(&["server marked down", "127.0.1.74"]).await, 1, "{}", relay.log_text());
     for seq in 2..=4 {
         assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", seq).await);
     }
-    eventually("the next three delivered by the backup", || backup.count() == 4).await;
+    relay.eventually("the next three delivered by the backup", || backup.count() == 4).await;
     // Only the probes connect to it now, in the background; no delivery waited for it again.
     assert_eq!(relay.logged(&["delivery attempt", "no greeting within"]).await, 1, "{}", relay.log_text());
 }
@@ -335,13 +335,13 @@ async fn a_server_silent_after_its_greeting_is_marked_down_and_stays_down() {
     let (relay, backup, connections) =
         silent_primary_scene("127.0.1.76", "127.0.1.77", Some(b"220 silent ESMTP\r\n"), "500ms").await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
-    eventually("delivered by the backup", || backup.count() == 1).await;
+    relay.eventually("delivered by the backup", || backup.count() == 1).await;
     assert_eq!(relay.logged(&["server marked down", "no reply to EHLO"]).await, 1, "{}", relay.log_text());
     // Two probes after the delivery's connection, both unanswered: still down.
     let seen = connections.load(Ordering::SeqCst);
-    eventually("two probes", || connections.load(Ordering::SeqCst) >= seen + 2).await;
+    relay.eventually("two probes", || connections.load(Ordering::SeqCst) >= seen + 2).await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 2).await);
-    eventually("the next one delivered by the backup", || backup.count() == 2).await;
+    relay.eventually("the next one delivered by the backup", || backup.count() == 2).await;
     assert_eq!(relay.logged(&["delivery attempt", "no reply to EHLO"]).await, 1, "{}", relay.log_text());
     assert!(relay.log_lines(&["up again"]).is_empty(), "{}", relay.log_text());
 }
@@ -366,15 +366,15 @@ async fn a_server_that_stalls_mid_transaction_comes_back_through_one_trial() {
     let stalls = || relay.log_lines(&["delivery attempt", "no reply to the pipelined MAIL, RCPT and DATA"]).len();
 
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
-    eventually("delivered by the backup after the stall", || backup.count() == 1).await;
+    relay.eventually("delivered by the backup after the stall", || backup.count() == 1).await;
     assert_eq!(relay.logged(&["server marked down", "127.0.1.135"]).await, 1, "{}", relay.log_text());
-    eventually("the probe finds it greeting", || !relay.log_lines(&["greets again"]).is_empty()).await;
+    relay.eventually("the probe finds it greeting", || !relay.log_lines(&["greets again"]).is_empty()).await;
 
     // Five at once: one is the trial and waits out the stall; the other four pass it over.
     let accepted = mxrelay_e2e::send(&relay.addr, "user@customer.test", 2..7, 5).await;
     assert_eq!(accepted, (2..7).collect::<Vec<u64>>());
-    eventually("all six delivered by the backup", || backup.count() == 6).await;
-    eventually("the trial's stall logged", || stalls() >= 2).await;
+    relay.eventually("all six delivered by the backup", || backup.count() == 6).await;
+    relay.eventually("the trial's stall logged", || stalls() >= 2).await;
     assert_eq!(stalls(), 2, "only the first message and one trial waited: {}", relay.log_text());
     assert_eq!(relay.logged(&["trial delivery failed"]).await, 1, "{}", relay.log_text());
     let marked = format!("mxrelay_server_marked_down_total{{server=\"{primary_addr}\",fault=\"stalled\"}}");
@@ -383,12 +383,12 @@ async fn a_server_that_stalls_mid_transaction_comes_back_through_one_trial() {
     // It answers again: the next trial gets through and the server is back in its place.
     stalling.kill();
     let answering = Sink::start_at(&primary_addr, &[]);
-    eventually("a probe opens the next trial", || relay.log_lines(&["greets again"]).len() == 2).await;
+    relay.eventually("a probe opens the next trial", || relay.log_lines(&["greets again"]).len() == 2).await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 7).await);
-    eventually("the trial delivered by the primary", || answering.count() == 1).await;
+    relay.eventually("the trial delivered by the primary", || answering.count() == 1).await;
     assert_eq!(relay.logged(&["server is up again", "127.0.1.135"]).await, 1, "{}", relay.log_text());
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 8).await);
-    eventually("the next one too", || answering.count() == 2).await;
+    relay.eventually("the next one too", || answering.count() == 2).await;
     assert_eq!(backup.count(), 6);
     assert_eq!(stalls(), 2, "{}", relay.log_text());
 }
@@ -407,19 +407,21 @@ async fn a_server_silent_after_the_final_dot_is_marked_down() {
     let relay = Relay::start(&domain, "data_timeout = \"2s\"\nprobe_interval = \"1h\"\nretry = [\"100ms\"]");
 
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 1).await);
-    eventually("marked down after the silent final dot", || {
-        !relay.log_lines(&["server marked down", "no reply to the final dot"]).is_empty()
-    })
-    .await;
+    relay
+        .eventually("marked down after the silent final dot", || {
+            !relay.log_lines(&["server marked down", "no reply to the final dot"]).is_empty()
+        })
+        .await;
     // Logged after the mark: awaited, not assumed.
     let deferred = || relay.log_lines(&["deferred", "may be delivered twice"]).len();
-    eventually("deferred, not passed on at once", || deferred() > 0).await;
+    relay.eventually("deferred, not passed on at once", || deferred() > 0).await;
     assert!(mxrelay_e2e::send_one(&relay.addr, "user@customer.test", 2).await);
-    eventually("the retry and the next message delivered by the backup", || {
-        let got = backup.received();
-        got.contains_key(&1) && got.contains_key(&2)
-    })
-    .await;
+    relay
+        .eventually("the retry and the next message delivered by the backup", || {
+            let got = backup.received();
+            got.contains_key(&1) && got.contains_key(&2)
+        })
+        .await;
     assert_eq!(relay.logged(&["no usable reply to the final dot", "127.0.1.137"]).await, 1, "{}", relay.log_text());
     assert_eq!(deferred(), 1, "{}", relay.log_text());
 }
@@ -468,7 +470,7 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     // away): the relay finds out by itself and takes mail again.
     let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();
     assert!(lifted.is_ok_and(|s| s.success()), "prlimit");
-    eventually("/healthz says ok again", || health(&relay).0 == 200).await;
+    relay.eventually("/healthz says ok again", || health(&relay).0 == 200).await;
     let text = "X-Seq: 400\r\n\r\nafter the disk had room again\r\nEND-OF-MESSAGE 400\r\n";
     let answer = Raw::send_message(&relay.addr, "user@customer.test", text).await;
     assert!(answer.starts_with("250"), "{answer}");
@@ -479,11 +481,12 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let sink = Sink::start_at(&format!("127.0.1.76:{sink_port}"), &[]);
     relay.file_size_limit_kib = None;
     relay.restart();
-    eventually("every acknowledged message delivered", || {
-        let got = sink.received();
-        acked.iter().all(|s| got.contains_key(s))
-    })
-    .await;
+    relay
+        .eventually("every acknowledged message delivered", || {
+            let got = sink.received();
+            acked.iter().all(|s| got.contains_key(s))
+        })
+        .await;
     let got = sink.received();
     assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
     assert_eq!(health(&relay).0, 200, "with room again, the relay takes mail");
@@ -512,7 +515,7 @@ async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
     let message = |seq: u64| format!("X-Seq: {seq}\r\n\r\nbody\r\nEND-OF-MESSAGE {seq}\r\n");
     let answer = Raw::send_message(&relay.addr, "user@customer.test", &message(0)).await;
     assert!(answer.starts_with("250"), "{answer}");
-    eventually("message 0 delivered", || sink.received().contains_key(&0)).await;
+    relay.eventually("message 0 delivered", || sink.received().contains_key(&0)).await;
     assert_eq!(health().await.expect("healthz").0, 200);
 
     // Declared after the relay, so a failing test thaws the disk before it kills the relay.
@@ -532,7 +535,7 @@ async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
     drop(frozen);
     let answer = tokio::time::timeout(PATIENCE, waiting).await.expect("an answer once the disk moves").expect("task");
     assert!(answer.starts_with("250"), "{answer}; log:\n{}", relay.log_text());
-    eventually("message 1 delivered", || sink.received().contains_key(&1)).await;
+    relay.eventually("message 1 delivered", || sink.received().contains_key(&1)).await;
     assert_eq!(sink.received().values().copied().collect::<Vec<_>>(), [1, 1], "each message once");
     assert_eq!(health().await.expect("healthz").0, 200);
     notify.drain();
@@ -724,7 +727,7 @@ async fn a_large_message_to_a_slow_server_takes_as_long_as_it_needs() {
     let domain = domain_with("customer.test", "", &[("127.0.1.149", port, 10)]);
     let relay = Relay::start_with("max_message_size = 30000000", &domain, "data_timeout = \"3s\"");
     send_one_large(&relay.addr, "user@customer.test", 24).await;
-    eventually("the slow server took the message whole", || !taken.lock().expect("log").is_empty()).await;
+    relay.eventually("the slow server took the message whole", || !taken.lock().expect("log").is_empty()).await;
     assert!(taken.lock().expect("log")[0] > 24_000_000);
     assert!(relay.log_lines(&["deferred"]).is_empty(), "{}", relay.log_text());
 }
@@ -740,7 +743,7 @@ async fn a_server_that_stops_taking_the_data_is_passed_over() {
     let domain = domain_with("customer.test", "", &[("127.0.1.150", port, 10), (bh, bp, 20)]);
     let relay = Relay::start(&domain, "data_timeout = \"1s\"");
     send_one_large(&relay.addr, "user@customer.test", 8).await;
-    eventually("delivered by the backup", || backup.count() == 1).await;
+    relay.eventually("delivered by the backup", || backup.count() == 1).await;
     assert!(taken.lock().expect("log").is_empty());
     relay.logged(&["the data stalled"]).await;
 }

@@ -2,7 +2,7 @@
 //! and once on delay; delivered like any message, with the null sender; never one for a
 //! notification.
 
-use mxrelay_e2e::{Relay, Sink, eventually, send_one};
+use mxrelay_e2e::{Relay, Sink, send_one};
 
 fn relay_with(customer: &str, bounce: &Sink, delivery: &str) -> Relay {
     let (bh, bp) = bounce.host_port();
@@ -25,7 +25,7 @@ async fn a_permanent_failure_is_reported_to_the_sender_once() {
     assert!(send_one(&relay.addr, "user@customer.test", 7).await);
     // smtp-sink writes its dumps with LF line ends; a complete report ends with its closing boundary.
     let complete = |d: &String| d.trim_end().ends_with("--");
-    eventually("one notification", || bounces.dumps().iter().filter(|d| complete(d)).count() == 1).await;
+    relay.eventually("one notification", || bounces.dumps().iter().filter(|d| complete(d)).count() == 1).await;
     let dsn = &bounces.dumps()[0];
     mxrelay_e2e::assert_contains_all(
         dsn,
@@ -51,10 +51,11 @@ async fn a_permanent_failure_is_reported_to_the_sender_once() {
         .output()
         .expect("swaks");
     assert!(String::from_utf8_lossy(&out.stdout).contains("MAIL FROM:<>"), "{}", String::from_utf8_lossy(&out.stdout));
-    eventually("null-sender failure logged", || {
-        !relay2.log_lines(&["no notification for a message with the null sender"]).is_empty()
-    })
-    .await;
+    relay
+        .eventually("null-sender failure logged", || {
+            !relay2.log_lines(&["no notification for a message with the null sender"]).is_empty()
+        })
+        .await;
     assert_eq!(bounces.dumps().len(), 1, "a notification about a notification was sent");
 }
 
@@ -69,7 +70,7 @@ async fn expiry_and_delay_are_reported() {
         "retry = [\"200ms\"]\ndelay_warning = \"300ms\"\nmax_queue_lifetime = \"2s\"\nprobe_interval = \"1h\"",
     );
     assert!(send_one(&relay.addr, "user@customer.test", 9).await);
-    eventually("two notices", || bounces.dumps().iter().filter(|d| d.trim_end().ends_with("--")).count() == 2).await;
+    relay.eventually("two notices", || bounces.dumps().iter().filter(|d| d.trim_end().ends_with("--")).count() == 2).await;
     let dumps = bounces.dumps();
     let delayed = dumps.iter().find(|d| d.contains("Action: delayed")).expect("a delayed notice");
     assert!(delayed.contains("Will-Retry-Until:") && delayed.contains("Status: 4."), "{delayed}");
@@ -96,11 +97,11 @@ async fn a_domains_own_queue_lifetime_applies_to_it_alone_and_a_reload_changes_i
     assert!(send_one(&relay.addr, "user@short.test", 1).await);
     assert!(send_one(&relay.addr, "user@default.test", 2).await);
     let expired = || relay.log_lines(&["expired after max_queue_lifetime"]);
-    eventually("short.test's mail expired", || expired().len() == 1).await;
+    relay.eventually("short.test's mail expired", || expired().len() == 1).await;
     assert!(expired()[0].contains("user@short.test"), "{}", relay.log_text());
     // default.test's message, as old, is tried three more times and stays queued (5 days).
     let deferrals = relay.log_lines(&["deferred"]).len();
-    eventually("three more attempts", || relay.log_lines(&["deferred"]).len() >= deferrals + 3).await;
+    relay.eventually("three more attempts", || relay.log_lines(&["deferred"]).len() >= deferrals + 3).await;
     assert_eq!(expired().len(), 1, "default.test's mail expired with short.test's lifetime: {}", relay.log_text());
 
     let path = relay.config_path();
@@ -108,10 +109,10 @@ async fn a_domains_own_queue_lifetime_applies_to_it_alone_and_a_reload_changes_i
     let next = text.replace("name = \"default.test\"\n", "name = \"default.test\"\nmax_queue_lifetime = \"1s\"\n");
     std::fs::write(&path, next).expect("write");
     relay.signal("HUP");
-    eventually("default.test's queued mail expired after the reload", || expired().len() == 2).await;
+    relay.eventually("default.test's queued mail expired after the reload", || expired().len() == 2).await;
     assert!(expired()[1].contains("user@default.test"), "{}", relay.log_text());
     let notices = || bounces.dumps().into_iter().filter(|d| d.trim_end().ends_with("--")).collect::<Vec<_>>();
-    eventually("two expiry notices", || notices().len() == 2).await;
+    relay.eventually("two expiry notices", || notices().len() == 2).await;
     for rcpt in ["user@short.test", "user@default.test"] {
         let notice = notices().into_iter().find(|d| d.contains(&format!("Final-Recipient: rfc822; {rcpt}"))).expect(rcpt);
         assert!(notice.contains("Status: 4.4.7"), "{notice}");

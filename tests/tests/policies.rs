@@ -1,7 +1,7 @@
 //! Custom policy modules: the examples' behaviour through `mxrelay plan --json`, sticky
 //! routing through the component, `mxrelay policy check`, and hot reload in a running relay.
 
-use mxrelay_e2e::{Relay, Sink, domain_with, eventually, mxrelay, policy_module, send};
+use mxrelay_e2e::{Relay, Sink, domain_with, mxrelay, policy_module, send};
 use serde_json::Value;
 
 fn write_config(dir: &std::path::Path, domain_block: &str) -> String {
@@ -165,7 +165,7 @@ async fn hostile_modules_never_stop_delivery() {
         acked.extend(send(&relay.addr, &format!("user@{mode}.test"), base..base + 20, 5).await);
     }
     assert_eq!(acked.len(), 80);
-    eventually("all 80 delivered", || a.received().len() + b.received().len() == 80).await;
+    relay.eventually("all 80 delivered", || a.received().len() + b.received().len() == 80).await;
     mxrelay_e2e::assert_exactly_once(&[&a, &b], &acked);
     assert_eq!(b.count(), 0, "the fail-safe keeps preference order: the backup got mail");
     let metrics = relay.metrics();
@@ -191,24 +191,24 @@ async fn replaced_modules_reload_and_broken_ones_are_refused() {
     let relay = Relay::start(&domain, "retry = [\"1h\"]");
     // Sticky: one mailbox, one server.
     send(&relay.addr, "alice@customer.test", 0..20, 4).await;
-    eventually("20 delivered", || a.count() + b.count() == 20).await;
+    relay.eventually("20 delivered", || a.count() + b.count() == 20).await;
     assert!(a.count() == 20 || b.count() == 20, "sticky split alice: {} / {}", a.count(), b.count());
 
     // A broken file is refused; sticky stays in service.
     std::fs::write(&module, b"not a component").expect("write");
-    eventually("broken module refused", || !relay.log_lines(&["policy module refused"]).is_empty()).await;
+    relay.eventually("broken module refused", || !relay.log_lines(&["policy module refused"]).is_empty()).await;
     send(&relay.addr, "alice@customer.test", 20..40, 4).await;
-    eventually("40 delivered", || a.count() + b.count() == 40).await;
+    relay.eventually("40 delivered", || a.count() + b.count() == 40).await;
     assert!(a.count() == 40 || b.count() == 40, "the previous module left service: {} / {}", a.count(), b.count());
 
     // The built-in policy as a module file: alice's mail is shared again.
     let tmp = modules.path().join("next.wasm");
     std::fs::write(&tmp, mxrelay_policy_host::BUILTIN_COMPONENT).expect("write");
     std::fs::rename(&tmp, &module).expect("rename");
-    eventually("module reloaded", || !relay.log_lines(&["policy modules reloaded"]).is_empty()).await;
+    relay.eventually("module reloaded", || !relay.log_lines(&["policy modules reloaded"]).is_empty()).await;
     let (a0, b0) = (a.count(), b.count());
     send(&relay.addr, "alice@customer.test", 40..100, 4).await;
-    eventually("100 delivered", || a.count() + b.count() == 100).await;
+    relay.eventually("100 delivered", || a.count() + b.count() == 100).await;
     assert!(a.count() > a0 + 15 && b.count() > b0 + 15, "after reload: {} / {}", a.count() - a0, b.count() - b0);
 }
 

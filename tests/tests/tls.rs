@@ -149,17 +149,17 @@ async fn with_require_tls_mail_in_clear_is_refused() {
     assert!(!ok && out.contains("530 5.7.0 must issue a STARTTLS command first"), "{out}");
     let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test", 2, &["--tls"]);
     assert!(ok, "{out}");
-    eventually("the encrypted one delivered", || sink.count() == 1).await;
+    relay.eventually("the encrypted one delivered", || sink.count() == 1).await;
     assert_eq!(sink.received().into_keys().collect::<Vec<_>>(), [2]);
     // Turned off by a reload, without a restart: mail in clear is taken again.
     let path = relay.config_path();
     let text = std::fs::read_to_string(&path).expect("config");
     std::fs::write(&path, text.replace("require_tls = true", "require_tls = false")).expect("write");
     relay.signal("HUP");
-    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    relay.eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
     let (ok, out) = swaks_tagged(&relay.addr, "user@customer.test", 3, &[]);
     assert!(ok, "{out}");
-    eventually("the clear one delivered", || sink.count() == 2).await;
+    relay.eventually("the clear one delivered", || sink.count() == 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +212,7 @@ async fn required_tls_skips_servers_without_it_and_never_sends_in_clear() {
     let relay = Relay::start_with("admin_listen = \"127.0.0.1:0\"", &domain, "");
     let acked = send(&relay.addr, "user@customer.test", 0..10, 2).await;
     assert_eq!(acked.len(), 10);
-    eventually("all delivered by the verified server", || mailbox.count() == 10).await;
+    relay.eventually("all delivered by the verified server", || mailbox.count() == 10).await;
     assert_exactly_once(&[&mailbox], &acked);
     assert_eq!(clear.count(), 0, "nothing went to the server without TLS");
     for dump in mailbox.dumps() {
@@ -261,7 +261,7 @@ async fn opportunistic_encrypts_when_offered_and_none_never_does() {
     assert_eq!(send(&relay.addr, "user@may.test", 0..3, 1).await.len(), 3);
     assert_eq!(send(&relay.addr, "user@never.test", 10..13, 1).await.len(), 3);
     assert_eq!(send(&relay.addr, "user@clear.test", 20..23, 1).await.len(), 3);
-    eventually("all delivered", || mailbox.count() == 6 && plain.count() == 3).await;
+    relay.eventually("all delivered", || mailbox.count() == 6 && plain.count() == 3).await;
     for dump in mailbox.dumps() {
         let encrypted = dump.contains("by mx.customer.test (Postfix) with ESMTPS");
         if dump.contains("To: user@may.test") {
@@ -293,7 +293,7 @@ async fn a_server_that_asks_gets_the_relays_client_certificate() {
 
     let relay = Relay::start(&domain, "");
     assert_eq!(send(&relay.addr, "user@customer.test", 10..11, 1).await.len(), 1);
-    eventually("delivered without a certificate", || mailbox.count() == 1).await;
+    relay.eventually("delivered without a certificate", || mailbox.count() == 1).await;
 
     // Set on a running relay: a reload applies it, no restart.
     let path = relay.config_path();
@@ -301,10 +301,10 @@ async fn a_server_that_asks_gets_the_relays_client_certificate() {
     let identity = format!("[delivery]\ntls_client_cert = {}\ntls_client_key = {}\n", quoted(&client.cert), quoted(&client.key));
     std::fs::write(&path, text.replacen("[delivery]\n", &identity, 1)).expect("write config");
     relay.signal("HUP");
-    eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+    relay.eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
     assert!(relay.log_lines(&["after a restart"]).is_empty(), "{}", relay.log_text());
     assert_eq!(send(&relay.addr, "user@customer.test", 0..2, 1).await.len(), 2);
-    eventually("delivered with the certificate", || mailbox.count() == 3).await;
+    relay.eventually("delivered with the certificate", || mailbox.count() == 3).await;
 
     for dump in mailbox.dumps() {
         let seq: u64 = dump.lines().find_map(|l| l.strip_prefix("X-Seq: ")?.trim().parse().ok()).expect("X-Seq");
@@ -341,8 +341,8 @@ async fn opportunistic_falls_back_to_clear_when_the_handshake_fails() {
     let relay = may_and_must_relay(postfix.port(0));
     assert_eq!(send(&relay.addr, "user@may.test", 0..2, 1).await.len(), 2);
     assert_eq!(send(&relay.addr, "user@must.test", 10..12, 1).await.len(), 2);
-    eventually("opportunistic mail delivered in clear", || mailbox.count() == 2).await;
-    eventually("required mail deferred", || relay.log_lines(&["deferred"]).len() >= 2).await;
+    relay.eventually("opportunistic mail delivered in clear", || mailbox.count() == 2).await;
+    relay.eventually("required mail deferred", || relay.log_lines(&["deferred"]).len() >= 2).await;
     assert!(mailbox.dumps().iter().all(|d| d.contains("To: user@may.test")), "required mail must not go out in clear");
     relay.logged(&["TLS failed; delivering in clear"]).await;
     drop(postfix);
@@ -422,8 +422,8 @@ async fn a_454_to_starttls_means_clear_on_the_same_connection_only_when_opportun
     let relay = may_and_must_relay(server.port);
     assert_eq!(send(&relay.addr, "user@must.test", 10..11, 1).await.len(), 1);
     assert_eq!(send(&relay.addr, "user@may.test", 0..1, 1).await.len(), 1);
-    eventually("opportunistic mail delivered", || server.transcript().iter().any(|l| l.contains("MESSAGE"))).await;
-    eventually("required mail deferred", || !relay.log_lines(&["deferred"]).is_empty()).await;
+    relay.eventually("opportunistic mail delivered", || server.transcript().iter().any(|l| l.contains("MESSAGE"))).await;
+    relay.eventually("required mail deferred", || !relay.log_lines(&["deferred"]).is_empty()).await;
     let transcript = server.transcript();
     // The delivery went on in clear on the connection whose STARTTLS got the 454.
     let message = transcript.iter().find(|l| l.contains("MESSAGE")).expect("message");
