@@ -51,10 +51,15 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// Awaits `cond` (polled every 20 ms) for at most [`PATIENCE`]; panics with `what` if it never holds.
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_else(what, cond, String::new).await;
+}
+
+/// [`eventually`], with `context()` (what went on meanwhile) in the panic.
+async fn eventually_else(what: &str, mut cond: impl FnMut() -> bool, context: impl Fn() -> String) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}");
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}{}", context());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -519,12 +524,8 @@ impl Relay {
     }
 
     /// [`eventually`], with the relay's log in the panic: what it did instead.
-    pub async fn eventually(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}; the relay's log:\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    pub async fn eventually(&self, what: &str, cond: impl FnMut() -> bool) {
+        eventually_else(what, cond, || format!("; the relay's log:\n{}", self.log_text())).await;
     }
 }
 
