@@ -511,7 +511,10 @@ async fn held_mail_does_not_expire_while_held() {
     let (ok, out, err) = mxrelay(&["queue", "release", &config, &held]);
     assert!(ok && out == "released 1 message\n", "{out}{err}");
     relay.eventually("delivered once released", || sink.received().contains_key(&1)).await;
-    assert_eq!(relay.logged(&["expired after max_queue_lifetime"]).await, 1, "{}", relay.log_text());
+    // Only the unheld one expired (its notification to the sender, undeliverable here, may
+    // expire too: its recipient is the sender).
+    let expired = relay.log_lines(&["expired after max_queue_lifetime", "user@customer.test"]);
+    assert_eq!(expired.len(), 1, "{}", relay.log_text());
     assert!(!sink.received().contains_key(&2), "the expired one is not delivered");
 }
 
