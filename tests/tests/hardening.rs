@@ -512,7 +512,7 @@ async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
         let admin = admin.clone();
         tokio::task::spawn_blocking(move || http_request(&admin, "GET", "/healthz", None, ""))
     };
-    let message = |seq: u64| format!("X-Seq: {seq}\r\n\r\nbody\r\nEND-OF-MESSAGE {seq}\r\n");
+    let message = |seq: u64| mxrelay_e2e::message(seq, "user@customer.test");
     let answer = Raw::send_message(&relay.addr, "user@customer.test", &message(0)).await;
     assert!(answer.starts_with("250"), "{answer}");
     relay.eventually("message 0 delivered", || sink.received().contains_key(&0)).await;
