@@ -601,6 +601,16 @@ macro_rules! policy_module {
     };
 }
 
+/// Writes `relay.toml` in `dir` for the commands that read a config without running the
+/// relay (`check`, `plan`, `test-servers`): a `[relay]` section and `domain_blocks`.
+/// Returns its path.
+pub fn write_config(dir: &Path, domain_blocks: &str) -> String {
+    let path = dir.join("relay.toml");
+    let text = format!("[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"queue\"\n\n{domain_blocks}");
+    std::fs::write(&path, text).expect("write config");
+    path.display().to_string()
+}
+
 /// Runs `mxrelay` with `args`; returns (exit success, stdout, stderr).
 pub fn mxrelay(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(relay_binary()).args(args).output().expect("run mxrelay");

@@ -730,10 +730,7 @@ fn test_servers_does_not_need_the_domains_policy() {
     std::fs::write(dir.path().join("broken.wasm"), b"not a component").expect("module");
     let (host, port) = sink.host_port();
     let domain = mxrelay_e2e::domain_with("customer.test", "policy = \"broken.wasm\"", &[(host, port, 10)]);
-    let config = dir.path().join("relay.toml");
-    let text = format!("[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"queue\"\n\n{domain}");
-    std::fs::write(&config, text).expect("config");
-    let config = config.display().to_string();
+    let config = mxrelay_e2e::write_config(dir.path(), &domain);
     let (ok, _, err) = mxrelay(&["check", &config]);
     assert!(!ok && err.contains("broken.wasm"), "check refuses the module: {err}");
     let (ok, out, err) = mxrelay(&["test-servers", &config, "--domain", "customer.test"]);

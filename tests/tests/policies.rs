@@ -1,15 +1,8 @@
 //! Custom policy modules: the examples' behaviour through `mxrelay plan --json`, sticky
 //! routing through the component, `mxrelay policy check`, and hot reload in a running relay.
 
-use mxrelay_e2e::{Relay, Sink, domain_with, mxrelay, policy_module, send};
+use mxrelay_e2e::{Relay, Sink, domain_with, mxrelay, policy_module, send, write_config};
 use serde_json::Value;
-
-fn write_config(dir: &std::path::Path, domain_block: &str) -> String {
-    let path = dir.join("relay.toml");
-    let text = format!("[relay]\nhostname = \"relay.test\"\nlisten = [\"127.0.0.1:2525\"]\nqueue = \"queue\"\n\n{domain_block}");
-    std::fs::write(&path, text).expect("write config");
-    path.display().to_string()
-}
 
 fn plan_json(config: &str, extra: &[&str]) -> Value {
     let mut args = vec!["plan", config, "--domain", "customer.test", "--json"];
