@@ -123,6 +123,18 @@ async fn a_log_reader_that_stops_reading_never_holds_up_mail() {
     assert!(dropped.is_some_and(|n| n > 0.0), "{metrics}");
 }
 
+/// Saves `[host]` as `domain`'s server list through the admin API; panics unless `200`.
+fn save_server_list(admin: &str, token: &str, domain: &str, host: &str) {
+    let body = format!(r#"[{{"host":"{host}","preference":10}}]"#);
+    let (status, reply) = mxrelay_e2e::http_request(admin, "PUT", &format!("/api/domains/{domain}/servers"), Some(token), &body);
+    assert_eq!(status, 200, "{domain}: {reply}");
+}
+
+/// `domain`'s server list in force, as the admin API shows it (JSON).
+fn server_list_in_force(admin: &str, token: &str, domain: &str) -> String {
+    mxrelay_e2e::http_request(admin, "GET", &format!("/api/domains/{domain}/servers"), Some(token), "").1
+}
+
 /// Server lists saved through the API at the same time, for different domains, are all
 /// kept: in force, in the config file, and so after a restart.
 #[test]
@@ -138,18 +150,12 @@ fn server_lists_saved_at_once_are_all_kept() {
             let admin = &admin;
             s.spawn(move || {
                 for i in 0..10 {
-                    let body = format!(r#"[{{"host":"mx{i}.{d}","preference":10}}]"#);
-                    let (status, reply) =
-                        mxrelay_e2e::http_request(admin, "PUT", &format!("/api/domains/{d}/servers"), Some(TOKEN), &body);
-                    assert_eq!(status, 200, "{d}: {reply}");
+                    save_server_list(admin, TOKEN, d, &format!("mx{i}.{d}"));
                 }
             });
         }
     });
-    let in_force = |relay: &Relay, d: &str| {
-        let admin = relay.admin_addr();
-        mxrelay_e2e::http_request(&admin, "GET", &format!("/api/domains/{d}/servers"), Some(TOKEN), "").1
-    };
+    let in_force = |relay: &Relay, d: &str| server_list_in_force(&relay.admin_addr(), TOKEN, d);
     let config = std::fs::read_to_string(relay.config_path()).expect("config");
     for d in domains {
         assert!(in_force(&relay, d).contains(&format!("\"{}\"", last(d))), "{d}: {}", in_force(&relay, d));
@@ -178,7 +184,6 @@ fn reloads_while_server_lists_are_saved_never_undo_a_save() {
     blocks.push_str(&mxrelay_e2e::domain_with("sticky.test", &sticky, &[("127.0.1.157", 25, 10)]));
     let relay = Relay::start_with(&format!("admin_listen = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\""), &blocks, "");
     let admin = relay.admin_addr();
-    let path = |d: &str| format!("/api/domains/{d}/servers");
     let reloaded = || relay.log_lines(&["configuration reloaded"]).len();
     let reloads = AtomicUsize::new(0);
     let last_saved: Vec<String> = std::thread::scope(|s| {
@@ -190,10 +195,8 @@ fn reloads_while_server_lists_are_saved_never_undo_a_save() {
                     let mut i = 0;
                     loop {
                         let host = format!("mx{i}.{d}");
-                        let body = format!(r#"[{{"host":"{host}","preference":10}}]"#);
-                        let (status, reply) = mxrelay_e2e::http_request(admin, "PUT", &path(d), Some(TOKEN), &body);
-                        assert_eq!(status, 200, "{d}: {reply}");
-                        let in_force = mxrelay_e2e::http_request(admin, "GET", &path(d), Some(TOKEN), "").1;
+                        save_server_list(admin, TOKEN, d, &host);
+                        let in_force = server_list_in_force(admin, TOKEN, d);
                         assert!(in_force.contains(&format!("\"{host}\"")), "{d}: saved {host}, in force {in_force}");
                         if reloads.load(Ordering::SeqCst) >= RELOADS {
                             return host;
@@ -215,7 +218,7 @@ fn reloads_while_server_lists_are_saved_never_undo_a_save() {
     // The last reload may have begun before the last save.
     let config = std::fs::read_to_string(relay.config_path()).expect("config");
     for (d, host) in domains.iter().zip(&last_saved) {
-        let in_force = mxrelay_e2e::http_request(&admin, "GET", &path(d), Some(TOKEN), "").1;
+        let in_force = server_list_in_force(&admin, TOKEN, d);
         assert!(in_force.contains(&format!("\"{host}\"")), "{d}: {host}, the last list saved, is no longer in force: {in_force}");
         assert!(config.contains(&format!("\"{host}\"")), "{d}: {host}, the last list saved, is not in the file:\n{config}");
     }
