@@ -49,6 +49,29 @@ fn a_mailbox_named_twice_gets_the_message_once() {
 }
 
 #[test]
+fn the_bare_postmaster_goes_to_the_configured_mailbox() {
+    let sink = Sink::start("127.0.1.159", &[]);
+    let domains = domain_block("customer.test", &[(&sink, 10)]);
+    // RFC 5321 4.5.1: <postmaster> without a domain is the relay's own. Unset, there is no
+    // mailbox to take it, and the refusal names the setting.
+    let relay = Relay::start(&domains, "");
+    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "postmaster"]);
+    assert!(!ok && out.contains("550 5.1.1 no postmaster mailbox is configured here (relay.postmaster)"), "{out}");
+    drop(relay);
+
+    let relay = Relay::start_with("postmaster = \"Ops@Customer.Test\"", &domains, "");
+    let (ok, out) = swaks_tagged(&relay.addr, "PostMaster", 1, &[]);
+    assert!(ok && out.contains("250 2.1.5"), "{out}");
+    assert!(wait_until(PATIENCE, || sink.count() == 1), "mail to postmaster was not delivered");
+    let dump = &sink.dumps()[0];
+    // Delivered to the configured mailbox, and the original recipient travels with it.
+    assert!(dump.contains("X-Rcpt-Args: <Ops@customer.test> ORCPT=rfc822;PostMaster\n"), "{dump}");
+    // Another domain-less recipient is still refused.
+    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "root"]);
+    assert!(!ok && out.contains("501 5.1.3 bad recipient address syntax"), "{out}");
+}
+
+#[test]
 fn clients_outside_accept_from_are_refused() {
     let sink = Sink::start("127.0.1.31", &[]);
     let relay = Relay::start_with(

@@ -107,6 +107,8 @@ struct FileRelay {
     tls_key: Option<PathBuf>,
     #[serde(default)]
     require_tls: Option<bool>,
+    #[serde(default)]
+    postmaster: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -326,6 +328,10 @@ pub struct RelayConfig {
     /// Take mail only over TLS: MAIL before STARTTLS gets `530` (Postfix's
     /// `smtpd_tls_security_level = encrypt`). Default off.
     pub require_tls: bool,
+    /// Where mail to the bare `<postmaster>` goes (RFC 5321 §4.5.1), as `local@domain` with
+    /// the domain lower-cased: a mailbox in one of the configured domains. Unset, such mail is
+    /// refused, since the relay has no mailbox of its own.
+    pub postmaster: Option<String>,
 }
 
 /// `[delivery]`: sending.
@@ -401,6 +407,11 @@ impl Config {
         let relay = relay_config(file.relay, base, &mut problems);
         let delivery = delivery_config(file.delivery, base, &mut problems);
         let domains = domain_configs(file.domain, base, &mut problems);
+        if let Some(address) = &relay.postmaster
+            && let Err(e) = check_postmaster(address, &domains)
+        {
+            problems.push(error("relay.postmaster", e));
+        }
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(ConfigError::Invalid { problems });
         }
@@ -448,6 +459,20 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
         context = if server > 0 { format!("domain {d}: server #{server}: ") } else { format!("domain {d}: ") };
     }
     format!("line {line}, column {column}: {context}{message}")
+}
+
+/// `relay.postmaster` must be a mailbox the relay can deliver to: one in a configured domain.
+fn check_postmaster(address: &str, domains: &[DomainConfig]) -> Result<(), String> {
+    let Some((local, domain)) = address.rsplit_once('@').filter(|(local, domain)| !local.is_empty() && !domain.is_empty()) else {
+        return Err(format!("{address:?} is not an address like postmaster@customer.example"));
+    };
+    if let Some(c) = local.chars().find(|c| c.is_whitespace() || c.is_control() || "<>".contains(*c)) {
+        return Err(format!("{address:?} has {c:?} in its local part"));
+    }
+    if !domains.iter().any(|d| d.name == domain) {
+        return Err(format!("{domain} is not a configured domain: the relay delivers only to [[domain]] blocks"));
+    }
+    Ok(())
 }
 
 fn error(location: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
@@ -599,6 +624,10 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         tls_cert,
         tls_key,
         require_tls,
+        postmaster: file.postmaster.map(|a| match a.trim().rsplit_once('@') {
+            Some((local, domain)) => format!("{local}@{}", domain.trim_end_matches('.').to_ascii_lowercase()),
+            None => a.trim().to_string(),
+        }),
     }
 }
 
@@ -928,6 +957,25 @@ preference = 20
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("domain mailroutedemo.com: server #1 (mail.mailroutedemo.com) preference: preference \"10.5\" is not a whole number"), "{p:?}");
         assert!(p[1].starts_with("domain mailroutedemo.com: server #2 (999.1.1.1) host:"), "{p:?}");
+    }
+
+    #[test]
+    fn postmaster_must_be_a_mailbox_in_a_configured_domain() {
+        let with =
+            |address: &str| SEED.replace("queue = \"var/queue\"", &format!("queue = \"var/queue\"\npostmaster = {address:?}"));
+        let c = Config::parse(Path::new("/etc/mxrelay/test.toml"), &with("Hostmaster@MailRouteDemo.com.")).expect("valid");
+        assert_eq!(c.relay.postmaster.as_deref(), Some("Hostmaster@mailroutedemo.com"));
+        let unset = Config::parse(Path::new("/etc/mxrelay/test.toml"), SEED).expect("valid");
+        assert_eq!(unset.relay.postmaster, None);
+        for (address, why) in [
+            ("ops@elsewhere.example", "elsewhere.example is not a configured domain"),
+            ("postmaster", "\"postmaster\" is not an address"),
+            ("@mailroutedemo.com", "is not an address"),
+            ("a b@mailroutedemo.com", "has ' ' in its local part"),
+        ] {
+            let p = problems(&with(address));
+            assert!(p.iter().any(|l| l.starts_with("relay.postmaster: ") && l.contains(why)), "{address}: {p:?}");
+        }
     }
 
     #[test]

@@ -236,6 +236,29 @@ struct Transaction {
     dsn: Option<DsnRequest>,
 }
 
+/// The local part as written when a `RCPT` line's path is `<postmaster>` in any case, after
+/// any source route (`<@hop:postmaster>`, which RFC 5321 §4.1.2 says to ignore).
+fn bare_postmaster(line: &[u8]) -> Option<&str> {
+    let line = std::str::from_utf8(line).ok()?;
+    let path = &line[line.find('<')? + 1..];
+    let path = &path[..path.find('>')?];
+    let local = path.rsplit_once(':').map_or(path, |(_, local)| local);
+    local.eq_ignore_ascii_case("postmaster").then_some(local)
+}
+
+impl Transaction {
+    /// A mailbox named twice gets the message once (Postfix's cleanup and Exim drop duplicate
+    /// recipients too), with its first parameters.
+    fn add_recipient(&mut self, mailbox: String, dsn: Option<RcptDsn>) {
+        if let Some(dsn) = dsn
+            && !self.recipients.contains(&mailbox)
+        {
+            self.dsn.get_or_insert_default().recipients.insert(mailbox.clone(), dsn);
+        }
+        self.recipients.insert(mailbox);
+    }
+}
+
 /// One client connection, before and after STARTTLS.
 struct Session<'a> {
     inbound: &'a Arc<Inbound>,
@@ -433,23 +456,29 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     match (mailbox, dsn) {
                         (_, Err(e)) => reply(writer, &format!("501 5.5.4 {e}")).await?,
                         (Some((local, d)), Ok(dsn)) if inbound.accepts_domain(&d) => {
-                            // A mailbox named twice gets the message once (Postfix's cleanup and
-                            // Exim drop duplicate recipients too), with its first parameters.
                             // Local parts keep their case: they may be case-sensitive.
-                            let mailbox = format!("{local}@{d}");
-                            if let Some(dsn) = dsn
-                                && !txn.recipients.contains(&mailbox)
-                            {
-                                txn.dsn.get_or_insert_default().recipients.insert(mailbox.clone(), dsn);
-                            }
-                            txn.recipients.insert(mailbox);
+                            txn.add_recipient(format!("{local}@{d}"), dsn);
                             reply(writer, "250 2.1.5 recipient ok").await?;
                         }
                         (Some((_, d)), Ok(_)) => {
                             tracing::info!(%peer, rcpt = %address, "relaying denied");
                             reply(writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}")).await?;
                         }
-                        (None, Ok(_)) => reply(writer, "550 5.1.3 recipient address needs a domain").await?,
+                        // RFC 5321 §4.5.1: the bare <postmaster> (any case) is the relay's own.
+                        // The parser reads it as the null path, so the line tells them apart.
+                        (None, Ok(dsn)) if let Some(given) = bare_postmaster(&line) => match &settings.postmaster {
+                            Some(mailbox) => {
+                                // Reports name the address the sender gave (RFC 3461 §4.2).
+                                let mut dsn = dsn.unwrap_or_default();
+                                dsn.orcpt.get_or_insert_with(|| given.to_string());
+                                txn.add_recipient(mailbox.clone(), Some(dsn));
+                                reply(writer, "250 2.1.5 recipient ok").await?;
+                            }
+                            None => {
+                                reply(writer, "550 5.1.1 no postmaster mailbox is configured here (relay.postmaster)").await?
+                            }
+                        },
+                        (None, Ok(_)) => reply(writer, "501 5.1.3 the null path <> is not a recipient").await?,
                     }
                 }
             }
@@ -662,6 +691,23 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
         Err(e) => {
             tracing::error!(%peer, error = %e, "could not queue message; answered 452");
             Ok(Some("452 4.3.1 insufficient system storage, try again later".into()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bare_postmaster;
+
+    #[test]
+    fn only_the_path_postmaster_is_the_bare_postmaster() {
+        assert_eq!(bare_postmaster(b"RCPT TO:<PostMaster>\r\n"), Some("PostMaster"));
+        assert_eq!(bare_postmaster(b"rcpt to: <@hop.example:postmaster> NOTIFY=NEVER\r\n"), Some("postmaster"));
+        // The null path and other forms the parser also reads as empty are not postmaster.
+        for line in
+            [&b"RCPT TO:<>\r\n"[..], b"RCPT TO:<postmaster@>\r\n", b"RCPT TO:<postmasters>\r\n", b"RCPT TO:postmaster\r\n"]
+        {
+            assert_eq!(bare_postmaster(line), None, "{}", String::from_utf8_lossy(line));
         }
     }
 }
