@@ -494,9 +494,9 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
 
 /// A queue disk that hangs (here a frozen filesystem: writes and syncs block, nothing fails)
 /// is reported, and costs no mail: `/healthz` says the queue's writer does not answer, the
-/// watchdog is no longer pinged, and a message arriving meanwhile is not acknowledged. Once
-/// the disk moves again, that message gets its `250` and is delivered, and the relay is
-/// healthy again by itself.
+/// watchdog is no longer pinged, a message arriving meanwhile is not acknowledged, and new
+/// transactions are refused at MAIL. Once the disk moves again, that message gets its `250`
+/// and is delivered, and the relay is healthy and takes mail again by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
     // Declared first, so dropped last: the relay goes before the filesystem is unmounted.
@@ -525,6 +525,13 @@ async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
     relay.logged(&["not telling the watchdog the relay is alive", "the queue's writer did not answer"]).await;
     let (status, body) = health().await.expect("healthz");
     assert!(status == 503 && body.contains("\"unresponsive\"") && body.contains("queue's writer"), "{status} {body}");
+    // With the writer stuck that long, a new transaction is refused at MAIL, so its sender
+    // takes the mail elsewhere instead of waiting on the disk too.
+    let mut late = Raw::connect(&relay.addr).await;
+    assert!(late.reply().await.starts_with("220"));
+    assert!(late.cmd("EHLO filter.test").await.starts_with("250"));
+    let refused = late.cmd("MAIL FROM:<a@src.test>").await;
+    assert!(refused.starts_with("451 4.3.0 the queue's disk has not answered for "), "{refused}");
     // Ten ping intervals without a ping: a service manager would restart the relay.
     notify.drain();
     let pings = notify.receive_for(Duration::from_secs(1));
@@ -540,6 +547,9 @@ async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
     assert_eq!(health().await.expect("healthz").0, 200);
     notify.drain();
     assert_eq!(notify.receive(), "WATCHDOG=1");
+    // The writer has moved on (it answered the health check's ping): mail is taken again.
+    let mail = late.cmd("MAIL FROM:<a@src.test>").await;
+    assert!(mail.starts_with("250"), "{mail}");
 }
 
 /// The admin API refuses bodies over its limit.

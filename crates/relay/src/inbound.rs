@@ -23,6 +23,15 @@ use crate::dsn::{DsnRequest, RcptDsn};
 use crate::queue::{Envelope, Queue, format_id, now_ms};
 use crate::scheduler::Event;
 
+/// The queue's disk hangs ([`Queue::stalled_for`]): a new transaction is refused at MAIL, so
+/// its sender takes the mail elsewhere or later instead of waiting on the disk too. Mail whose
+/// data is in waits for its `250`: refusing it then could have it delivered twice.
+fn queue_stalled(peer: SocketAddr, stalled: Duration) -> String {
+    tracing::warn!(%peer, stalled_s = stalled.as_secs(), "the queue's disk is not answering; answered 451 to MAIL");
+    metrics::counter!("mxrelay_inbound_refused_total", "reason" => "queue_stalled").increment(1);
+    format!("451 4.3.0 the queue's disk has not answered for {} s, try again later", stalled.as_secs())
+}
+
 /// A message there is no memory for now (`max_data_in_memory`), at MAIL by its SIZE or after
 /// its data: logged, counted, and the reply, with which the client tries again later.
 fn no_room(peer: SocketAddr, settings: &RelayConfig, memory: &DataMemory) -> &'static str {
@@ -420,6 +429,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     reply(writer, "530 5.7.0 must issue a STARTTLS command first").await?;
                 } else if txn.sender.is_some() {
                     reply(writer, "503 5.5.1 nested MAIL command").await?;
+                } else if let Some(stalled) = inbound.queue.stalled_for() {
+                    reply(writer, &queue_stalled(peer, stalled)).await?;
                 } else if from.size as u64 > settings.max_message_size {
                     reply(
                         writer,

@@ -163,6 +163,9 @@ struct Timing {
     /// How long new mail may wait for a checkpoint before it is refused after all: its
     /// senders wait for their reply meanwhile.
     max_index_wait: Duration,
+    /// How long one round of the writer may take before intake takes the queue's disk for
+    /// hung ([`Queue::stalled_for`]).
+    stalled_after: Duration,
 }
 
 impl Default for Timing {
@@ -171,6 +174,9 @@ impl Default for Timing {
             apply_after: Duration::from_millis(20),
             checkpoint_every: Duration::from_secs(1),
             max_index_wait: Duration::from_secs(10),
+            // Far longer than any sync of a working disk, and as long as `/healthz` waits for
+            // the writer to answer.
+            stalled_after: Duration::from_secs(5),
         }
     }
 }
@@ -271,6 +277,43 @@ pub struct Queue {
     deferred: Deferred,
     writer_thread: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
     next_id: Arc<AtomicU64>,
+    round: Arc<WriterRound>,
+}
+
+/// When the writer's current round (a group commit and the timed work after it) began, so
+/// that a session can tell a writer stuck on the disk from a busy one without asking it.
+#[derive(Debug)]
+struct WriterRound {
+    epoch: Instant,
+    stalled_after: Duration,
+    /// Milliseconds from `epoch` to the round's start, plus one; 0 between rounds.
+    started: AtomicU64,
+}
+
+impl WriterRound {
+    fn new(stalled_after: Duration) -> WriterRound {
+        WriterRound { epoch: Instant::now(), stalled_after, started: AtomicU64::new(0) }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn begin(&self) {
+        self.started.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.started.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the round under way has taken, if one is.
+    fn running_for(&self) -> Option<Duration> {
+        match self.started.load(Ordering::Relaxed) {
+            0 => None,
+            started => Some(Duration::from_millis(self.now().saturating_sub(started))),
+        }
+    }
 }
 
 /// Updates and removals need no sync of their own, so they do not wake the writer (a
@@ -362,7 +405,9 @@ impl Queue {
             .name("queue-index".into())
             .spawn(move || indexer.run(&index_rx))
             .map_err(|e| open_err(e.to_string()))?;
+        let round = Arc::new(WriterRound::new(timing.stalled_after));
         let writer = Writer {
+            round: round.clone(),
             journal,
             timing,
             rotate_first: false,
@@ -382,7 +427,7 @@ impl Queue {
             .map_err(|e| open_err(e.to_string()))?;
         let next_id = Arc::new(AtomicU64::new(last.max(now_ms() << 12) + 1));
         let writer_thread = Arc::new(Mutex::new(Some(handle)));
-        Ok((Queue { db, unapplied, writer: tx, deferred, writer_thread, next_id }, envelopes))
+        Ok((Queue { db, unapplied, writer: tx, deferred, writer_thread, next_id, round }, envelopes))
     }
 
     /// Writes what is pending and closes the database (the last handle must call this to
@@ -400,6 +445,12 @@ impl Queue {
     /// A fresh queue ID: larger than every ID before it, also across restarts.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// How long the writer has been in one write, sync or checkpoint, once that is
+    /// 5 s or more: the disk hangs, and mail accepted now would wait as long.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        self.round.running_for().filter(|d| *d >= self.round.stalled_after)
     }
 
     /// Stores envelopes and their data durably; returns once they are on disk.
@@ -556,6 +607,7 @@ impl<'t> Tables<'t> {
 /// The queue's journal writer: journals each group commit, acknowledges it, and hands the
 /// operations on to the [`Indexer`].
 struct Writer {
+    round: Arc<WriterRound>,
     journal: Journal,
     timing: Timing,
     /// Set when a journal write failed: its segment may end in a torn record, so nothing may
@@ -588,6 +640,7 @@ impl Writer {
                 Some(wait) => rx.recv_timeout(wait),
                 None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
             };
+            self.round.begin();
             self.deferred.awake();
             // Deferred operations first: a flush must cover those made before it.
             batch.extend(self.deferred.take().into_iter().map(|op| Request { op, done: None }));
@@ -606,6 +659,7 @@ impl Writer {
                 self.group_commit(&mut batch);
             }
             self.on_time();
+            self.round.end();
         }
         // Closing: what is deferred, and a last checkpoint that covers the current segment.
         batch.extend(self.deferred.take().into_iter().map(|op| Request { op, done: None }));
@@ -1086,6 +1140,7 @@ mod tests {
         apply_after: Duration::from_secs(3600),
         checkpoint_every: Duration::from_secs(3600),
         max_index_wait: Duration::from_secs(10),
+        stalled_after: Duration::from_secs(5),
     };
 
     /// A queue that leaves redb alone, holding one acknowledged message with `data`.
@@ -1290,6 +1345,43 @@ mod tests {
         assert!(matches!(check_alive(&q, &events, patience).await, Ok(Readiness::Ready)));
         assert_eq!(q.read_data(a.id).expect("data"), b"x");
         q.close();
+    }
+
+    /// A writer stuck in one round for `stalled_after` is seen as stalled, without asking it
+    /// (it could not answer), so sessions refuse new mail at MAIL; once it moves again, it is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(clippy::await_holding_lock, reason = "the held lock is what the writer is stuck on")]
+    async fn a_writer_stuck_in_a_round_is_stalled_until_it_moves_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let timing = Timing { stalled_after: Duration::from_secs(1), ..Timing::default() };
+        let (q, _) = Queue::open_with(dir.path(), timing).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        q.insert(vec![(a.clone(), Arc::new(b"a".to_vec()))]).await.expect("insert");
+        assert_eq!(q.stalled_for(), None, "a writer that got through is not stalled");
+        let held = q.unapplied.lock().expect("lock");
+        let b = envelope(&q, "b@customer.test");
+        let insert = tokio::spawn({
+            let q = q.clone();
+            async move { q.insert(vec![(b, Arc::new(b"b".to_vec()))]).await }
+        });
+        let stalled = eventually(|| q.stalled_for()).await;
+        assert!(stalled >= Duration::from_secs(1), "{stalled:?}");
+        drop(held);
+        insert.await.expect("task").expect("insert once free");
+        eventually(|| q.stalled_for().is_none().then_some(())).await;
+        q.close();
+    }
+
+    /// Polls `f` until it gives something (at most 10 s).
+    async fn eventually<T>(f: impl Fn() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(t) = f() {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "not within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// New mail waits for a checkpoint under way, but only for `max_index_wait`: past it,
