@@ -1,8 +1,9 @@
 //! Receiving mail from the filtering tier over ESMTP.
 //!
-//! Only clients in `accept_from` may connect, only recipients in configured domains are
-//! accepted (no relaying), and `250` after DATA is sent only once the message is durable in
-//! the queue.
+//! Only clients in `accept_from` may connect, only recipients in configured domains (and the
+//! bare `<postmaster>`, to `relay.postmaster`) are accepted (no relaying), and `250` after
+//! DATA is sent only once the message is durable in the queue. While the queue's disk hangs,
+//! new transactions are refused at MAIL.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
