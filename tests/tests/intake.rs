@@ -71,30 +71,38 @@ fn dialogue(addr: &str, commands: &[&str]) -> Vec<String> {
 }
 
 #[test]
-fn the_bare_postmaster_goes_to_the_configured_mailbox() {
+fn the_relays_postmaster_goes_to_the_configured_mailbox() {
     let sink = Sink::start("127.0.1.159", &[]);
     let domains = domain_block("customer.test", &[(&sink, 10)]);
-    // RFC 5321 4.5.1: <postmaster> without a domain is the relay's own. Unset, there is no
-    // mailbox to take it, and the refusal names the setting.
+    // RFC 5321 4.5.1: <postmaster> without a domain, or at the relay's own name, is the
+    // relay's. Unset, there is no mailbox to take it, and the refusal names the setting.
     let relay = Relay::start(&domains, "");
-    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "postmaster"]);
-    assert!(!ok && out.contains("550 5.1.1 no postmaster mailbox is configured here (relay.postmaster)"), "{out}");
+    for to in ["postmaster", "postmaster@relay.test"] {
+        let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", to]);
+        assert!(!ok && out.contains("550 5.1.1 no postmaster mailbox is configured here (relay.postmaster)"), "{out}");
+    }
     drop(relay);
 
     let relay = Relay::start_with("postmaster = \"Ops@Customer.Test\"", &domains, "");
-    let (ok, out) = swaks_tagged(&relay.addr, "PostMaster", 1, &[]);
-    assert!(ok && out.contains("250 2.1.5"), "{out}");
-    assert!(wait_until(PATIENCE, || sink.count() == 1), "mail to postmaster was not delivered");
-    let dump = &sink.dumps()[0];
+    for (seq, to) in [(1, "PostMaster"), (2, "postmaster@Relay.Test")] {
+        let (ok, out) = swaks_tagged(&relay.addr, to, seq, &[]);
+        assert!(ok && out.contains("250 2.1.5"), "{out}");
+    }
+    assert!(wait_until(PATIENCE, || sink.count() == 2), "mail to postmaster was not delivered");
     // Delivered to the configured mailbox, and the original recipient travels with it.
-    assert!(dump.contains("X-Rcpt-Args: <Ops@customer.test> ORCPT=rfc822;PostMaster\n"), "{dump}");
-    // Another domain-less recipient is still refused.
+    for (seq, orcpt) in [(1, "PostMaster"), (2, "postmaster@Relay.Test")] {
+        let dump = sink.dumps().into_iter().find(|d| d.contains(&format!("X-Seq: {seq}"))).expect("dump");
+        assert!(dump.contains(&format!("X-Rcpt-Args: <Ops@customer.test> ORCPT=rfc822;{orcpt}\n")), "{dump}");
+    }
+    // Other mailboxes at the relay's name are not its to take; nor are those without a domain.
+    let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "root@relay.test"]);
+    assert!(!ok && out.contains("550 5.7.1 relaying denied"), "{out}");
     let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "root"]);
     assert!(!ok && out.contains("501 5.1.3 bad recipient address syntax"), "{out}");
     // The parser reads the null path as it reads <postmaster>; it is still no recipient.
     let replies = dialogue(&relay.addr, &["EHLO filter.test", "MAIL FROM:<a@src.test>", "RCPT TO:<>", "QUIT"]);
     assert!(replies[3].starts_with("501 5.1.3 the null path <> is not a recipient"), "{replies:?}");
-    assert_eq!(sink.count(), 1, "only the message to postmaster was delivered");
+    assert_eq!(sink.count(), 2, "only the messages to postmaster were delivered");
 }
 
 #[test]

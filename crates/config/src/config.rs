@@ -328,7 +328,8 @@ pub struct RelayConfig {
     /// Take mail only over TLS: MAIL before STARTTLS gets `530` (Postfix's
     /// `smtpd_tls_security_level = encrypt`). Default off.
     pub require_tls: bool,
-    /// Where mail to the bare `<postmaster>` goes (RFC 5321 §4.5.1), as `local@domain` with
+    /// Where mail to the relay's own postmaster (the bare `<postmaster>` of RFC 5321 §4.5.1,
+    /// and `postmaster@` [`RelayConfig::hostname`]) goes, as `local@domain` with
     /// the domain lower-cased: a mailbox in one of the configured domains. Unset, such mail is
     /// refused, since the relay has no mailbox of its own.
     pub postmaster: Option<String>,

@@ -1,7 +1,7 @@
 //! Receiving mail from the filtering tier over ESMTP.
 //!
 //! Only clients in `accept_from` may connect, only recipients in configured domains (and the
-//! bare `<postmaster>`, to `relay.postmaster`) are accepted (no relaying), and `250` after
+//! relay's own postmaster, to `relay.postmaster`) are accepted (no relaying), and `250` after
 //! DATA is sent only once the message is durable in the queue. While the queue's disk hangs,
 //! new transactions are refused at MAIL.
 
@@ -256,6 +256,21 @@ fn bare_postmaster(line: &[u8]) -> Option<&str> {
     local.eq_ignore_ascii_case("postmaster").then_some(local)
 }
 
+/// The reply to a RCPT for the relay's own postmaster (`given` as the client wrote it), who
+/// gets the mail at the mailbox `relay.postmaster` names, if it names one.
+fn rcpt_postmaster(txn: &mut Transaction, settings: &RelayConfig, given: &str, dsn: Option<RcptDsn>) -> &'static str {
+    match &settings.postmaster {
+        Some(mailbox) => {
+            // Reports name the address the sender gave (RFC 3461 §4.2).
+            let mut dsn = dsn.unwrap_or_default();
+            dsn.orcpt.get_or_insert_with(|| given.to_string());
+            txn.add_recipient(mailbox.clone(), Some(dsn));
+            "250 2.1.5 recipient ok"
+        }
+        None => "550 5.1.1 no postmaster mailbox is configured here (relay.postmaster)",
+    }
+}
+
 impl Transaction {
     /// A mailbox named twice gets the message once (Postfix's cleanup and Exim drop duplicate
     /// recipients too), with its first parameters.
@@ -472,24 +487,19 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                             txn.add_recipient(format!("{local}@{d}"), dsn);
                             reply(writer, "250 2.1.5 recipient ok").await?;
                         }
+                        // The relay's own postmaster: at the name it greets with, or bare
+                        // (RFC 5321 §4.5.1), which the parser reads as the null path, so the
+                        // line tells them apart.
+                        (Some((local, d)), Ok(dsn)) if d == *hostname && local.eq_ignore_ascii_case("postmaster") => {
+                            reply(writer, rcpt_postmaster(&mut txn, settings, &address, dsn)).await?;
+                        }
+                        (None, Ok(dsn)) if let Some(given) = bare_postmaster(&line) => {
+                            reply(writer, rcpt_postmaster(&mut txn, settings, given, dsn)).await?;
+                        }
                         (Some((_, d)), Ok(_)) => {
                             tracing::info!(%peer, rcpt = %address, "relaying denied");
                             reply(writer, &format!("550 5.7.1 relaying denied: {hostname} does not accept mail for {d}")).await?;
                         }
-                        // RFC 5321 §4.5.1: the bare <postmaster> (any case) is the relay's own.
-                        // The parser reads it as the null path, so the line tells them apart.
-                        (None, Ok(dsn)) if let Some(given) = bare_postmaster(&line) => match &settings.postmaster {
-                            Some(mailbox) => {
-                                // Reports name the address the sender gave (RFC 3461 §4.2).
-                                let mut dsn = dsn.unwrap_or_default();
-                                dsn.orcpt.get_or_insert_with(|| given.to_string());
-                                txn.add_recipient(mailbox.clone(), Some(dsn));
-                                reply(writer, "250 2.1.5 recipient ok").await?;
-                            }
-                            None => {
-                                reply(writer, "550 5.1.1 no postmaster mailbox is configured here (relay.postmaster)").await?
-                            }
-                        },
                         (None, Ok(_)) => reply(writer, "501 5.1.3 the null path <> is not a recipient").await?,
                     }
                 }
