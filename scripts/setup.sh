@@ -31,6 +31,8 @@ command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
 [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || pkgs+=(e2fsprogs)
 [ -x /usr/sbin/fsfreeze ] || [ -x /sbin/fsfreeze ] || pkgs+=(util-linux)
 command -v mount >/dev/null || pkgs+=(mount)
+# A test watches the admin API's file writes and syncs with it.
+command -v strace >/dev/null || pkgs+=(strace)
 [ -x /usr/bin/chromium ] || pkgs+=(chromium)
 # systemd-analyze checks the systemd unit in contrib/ (no systemd needs to run).
 command -v systemd-analyze >/dev/null || pkgs+=(systemd)

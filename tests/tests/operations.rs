@@ -168,6 +168,59 @@ fn server_lists_saved_at_once_are_all_kept() {
     }
 }
 
+/// A `200` to a `PUT` of a server list means the new file is on disk and stays there
+/// through a power cut: it is written whole under another name and synced, then renamed over
+/// the config file, and the directory is synced before the answer. No test here can cut the
+/// power, so this one watches the relay's system calls with strace: a sync missing, or one
+/// moved after the rename or the answer, fails it.
+#[test]
+fn a_saved_server_list_is_synced_before_the_put_is_answered() {
+    const TOKEN: &str = "synced-test-token-0123456789";
+    let block = mxrelay_e2e::domain_with("customer.test", "", &[("127.0.1.160", 25, 10)]);
+    let relay = Relay::start_with(&format!("admin_listen = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\""), &block, "");
+    let admin = relay.admin_addr();
+    let config = std::fs::canonicalize(relay.config_path()).expect("config path");
+    let dir = config.parent().expect("config dir").display().to_string();
+    let (config, tmp) = (config.display().to_string(), format!("{}.tmp", config.display()));
+    let trace = relay.dir.path().join("strace.out");
+    // Every thread of the relay, and any it starts; -y names each descriptor's file.
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", "-o"])
+        .arg(&trace)
+        .args(["-p", &relay.pid().to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (scripts/setup.sh installs it)");
+    // strace is attached once it reports a call: a save through the API makes some.
+    let traced = || std::fs::read_to_string(&trace).unwrap_or_default();
+    assert!(
+        mxrelay_e2e::wait_until(mxrelay_e2e::PATIENCE, || {
+            save_server_list(&admin, TOKEN, "customer.test", "warm-up.customer.test");
+            traced().contains("rename")
+        }),
+        "strace saw nothing: {:?}",
+        strace.stderr.take().map(std::io::read_to_string)
+    );
+    save_server_list(&admin, TOKEN, "customer.test", "mx-synced.customer.test");
+    let answered = traced();
+    // SIGINT: strace detaches from the relay and exits.
+    let _ = std::process::Command::new("kill").args(["-INT", &strace.id().to_string()]).status();
+    let _ = strace.wait();
+    // The calls of the last save, by the thread that made them.
+    let lines: Vec<&str> = answered.lines().collect();
+    let rename = lines.iter().rposition(|l| l.contains(&format!("\"{tmp}\", ")) && l.contains(&format!("\"{config}\"")));
+    let rename = rename.unwrap_or_else(|| panic!("no rename of {tmp} over {config}:\n{answered}"));
+    let thread = lines[rename].split_whitespace().next().expect("pid");
+    let own = |i: &usize| lines[*i].split_whitespace().next() == Some(thread);
+    let synced = |path: &str, range: std::ops::Range<usize>| {
+        range.filter(own).any(|i| lines[i].contains("sync(") && lines[i].contains(&format!("<{path}>")))
+    };
+    let before = lines[..rename].iter().rposition(|l| l.contains("rename")).map_or(0, |i| i + 1);
+    assert!(synced(&tmp, before..rename), "{tmp} was not synced before the rename:\n{answered}");
+    assert!(synced(&dir, rename + 1..lines.len()), "{dir} was not synced after the rename, before the 200:\n{answered}");
+    assert!(std::fs::read_to_string(&config).expect("config").contains("mx-synced.customer.test"));
+}
+
 /// A reload (SIGHUP) while server lists are being saved through the API never undoes a save:
 /// each list is in force as soon as its `PUT` has answered, and stays so, however the reloads
 /// fall. A reload that read the file before a save and applied it after would put the old
