@@ -7,6 +7,7 @@
 //! * [`postfix::Postfix`]: a test-owned Postfix instance (interop, TLS peer).
 //! * [`certs::TestCa`]: certificates made in the test.
 //! * [`disk::FreezableDisk`]: a filesystem a test freezes, so that the relay's disk hangs.
+//! * [`strace::Strace`]: the relay's system calls, for what only a power cut would show.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
 //!   returns the sequence numbers that got a `250`.
 //! * [`spawn_until_ready`] and [`on_a_free_port`]: every helper process (sinks, relays,
@@ -32,6 +33,7 @@ use tokio::sync::Semaphore;
 pub mod certs;
 pub mod disk;
 pub mod postfix;
+pub mod strace;
 
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(30);

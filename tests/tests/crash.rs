@@ -1,7 +1,8 @@
 //! kill -9 the relay while it is accepting and delivering, restart it, and check that every
 //! message that got a `250` is delivered. Repeated at different moments.
 
-use mxrelay_e2e::{Relay, Sink, domain_block, send};
+use mxrelay_e2e::strace::Strace;
+use mxrelay_e2e::{Relay, Sink, domain_block, send, send_one};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_message_survives_kill_9() {
@@ -35,4 +36,44 @@ async fn every_acknowledged_message_survives_kill_9() {
     // once delivery); anything delivered must have been sent.
     let got = sink.received();
     assert!(got.keys().all(|s| *s < next), "unknown messages arrived");
+}
+
+/// `250` to the final dot means the message is on disk: its journal record is written and
+/// synced (`fdatasync`) before the reply goes out, so a power cut right after the reply
+/// loses nothing. A `kill -9` cannot show this (the page cache survives it) and no test can
+/// cut the power, so this one watches the relay's system calls with strace: for each
+/// message, the write of its record to the journal, then a sync of the journal, then the
+/// `250`. A reply sent before the sync, or a record never synced, fails it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_250_follows_the_sync_of_the_messages_journal_record() {
+    let sink = Sink::start("127.0.1.161", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
+    let calls = "write,writev,pwrite64,pwritev,pwritev2,sendto,sendmsg,fsync,fdatasync";
+    let strace = Strace::attach(relay.pid(), calls, relay.dir.path(), || {
+        let (ok, out) = mxrelay_e2e::swaks_tagged(&relay.addr, "user@customer.test", 0, &[]);
+        assert!(ok, "the warm-up message was refused: {out}");
+    });
+    // One after another, so that the n-th `250` after the warm-up is message n's.
+    let messages = 1..=5u64;
+    for seq in messages.clone() {
+        assert!(send_one(&relay.addr, "user@customer.test", seq).await, "message {seq} was refused");
+    }
+    let lines = strace.finish();
+    let record = lines.join("\n");
+    let to_journal = |l: &String| l.contains(".wal>");
+    let replies: Vec<usize> = (0..lines.len()).filter(|i| lines[*i].contains("\"250 2.0.0 queued as ")).collect();
+    assert!(replies.len() > messages.clone().count(), "not every 250 was recorded:\n{record}");
+    let replies = &replies[replies.len() - messages.clone().count()..];
+    for (seq, &reply) in messages.zip(replies) {
+        // strace shows the record's bytes with escapes: the message's header line ends in \r\n.
+        let marker = format!("X-Seq: {seq}\\r\\n");
+        let written = (0..reply).find(|i| to_journal(&lines[*i]) && lines[*i].contains(&marker));
+        let written = written.unwrap_or_else(|| panic!("message {seq}: no journal write before its 250:\n{record}"));
+        let synced = (written + 1..reply).any(|i| to_journal(&lines[i]) && lines[i].contains("fdatasync("));
+        assert!(
+            synced,
+            "message {seq}: its 250 (line {reply}) went out before its record (line {written}) was synced:\n{record}"
+        );
+    }
+    drop(sink);
 }

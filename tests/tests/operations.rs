@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use mxrelay_e2e::strace::{Strace, thread};
 use mxrelay_e2e::{Relay, Sink, domain_block, mxrelay, send, send_one};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,42 +183,24 @@ fn a_saved_server_list_is_synced_before_the_put_is_answered() {
     let config = std::fs::canonicalize(relay.config_path()).expect("config path");
     let dir = config.parent().expect("config dir").display().to_string();
     let (config, tmp) = (config.display().to_string(), format!("{}.tmp", config.display()));
-    let trace = relay.dir.path().join("strace.out");
-    // Every thread of the relay, and any it starts; -y names each descriptor's file.
-    let mut strace = std::process::Command::new("strace")
-        .args(["-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", "-o"])
-        .arg(&trace)
-        .args(["-p", &relay.pid().to_string()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("strace (scripts/setup.sh installs it)");
-    // strace is attached once it reports a call: a save through the API makes some.
-    let traced = || std::fs::read_to_string(&trace).unwrap_or_default();
-    assert!(
-        mxrelay_e2e::wait_until(mxrelay_e2e::PATIENCE, || {
-            save_server_list(&admin, TOKEN, "customer.test", "warm-up.customer.test");
-            traced().contains("rename")
-        }),
-        "strace saw nothing: {:?}",
-        strace.stderr.take().map(std::io::read_to_string)
-    );
+    let calls = "fsync,fdatasync,rename,renameat,renameat2";
+    let strace = Strace::attach(relay.pid(), calls, relay.dir.path(), || {
+        save_server_list(&admin, TOKEN, "customer.test", "warm-up.customer.test");
+    });
     save_server_list(&admin, TOKEN, "customer.test", "mx-synced.customer.test");
-    let answered = traced();
-    // SIGINT: strace detaches from the relay and exits.
-    let _ = std::process::Command::new("kill").args(["-INT", &strace.id().to_string()]).status();
-    let _ = strace.wait();
-    // The calls of the last save, by the thread that made them.
-    let lines: Vec<&str> = answered.lines().collect();
-    let rename = lines.iter().rposition(|l| l.contains(&format!("\"{tmp}\", ")) && l.contains(&format!("\"{config}\"")));
-    let rename = rename.unwrap_or_else(|| panic!("no rename of {tmp} over {config}:\n{answered}"));
-    let thread = lines[rename].split_whitespace().next().expect("pid");
-    let own = |i: &usize| lines[*i].split_whitespace().next() == Some(thread);
+    let lines = strace.finish();
+    let record = lines.join("\n");
+    // The calls of the last save, by the thread that made them: after the rename of the save
+    // before it (the warm-up's, answered before the last one was sent).
+    let renames = |l: &String| l.contains(&format!("\"{tmp}\", ")) && l.contains(&format!("\"{config}\""));
+    let rename = lines.iter().rposition(renames).unwrap_or_else(|| panic!("no rename of {tmp} over {config}:\n{record}"));
+    let before = lines[..rename].iter().rposition(renames).map_or(0, |i| i + 1);
+    let own = |i: &usize| thread(&lines[*i]) == thread(&lines[rename]);
     let synced = |path: &str, range: std::ops::Range<usize>| {
         range.filter(own).any(|i| lines[i].contains("sync(") && lines[i].contains(&format!("<{path}>")))
     };
-    let before = lines[..rename].iter().rposition(|l| l.contains("rename")).map_or(0, |i| i + 1);
-    assert!(synced(&tmp, before..rename), "{tmp} was not synced before the rename:\n{answered}");
-    assert!(synced(&dir, rename + 1..lines.len()), "{dir} was not synced after the rename, before the 200:\n{answered}");
+    assert!(synced(&tmp, before..rename), "{tmp} was not synced before the rename:\n{record}");
+    assert!(synced(&dir, rename + 1..lines.len()), "{dir} was not synced after the rename, before the 200:\n{record}");
     assert!(std::fs::read_to_string(&config).expect("config").contains("mx-synced.customer.test"));
 }
 
