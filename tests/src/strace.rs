@@ -42,6 +42,11 @@ impl Strace {
         Strace { child, path }
     }
 
+    /// The lines recorded so far (the last may be cut short).
+    pub fn record(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.path).unwrap_or_default().lines().map(str::to_string).collect()
+    }
+
     /// Detaches and returns the lines recorded. The traced thread waits while strace writes
     /// each line, so a call that returned before an answer was sent is recorded before it.
     pub fn finish(mut self) -> Vec<String> {

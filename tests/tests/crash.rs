@@ -77,3 +77,39 @@ async fn every_250_follows_the_sync_of_the_messages_journal_record() {
     }
     drop(sink);
 }
+
+/// A journal segment is retired (renamed to a spare, or removed) only once redb, which takes
+/// its operations over, has synced them: after the last write to `queue.redb` before the
+/// retirement comes a sync of `queue.redb`. Otherwise a power cut right after a checkpoint
+/// would lose queued mail that only the retired segment held. Mail for a server that is down
+/// stays queued, so redb gets it to write; checkpoints come every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_segment_is_retired_only_after_redb_has_synced_its_mail() {
+    let down = mxrelay_e2e::free_port("127.0.1.162");
+    let block = mxrelay_e2e::domain_with("customer.test", "", &[("127.0.1.162", down, 10)]);
+    let relay = Relay::start(&block, "retry = [\"1h\"]");
+    let calls = "write,pwrite64,pwritev,pwritev2,fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat";
+    let strace = Strace::attach(relay.pid(), calls, relay.dir.path(), || {
+        let (ok, out) = mxrelay_e2e::swaks_tagged(&relay.addr, "user@customer.test", 0, &[]);
+        assert!(ok, "a message was refused: {out}");
+    });
+    let retires = |l: &String| l.contains(".wal\"") && (l.contains(" rename") || l.contains(" unlink"));
+    for seq in 1..=3 {
+        assert!(send_one(&relay.addr, "user@customer.test", seq).await, "message {seq} was refused");
+    }
+    relay.eventually("a checkpoint retires a segment", || strace.record().iter().any(retires)).await;
+    let lines = strace.finish();
+    let record = lines.join("\n");
+    let redb = |l: &String| l.contains("queue.redb>");
+    let mut checked = 0;
+    for retired in (0..lines.len()).filter(|i| retires(&lines[*i])) {
+        let Some(written) = (0..retired).rev().find(|i| redb(&lines[*i]) && lines[*i].contains("write")) else { continue };
+        let synced = (written + 1..retired).any(|i| redb(&lines[i]) && lines[i].contains("sync("));
+        assert!(
+            synced,
+            "the segment retired on line {retired} held mail redb wrote on line {written} but never synced:\n{record}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no segment was retired after redb wrote the queued mail:\n{record}");
+}
