@@ -75,7 +75,6 @@ async fn every_250_follows_the_sync_of_the_messages_journal_record() {
             "message {seq}: its 250 (line {reply}) went out before its record (line {written}) was synced:\n{record}"
         );
     }
-    drop(sink);
 }
 
 /// A journal segment is retired (renamed to a spare, or removed) only once redb, which takes
