@@ -65,6 +65,23 @@ impl Raw {
         c
     }
 
+    /// [`Raw::send_message`], except that a refusal of MAIL ends it: returns that refusal, or
+    /// the reply to the final dot.
+    async fn try_send_message(addr: &str, rcpt: &str, text: &str) -> String {
+        let mut c = Raw::connect(addr).await;
+        assert!(c.reply().await.starts_with("220"));
+        assert!(c.cmd("EHLO sender.test").await.starts_with("250"));
+        let mail = c.cmd("MAIL FROM:<a@src.test>").await;
+        if !mail.starts_with("250") {
+            return mail;
+        }
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).await.starts_with("250"));
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        c.send(text.as_bytes()).await;
+        c.send(b".\r\n").await;
+        c.reply().await
+    }
+
     /// One whole transaction in a new session: `text` (ending in CRLF) as a message to
     /// `rcpt`. Returns the reply to its final dot.
     async fn send_message(addr: &str, rcpt: &str, text: &str) -> String {
@@ -427,7 +444,8 @@ async fn a_server_silent_after_the_final_dot_is_marked_down() {
 }
 
 /// With the disk full, the relay answers 452 and acknowledges nothing it has not stored;
-/// every message acknowledged before is delivered once the relay runs again.
+/// every message acknowledged before is delivered once the relay runs again. Once it knows
+/// the disk is full, it refuses at MAIL, before the client sends the data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_gets_452_and_loses_nothing() {
     // The customer's server is down while the queue fills, so nothing leaves it.
@@ -445,7 +463,7 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let mut refused = 0;
     for seq in 0..400u64 {
         let text = format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n", "z".repeat(256 * 1024));
-        let answer = Raw::send_message(&relay.addr, "user@customer.test", &text).await;
+        let answer = Raw::try_send_message(&relay.addr, "user@customer.test", &text).await;
         if answer.starts_with("250") {
             acked.push(seq);
         } else {
@@ -460,6 +478,12 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     // A load balancer is told, with the reason.
     let (status, body) = health(&relay);
     assert!(status == 503 && body.contains("\"refusing\"") && body.contains("checkpoints fail"), "{status} {body}");
+    // Then a new transaction is refused at MAIL: the client need not send the data.
+    let mut late = Raw::connect(&relay.addr).await;
+    assert!(late.reply().await.starts_with("220"));
+    assert!(late.cmd("EHLO sender.test").await.starts_with("250"));
+    let mail = late.cmd("MAIL FROM:<a@src.test>").await;
+    assert!(mail.starts_with("452 4.3.1 insufficient system storage: the queue cannot store new mail now"), "{mail}");
     // Refusing for a full disk is not a hang: the watchdog is still pinged (a restart by
     // systemd would not make room).
     notify.drain();

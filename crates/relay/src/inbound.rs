@@ -2,8 +2,8 @@
 //!
 //! Only clients in `accept_from` may connect, only recipients in configured domains (and the
 //! relay's own postmaster, to `relay.postmaster`) are accepted (no relaying), and `250` after
-//! DATA is sent only once the message is durable in the queue. While the queue's disk hangs,
-//! new transactions are refused at MAIL.
+//! DATA is sent only once the message is durable in the queue. While the queue's disk hangs
+//! or is full, new transactions are refused at MAIL.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +31,14 @@ fn queue_stalled(peer: SocketAddr, stalled: Duration) -> String {
     tracing::warn!(%peer, stalled_s = stalled.as_secs(), "the queue's disk is not answering; answered 451 to MAIL");
     metrics::counter!("mxrelay_inbound_refused_total", "reason" => "queue_stalled").increment(1);
     format!("451 4.3.0 the queue's disk has not answered for {} s, try again later", stalled.as_secs())
+}
+
+/// The queue refuses new mail (a full disk: [`Queue::refusing`]): refused at MAIL, as Postfix
+/// does when its queue's disk is short of room, rather than after the client sent the data.
+fn queue_full(peer: SocketAddr) -> &'static str {
+    tracing::warn!(%peer, "the queue cannot store new mail now; answered 452 to MAIL");
+    metrics::counter!("mxrelay_inbound_refused_total", "reason" => "queue_full").increment(1);
+    "452 4.3.1 insufficient system storage: the queue cannot store new mail now, try again later"
 }
 
 /// A message there is no memory for now (`max_data_in_memory`), at MAIL by its SIZE or after
@@ -447,6 +455,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     reply(writer, "503 5.5.1 nested MAIL command").await?;
                 } else if let Some(stalled) = inbound.queue.stalled_for() {
                     reply(writer, &queue_stalled(peer, stalled)).await?;
+                } else if inbound.queue.refusing() {
+                    reply(writer, queue_full(peer)).await?;
                 } else if from.size as u64 > settings.max_message_size {
                     reply(
                         writer,

@@ -277,22 +277,25 @@ pub struct Queue {
     deferred: Deferred,
     writer_thread: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
     next_id: Arc<AtomicU64>,
-    round: Arc<WriterRound>,
+    status: Arc<WriterStatus>,
 }
 
-/// When the writer's current round (a group commit and the timed work after it) began, so
-/// that a session can tell a writer stuck on the disk from a busy one without asking it.
+/// What sessions read of the writer without asking it (a writer stuck on the disk could not
+/// answer): when its current round (a group commit and the timed work after it) began, and
+/// whether new mail is refused.
 #[derive(Debug)]
-struct WriterRound {
+struct WriterStatus {
     epoch: Instant,
     stalled_after: Duration,
     /// Milliseconds from `epoch` to the round's start, plus one; 0 between rounds.
     started: AtomicU64,
+    /// [`Writer::refusal`] as of the end of the last round, or of the last ping.
+    refusing: AtomicBool,
 }
 
-impl WriterRound {
-    fn new(stalled_after: Duration) -> WriterRound {
-        WriterRound { epoch: Instant::now(), stalled_after, started: AtomicU64::new(0) }
+impl WriterStatus {
+    fn new(stalled_after: Duration) -> WriterStatus {
+        WriterStatus { epoch: Instant::now(), stalled_after, started: AtomicU64::new(0), refusing: AtomicBool::new(false) }
     }
 
     fn now(&self) -> u64 {
@@ -305,6 +308,12 @@ impl WriterRound {
 
     fn end(&self) {
         self.started.store(0, Ordering::Relaxed);
+    }
+
+    /// Publishes why new mail is refused, if it is, and passes it on.
+    fn refusal(&self, refusal: Option<String>) -> Option<String> {
+        self.refusing.store(refusal.is_some(), Ordering::Relaxed);
+        refusal
     }
 
     /// How long the round under way has taken, if one is.
@@ -405,9 +414,9 @@ impl Queue {
             .name("queue-index".into())
             .spawn(move || indexer.run(&index_rx))
             .map_err(|e| open_err(e.to_string()))?;
-        let round = Arc::new(WriterRound::new(timing.stalled_after));
+        let status = Arc::new(WriterStatus::new(timing.stalled_after));
         let writer = Writer {
-            round: round.clone(),
+            status: status.clone(),
             journal,
             timing,
             rotate_first: false,
@@ -427,7 +436,7 @@ impl Queue {
             .map_err(|e| open_err(e.to_string()))?;
         let next_id = Arc::new(AtomicU64::new(last.max(now_ms() << 12) + 1));
         let writer_thread = Arc::new(Mutex::new(Some(handle)));
-        Ok((Queue { db, unapplied, writer: tx, deferred, writer_thread, next_id, round }, envelopes))
+        Ok((Queue { db, unapplied, writer: tx, deferred, writer_thread, next_id, status }, envelopes))
     }
 
     /// Writes what is pending and closes the database (the last handle must call this to
@@ -450,7 +459,16 @@ impl Queue {
     /// How long the writer has been in one write, sync or checkpoint, once that is
     /// 5 s or more: the disk hangs, and mail accepted now would wait as long.
     pub fn stalled_for(&self) -> Option<Duration> {
-        self.round.running_for().filter(|d| *d >= self.round.stalled_after)
+        self.status.running_for().filter(|d| *d >= self.status.stalled_after)
+    }
+
+    /// Whether new mail is refused for want of room (see [`Readiness::Refusing`]), as of the
+    /// writer's last round: while it is, the writer has a round at least every
+    /// `checkpoint_every`, so this clears within about a second of room coming back.
+    ///
+    /// [`Readiness::Refusing`]: crate::relay::Readiness::Refusing
+    pub fn refusing(&self) -> bool {
+        self.status.refusing.load(Ordering::Relaxed)
     }
 
     /// Stores envelopes and their data durably; returns once they are on disk.
@@ -607,7 +625,7 @@ impl<'t> Tables<'t> {
 /// The queue's journal writer: journals each group commit, acknowledges it, and hands the
 /// operations on to the [`Indexer`].
 struct Writer {
-    round: Arc<WriterRound>,
+    status: Arc<WriterStatus>,
     journal: Journal,
     timing: Timing,
     /// Set when a journal write failed: its segment may end in a torn record, so nothing may
@@ -640,7 +658,7 @@ impl Writer {
                 Some(wait) => rx.recv_timeout(wait),
                 None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
             };
-            self.round.begin();
+            self.status.begin();
             self.deferred.awake();
             // Deferred operations first: a flush must cover those made before it.
             batch.extend(self.deferred.take().into_iter().map(|op| Request { op, done: None }));
@@ -659,7 +677,8 @@ impl Writer {
                 self.group_commit(&mut batch);
             }
             self.on_time();
-            self.round.end();
+            self.status.refusal(self.refusal());
+            self.status.end();
         }
         // Closing: what is deferred, and a last checkpoint that covers the current segment.
         batch.extend(self.deferred.take().into_iter().map(|op| Request { op, done: None }));
@@ -765,7 +784,8 @@ impl Writer {
             match req.op {
                 Op::Checkpoint => self.checkpoint(req.done),
                 Op::Ping(answer) => {
-                    let _ = answer.send(self.refusal());
+                    // Published first: mail sent after a health check sees what it said.
+                    let _ = answer.send(self.status.refusal(self.refusal()));
                 }
                 Op::Insert(_) | Op::Update(_) | Op::Remove(_) | Op::Wake => {
                     if let Some(done) = req.done {
