@@ -108,6 +108,7 @@ async fn deliveries_waiting_for_a_slot_skip_a_server_found_dead() {
     assert_eq!(acked.len(), 8);
     relay.eventually("all 8 at the backup", || backup.count() == 8).await;
     let dead = format!("127.0.1.111:{dead_port}");
-    let attempts = relay.log_lines(&["outcome=\"unreachable\"", &dead]).len();
+    // The log reaches the test through a pipe, a moment after the effect (`Relay::logged`).
+    let attempts = relay.logged(&["outcome=\"unreachable\"", &dead]).await;
     assert_eq!(attempts, 1, "connection attempts to the dead primary: {}", relay.log_text());
 }

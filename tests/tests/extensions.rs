@@ -136,6 +136,8 @@ async fn the_relays_own_failure_report_obeys_notify_and_ret() {
     );
     assert!(!notice.contains("quiet@customer.test") && !notice.contains("success-only@"), "{notice}");
     assert!(!notice.contains("second@old.test"), "{notice}");
+    // The log reaches the test through a pipe, a moment after the effect (`Relay::logged`).
+    relay.logged(&["no notification: the sender's NOTIFY does not ask for it"]).await;
     let skipped = relay.log_lines(&["no notification: the sender's NOTIFY does not ask for it"]);
     assert!(
         skipped.len() == 1 && skipped[0].contains("quiet@customer.test") && skipped[0].contains("success-only@"),
