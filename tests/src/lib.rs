@@ -669,6 +669,36 @@ pub fn message(seq: u64, to: &str) -> String {
     )
 }
 
+/// Runs EHLO, then `commands` (MAIL, RCPTs) as given, then test message `seq` if every one
+/// was accepted; returns each command's reply (code, and text with its
+/// enhanced status code in front, if it has one), and the final dot's last.
+pub async fn transaction(addr: &str, commands: &[&str], seq: u64) -> Vec<(u16, String)> {
+    transaction_with(addr, commands, &message(seq, "dsn")).await
+}
+
+/// [`transaction`] with the message text given.
+pub async fn transaction_with(addr: &str, commands: &[&str], text: &str) -> Vec<(u16, String)> {
+    let mut client = SmtpClient::connect(addr.parse().expect("addr"), Duration::from_secs(10)).await.expect("connect");
+    assert_eq!(client.read().await.expect("greeting").code, 220);
+    // The text keeps the enhanced status code, when there is one, in front.
+    let reply = |code: u16, esc: [u8; 3], message: String| match esc {
+        [0, ..] => (code, message),
+        [class, subject, detail] => (code, format!("{class}.{subject}.{detail} {message}")),
+    };
+    let ehlo = client.cmd(b"EHLO sender.test\r\n").await.expect("EHLO");
+    let mut replies = vec![reply(ehlo.code, ehlo.esc, ehlo.message)];
+    for c in commands {
+        let r = client.cmd(format!("{c}\r\n").as_bytes()).await.expect("reply");
+        replies.push(reply(r.code, r.esc, r.message));
+    }
+    if replies[1..].iter().all(|(code, _)| *code == 250) {
+        let accepted = client.data(text.trim_end_matches("\r\n")).await;
+        replies.push(if accepted.is_ok() { (250, String::new()) } else { (0, format!("{accepted:?}")) });
+    }
+    let _ = client.quit().await;
+    replies
+}
+
 /// Sends messages `seqs` to `rcpt` through the relay at `addr` over `sessions` parallel
 /// connections (one message per connection, as smtp-source does); returns the sequence
 /// numbers that got a `250`.

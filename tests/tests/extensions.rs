@@ -6,35 +6,8 @@
 //! * 8-bit data, labelled `BODY=8BITMIME` for a server that offers it;
 //! * an address that needs SMTPUTF8, never sent to a server without it.
 
-use std::time::Duration;
-
-use mail_send::SmtpClient;
 use mxrelay_e2e::postfix::{Listener, Postfix};
-use mxrelay_e2e::{Relay, Sink, eventually, free_port, message};
-
-/// Runs EHLO, then `commands` (MAIL, RCPTs) as given, then test message `seq` if every one
-/// was accepted; returns each command's reply (code and text), and the final dot's last.
-async fn transaction(addr: &str, commands: &[&str], seq: u64) -> Vec<(u16, String)> {
-    transaction_with(addr, commands, &message(seq, "dsn")).await
-}
-
-/// [`transaction`] with the message text given.
-async fn transaction_with(addr: &str, commands: &[&str], text: &str) -> Vec<(u16, String)> {
-    let mut client = SmtpClient::connect(addr.parse().expect("addr"), Duration::from_secs(10)).await.expect("connect");
-    assert_eq!(client.read().await.expect("greeting").code, 220);
-    let ehlo = client.cmd(b"EHLO sender.test\r\n").await.expect("EHLO");
-    let mut replies = vec![(ehlo.code, ehlo.message)];
-    for c in commands {
-        let r = client.cmd(format!("{c}\r\n").as_bytes()).await.expect("reply");
-        replies.push((r.code, r.message));
-    }
-    if replies[1..].iter().all(|(code, _)| *code == 250) {
-        let accepted = client.data(text.trim_end_matches("\r\n")).await;
-        replies.push(if accepted.is_ok() { (250, String::new()) } else { (0, format!("{accepted:?}")) });
-    }
-    let _ = client.quit().await;
-    replies
-}
+use mxrelay_e2e::{Relay, Sink, eventually, free_port, message, transaction, transaction_with};
 
 fn server_of(domain: &str, sink: &Sink) -> String {
     let (h, p) = sink.host_port();

@@ -48,30 +48,8 @@ fn a_mailbox_named_twice_gets_the_message_once() {
     assert!(dump.contains("\tfor <user@customer.test>;"), "{dump}");
 }
 
-/// The greeting, then the last line of the reply to each command, in one session.
-fn dialogue(addr: &str, commands: &[&str]) -> Vec<String> {
-    use std::io::{BufRead, Write};
-    let stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
-    let mut writer = stream;
-    let mut reply = || loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("a reply");
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line;
-        }
-    };
-    let mut replies = vec![reply()];
-    for command in commands {
-        writer.write_all(format!("{command}\r\n").as_bytes()).expect("write");
-        replies.push(reply());
-    }
-    replies
-}
-
-#[test]
-fn the_relays_postmaster_goes_to_the_configured_mailbox() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_postmaster_goes_to_the_configured_mailbox() {
     let sink = Sink::start("127.0.1.159", &[]);
     let domains = domain_block("customer.test", &[(&sink, 10)]);
     // RFC 5321 4.5.1: <postmaster> without a domain, or at the relay's own name, is the
@@ -100,8 +78,8 @@ fn the_relays_postmaster_goes_to_the_configured_mailbox() {
     let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "root"]);
     assert!(!ok && out.contains("501 5.1.3 bad recipient address syntax"), "{out}");
     // The parser reads the null path as it reads <postmaster>; it is still no recipient.
-    let replies = dialogue(&relay.addr, &["EHLO filter.test", "MAIL FROM:<a@src.test>", "RCPT TO:<>", "QUIT"]);
-    assert!(replies[3].starts_with("501 5.1.3 the null path <> is not a recipient"), "{replies:?}");
+    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<a@src.test>", "RCPT TO:<>"], 3).await;
+    assert!(replies[2].0 == 501 && replies[2].1.starts_with("5.1.3 the null path <> is not a recipient"), "{replies:?}");
     assert_eq!(sink.count(), 2, "only the messages to postmaster were delivered");
 }
 
