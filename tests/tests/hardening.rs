@@ -55,41 +55,46 @@ impl Raw {
         self.reply().await
     }
 
-    /// Greeting, EHLO, MAIL, RCPT: ready for DATA.
-    async fn start(addr: &str, rcpt: &str) -> Raw {
+    /// A new session after its greeting and EHLO.
+    async fn greeted(addr: &str) -> Raw {
         let mut c = Raw::connect(addr).await;
         assert!(c.reply().await.starts_with("220"));
-        assert!(c.cmd("EHLO attacker.test").await.starts_with("250"));
+        assert!(c.cmd("EHLO sender.test").await.starts_with("250"));
+        c
+    }
+
+    /// Greeting, EHLO, MAIL, RCPT: ready for DATA.
+    async fn start(addr: &str, rcpt: &str) -> Raw {
+        let mut c = Raw::greeted(addr).await;
         assert!(c.cmd("MAIL FROM:<a@src.test>").await.starts_with("250"));
         assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).await.starts_with("250"));
         c
     }
 
+    /// DATA, then `text` (ending in CRLF) and the final dot; returns the reply to the dot.
+    async fn data(&mut self, text: &str) -> String {
+        assert!(self.cmd("DATA").await.starts_with("354"));
+        self.send(text.as_bytes()).await;
+        self.send(b".\r\n").await;
+        self.reply().await
+    }
+
     /// [`Raw::send_message`], except that a refusal of MAIL ends it: returns that refusal, or
     /// the reply to the final dot.
     async fn try_send_message(addr: &str, rcpt: &str, text: &str) -> String {
-        let mut c = Raw::connect(addr).await;
-        assert!(c.reply().await.starts_with("220"));
-        assert!(c.cmd("EHLO sender.test").await.starts_with("250"));
+        let mut c = Raw::greeted(addr).await;
         let mail = c.cmd("MAIL FROM:<a@src.test>").await;
         if !mail.starts_with("250") {
             return mail;
         }
         assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).await.starts_with("250"));
-        assert!(c.cmd("DATA").await.starts_with("354"));
-        c.send(text.as_bytes()).await;
-        c.send(b".\r\n").await;
-        c.reply().await
+        c.data(text).await
     }
 
     /// One whole transaction in a new session: `text` (ending in CRLF) as a message to
     /// `rcpt`. Returns the reply to its final dot.
     async fn send_message(addr: &str, rcpt: &str, text: &str) -> String {
-        let mut c = Raw::start(addr, rcpt).await;
-        assert!(c.cmd("DATA").await.starts_with("354"));
-        c.send(text.as_bytes()).await;
-        c.send(b".\r\n").await;
-        c.reply().await
+        Raw::start(addr, rcpt).await.data(text).await
     }
 }
 
@@ -172,9 +177,7 @@ async fn messages_arriving_at_once_hold_at_most_max_data_in_memory() {
     first.send(format!("X-Seq: 1\r\n\r\n{}", &large_body(1)[..65 * 14_500]).as_bytes()).await;
     relay.eventually("the first message's data held", || held().is_some_and(|b| b >= f64::from(900 << 10))).await;
 
-    let mut sized = Raw::connect(&relay.addr).await;
-    assert!(sized.reply().await.starts_with("220"));
-    assert!(sized.cmd("EHLO sender.test").await.starts_with("250"));
+    let mut sized = Raw::greeted(&relay.addr).await;
     let answer = sized.cmd("MAIL FROM:<a@src.test> SIZE=200000").await;
     assert!(answer.starts_with("452 4.3.1"), "{answer}");
     let text = format!("X-Seq: 2\r\n\r\n{}END-OF-MESSAGE 2\r\n", &large_body(1)[..65 * 4_700]);
@@ -479,9 +482,7 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let (status, body) = health(&relay);
     assert!(status == 503 && body.contains("\"refusing\"") && body.contains("checkpoints fail"), "{status} {body}");
     // Then a new transaction is refused at MAIL: the client need not send the data.
-    let mut late = Raw::connect(&relay.addr).await;
-    assert!(late.reply().await.starts_with("220"));
-    assert!(late.cmd("EHLO sender.test").await.starts_with("250"));
+    let mut late = Raw::greeted(&relay.addr).await;
     let mail = late.cmd("MAIL FROM:<a@src.test>").await;
     assert!(mail.starts_with("452 4.3.1 insufficient system storage: the queue cannot store new mail now"), "{mail}");
     // Refusing for a full disk is not a hang: the watchdog is still pinged (a restart by
@@ -551,9 +552,7 @@ async fn a_hung_queue_disk_is_reported_and_loses_nothing() {
     assert!(status == 503 && body.contains("\"unresponsive\"") && body.contains("queue's writer"), "{status} {body}");
     // With the writer stuck that long, a new transaction is refused at MAIL, so its sender
     // takes the mail elsewhere instead of waiting on the disk too.
-    let mut late = Raw::connect(&relay.addr).await;
-    assert!(late.reply().await.starts_with("220"));
-    assert!(late.cmd("EHLO filter.test").await.starts_with("250"));
+    let mut late = Raw::greeted(&relay.addr).await;
     let refused = late.cmd("MAIL FROM:<a@src.test>").await;
     assert!(refused.starts_with("451 4.3.0 the queue's disk has not answered for "), "{refused}");
     // Ten ping intervals without a ping: a service manager would restart the relay.
