@@ -111,8 +111,9 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// How long `/healthz` waits for each part to answer.
-const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long `/healthz` waits for each part to answer: as long as sessions wait before they
+/// take a writer still busy for hung and refuse mail, so the two agree.
+const HEALTH_WAIT: std::time::Duration = crate::queue::STALLED_AFTER;
 
 async fn healthz(State(state): State<AdminState>) -> Response {
     // `503` with what is wrong, for whoever routes mail to the relay.

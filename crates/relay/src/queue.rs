@@ -112,6 +112,10 @@ const MAX_SEGMENTS_BEHIND: u64 = 2;
 /// off moments later: a relay killed meanwhile would deliver it again. Under load the writer
 /// never waits this long, so the wake-up costs nothing there.
 const DEFERRED_WAIT: Duration = Duration::from_millis(20);
+/// How long one round of the writer may take before intake takes the queue's disk for hung
+/// ([`Queue::stalled_for`]): far longer than any sync of a working disk. `/healthz` waits as
+/// long for the writer, so it reports the writer unresponsive when sessions refuse mail.
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 /// How far redb has caught up with the journal: set by the indexer, waited on by the writer.
 #[derive(Debug, Default)]
@@ -163,8 +167,7 @@ struct Timing {
     /// How long new mail may wait for a checkpoint before it is refused after all: its
     /// senders wait for their reply meanwhile.
     max_index_wait: Duration,
-    /// How long one round of the writer may take before intake takes the queue's disk for
-    /// hung ([`Queue::stalled_for`]).
+    /// [`STALLED_AFTER`], shorter in tests.
     stalled_after: Duration,
 }
 
@@ -174,9 +177,7 @@ impl Default for Timing {
             apply_after: Duration::from_millis(20),
             checkpoint_every: Duration::from_secs(1),
             max_index_wait: Duration::from_secs(10),
-            // Far longer than any sync of a working disk, and as long as `/healthz` waits for
-            // the writer to answer.
-            stalled_after: Duration::from_secs(5),
+            stalled_after: STALLED_AFTER,
         }
     }
 }
@@ -311,7 +312,7 @@ impl WriterStatus {
     }
 
     /// Publishes why new mail is refused, if it is, and passes it on.
-    fn refusal(&self, refusal: Option<String>) -> Option<String> {
+    fn publish_refusal(&self, refusal: Option<String>) -> Option<String> {
         self.refusing.store(refusal.is_some(), Ordering::Relaxed);
         refusal
     }
@@ -457,7 +458,7 @@ impl Queue {
     }
 
     /// How long the writer has been in one write, sync or checkpoint, once that is
-    /// 5 s or more: the disk hangs, and mail accepted now would wait as long.
+    /// [`STALLED_AFTER`] or more: the disk hangs, and mail accepted now would wait as long.
     pub fn stalled_for(&self) -> Option<Duration> {
         self.status.running_for().filter(|d| *d >= self.status.stalled_after)
     }
@@ -677,7 +678,7 @@ impl Writer {
                 self.group_commit(&mut batch);
             }
             self.on_time();
-            self.status.refusal(self.refusal());
+            self.status.publish_refusal(self.refusal());
             self.status.end();
         }
         // Closing: what is deferred, and a last checkpoint that covers the current segment.
@@ -785,7 +786,7 @@ impl Writer {
                 Op::Checkpoint => self.checkpoint(req.done),
                 Op::Ping(answer) => {
                     // Published first: mail sent after a health check sees what it said.
-                    let _ = answer.send(self.status.refusal(self.refusal()));
+                    let _ = answer.send(self.status.publish_refusal(self.refusal()));
                 }
                 Op::Insert(_) | Op::Update(_) | Op::Remove(_) | Op::Wake => {
                     if let Some(done) = req.done {
@@ -1160,7 +1161,7 @@ mod tests {
         apply_after: Duration::from_secs(3600),
         checkpoint_every: Duration::from_secs(3600),
         max_index_wait: Duration::from_secs(10),
-        stalled_after: Duration::from_secs(5),
+        stalled_after: STALLED_AFTER,
     };
 
     /// A queue that leaves redb alone, holding one acknowledged message with `data`.
@@ -1313,17 +1314,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (q, a) = journal_only_with_one(dir.path(), b"delivered").await;
         q.remove(a.id);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        // Within 10 s, where the writer's next checkpoint is an hour away.
+        eventually(|| {
             let crashed = crash_copy(dir.path());
             let (replayed, existing) = Queue::open(crashed.path()).expect("replay");
             replayed.close();
-            if existing.is_empty() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the removal waited for the writer's next checkpoint, an hour away");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+            existing.is_empty().then_some(())
+        })
+        .await;
         q.close();
     }
 
