@@ -9,7 +9,8 @@
 //! * [`disk::FreezableDisk`]: a filesystem a test freezes, so that the relay's disk hangs.
 //! * [`strace::Strace`]: the relay's system calls, for what only a power cut would show.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
-//!   returns the sequence numbers that got a `250`.
+//!   returns the sequence numbers that got a `250`; [`transaction`] returns each reply of
+//!   one session's commands.
 //! * [`spawn_until_ready`] and [`on_a_free_port`]: every helper process (sinks, relays,
 //!   dnsmasq) is started by one step that waits until it is ready or has exited, and is
 //!   started again on another port when its port was taken. A sink is ready when it holds
