@@ -465,8 +465,7 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let mut acked = Vec::new();
     let mut refused = 0;
     for seq in 0..400u64 {
-        let text = format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n", "z".repeat(256 * 1024));
-        let answer = Raw::try_send_message(&relay.addr, "user@customer.test", &text).await;
+        let answer = send_quarter_mebibyte(&relay, seq).await;
         if answer.starts_with("250") {
             acked.push(seq);
         } else {
@@ -496,7 +495,7 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();
     assert!(lifted.is_ok_and(|s| s.success()), "prlimit");
     // Sessions see it too, with no `/healthz` request: a new MAIL is taken again. (Here the
-    // watchdog's pings publish the writer's state as well as its rounds do.)
+    // watchdog's pings publish the writer's state too; the next test has none.)
     let text = "X-Seq: 400\r\n\r\nafter the disk had room again\r\nEND-OF-MESSAGE 400\r\n";
     let deadline = std::time::Instant::now() + PATIENCE;
     let answer = loop {
@@ -524,6 +523,53 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     let got = sink.received();
     assert!(got.keys().all(|s| acked.contains(s)), "a refused message was delivered");
     assert_eq!(health(&relay).0, 200, "with room again, the relay takes mail");
+}
+
+/// Sends message `seq` with 256 KiB of body; returns the refusal of MAIL or the reply to the
+/// final dot.
+async fn send_quarter_mebibyte(relay: &Relay, seq: u64) -> String {
+    let text = format!("X-Seq: {seq}\r\n\r\n{}\r\nEND-OF-MESSAGE {seq}\r\n", "z".repeat(256 * 1024));
+    Raw::try_send_message(&relay.addr, "user@customer.test", &text).await
+}
+
+/// Polls a new session's `MAIL` until its reply starts with `wanted` or [`PATIENCE`] passes;
+/// returns the last reply.
+async fn mail_until(relay: &Relay, wanted: &str) -> String {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let reply = Raw::greeted(&relay.addr).await.cmd("MAIL FROM:<a@src.test>").await;
+        if reply.starts_with(wanted) || std::time::Instant::now() >= deadline {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sessions learn that the disk is full, and that it has room again, from the queue writer's
+/// own rounds. Here no watchdog and no health check asks the writer for its state (each such
+/// question also publishes it), yet `MAIL` is refused once the disk is full and taken again
+/// once it has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_health_checks_sessions_still_see_the_disk_fill_and_get_room_again() {
+    let sink_port = free_port("127.0.1.163");
+    let domain = domain_with("customer.test", "", &[("127.0.1.163", sink_port, 10)]);
+    let relay = Relay::start_with_file_size_limit(20 * 1024, &[], "", &domain, "retry = [\"1h\"]");
+    let mut seq = 0;
+    let first_refusal = loop {
+        let answer = send_quarter_mebibyte(&relay, seq).await;
+        if !answer.starts_with("250") || seq == 400 {
+            break answer;
+        }
+        seq += 1;
+    };
+    assert!(first_refusal.starts_with("452 4.3.1"), "after {seq} messages: {first_refusal:?}\n{}", relay.log_text());
+    let mail = mail_until(&relay, "452").await;
+    assert!(mail.starts_with("452 4.3.1 insufficient system storage"), "{mail}; the relay's log:\n{}", relay.log_text());
+
+    let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();
+    assert!(lifted.is_ok_and(|s| s.success()), "prlimit");
+    let mail = mail_until(&relay, "250").await;
+    assert!(mail.starts_with("250"), "{mail}; the relay's log:\n{}", relay.log_text());
 }
 
 /// A queue disk that hangs (here a frozen filesystem: writes and syncs block, nothing fails)
