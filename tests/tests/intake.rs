@@ -67,10 +67,13 @@ async fn the_relays_postmaster_goes_to_the_configured_mailbox() {
         assert!(ok && out.contains("250 2.1.5"), "{out}");
     }
     assert!(wait_until(PATIENCE, || sink.count() == 2), "mail to postmaster was not delivered");
-    // Delivered to the configured mailbox, and the original recipient travels with it.
-    for (seq, orcpt) in [(1, "PostMaster"), (2, "postmaster@Relay.Test")] {
+    // Delivered to the configured mailbox, and the original recipient travels with it. The
+    // Received field names the postmaster addressed, at the relay's name, not that mailbox.
+    for (seq, orcpt, named) in [(1, "PostMaster", "PostMaster@relay.test"), (2, "postmaster@Relay.Test", "postmaster@relay.test")]
+    {
         let dump = sink.dumps().into_iter().find(|d| d.contains(&format!("X-Seq: {seq}"))).expect("dump");
         assert!(dump.contains(&format!("X-Rcpt-Args: <Ops@customer.test> ORCPT=rfc822;{orcpt}\n")), "{dump}");
+        assert!(dump.contains(&format!("\tfor <{named}>;")) && !dump.contains("for <Ops@"), "{dump}");
     }
     // Other mailboxes at the relay's name are not its to take; nor are those without a domain.
     let (ok, out) = swaks(&["--server", &relay.addr, "--from", "a@src.test", "--to", "root@relay.test"]);

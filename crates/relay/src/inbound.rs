@@ -250,6 +250,9 @@ struct Transaction {
     sender: Option<String>,
     /// In the order given, each mailbox once.
     recipients: IndexSet<String>,
+    /// The first recipient as the client addressed it, for the `Received:` field's FOR
+    /// clause: the relay's postmaster is named, not the mailbox that gets its mail.
+    first_addressed: Option<String>,
     /// RFC 3461 parameters of MAIL and RCPT, when any were given.
     dsn: Option<DsnRequest>,
 }
@@ -272,7 +275,9 @@ fn rcpt_postmaster(txn: &mut Transaction, settings: &RelayConfig, given: &str, d
             // Reports name the address the sender gave (RFC 3461 §4.2).
             let mut dsn = dsn.unwrap_or_default();
             dsn.orcpt.get_or_insert_with(|| given.to_string());
-            txn.add_recipient(mailbox.clone(), Some(dsn));
+            // The bare form is the postmaster at the relay's own name.
+            let local = given.rsplit_once('@').map_or(given, |(local, _)| local);
+            txn.add_recipient(mailbox.clone(), format!("{local}@{}", settings.hostname), Some(dsn));
             "250 2.1.5 recipient ok"
         }
         None => "550 5.1.1 no postmaster mailbox is configured here (relay.postmaster)",
@@ -282,7 +287,8 @@ fn rcpt_postmaster(txn: &mut Transaction, settings: &RelayConfig, given: &str, d
 impl Transaction {
     /// A mailbox named twice gets the message once (Postfix's cleanup and Exim drop duplicate
     /// recipients too), with its first parameters.
-    fn add_recipient(&mut self, mailbox: String, dsn: Option<RcptDsn>) {
+    fn add_recipient(&mut self, mailbox: String, addressed: String, dsn: Option<RcptDsn>) {
+        self.first_addressed.get_or_insert(addressed);
         if let Some(dsn) = dsn
             && !self.recipients.contains(&mailbox)
         {
@@ -494,7 +500,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         (_, Err(e)) => reply(writer, &format!("501 5.5.4 {e}")).await?,
                         (Some((local, d)), Ok(dsn)) if inbound.accepts_domain(&d) => {
                             // Local parts keep their case: they may be case-sensitive.
-                            txn.add_recipient(format!("{local}@{d}"), dsn);
+                            let mailbox = format!("{local}@{d}");
+                            txn.add_recipient(mailbox.clone(), mailbox, dsn);
                             reply(writer, "250 2.1.5 recipient ok").await?;
                         }
                         // The relay's own postmaster: at the name it greets with, or bare
@@ -628,7 +635,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     };
     let received_ms = now_ms();
     let first_id = inbound.queue.next_id();
-    let for_clause = match txn.recipients.first() {
+    let for_clause = match &txn.first_addressed {
         Some(one) if txn.recipients.len() == 1 => format!("\r\n\tfor <{one}>"),
         _ => String::new(),
     };
