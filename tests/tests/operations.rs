@@ -80,6 +80,43 @@ fn systemd_is_told_of_readiness_reloads_and_shutdown_and_the_watchdog_is_pinged(
     assert!(relay.wait_exit());
 }
 
+/// A reload that takes long holds up neither intake nor delivery. Here the configuration
+/// file is a named pipe that the test writes only after mail has gone through, so the reload
+/// waits on it all that time. The relay has one runtime worker: a reload that blocked it, or
+/// held a lock that sessions or deliveries take, would stop the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_goes_through_while_a_reload_waits_to_read_its_file() {
+    let notify = mxrelay_e2e::NotifySocket::bind();
+    let sink = Sink::start("127.0.1.164", &[]);
+    let env = [("NOTIFY_SOCKET", notify.path.as_str()), ("TOKIO_WORKER_THREADS", "1")];
+    let relay = Relay::start_with_env(&env, "", &domain_block("customer.test", &[(&sink, 10)]), "");
+    let ready = notify.receive();
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::remove_file(&path).expect("remove the config");
+    let made = std::process::Command::new("mkfifo").arg(&path).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+
+    relay.signal("HUP");
+    let reloading = notify.receive();
+    assert!(reloading.starts_with("RELOADING=1\n"), "{reloading}");
+    // The reload now waits for a writer of the pipe.
+    let sent = tokio::time::timeout(mxrelay_e2e::PATIENCE, send(&relay.addr, "user@customer.test", 0..10, 4)).await;
+    assert_eq!(sent.map(|acked| acked.len()), Ok(10), "mail refused, or unanswered for 30 s, during the reload");
+    relay.eventually("delivered during the reload", || sink.count() == 10).await;
+    assert!(relay.log_lines(&["configuration reloaded"]).is_empty(), "the reload ended before its file was written");
+    assert!(!send_one(&relay.addr, "user@second.test", 10).await, "second.test is not configured yet");
+
+    // Written, the file is read, and the reload ends and is applied.
+    let next = format!("{text}{}", domain_block("second.test", &[(&sink, 10)]));
+    let writer = std::thread::spawn(move || std::fs::write(&path, next));
+    assert_eq!(notify.receive(), ready);
+    assert!(writer.join().expect("writer").is_ok(), "writing the pipe");
+    assert!(send_one(&relay.addr, "user@second.test", 11).await, "the reloaded configuration is in force");
+    relay.eventually("delivered after the reload", || sink.count() == 11).await;
+}
+
 /// A service manager that stops reading `$NOTIFY_SOCKET` (its queue holds ten datagrams)
 /// never holds up mail: with one runtime thread, a relay that sent from it stopped
 /// accepting once the queue was full.

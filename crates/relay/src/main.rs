@@ -422,8 +422,10 @@ async fn serve_signals(
             _ = hup.recv() => {
                 manager.reloading();
                 // Applied or refused, a configuration is in force. Reading the files and
-                // compiling custom policies takes a while (some 90 ms a module), so the
-                // sessions on this runtime thread move to another meanwhile.
+                // compiling custom policies takes a while (some 90 ms a module). This runs on
+                // the thread that blocks on the runtime, not on a worker, so sessions and
+                // deliveries go on meanwhile; `block_in_place` keeps it so if it ever runs
+                // on a worker.
                 let _no_put_meanwhile = relay.hold_server_lists().await;
                 if tokio::task::block_in_place(|| reload(&relay, path)) {
                     manager.ready(status);
