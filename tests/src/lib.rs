@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -120,13 +120,19 @@ pub fn spawn_until_ready(cmd: &mut Command, stderr_path: &Path, mut ready: impl 
     }
 }
 
-/// Whether process `pid` has a TCP socket listening on `addr` (IPv4 `IP:PORT`). Read from
-/// `/proc`, so, unlike a connect, another process's listener on that address does not count.
+/// Whether process `pid` has a TCP socket listening on `addr` (`IP:PORT` or `[IPv6]:PORT`).
+/// Read from `/proc`, so, unlike a connect, another process's listener on that address does
+/// not count.
 pub fn listens_on(pid: u32, addr: &str) -> bool {
-    let addr: std::net::SocketAddrV4 = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
-    // /proc/net/tcp shows the address as the in-memory u32 in hex; state 0A is LISTEN.
-    let local = format!("{:08X}:{:04X}", u32::from_ne_bytes(addr.ip().octets()), addr.port());
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let addr: SocketAddr = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
+    // /proc/net/tcp{,6} show the address as in-memory u32s in hex; state 0A is LISTEN.
+    let (octets, table) = match addr.ip() {
+        IpAddr::V4(ip) => (ip.octets().to_vec(), "/proc/net/tcp"),
+        IpAddr::V6(ip) => (ip.octets().to_vec(), "/proc/net/tcp6"),
+    };
+    let words: String = octets.chunks(4).map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))).collect();
+    let local = format!("{words}:{:04X}", addr.port());
+    let table = std::fs::read_to_string(table).unwrap_or_else(|e| panic!("{table}: {e}"));
     let sockets: Vec<String> = table
         .lines()
         .skip(1)
@@ -155,12 +161,14 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Starts a sink on `ip` (a free port) with extra smtp-sink options such as `-f mail`.
+    /// Starts a sink on `ip` (a free port; IPv4, or `::1`) with extra smtp-sink options such
+    /// as `-f mail`.
     pub fn start(ip: &str, args: &[&str]) -> Sink {
-        on_a_free_port(ip, |port| Sink::try_start_at(&format!("{ip}:{port}"), args))
+        let parsed: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        on_a_free_port(ip, |port| Sink::try_start_at(&SocketAddr::new(parsed, port).to_string(), args))
     }
 
-    /// Starts a sink on `addr` (`IP:PORT`).
+    /// Starts a sink on `addr` (`IP:PORT` or `[IPv6]:PORT`).
     pub fn start_at(addr: &str, args: &[&str]) -> Sink {
         Sink::try_start_at(addr, args).unwrap_or_else(|why| panic!("smtp-sink on {addr} did not start: {why}"))
     }
@@ -176,10 +184,10 @@ impl Sink {
         Ok(sink)
     }
 
-    /// Host and port for the relay config.
+    /// Host and port for the relay config (an IPv6 address without its brackets).
     pub fn host_port(&self) -> (&str, u16) {
         let (h, p) = self.addr.rsplit_once(':').expect("ip:port");
-        (h, p.parse().expect("port"))
+        (h.trim_start_matches('[').trim_end_matches(']'), p.parse().expect("port"))
     }
 
     /// (Re)starts the sink on the same address, keeping what it received.

@@ -1,7 +1,7 @@
 //! Servers given by host name: resolved through the `[delivery] resolver` override (a
 //! dnsmasq on loopback, as the Postfix reference setup uses), failover included, and a name
 //! that does not resolve is passed over like an unreachable server. A reused connection
-//! needs no lookup.
+//! needs no lookup. A name's IPv6 addresses are tried after its IPv4 ones.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,7 +19,12 @@ struct Dnsmasq {
 impl Dnsmasq {
     /// How many A queries for `name` it has answered.
     fn a_queries(&self, name: &str) -> usize {
-        let needle = format!("query[A] {name} ");
+        self.queries("A", name)
+    }
+
+    /// How many queries of `kind` (`A`, `AAAA`) for `name` it has answered.
+    fn queries(&self, kind: &str, name: &str) -> usize {
+        let needle = format!("query[{kind}] {name} ");
         std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains(&needle)).count()
     }
 }
@@ -104,4 +109,27 @@ async fn a_reused_connection_needs_no_dns_lookup() {
     assert!(send_one(&relay.addr, "user@customer.test", 5).await);
     relay.eventually("delivered after the restart", || relay.log_lines(&["outcome=\"delivered\""]).len() == 6).await;
     assert_eq!(dns.a_queries("mx.customer.test"), 2, "a new connection resolves the name: {}", relay.log_text());
+}
+
+/// A name with A and AAAA records is tried on both families, IPv4 first. Here nothing
+/// listens on its IPv4 address and the server listens on IPv6 only, so the mail goes over
+/// IPv6, and the server is not marked down. An IPv6 literal is reached too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_whose_ipv4_address_refuses_is_reached_over_ipv6() {
+    let mx = Sink::start("::1", &[]);
+    let (_, port) = mx.host_port();
+    let dns = dnsmasq("127.0.53.95", &[("ready.customer.test", "127.0.1.165"), ("dual.customer.test", "127.0.1.165,::1")]);
+    let domains = format!(
+        "{}{}",
+        domain_with("customer.test", "", &[("dual.customer.test", port, 10)]),
+        domain_with("literal.test", "", &[("::1", port, 10)])
+    );
+    let relay = Relay::start(&domains, &format!("resolver = \"{}\"", dns.addr));
+    assert!(send_one(&relay.addr, "user@customer.test", 0).await);
+    relay.eventually("delivered over IPv6", || mx.count() == 1).await;
+    assert!(dns.queries("AAAA", "dual.customer.test") >= 1, "no AAAA query");
+    assert!(send_one(&relay.addr, "user@literal.test", 1).await);
+    relay.eventually("delivered to the IPv6 literal", || mx.count() == 2).await;
+    assert_eq!(relay.logged(&["outcome=\"delivered\""]).await, 2, "{}", relay.log_text());
+    assert!(relay.log_lines(&["server marked down"]).is_empty(), "{}", relay.log_text());
 }

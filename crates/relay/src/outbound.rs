@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfigGroup, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use mail_send::SmtpClient;
 use mxrelay_policy_core::{HostKind, Server};
@@ -59,6 +59,17 @@ const MAX_REUSE: u32 = 500;
 const MAX_REUSE_AGE: Duration = Duration::from_secs(300);
 /// Most addresses tried for one host name (Postfix `smtp_mx_address_limit` counts per MX).
 const MAX_ADDRESSES: usize = 10;
+
+/// The order in which a host name's addresses are tried, at most `limit` of them: IPv4 first,
+/// then IPv6, each in the resolver's order (the two lookups answer in either order). Past the
+/// limit both families keep a share, so a name with many A records still gets its IPv6
+/// addresses tried (Postfix's `smtp_balance_inet_protocols`).
+fn address_order(ips: impl Iterator<Item = IpAddr>, limit: usize) -> Vec<IpAddr> {
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = ips.partition(IpAddr::is_ipv4);
+    let v6_kept = v6.len().min(limit.saturating_sub(v4.len()).max(limit / 2));
+    let v4_kept = v4.len().min(limit - v6_kept);
+    v4.into_iter().take(v4_kept).chain(v6.into_iter().take(v6_kept)).collect()
+}
 
 /// What a server said to one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,20 +390,26 @@ fn error_text(e: &mail_send::Error) -> String {
 impl Transport {
     /// A transport with the configured timeouts and resolver.
     pub fn new(hostname: &str, delivery: &DeliveryConfig) -> Transport {
-        let resolver = match delivery.resolver {
+        let builder = match delivery.resolver {
             Some(addr) => {
                 let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
                 let config = ResolverConfig::from_parts(None, vec![], group);
-                Some(TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).build())
+                Some(TokioResolver::builder_with_config(config, TokioConnectionProvider::default()))
             }
             None => match TokioResolver::builder_tokio() {
-                Ok(b) => Some(b.build()),
+                Ok(b) => Some(b),
                 Err(e) => {
                     tracing::warn!(error = %e, "no system DNS resolver; only IP-literal servers can be reached");
                     None
                 }
             },
         };
+        let resolver = builder.map(|mut b| {
+            // Both families: hickory's default asks for AAAA only when a name has no A
+            // record, so a server whose IPv4 address is down would never be tried on IPv6.
+            b.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+            b.build()
+        });
         Transport {
             hostname: hostname.to_string(),
             resolver,
@@ -475,7 +492,7 @@ impl Transport {
                     .await
                     .map_err(|e| format!("DNS lookup of {} failed: {e}", server.host))?;
                 let addrs: Vec<SocketAddr> =
-                    lookup.iter().take(MAX_ADDRESSES).map(|ip| SocketAddr::new(ip, server.port)).collect();
+                    address_order(lookup.iter(), MAX_ADDRESSES).into_iter().map(|ip| SocketAddr::new(ip, server.port)).collect();
                 if addrs.is_empty() {
                     return Err(format!("{} has no A or AAAA record", server.host));
                 }
@@ -938,6 +955,28 @@ mod tests {
 
     pub(super) fn server(host: &str, port: u16) -> Server {
         Server { port, ..Server::new(host, 10) }
+    }
+
+    #[test]
+    fn addresses_are_tried_ipv4_first_and_both_families_within_the_limit() {
+        let ips = |text: &str| text.split_whitespace().map(|ip| ip.parse::<IpAddr>().expect("ip")).collect::<Vec<_>>();
+        let ordered = |given: &str, limit| address_order(ips(given).into_iter(), limit);
+        // The AAAA answer may come first; IPv4 is tried first all the same, each family in
+        // the order the resolver gave.
+        assert_eq!(
+            ordered("2001:db8::2 2001:db8::1 192.0.2.2 192.0.2.1", 10),
+            ips("192.0.2.2 192.0.2.1 2001:db8::2 2001:db8::1")
+        );
+        assert_eq!(ordered("2001:db8::1", 10), ips("2001:db8::1"));
+        // Many of one family leave room for the other.
+        let v4: Vec<String> = (1..=12).map(|n| format!("192.0.2.{n}")).collect();
+        let v6: Vec<String> = (1..=12).map(|n| format!("2001:db8::{n}")).collect();
+        let both = |a: usize, b: usize| format!("{} {}", v4[..a].join(" "), v6[..b].join(" "));
+        assert_eq!(ordered(&both(12, 3), 10), ips(&both(7, 3)));
+        assert_eq!(ordered(&both(2, 12), 10), ips(&both(2, 8)));
+        assert_eq!(ordered(&both(12, 12), 10), ips(&both(5, 5)));
+        assert_eq!(ordered(&both(12, 0), 10), ips(&both(10, 0)));
+        assert_eq!(ordered(&both(0, 12), 10), ips(&both(0, 10)));
     }
 
     /// A minimal config, with `relay_extra` lines under `[relay]`.
