@@ -572,6 +572,78 @@ async fn with_no_health_checks_sessions_still_see_the_disk_fill_and_get_room_aga
     assert!(mail.starts_with("250"), "{mail}; the relay's log:\n{}", relay.log_text());
 }
 
+/// Writes zeros to `path` until the filesystem has no room left.
+fn take_all_room(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("ballast");
+    let chunk = vec![0u8; 1 << 20];
+    let full = loop {
+        if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
+            break e;
+        }
+    };
+    assert_eq!(full.raw_os_error(), Some(28), "not ENOSPC: {full}");
+}
+
+/// A queue disk out of room for real (ENOSPC, not a file-size limit). Once no new journal
+/// segment can be made there, mail gets `452` and `/healthz` says `refusing`. Once there is
+/// room again, the relay starts a segment by itself and takes mail again, and after a
+/// crash, also on a disk full again, every acknowledged message is delivered. (A segment
+/// whose zeros did not fit used to stay behind under its name, so every later start of it
+/// failed and mail stayed refused with room to spare; and a queue that needed room to replay
+/// its journal did not open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_disk_out_of_room_refuses_mail_until_it_has_room_and_loses_nothing() {
+    // Declared first, so dropped last: the relay goes before the filesystem is unmounted.
+    let disk = mxrelay_e2e::disk::FreezableDisk::create(128);
+    // The customer's server is down while the disk fills, so the mail stays queued.
+    let sink_port = free_port("127.0.1.166");
+    let domain = domain_with("customer.test", "", &[("127.0.1.166", sink_port, 10)]);
+    let settings = format!("queue = \"{}\"\nadmin_listen = \"127.0.0.1:0\"", disk.path().join("queue").display());
+    let mut relay = Relay::start_with(&settings, &domain, "retry = [\"1h\"]");
+    let health = |relay: &Relay| http_request(&relay.admin_addr(), "GET", "/healthz", None, "");
+    let ballast = disk.path().join("ballast");
+    take_all_room(&ballast);
+
+    let mut acked = Vec::new();
+    let refused = loop {
+        let seq = acked.len() as u64;
+        assert!(seq < 400, "the disk never filled up");
+        let answer = send_quarter_mebibyte(&relay, seq).await;
+        if !answer.starts_with("250") {
+            assert!(answer.starts_with("452 4.3.1"), "message {seq}: {answer:?}; the relay's log:\n{}", relay.log_text());
+            break seq;
+        }
+        acked.push(seq);
+    };
+    let (status, body) = health(&relay);
+    assert!(status == 503 && body.contains("\"refusing\"") && body.contains("cannot start a new segment"), "{status} {body}");
+    let mail = mail_until(&relay, "452").await;
+    assert!(mail.starts_with("452 4.3.1 insufficient system storage"), "{mail}");
+
+    // Room again: with no help, the relay starts a segment and takes mail as big as before.
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    let mail = mail_until(&relay, "250").await;
+    assert!(mail.starts_with("250"), "{mail}; the relay's log:\n{}", relay.log_text());
+    for seq in refused + 1..refused + 11 {
+        let answer = send_quarter_mebibyte(&relay, seq).await;
+        assert!(answer.starts_with("250"), "message {seq}: {answer:?}; the relay's log:\n{}", relay.log_text());
+        acked.push(seq);
+    }
+    assert_eq!(health(&relay).0, 200);
+    relay.kill9();
+
+    // A crash, and the disk is full again before the restart: replay needs room, and the
+    // journal's spare segments, only room held in reserve, give it. The server is up now:
+    // everything acknowledged is delivered, and the refused message is not.
+    take_all_room(&ballast);
+    let sink = Sink::start_at(&format!("127.0.1.166:{sink_port}"), &[]);
+    relay.restart();
+    relay.logged(&["gave back the journal's spare segments"]).await;
+    relay.eventually("every acknowledged message delivered", || acked.iter().all(|s| sink.received().contains_key(s))).await;
+    assert!(!sink.received().contains_key(&refused), "the refused message was delivered");
+}
+
 /// A queue disk that hangs (here a frozen filesystem: writes and syncs block, nothing fails)
 /// is reported, and costs no mail: `/healthz` says the queue's writer does not answer, the
 /// watchdog is no longer pinged, a message arriving meanwhile is not acknowledged, and new

@@ -378,6 +378,21 @@ pub fn retire(dir: &Path, covered: &[Segment]) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// Removes every spare segment (and one being made): they are only room set aside, which
+/// a full disk may need more. Returns how many were removed.
+pub fn release_spares(dir: &Path) -> Result<usize, JournalError> {
+    let spares = files(dir, SPARE_SUFFIX)?;
+    for spare in &spares {
+        std::fs::remove_file(&spare.path).map_err(io_error(&spare.path))?;
+    }
+    let tmp = dir.join(format!("prepared{SPARE_SUFFIX}.tmp"));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(io_error(&tmp)(e)),
+        Ok(()) | Err(_) => {}
+    }
+    Ok(spares.len())
+}
+
 /// Writes zeros from `from` up to `to`: not a sparse extension, so that later syncs only
 /// overwrite allocated blocks.
 fn fill_with_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
@@ -402,8 +417,11 @@ pub fn prepare_spare(dir: &Path) -> Result<bool, JournalError> {
     // never taken half made.
     let tmp = dir.join(format!("prepared{SPARE_SUFFIX}.tmp"));
     let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_error(&tmp))?;
-    fill_with_zeros(&file, 0, SEGMENT_BYTES).map_err(io_error(&tmp))?;
-    file.sync_all().map_err(io_error(&tmp))?;
+    // On a full disk the zeros written so far are given back.
+    fill_with_zeros(&file, 0, SEGMENT_BYTES).and_then(|()| file.sync_all()).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_error(&tmp)(e)
+    })?;
     let spare = dir.join(format!("{:016x}{SPARE_SUFFIX}", u64::MAX));
     std::fs::rename(&tmp, &spare).map_err(io_error(&tmp))?;
     sync_dir(dir)?;
@@ -438,16 +456,26 @@ impl Journal {
             }
             None => OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_error(&path))?,
         };
-        let capacity = file.metadata().map_err(io_error(&path))?.len();
-        // A spare's zeros are on disk already (synced when it was made or finished): only a
-        // new or too small file is written here, while the writer waits.
-        if capacity < wanted {
-            fill_with_zeros(&file, capacity, wanted).map_err(io_error(&path))?;
-            file.sync_all().map_err(io_error(&path))?;
+        let made = (|| {
+            let capacity = file.metadata().map_err(io_error(&path))?.len();
+            // A spare's zeros are on disk already (synced when it was made or finished): only
+            // a new or too small file is written here, while the writer waits.
+            if capacity < wanted {
+                fill_with_zeros(&file, capacity, wanted).map_err(io_error(&path))?;
+                file.sync_all().map_err(io_error(&path))?;
+            }
+            sync_dir(dir)?;
+            Ok(capacity.max(wanted))
+        })();
+        match made {
+            Ok(capacity) => Ok(Journal { dir: dir.to_path_buf(), path, seq, file, written: 0, capacity }),
+            Err(e) => {
+                // Nothing was written to it: removed, so that the next start can make it
+                // again once there is room, instead of finding it there for good.
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
         }
-        sync_dir(dir)?;
-        let capacity = capacity.max(wanted);
-        Ok(Journal { dir: dir.to_path_buf(), path, seq, file, written: 0, capacity })
     }
 
     /// Writes a batch after the records before it. Not durable until [`Journal::sync`].
@@ -663,6 +691,21 @@ mod tests {
         retire(dir.path(), &segments(dir.path()).expect("list")).expect("retire");
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(left.len(), SPARES_KEPT, "{left:?}");
+    }
+
+    #[test]
+    fn released_spares_are_gone_and_segments_stay() {
+        let dir = tempfile::tempdir().expect("dir");
+        for seq in 1..=3 {
+            Journal::start(dir.path(), seq, 0).expect("start");
+        }
+        retire(dir.path(), &segments(dir.path()).expect("list")[..2]).expect("retire");
+        assert!(prepare_spare(dir.path()).is_ok());
+        std::fs::write(dir.path().join("prepared.spare.tmp"), b"half made").expect("tmp");
+        assert_eq!(release_spares(dir.path()).expect("release"), 2);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(format!("{:016x}.wal", 3))], "only the segment in use is left");
+        assert_eq!(release_spares(dir.path()).expect("release"), 0);
     }
 
     #[test]

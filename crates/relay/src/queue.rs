@@ -378,6 +378,23 @@ impl Queue {
     }
 
     fn open_with(dir: &Path, timing: Timing) -> Result<(Queue, Vec<Envelope>), QueueError> {
+        let first = match Queue::open_once(dir, timing) {
+            Ok(opened) => return Ok(opened),
+            Err(e) => e,
+        };
+        // After a crash on a full disk, replay into redb may need room that the journal's
+        // spare segments hold only in reserve: given back, they let the relay start and
+        // deliver, which frees more.
+        match journal::release_spares(&dir.join("journal")) {
+            Ok(released) if released > 0 => {
+                tracing::warn!(error = %first, released, "the queue did not open; gave back the journal's spare segments and trying again");
+                Queue::open_once(dir, timing)
+            }
+            Ok(_) | Err(_) => Err(first),
+        }
+    }
+
+    fn open_once(dir: &Path, timing: Timing) -> Result<(Queue, Vec<Envelope>), QueueError> {
         let open_err = |reason: String| QueueError::Open { path: dir.into(), reason };
         let journal_dir = dir.join("journal");
         std::fs::create_dir_all(&journal_dir).map_err(|e| open_err(e.to_string()))?;
@@ -421,6 +438,7 @@ impl Queue {
             journal,
             timing,
             rotate_first: false,
+            rotation_failure: None,
             progress,
             last_checkpoint: Instant::now(),
             unapplied: unapplied.clone(),
@@ -632,6 +650,8 @@ struct Writer {
     /// Set when a journal write failed: its segment may end in a torn record, so nothing may
     /// follow it there.
     rotate_first: bool,
+    /// Why the last start of a new segment failed (a full disk), until one starts.
+    rotation_failure: Option<String>,
     /// How far redb has caught up (the indexer moves it on).
     progress: Arc<IndexProgress>,
     /// When a checkpoint was last started or tried (a rotation, or the indexer asked).
@@ -814,11 +834,17 @@ impl Writer {
         result.map_err(|e| e.to_string())
     }
 
-    /// Why new mail is refused now, if it is: the last write to redb failed (a full disk)
-    /// while [`MAX_SEGMENTS_BEHIND`] segments wait for a checkpoint. The journal must not
-    /// grow without end, and the indexer holds the unapplied operations in memory. Clears by
-    /// itself once a checkpoint succeeds.
+    /// Why new mail is refused now, if it is:
+    /// * no new journal segment could be started (a full disk), so mail that does not fit
+    ///   the current one cannot be stored. Clears once a segment starts; one is tried at each
+    ///   checkpoint time;
+    /// * the last write to redb failed (a full disk) while [`MAX_SEGMENTS_BEHIND`] segments
+    ///   wait for a checkpoint. The journal must not grow without end, and the indexer holds
+    ///   the unapplied operations in memory. Clears once a checkpoint succeeds.
     fn refusal(&self) -> Option<String> {
+        if let Some(failure) = &self.rotation_failure {
+            return Some(format!("the queue journal cannot start a new segment ({failure}); new mail refused"));
+        }
         self.refusal_in(&self.progress.lock())
     }
 
@@ -863,12 +889,17 @@ impl Writer {
     /// Continues in a new segment, so that a checkpoint covers the older ones whole.
     fn rotate(&mut self) -> Result<(), journal::JournalError> {
         self.last_checkpoint = Instant::now();
+        let rotated = self.start_next_segment();
+        self.rotation_failure = rotated.as_ref().err().map(ToString::to_string);
+        rotated
+    }
+
+    fn start_next_segment(&mut self) -> Result<(), journal::JournalError> {
         // Updates and removals are not synced when written; the old segment keeps them.
         if !self.rotate_first {
             self.journal.finish()?;
         }
-        let next = Journal::start(self.journal.dir(), self.journal.seq() + 1, self.batch.len() as u64)?;
-        self.journal = next;
+        self.journal = Journal::start(self.journal.dir(), self.journal.seq() + 1, self.batch.len() as u64)?;
         self.rotate_first = false;
         Ok(())
     }
@@ -876,7 +907,7 @@ impl Writer {
     /// Starts a new segment if the current one holds anything, and asks for a checkpoint of
     /// every segment before it.
     fn checkpoint(&mut self, done: Option<oneshot::Sender<Result<(), QueueError>>>) {
-        if (!self.journal.is_empty() || self.rotate_first)
+        if (!self.journal.is_empty() || self.rotate_first || self.rotation_failure.is_some())
             && let Err(e) = self.rotate()
         {
             // Retried at the next checkpoint time (`rotate` set it), not in a busy loop.
