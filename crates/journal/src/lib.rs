@@ -9,7 +9,8 @@
 //! A segment is `<sequence as 16 hex digits>.wal`, written in full (with zeros) when it is
 //! created and recycled after a checkpoint (as `<sequence>.spare`) instead of deleted: a
 //! sync that only overwrites blocks already on disk allocates none, which makes it about
-//! half as costly. Each record's checksum covers the segment's sequence number, so the
+//! half as costly. Spares are only room held in reserve: [`release_spares`] gives it back
+//! to a full disk. Each record's checksum covers the segment's sequence number, so the
 //! records a recycled segment held before do not read back. Records:
 //!
 //! ```text
