@@ -7,8 +7,10 @@
 //! segment, and the segments before it are retired once redb holds their operations
 //! durably. New mail waits for redb only when two full segments wait for a checkpoint (a
 //! burst of large messages), for at most 10 s, and is refused with `452` at once if
-//! checkpoints fail (a full disk).
-//! After a crash the segments left are replayed into redb at startup.
+//! checkpoints fail, or if no new segment can be started (a full disk); either clears by
+//! itself once there is room. After a crash the segments left are replayed into redb at
+//! startup; if the queue does not open, the journal's spare segments (room held in reserve)
+//! are given back and it is tried once more.
 //!
 //! Removals after delivery and schedule updates are journaled without their own sync, within
 //! moments, and become durable with the next group commit of new mail: a crash of the
