@@ -38,6 +38,22 @@ impl FreezableDisk {
         &self.mount
     }
 
+    /// Writes zeros to a file `ballast` on it until the filesystem has no room left
+    /// (`ENOSPC`); returns the file's path, to remove for room again.
+    pub fn take_all_room(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.mount.join("ballast");
+        let mut file = std::fs::File::create(&path).expect("ballast");
+        let chunk = vec![0u8; 1 << 20];
+        let full = loop {
+            if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
+                break e;
+            }
+        };
+        assert_eq!(full.raw_os_error(), Some(28), "not ENOSPC: {full}");
+        path
+    }
+
     /// From now on, writes and syncs block until the returned guard is dropped. Declared
     /// after the processes using the disk, the guard thaws it before they are killed, also
     /// when a test fails: a process blocked on a frozen filesystem cannot be killed.

@@ -469,6 +469,13 @@ impl Relay {
         }
     }
 
+    /// Lifts the file-size limit of the running relay (`prlimit`), as room coming back on a
+    /// full disk would.
+    pub fn lift_file_size_limit(&self) {
+        let lifted = Command::new("prlimit").args(["--pid", &self.pid().to_string(), "--fsize=unlimited"]).status();
+        assert!(lifted.as_ref().is_ok_and(|s| s.success()), "prlimit --fsize=unlimited failed: {lifted:?}");
+    }
+
     /// The relay's process ID.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

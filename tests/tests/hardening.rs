@@ -492,19 +492,13 @@ async fn a_full_disk_gets_452_and_loses_nothing() {
     }
     // Room again, with no mail coming in or going out (the server is down, the retry an hour
     // away): the relay finds out by itself and takes mail again.
-    let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();
-    assert!(lifted.is_ok_and(|s| s.success()), "prlimit");
+    relay.lift_file_size_limit();
     // Sessions see it too, with no `/healthz` request: a new MAIL is taken again. (Here the
     // watchdog's pings publish the writer's state too; the next test has none.)
+    let mail = mail_until(&relay, "250").await;
+    assert!(mail.starts_with("250"), "{mail}; the relay's log:\n{}", relay.log_text());
     let text = "X-Seq: 400\r\n\r\nafter the disk had room again\r\nEND-OF-MESSAGE 400\r\n";
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let answer = loop {
-        let answer = Raw::try_send_message(&relay.addr, "user@customer.test", text).await;
-        if !answer.starts_with("452 4.3.1") || std::time::Instant::now() >= deadline {
-            break answer;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let answer = Raw::try_send_message(&relay.addr, "user@customer.test", text).await;
     assert!(answer.starts_with("250"), "{answer}; the relay's log:\n{}", relay.log_text());
     assert_eq!(health(&relay).0, 200);
     acked.push(400);
@@ -566,23 +560,9 @@ async fn with_no_health_checks_sessions_still_see_the_disk_fill_and_get_room_aga
     let mail = mail_until(&relay, "452").await;
     assert!(mail.starts_with("452 4.3.1 insufficient system storage"), "{mail}; the relay's log:\n{}", relay.log_text());
 
-    let lifted = std::process::Command::new("prlimit").args(["--pid", &relay.pid().to_string(), "--fsize=unlimited"]).status();
-    assert!(lifted.is_ok_and(|s| s.success()), "prlimit");
+    relay.lift_file_size_limit();
     let mail = mail_until(&relay, "250").await;
     assert!(mail.starts_with("250"), "{mail}; the relay's log:\n{}", relay.log_text());
-}
-
-/// Writes zeros to `path` until the filesystem has no room left.
-fn take_all_room(path: &std::path::Path) {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).expect("ballast");
-    let chunk = vec![0u8; 1 << 20];
-    let full = loop {
-        if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
-            break e;
-        }
-    };
-    assert_eq!(full.raw_os_error(), Some(28), "not ENOSPC: {full}");
 }
 
 /// A queue disk out of room for real (ENOSPC, not a file-size limit). Once no new journal
@@ -602,8 +582,7 @@ async fn a_queue_disk_out_of_room_refuses_mail_until_it_has_room_and_loses_nothi
     let settings = format!("queue = \"{}\"\nadmin_listen = \"127.0.0.1:0\"", disk.path().join("queue").display());
     let mut relay = Relay::start_with(&settings, &domain, "retry = [\"1h\"]");
     let health = |relay: &Relay| http_request(&relay.admin_addr(), "GET", "/healthz", None, "");
-    let ballast = disk.path().join("ballast");
-    take_all_room(&ballast);
+    let ballast = disk.take_all_room();
 
     let mut acked = Vec::new();
     let refused = loop {
@@ -636,7 +615,7 @@ async fn a_queue_disk_out_of_room_refuses_mail_until_it_has_room_and_loses_nothi
     // A crash, and the disk is full again before the restart: replay needs room, and the
     // journal's spare segments, only room held in reserve, give it. The server is up now:
     // everything acknowledged is delivered, and the refused message is not.
-    take_all_room(&ballast);
+    disk.take_all_room();
     let sink = Sink::start_at(&format!("127.0.1.166:{sink_port}"), &[]);
     relay.restart();
     relay.logged(&["gave back the journal's spare segments"]).await;
