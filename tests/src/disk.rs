@@ -1,8 +1,10 @@
 //! A disk that hangs on demand: a small ext4 filesystem on a loop device that a test freezes
 //! with `fsfreeze`. While frozen, every write and sync to it blocks in the kernel (the
 //! writer sleeps uninterruptibly, as behind a stuck disk controller or a lost network block
-//! device), and nothing fails, until it is thawed. Needs root, as the README's test command
-//! runs; a missing tool or permission fails the test with the command's error.
+//! device), and nothing fails, until it is thawed. It can also be filled to the last block
+//! ([`FreezableDisk::take_all_room`]), so that writes fail with `ENOSPC` as on a real full
+//! disk. Needs root, as the README's test command runs; a missing tool or permission fails
+//! the test with the command's error.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,12 +1,14 @@
 //! Harness for end-to-end tests with real SMTP peers.
 //!
-//! * [`Sink`]: Postfix's `smtp-sink` as a customer server on `127.0.1.N`, dumping every
+//! * [`Sink`]: Postfix's `smtp-sink` as a customer server on `127.0.1.N` (or `::1`), dumping every
 //!   message to a file so tests can check which messages arrived, and how often.
 //! * [`Relay`]: the real `mxrelay` binary with a generated config, its log captured; optionally
-//!   under a file-size limit, so that its disk fills.
+//!   under a file-size limit, so that its disk fills ([`Relay::lift_file_size_limit`] makes
+//!   room again).
 //! * [`postfix::Postfix`]: a test-owned Postfix instance (interop, TLS peer).
 //! * [`certs::TestCa`]: certificates made in the test.
-//! * [`disk::FreezableDisk`]: a filesystem a test freezes, so that the relay's disk hangs.
+//! * [`disk::FreezableDisk`]: a small filesystem a test freezes, so that the relay's disk
+//!   hangs, or fills to the last block (`ENOSPC`).
 //! * [`strace::Strace`]: the relay's system calls, for what only a power cut would show.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
 //!   returns the sequence numbers that got a `250`; [`transaction`] returns each reply of
