@@ -235,9 +235,9 @@ impl Health {
                 return; // cleared by an operator
             }
             let answered = match transport.addresses(server).await {
-                Ok(addrs) => {
+                Ok(mut addrs) => {
                     let mut ok = false;
-                    for addr in addrs {
+                    while let Some(addr) = addrs.next().await {
                         if transport.probe(addr).await.is_ok() {
                             ok = true;
                             break;

@@ -30,8 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use hickory_resolver::ResolveError;
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{LookupIpStrategy, NameServerConfigGroup, ResolverConfig};
+use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use mail_send::SmtpClient;
 use mxrelay_policy_core::{HostKind, Server};
@@ -69,6 +70,102 @@ fn address_order(ips: impl Iterator<Item = IpAddr>, limit: usize) -> Vec<IpAddr>
     let v6_kept = v6.len().min(limit.saturating_sub(v4.len()).max(limit / 2));
     let v4_kept = v4.len().min(limit - v6_kept);
     v4.into_iter().take(v4_kept).chain(v6.into_iter().take(v6_kept)).collect()
+}
+
+/// How many of `v4` IPv4 addresses lead [`address_order`] whatever the AAAA answer: IPv6 keeps
+/// at most half the limit while IPv4 needs more, so the first half (rounded up) are IPv4's.
+fn ipv4_lead(v4: usize, limit: usize) -> usize {
+    v4.min(limit - limit / 2)
+}
+
+/// A server's addresses, handed out in [`address_order`] as they become known. The A answer
+/// is awaited first while the AAAA lookup runs alongside; the AAAA answer is awaited only once
+/// the IPv4 addresses that lead the order whatever it says are used up. So a resolver that
+/// drops AAAA queries (some middleboxes do) holds up only the IPv6 tries: a delivery over
+/// IPv4 does not wait for the resolver's timeout.
+#[derive(Debug)]
+pub struct Addresses {
+    port: u16,
+    /// The order known so far: all of it, or its IPv4 lead while `pending` is set.
+    order: Vec<IpAddr>,
+    given: usize,
+    pending: Option<PendingAaaa>,
+}
+
+/// The AAAA lookup not yet awaited, with the A answer the full order is made from.
+#[derive(Debug)]
+struct PendingAaaa {
+    v4: Vec<IpAddr>,
+    lookup: tokio::task::JoinHandle<Result<Vec<IpAddr>, ResolveError>>,
+}
+
+impl Addresses {
+    fn literal(addr: SocketAddr) -> Addresses {
+        Addresses { port: addr.port(), order: vec![addr.ip()], given: 0, pending: None }
+    }
+
+    /// Looks `host` up: returns once the A answer is in and has an address, or once both
+    /// answers are in.
+    async fn resolve(resolver: &TokioResolver, host: &str, port: u16) -> Result<Addresses, String> {
+        let name = format!("{host}.");
+        let aaaa = {
+            let (resolver, name) = (resolver.clone(), name.clone());
+            tokio::spawn(async move {
+                let found = resolver.ipv6_lookup(name).await?;
+                Ok::<_, ResolveError>(found.iter().map(|aaaa| IpAddr::V6(aaaa.0)).collect::<Vec<_>>())
+            })
+        };
+        let a = resolver.ipv4_lookup(name).await.map(|found| found.iter().map(|a| IpAddr::V4(a.0)).collect::<Vec<_>>());
+        let v4 = match &a {
+            Ok(v4) if !v4.is_empty() => {
+                let order = v4[..ipv4_lead(v4.len(), MAX_ADDRESSES)].to_vec();
+                return Ok(Addresses { port, order, given: 0, pending: Some(PendingAaaa { v4: v4.clone(), lookup: aaaa }) });
+            }
+            Ok(_) | Err(_) => Vec::new(),
+        };
+        let v6 = aaaa.await.map_err(|e| format!("DNS lookup of {host}: {e}"))?;
+        match (a, v6) {
+            (_, Ok(v6)) if !v6.is_empty() => {
+                Ok(Addresses { port, order: address_order(v4.into_iter().chain(v6), MAX_ADDRESSES), given: 0, pending: None })
+            }
+            (Err(e), _) | (_, Err(e)) if !e.is_no_records_found() => Err(format!("DNS lookup of {host} failed: {e}")),
+            (Ok(_) | Err(_), Ok(_) | Err(_)) => Err(format!("{host} has no A or AAAA record")),
+        }
+    }
+
+    /// The next address to try, if any is left.
+    pub async fn next(&mut self) -> Option<SocketAddr> {
+        if self.given == self.order.len()
+            && let Some(PendingAaaa { v4, lookup }) = self.pending.take()
+        {
+            let v6 = match lookup.await {
+                Ok(Ok(v6)) => v6,
+                // As hickory's own two-family lookup: one family's failure leaves the other's.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "AAAA lookup failed; IPv4 addresses only");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "AAAA lookup task failed; IPv4 addresses only");
+                    Vec::new()
+                }
+            };
+            self.order = address_order(v4.into_iter().chain(v6), MAX_ADDRESSES);
+        }
+        let ip = *self.order.get(self.given)?;
+        self.given += 1;
+        Some(SocketAddr::new(ip, self.port))
+    }
+}
+
+impl Drop for Addresses {
+    fn drop(&mut self) {
+        // Delivered over IPv4: the AAAA answer is not needed, and a dropped query would keep
+        // its task (and its retries) alive until the resolver's timeout.
+        if let Some(pending) = &self.pending {
+            pending.lookup.abort();
+        }
+    }
 }
 
 /// What a server said to one recipient.
@@ -404,12 +501,9 @@ impl Transport {
                 }
             },
         };
-        let resolver = builder.map(|mut b| {
-            // Both families: hickory's default asks for AAAA only when a name has no A
-            // record, so a server whose IPv4 address is down would never be tried on IPv6.
-            b.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-            b.build()
-        });
+        // Both families are asked for by `Addresses`, each on its own: hickory's two-family
+        // lookup answers only once both have answered.
+        let resolver = builder.map(|b| b.build());
         Transport {
             hostname: hostname.to_string(),
             resolver,
@@ -478,25 +572,16 @@ impl Transport {
         }
     }
 
-    /// The addresses to try for a server, in resolver order.
-    pub async fn addresses(&self, server: &Server) -> Result<Vec<SocketAddr>, String> {
+    /// The addresses to try for a server, in [`address_order`] (see [`Addresses`]).
+    pub async fn addresses(&self, server: &Server) -> Result<Addresses, String> {
         match server.kind() {
             HostKind::Ipv4 | HostKind::Ipv6 => {
                 let ip: IpAddr = server.host.parse().map_err(|_| format!("bad IP literal {}", server.host))?;
-                Ok(vec![SocketAddr::new(ip, server.port)])
+                Ok(Addresses::literal(SocketAddr::new(ip, server.port)))
             }
             HostKind::Name => {
                 let resolver = self.resolver.as_ref().ok_or("no DNS resolver configured")?;
-                let lookup = resolver
-                    .lookup_ip(format!("{}.", server.host))
-                    .await
-                    .map_err(|e| format!("DNS lookup of {} failed: {e}", server.host))?;
-                let addrs: Vec<SocketAddr> =
-                    address_order(lookup.iter(), MAX_ADDRESSES).into_iter().map(|ip| SocketAddr::new(ip, server.port)).collect();
-                if addrs.is_empty() {
-                    return Err(format!("{} has no A or AAAA record", server.host));
-                }
-                Ok(addrs)
+                Addresses::resolve(resolver, &server.host, server.port).await
             }
         }
     }
@@ -663,13 +748,13 @@ impl Transport {
                 }
             }
         }
-        let addrs = match self.addresses(server).await {
+        let mut addrs = match self.addresses(server).await {
             Ok(addrs) => addrs,
             Err(why) => return ServerVerdict::Unreachable(why),
         };
         let tls = TlsTarget { settings, host: &server.host };
         let mut verdict = ServerVerdict::Unreachable(format!("{}: no address", key.0));
-        for addr in addrs {
+        while let Some(addr) = addrs.next().await {
             verdict = match self.open(addr, tls).await {
                 Ok(session) => match self.transaction(&key, session, msg).await {
                     Attempt::Verdict(verdict) => verdict,
@@ -977,6 +1062,24 @@ mod tests {
         assert_eq!(ordered(&both(12, 12), 10), ips(&both(5, 5)));
         assert_eq!(ordered(&both(12, 0), 10), ips(&both(10, 0)));
         assert_eq!(ordered(&both(0, 12), 10), ips(&both(0, 10)));
+    }
+
+    /// The IPv4 addresses tried before the AAAA answer is in are the ones every order starts
+    /// with, whatever that answer holds.
+    #[test]
+    fn the_ipv4_lead_starts_the_order_whatever_the_aaaa_answer() {
+        for limit in 1..=12 {
+            for v4_count in 0..=14u8 {
+                let v4: Vec<IpAddr> = (0..v4_count).map(|n| IpAddr::V4(Ipv4Addr::new(192, 0, 2, n))).collect();
+                let lead = ipv4_lead(v4.len(), limit);
+                assert!(lead >= v4.len().min(limit.div_ceil(2)), "{v4_count} A records, limit {limit}: lead {lead}");
+                for v6_count in 0..=14u16 {
+                    let v6 = (0..v6_count).map(|n| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n)));
+                    let order = address_order(v4.iter().copied().chain(v6), limit);
+                    assert_eq!(order[..lead], v4[..lead], "{v4_count} A and {v6_count} AAAA records, limit {limit}");
+                }
+            }
+        }
     }
 
     /// A minimal config, with `relay_extra` lines under `[relay]`.

@@ -116,9 +116,9 @@ impl Transport {
         let mut test =
             ServerTest { server: server.address(), preference: server.preference, lookup_error: None, addresses: Vec::new() };
         match self.addresses(server).await {
-            Ok(addrs) => {
+            Ok(mut addrs) => {
                 let target = TlsTarget { settings: tls, host: &server.host };
-                for addr in addrs {
+                while let Some(addr) = addrs.next().await {
                     test.addresses.push(self.test_address(addr, target, envelope).await);
                 }
             }
