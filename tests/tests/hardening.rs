@@ -623,6 +623,42 @@ async fn a_queue_disk_out_of_room_refuses_mail_until_it_has_room_and_loses_nothi
     assert!(!sink.received().contains_key(&refused), "the refused message was delivered");
 }
 
+/// The journal alone on a disk out of room for real: a spare or a segment that does not fit
+/// leaves nothing behind, neither a half-made spare nor a file under the segment's name, and
+/// the same call succeeds once there is room. Here the segment starts from a spare that must
+/// grow (a group commit larger than a segment), and the spare's room is given back too.
+#[test]
+fn a_journal_spare_or_segment_that_does_not_fit_leaves_nothing_behind() {
+    let disk = mxrelay_e2e::disk::FreezableDisk::create(64);
+    let dir = disk.path().join("journal");
+    std::fs::create_dir(&dir).expect("journal directory");
+    let names = || {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let ballast = disk.take_all_room();
+    let made = mxrelay_journal::prepare_spare(&dir);
+    assert!(made.is_err(), "a spare made on a full disk: {made:?}");
+    assert_eq!(names(), Vec::<String>::new(), "a failed spare left a file");
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    assert!(mxrelay_journal::prepare_spare(&dir).expect("a spare once there is room"));
+    assert_eq!(names().len(), 1, "{:?}", names());
+
+    let ballast = disk.take_all_room();
+    let larger = 2 * mxrelay_journal::SEGMENT_BYTES;
+    let started = mxrelay_journal::Journal::start(&dir, 1, larger);
+    assert!(started.is_err(), "a segment started on a full disk: {started:?}");
+    assert_eq!(names(), Vec::<String>::new(), "a failed start left a file");
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    let journal = mxrelay_journal::Journal::start(&dir, 1, larger).expect("the same start once there is room");
+    assert_eq!(journal.remaining(), larger);
+}
+
 /// A queue disk that hangs (here a frozen filesystem: writes and syncs block, nothing fails)
 /// is reported, and costs no mail: `/healthz` says the queue's writer does not answer, the
 /// watchdog is no longer pinged, a message arriving meanwhile is not acknowledged, and new
