@@ -78,11 +78,11 @@ fn ipv4_lead(v4: usize, limit: usize) -> usize {
     v4.min(limit - limit / 2)
 }
 
-/// A server's addresses, handed out in [`address_order`] as they become known. The A answer
-/// is awaited first while the AAAA lookup runs alongside; the AAAA answer is awaited only once
-/// the IPv4 addresses that lead the order whatever it says are used up. So a resolver that
-/// drops AAAA queries (some middleboxes do) holds up only the IPv6 tries: a delivery over
-/// IPv4 does not wait for the resolver's timeout.
+/// A server's addresses (IPv4 first, as `address_order` puts them), handed out as they
+/// become known. The A answer is awaited first while the AAAA lookup runs alongside; the AAAA
+/// answer is awaited only once the IPv4 addresses that lead the order whatever it says are
+/// used up. So a resolver that drops AAAA queries (some middleboxes do) holds up only the
+/// IPv6 tries: a delivery over IPv4 does not wait for the resolver's timeout.
 #[derive(Debug)]
 pub struct Addresses {
     port: u16,
@@ -572,7 +572,7 @@ impl Transport {
         }
     }
 
-    /// The addresses to try for a server, in [`address_order`] (see [`Addresses`]).
+    /// The addresses to try for a server, IPv4 first (see [`Addresses`]).
     pub async fn addresses(&self, server: &Server) -> Result<Addresses, String> {
         match server.kind() {
             HostKind::Ipv4 | HostKind::Ipv6 => {

@@ -9,8 +9,9 @@
 //! burst of large messages), for at most 10 s, and is refused with `452` at once if
 //! checkpoints fail, or if no new segment can be started (a full disk); either clears by
 //! itself once there is room. After a crash the segments left are replayed into redb at
-//! startup; if the queue does not open, the journal's spare segments (room held in reserve)
-//! are given back and it is tried once more.
+//! startup; if the queue does not open for want of room (`ENOSPC`, `EDQUOT`, `EFBIG`), the
+//! journal's spare segments (room held in reserve) are given back and it is tried once more.
+//! Any other failure ([`OpenError`]) keeps them.
 //!
 //! Removals after delivery and schedule updates are journaled without their own sync, within
 //! moments, and become durable with the next group commit of new mail: a crash of the
@@ -38,13 +39,13 @@ const DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("data");
 /// Why the queue cannot do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
-    /// Opening the database failed.
-    #[error("cannot open queue {path}: {reason}")]
+    /// The queue did not open.
+    #[error("cannot open queue {path}: {source}")]
     Open {
         /// The queue directory.
         path: PathBuf,
         /// The cause.
-        reason: String,
+        source: Arc<OpenError>,
     },
     /// A write or commit failed (disk full, I/O error); nothing of it was acknowledged.
     #[error("queue write failed: {0}")]
@@ -55,6 +56,44 @@ pub enum QueueError {
     /// The writer thread is gone (shutting down).
     #[error("queue is closed")]
     Closed,
+}
+
+/// Why the queue did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The queue's directories could not be made.
+    #[error("{0}")]
+    Directory(std::io::Error),
+    /// The index (redb) could not be opened, read, or brought up to date from the journal.
+    #[error("index: {0}")]
+    Index(#[from] redb::Error),
+    /// A journal segment could not be listed, read, retired or started.
+    #[error("journal: {0}")]
+    Journal(#[from] journal::JournalError),
+    /// An envelope in the index does not parse.
+    #[error("corrupt envelope: {0}")]
+    CorruptEnvelope(serde_json::Error),
+    /// One of the queue's threads could not be started.
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl OpenError {
+    /// Whether the disk (or the user's quota or file-size limit) is out of room, so that
+    /// room held in reserve may let the queue open.
+    fn out_of_room(&self) -> bool {
+        let io = match self {
+            OpenError::Directory(e) | OpenError::Index(redb::Error::Io(e)) => Some(e),
+            OpenError::Journal(journal::JournalError::Io { source, .. }) => Some(source),
+            OpenError::Index(_) | OpenError::Journal(_) | OpenError::CorruptEnvelope(_) | OpenError::Thread(_) => None,
+        };
+        io.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::FileTooLarge
+            )
+        })
+    }
 }
 
 /// One queued delivery unit: a message for the recipients of one domain.
@@ -380,38 +419,38 @@ impl Queue {
     }
 
     fn open_with(dir: &Path, timing: Timing) -> Result<(Queue, Vec<Envelope>), QueueError> {
-        let first = match Queue::open_once(dir, timing) {
-            Ok(opened) => return Ok(opened),
-            Err(e) => e,
-        };
-        // After a crash on a full disk, replay into redb may need room that the journal's
-        // spare segments hold only in reserve: given back, they let the relay start and
-        // deliver, which frees more.
-        match journal::release_spares(&dir.join("journal")) {
-            Ok(released) if released > 0 => {
-                tracing::warn!(error = %first, released, "the queue did not open; gave back the journal's spare segments and trying again");
-                Queue::open_once(dir, timing)
+        let opened = Queue::open_once(dir, timing).or_else(|first| {
+            if !first.out_of_room() {
+                return Err(first);
             }
-            Ok(_) | Err(_) => Err(first),
-        }
+            // After a crash on a full disk, replay into redb may need room that the journal's
+            // spare segments hold only in reserve: given back, they let the relay start and
+            // deliver, which frees more.
+            match journal::release_spares(&dir.join("journal")) {
+                Ok(released) if released > 0 => {
+                    tracing::warn!(error = %first, released, "the queue did not open for want of room; gave back the journal's spare segments and trying again");
+                    Queue::open_once(dir, timing)
+                }
+                Ok(_) | Err(_) => Err(first),
+            }
+        });
+        opened.map_err(|e| QueueError::Open { path: dir.into(), source: Arc::new(e) })
     }
 
-    fn open_once(dir: &Path, timing: Timing) -> Result<(Queue, Vec<Envelope>), QueueError> {
-        let open_err = |reason: String| QueueError::Open { path: dir.into(), reason };
+    fn open_once(dir: &Path, timing: Timing) -> Result<(Queue, Vec<Envelope>), OpenError> {
         let journal_dir = dir.join("journal");
-        std::fs::create_dir_all(&journal_dir).map_err(|e| open_err(e.to_string()))?;
+        std::fs::create_dir_all(&journal_dir).map_err(OpenError::Directory)?;
         let db_path = dir.join("queue.redb");
-        let db = open_index(&db_path).map_err(|e| open_err(e.to_string()))?;
-        let last_seq = replay(&db, &journal_dir).map_err(open_err)?;
-        let journal = Journal::start(&journal_dir, last_seq + 1, 0).map_err(|e| open_err(e.to_string()))?;
+        let db = open_index(&db_path).map_err(redb::Error::from)?;
+        let last_seq = replay(&db, &journal_dir)?;
+        let journal = Journal::start(&journal_dir, last_seq + 1, 0)?;
         let mut envelopes = Vec::new();
         {
-            let rx = db.begin_read().map_err(|e| open_err(e.to_string()))?;
-            let table = rx.open_table(ENVELOPES).map_err(|e| open_err(e.to_string()))?;
-            for row in table.iter().map_err(|e| open_err(e.to_string()))? {
-                let (_, value) = row.map_err(|e| open_err(e.to_string()))?;
-                let env: Envelope =
-                    serde_json::from_slice(value.value()).map_err(|e| open_err(format!("corrupt envelope: {e}")))?;
+            let rx = db.begin_read().map_err(redb::Error::from)?;
+            let table = rx.open_table(ENVELOPES).map_err(redb::Error::from)?;
+            for row in table.iter().map_err(redb::Error::from)? {
+                let (_, value) = row.map_err(redb::Error::from)?;
+                let env: Envelope = serde_json::from_slice(value.value()).map_err(OpenError::CorruptEnvelope)?;
                 envelopes.push(env);
             }
         }
@@ -430,10 +469,8 @@ impl Queue {
             unapplied: unapplied.clone(),
             progress: progress.clone(),
         };
-        let indexer = thread::Builder::new()
-            .name("queue-index".into())
-            .spawn(move || indexer.run(&index_rx))
-            .map_err(|e| open_err(e.to_string()))?;
+        let indexer =
+            thread::Builder::new().name("queue-index".into()).spawn(move || indexer.run(&index_rx)).map_err(OpenError::Thread)?;
         let status = Arc::new(WriterStatus::new(timing.stalled_after));
         let writer = Writer {
             status: status.clone(),
@@ -451,10 +488,8 @@ impl Queue {
             indexer,
             batch: Batch::default(),
         };
-        let handle = thread::Builder::new()
-            .name("queue-writer".into())
-            .spawn(move || writer.run(&rx))
-            .map_err(|e| open_err(e.to_string()))?;
+        let handle =
+            thread::Builder::new().name("queue-writer".into()).spawn(move || writer.run(&rx)).map_err(OpenError::Thread)?;
         let next_id = Arc::new(AtomicU64::new(last.max(now_ms() << 12) + 1));
         let writer_thread = Arc::new(Mutex::new(Some(handle)));
         Ok((Queue { db, unapplied, writer: tx, deferred, writer_thread, next_id, status }, envelopes))
@@ -565,18 +600,19 @@ pub fn now_ms() -> u64 {
 /// Brings redb up to date from the journal segments a crash left, in one durable commit,
 /// then retires them. A damaged segment is kept aside as `*.wal.damaged` for the operator.
 /// Returns the last sequence number seen.
-fn replay(db: &Database, dir: &Path) -> Result<u64, String> {
-    let segments = journal::segments(dir).map_err(|e| e.to_string())?;
-    let mut tx = db.begin_write().map_err(|e| e.to_string())?;
-    tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+fn replay(db: &Database, dir: &Path) -> Result<u64, OpenError> {
+    let segments = journal::segments(dir)?;
+    let mut tx = db.begin_write().map_err(redb::Error::from)?;
+    tx.set_durability(Durability::Immediate).map_err(redb::Error::from)?;
     let mut damaged = Vec::new();
     {
         let mut tables = Tables::open(&tx)?;
         for segment in &segments {
-            let mut reader = SegmentReader::open(segment).map_err(|e| e.to_string())?;
+            let mut reader = SegmentReader::open(segment)?;
             let mut records = 0u64;
             let end = loop {
-                match reader.next_record().map_err(|e| format!("{}: {e}", segment.path.display()))? {
+                let read = reader.next_record();
+                match read.map_err(|source| journal::JournalError::Io { path: segment.path.clone(), source })? {
                     Next::Record(record) => {
                         tables.apply(record)?;
                         records += 1;
@@ -598,12 +634,13 @@ fn replay(db: &Database, dir: &Path) -> Result<u64, String> {
             }
         }
     }
-    tx.commit().map_err(|e| e.to_string())?;
+    tx.commit().map_err(redb::Error::from)?;
     for path in &damaged {
-        std::fs::rename(path, path.with_extension("wal.damaged")).map_err(|e| format!("{}: {e}", path.display()))?;
+        let set_aside = std::fs::rename(path, path.with_extension("wal.damaged"));
+        set_aside.map_err(|source| journal::JournalError::Io { path: path.clone(), source })?;
     }
     let replayed: Vec<_> = segments.iter().filter(|s| !damaged.contains(&s.path)).cloned().collect();
-    journal::retire(dir, &replayed).map_err(|e| e.to_string())?;
+    journal::retire(dir, &replayed)?;
     Ok(segments.last().map_or(0, |s| s.seq))
 }
 
@@ -614,29 +651,26 @@ struct Tables<'t> {
 }
 
 impl<'t> Tables<'t> {
-    fn open(tx: &'t redb::WriteTransaction) -> Result<Self, String> {
-        Ok(Tables {
-            envelopes: tx.open_table(ENVELOPES).map_err(|e| e.to_string())?,
-            data: tx.open_table(DATA).map_err(|e| e.to_string())?,
-        })
+    fn open(tx: &'t redb::WriteTransaction) -> Result<Self, redb::Error> {
+        Ok(Tables { envelopes: tx.open_table(ENVELOPES)?, data: tx.open_table(DATA)? })
     }
 
     /// One operation, from the writer or from replay.
-    fn apply(&mut self, record: Record<'_>) -> Result<(), String> {
+    fn apply(&mut self, record: Record<'_>) -> Result<(), redb::Error> {
         match record {
             Record::Insert { id, envelope, data } => {
-                self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
-                self.data.insert(id, data).map_err(|e| e.to_string())?;
+                self.envelopes.insert(id, envelope)?;
+                self.data.insert(id, data)?;
             }
             // An update racing a removal must not resurrect the envelope.
             Record::Update { id, envelope } => {
-                if self.envelopes.get(id).map_err(|e| e.to_string())?.is_some() {
-                    self.envelopes.insert(id, envelope).map_err(|e| e.to_string())?;
+                if self.envelopes.get(id)?.is_some() {
+                    self.envelopes.insert(id, envelope)?;
                 }
             }
             Record::Remove { id } => {
-                self.envelopes.remove(id).map_err(|e| e.to_string())?;
-                self.data.remove(id).map_err(|e| e.to_string())?;
+                self.envelopes.remove(id)?;
+                self.data.remove(id)?;
             }
         }
         Ok(())
@@ -1026,8 +1060,8 @@ impl Indexer {
                 let mut tx = db.begin_write().map_err(|e| e.to_string())?;
                 tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
                 {
-                    let mut tables = Tables::open(&tx)?;
-                    settled(pending).try_for_each(|op| tables.apply(op.record()))?;
+                    let mut tables = Tables::open(&tx).map_err(|e| e.to_string())?;
+                    settled(pending).try_for_each(|op| tables.apply(op.record())).map_err(|e| e.to_string())?;
                 }
                 tx.commit().map_err(|e| e.to_string())
             })
@@ -1086,6 +1120,32 @@ mod tests {
             dsn: None,
             held: false,
         }
+    }
+
+    /// Only a queue that did not open for want of room gives back the journal's spares: they
+    /// are what lets the next segments start without writing 16 MiB while mail waits.
+    #[test]
+    fn spares_are_given_back_only_when_the_disk_is_out_of_room() {
+        use std::io::{Error, ErrorKind};
+        let room = |kind: ErrorKind| Error::from(kind);
+        assert!(OpenError::Directory(room(ErrorKind::StorageFull)).out_of_room());
+        assert!(OpenError::Index(redb::Error::Io(room(ErrorKind::QuotaExceeded))).out_of_room());
+        let journal_io = |kind| journal::JournalError::Io { path: "j".into(), source: room(kind) };
+        assert!(OpenError::Journal(journal_io(ErrorKind::FileTooLarge)).out_of_room());
+        assert!(!OpenError::Journal(journal_io(ErrorKind::PermissionDenied)).out_of_room());
+        assert!(!OpenError::Index(redb::Error::Corrupted("bad page".into())).out_of_room());
+        assert!(!OpenError::Thread(room(ErrorKind::StorageFull)).out_of_room());
+
+        // A damaged index is no lack of room: the spare stays.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal_dir = dir.path().join("journal");
+        std::fs::create_dir(&journal_dir).expect("journal directory");
+        assert!(journal::prepare_spare(&journal_dir).expect("spare"));
+        std::fs::write(dir.path().join("queue.redb"), vec![0x5a; 64 << 10]).expect("a damaged index");
+        let opened = Queue::open(dir.path());
+        let Err(QueueError::Open { source, .. }) = &opened else { panic!("a damaged index opened: {opened:?}") };
+        assert!(!source.out_of_room(), "{source}");
+        assert_eq!(journal::release_spares(&journal_dir).expect("release"), 1, "the spare was given back for {source}");
     }
 
     /// Envelopes are JSON in the queue: one queued before DSN requests were kept still loads,
