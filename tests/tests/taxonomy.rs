@@ -1,7 +1,8 @@
 //! The delivery outcome taxonomy against a sink that answers chosen codes: which failures
-//! move on to the next server, which fail the message, which defer it.
+//! move on to the next server, which fail the message, which defer it; and a server that is
+//! the relay itself, passed over.
 
-use mxrelay_e2e::{Relay, Sink, domain_block, eventually, send_one};
+use mxrelay_e2e::{Relay, Sink, domain_block, domain_with, eventually, send_one};
 
 /// What must happen to a message whose primary server misbehaves in one way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,4 +79,31 @@ async fn each_failure_class_is_handled_as_exim_and_postfix_do() {
         let at_backup = backup.received().contains_key(&(i as u64));
         assert_eq!(at_backup, *expect == Expect::Backup, "case {args:?}: at backup = {at_backup}\n{}", relay.log_text());
     }
+}
+
+/// A server that is the relay itself (a customer who listed the filtering service's own
+/// address) is passed over: the relay finds its own host name in the greeting, leaves, and
+/// delivers to the next server at once. Without this the message went round through the
+/// relay, gaining a `Received:` field each time, until the hop limit bounced it, and it never
+/// reached the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_the_relay_itself_is_passed_over() {
+    let backup = Sink::start("127.0.1.168", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&backup, 20)]), "");
+    // Its own address is known once it listens: added to the domain's servers by a reload.
+    let path = relay.config_path();
+    let text = std::fs::read_to_string(&path).expect("config");
+    let head = text.split("[[domain]]").next().expect("head");
+    let (own_host, own_port) = relay.addr.rsplit_once(':').expect("host:port");
+    let (backup_host, backup_port) = backup.host_port();
+    let servers = [(own_host, own_port.parse().expect("port"), 10), (backup_host, backup_port, 20)];
+    std::fs::write(&path, format!("{head}{}", domain_with("customer.test", "", &servers))).expect("write");
+    relay.signal("HUP");
+    relay.eventually("reloaded", || !relay.log_lines(&["configuration reloaded"]).is_empty()).await;
+
+    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    relay.eventually("delivered to the backup", || backup.count() == 1).await;
+    let dump = backup.dumps().pop().expect("the message");
+    assert_eq!(dump.matches("by relay.test (mxrelay)").count(), 1, "the message went through the relay more than once:\n{dump}");
+    relay.logged(&["a server is this relay itself"]).await;
 }

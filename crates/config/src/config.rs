@@ -408,6 +408,7 @@ impl Config {
         let relay = relay_config(file.relay, base, &mut problems);
         let delivery = delivery_config(file.delivery, base, &mut problems);
         let domains = domain_configs(file.domain, base, &mut problems);
+        problems.extend(servers_that_are_this_relay(&relay, &domains));
         if let Some(address) = &relay.postmaster
             && let Err(e) = check_postmaster(address, &domains)
         {
@@ -474,6 +475,32 @@ fn check_postmaster(address: &str, domains: &[DomainConfig]) -> Result<(), Strin
         return Err(format!("{domain} is not a configured domain: the relay delivers only to [[domain]] blocks"));
     }
     Ok(())
+}
+
+/// Servers that are this relay: its own host name, or an address it listens on. Mail sent
+/// there would come back; delivery passes such a server over (as it does one that greets with
+/// the relay's name, which this cannot see), but the list is surely a mistake.
+fn servers_that_are_this_relay(relay: &RelayConfig, domains: &[DomainConfig]) -> Vec<ConfigProblem> {
+    let listens_on = |ip: IpAddr, port: u16| {
+        relay.listen.iter().any(|l| l.port() == port && (l.ip() == ip || (l.ip().is_unspecified() && ip.is_loopback())))
+    };
+    let mut found = Vec::new();
+    for domain in domains {
+        for (i, server) in domain.servers.iter().enumerate() {
+            let listened = server.host.parse().is_ok_and(|ip| listens_on(ip, server.port));
+            if listened || server.host == relay.hostname {
+                found.push(ConfigProblem {
+                    location: format!("domain {}: server #{} ({})", domain.name, i + 1, server.host),
+                    severity: Severity::Warning,
+                    message: format!(
+                        "this is the relay itself ({}): mail sent there would loop back, so delivery passes it over; list the customer's own servers",
+                        if listened { format!("it listens on port {}", server.port) } else { "its hostname".into() }
+                    ),
+                });
+            }
+        }
+    }
+    found
 }
 
 fn error(location: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
@@ -932,6 +959,23 @@ preference = 20
             "{:?}",
             problems(&text)
         );
+    }
+
+    #[test]
+    fn a_server_that_is_the_relay_itself_is_a_warning() {
+        let servers = "[[domain.server]]\nhost = \"127.0.0.1\"\nport = 2525\n[[domain.server]]\nhost = \"Relay.Example.Net.\"\n[[domain.server]]\nhost = \"127.0.0.1\"\nport = 2526\n";
+        let text = SEED.replace("policy = \"builtin\"\n", &format!("policy = \"builtin\"\n{servers}"));
+        let warned: Vec<String> = problems(&text).into_iter().filter(|w| w.contains("relay itself")).collect();
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert!(
+            warned[0].contains("domain mailroutedemo.com: server #1 (127.0.0.1)") && warned[0].contains("listens on port 2525"),
+            "{warned:?}"
+        );
+        assert!(warned[1].contains("server #2 (relay.example.net)") && warned[1].contains("its hostname"), "{warned:?}");
+        // Listening on every address takes in loopback.
+        let text = text.replace("listen = [\"127.0.0.1:2525\"]", "listen = [\"0.0.0.0:2526\"]");
+        let warned: Vec<String> = problems(&text).into_iter().filter(|w| w.contains("relay itself")).collect();
+        assert!(warned.len() == 2 && warned[1].contains("server #3 (127.0.0.1)"), "{warned:?}");
     }
 
     #[test]

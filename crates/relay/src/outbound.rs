@@ -353,6 +353,14 @@ async fn quit(mut s: Session) {
     .await;
 }
 
+/// Whether a greeting or an EHLO or HELO reply starts with `hostname` (this relay's): the
+/// server is this relay (or another of the same name, the filtering tier itself), and mail
+/// sent there would come back, round after round until the hop limit bounced it.
+fn names_host(reply: &str, hostname: &str) -> bool {
+    let name = reply.split_whitespace().next().unwrap_or_default();
+    name.trim_end_matches('.').eq_ignore_ascii_case(hostname)
+}
+
 /// Whether a connection may carry another message.
 fn reusable(sent: u32, age: Duration) -> bool {
     sent < MAX_REUSE && age < MAX_REUSE_AGE
@@ -624,7 +632,11 @@ impl Transport {
         if greeting.code != 220 {
             return Err(ServerVerdict::Unreachable(format!("{addr}: greeting {}", reply_text(&greeting))));
         }
+        if self.names_this_relay(&greeting.message) {
+            return Err(self.loops_back(addr, client, "greets").await);
+        }
         match client.ehlo(&self.hostname).await {
+            Ok(ehlo) if self.names_this_relay(&ehlo.hostname) => Err(self.loops_back(addr, client, "answers EHLO").await),
             Ok(ehlo) => Ok((client, ehlo.capabilities)),
             // A server that does not know EHLO gets HELO and no extensions (RFC 5321 3.2), as
             // Postfix and Exim do it.
@@ -636,6 +648,9 @@ impl Transport {
                     let why = format!("{addr}: EHLO {}, then HELO {}", reply_text(&ehlo), reply_text(&helo));
                     return Err(ServerVerdict::SessionFailed(why));
                 }
+                if self.names_this_relay(&helo.message) {
+                    return Err(self.loops_back(addr, client, "answers HELO").await);
+                }
                 Ok((client, 0))
             }
             // Greeted, then silent: as silent as one that never greets.
@@ -644,6 +659,22 @@ impl Transport {
             }
             Err(e) => Err(ServerVerdict::SessionFailed(format!("{addr}: EHLO: {}", error_text(&e)))),
         }
+    }
+
+    fn names_this_relay(&self, reply: &str) -> bool {
+        names_host(reply, &self.hostname)
+    }
+
+    /// Leaves a server that is this relay, and passes it over (RFC 5321 §5.1: a relay never
+    /// sends to itself; Postfix's "mail for ... loops back to myself"). Not marked down: it
+    /// answers, and the next server is tried now. A domain whose servers all loop keeps its
+    /// mail queued, and retried, until its configuration is mended or the lifetime ends.
+    async fn loops_back(&self, addr: SocketAddr, mut client: SmtpClient<TcpStream>, how: &str) -> ServerVerdict {
+        let _ = client.stream.write_all(b"QUIT\r\n").await;
+        let why =
+            format!("{addr}: {how} with this relay's own host name {}: mail sent there would loop back here", self.hostname);
+        tracing::warn!(%addr, hostname = %self.hostname, "a server is this relay itself; passed over (check the domain's servers)");
+        ServerVerdict::SessionFailed(why)
     }
 
     /// A new session with the TLS the domain asks for, counted by how it ended up.
@@ -1062,6 +1093,16 @@ mod tests {
         assert_eq!(ordered(&both(12, 12), 10), ips(&both(5, 5)));
         assert_eq!(ordered(&both(12, 0), 10), ips(&both(10, 0)));
         assert_eq!(ordered(&both(0, 12), 10), ips(&both(0, 10)));
+    }
+
+    #[test]
+    fn a_reply_names_this_relay_by_its_first_word() {
+        for reply in ["relay.test ESMTP mxrelay", "RELAY.test. Hello client.test", "relay.test"] {
+            assert!(names_host(reply, "relay.test"), "{reply}");
+        }
+        for reply in ["", "mx.relay.test ESMTP", "relay.test.example ESMTP", "mx.customer.test relay.test", "2.0.0 relay.test"] {
+            assert!(!names_host(reply, "relay.test"), "{reply}");
+        }
     }
 
     /// The IPv4 addresses tried before the AAAA answer is in are the ones every order starts
