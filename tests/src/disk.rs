@@ -4,7 +4,8 @@
 //! device), and nothing fails, until it is thawed. It can also be filled to the last block
 //! ([`FreezableDisk::take_all_room`]), so that writes fail with `ENOSPC` as on a real full
 //! disk. Needs root, as the README's test command runs; a missing tool or permission fails
-//! the test with the command's error.
+//! the test with the command's error. [`ThinDisk`] fails under its filesystem instead:
+//! storage that runs out below it, so that writes fail with `EIO` and ext4 turns read-only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -96,6 +97,77 @@ impl Drop for Frozen {
         if !thawed.is_ok_and(|s| s.success()) && !std::thread::panicking() {
             panic!("fsfreeze -u {} failed", self.mount.display());
         }
+    }
+}
+
+/// An ext4 filesystem whose storage runs out underneath it, as thin-provisioned storage can:
+/// its image is a sparse file on a small tmpfs. Once [`ThinDisk::exhaust`] fills the tmpfs,
+/// a write to a block the image never had fails below the filesystem: ext4 sees `EIO`,
+/// aborts its journal and turns read-only. [`ThinDisk::repair`] then does what an operator
+/// would: room back, `e2fsck`, and the filesystem mounted again. Needs root, as
+/// [`FreezableDisk`] does.
+#[derive(Debug)]
+pub struct ThinDisk {
+    backing: PathBuf,
+    image: PathBuf,
+    mount: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ThinDisk {
+    /// A filesystem of `mib` MiB on `backing_mib` MiB of storage.
+    pub fn create(mib: u64, backing_mib: u64) -> ThinDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (backing, mount) = (dir.path().join("storage"), dir.path().join("mnt"));
+        std::fs::create_dir(&backing).and_then(|()| std::fs::create_dir(&mount)).expect("mount points");
+        let size = format!("size={backing_mib}m");
+        run("mount", &["-t".as_ref(), "tmpfs".as_ref(), "-o".as_ref(), size.as_ref(), "tmpfs".as_ref(), backing.as_os_str()]);
+        let image = backing.join("image");
+        std::fs::File::create(&image).and_then(|f| f.set_len(mib << 20)).expect("sparse image");
+        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), image.as_os_str()]);
+        let disk = ThinDisk { backing, image, mount, _dir: dir };
+        disk.mount();
+        disk
+    }
+
+    fn mount(&self) {
+        run("mount", &["-o".as_ref(), "loop".as_ref(), self.image.as_os_str(), self.mount.as_os_str()]);
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Takes the rest of the storage, so that writes to new blocks of the filesystem fail.
+    pub fn exhaust(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.backing.join("ballast")).expect("ballast");
+        let chunk = vec![0u8; 1 << 20];
+        let full = loop {
+            if let Err(e) = file.write_all(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(full.raw_os_error(), Some(28), "not ENOSPC: {full}");
+    }
+
+    /// Gives the storage back, checks the filesystem and mounts it again. Stop every process
+    /// using it first.
+    pub fn repair(&self) {
+        std::fs::remove_file(self.backing.join("ballast")).expect("remove the ballast");
+        run("umount", &[self.mount.as_os_str()]);
+        // 0: clean, 1: errors corrected (the journal ext4 aborted).
+        let checked = Command::new("e2fsck").arg("-fy").arg(&self.image).output().expect("e2fsck (install e2fsprogs)");
+        assert!(matches!(checked.status.code(), Some(0 | 1)), "e2fsck: {}", String::from_utf8_lossy(&checked.stdout));
+        self.mount();
+    }
+}
+
+impl Drop for ThinDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.backing).status();
     }
 }
 

@@ -623,6 +623,57 @@ async fn a_queue_disk_out_of_room_refuses_mail_until_it_has_room_and_loses_nothi
     assert!(!sink.received().contains_key(&refused), "the refused message was delivered");
 }
 
+/// Storage that runs out under the queue's filesystem (thin provisioning): writes to new
+/// blocks fail with `EIO`, and ext4 aborts its journal and turns read-only. What the relay
+/// could not store gets a `4xx`, never a `250`, and `/healthz` says so at once; once the
+/// filesystem is checked and mounted again, every acknowledged message is delivered, also
+/// those that only the index held (a checkpoint retired their journal segment first).
+/// (The index thread opened redb again after each failed write, and each opening repaired
+/// and committed on the failing disk: at the next start both of redb's commit slots were
+/// lost, and the relay did not start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_disk_that_fails_under_it_loses_no_acknowledged_mail() {
+    // Declared first, so dropped last: the relay goes before the filesystem is unmounted.
+    let disk = mxrelay_e2e::disk::ThinDisk::create(512, 96);
+    let sink_port = free_port("127.0.1.169");
+    let domain = domain_with("customer.test", "", &[("127.0.1.169", sink_port, 10)]);
+    let settings = format!("queue = \"{}\"\nadmin_listen = \"127.0.0.1:0\"", disk.path().join("queue").display());
+    let mut relay = Relay::start_with(&settings, &domain, "retry = [\"1h\"]");
+    let mut acked = Vec::new();
+    for seq in 0..20 {
+        let answer = send_quarter_mebibyte(&relay, seq).await;
+        assert!(answer.starts_with("250"), "message {seq}: {answer:?}; the relay's log:\n{}", relay.log_text());
+        acked.push(seq);
+    }
+
+    // A checkpoint has retired a segment: the index holds mail that the journal no longer does.
+    let whole_history = disk.path().join("queue/journal/whole-history");
+    relay.eventually("a segment retired", || !whole_history.exists()).await;
+
+    // Mail is taken until the failure reaches the queue: at the latest, the next checkpoint
+    // writes new blocks.
+    disk.exhaust();
+    let refused = loop {
+        let seq = acked.len() as u64;
+        assert!(seq < 400, "the failing disk never reached the queue; the relay's log:\n{}", relay.log_text());
+        let answer = send_quarter_mebibyte(&relay, seq).await;
+        if !answer.starts_with("250") {
+            assert!(answer.starts_with('4'), "message {seq}: {answer:?}; the relay's log:\n{}", relay.log_text());
+            break (seq, answer);
+        }
+        acked.push(seq);
+    };
+    let (status, body) = http_request(&relay.admin_addr(), "GET", "/healthz", None, "");
+    assert_eq!(status, 503, "{body} after {refused:?}; the relay's log:\n{}", relay.log_text());
+    relay.kill9();
+
+    disk.repair();
+    let sink = Sink::start_at(&format!("127.0.1.169:{sink_port}"), &[]);
+    relay.restart();
+    relay.eventually("every acknowledged message delivered", || acked.iter().all(|s| sink.received().contains_key(s))).await;
+    assert!(refused.0 >= 20, "refused before the disk failed");
+}
+
 /// The journal alone on a disk out of room for real: a spare or a segment that does not fit
 /// leaves nothing behind, neither a half-made spare nor a file under the segment's name, and
 /// the same call succeeds once there is room. Here the segment starts from a spare that must

@@ -10,8 +10,10 @@
 //! created and recycled after a checkpoint (as `<sequence>.spare`) instead of deleted: a
 //! sync that only overwrites blocks already on disk allocates none, which makes it about
 //! half as costly. Spares are only room held in reserve: [`release_spares`] gives it back
-//! to a full disk. Each record's checksum covers the segment's sequence number, so the
-//! records a recycled segment held before do not read back. Records:
+//! to a full disk. A new queue's journal is marked as holding its whole history
+//! ([`mark_whole_history`]) until the first segment is retired, so that its index can be
+//! rebuilt from the segments alone. Each record's checksum covers the segment's sequence
+//! number, so the records a recycled segment held before do not read back. Records:
 //!
 //! ```text
 //! [body length: u32 LE][CRC-32 of (sequence: u64 LE, body): u32 LE][body]
@@ -38,6 +40,8 @@ const SPARES_KEPT: usize = 2;
 const HEADER_BYTES: usize = 8;
 const SUFFIX: &str = ".wal";
 const SPARE_SUFFIX: &str = ".spare";
+/// Present while no segment was ever retired (see [`holds_whole_history`]).
+const WHOLE_HISTORY: &str = "whole-history";
 
 const INSERT: u8 = 1;
 const UPDATE: u8 = 2;
@@ -363,9 +367,29 @@ pub fn sync_dir(dir: &Path) -> Result<(), JournalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))
 }
 
+/// Marks the journal of a new queue as holding its whole history: every operation since the
+/// queue began, so that its index can be rebuilt from the segments alone. The mark goes with
+/// the first segment [`retire`] retires.
+pub fn mark_whole_history(dir: &Path) -> Result<(), JournalError> {
+    let path = dir.join(WHOLE_HISTORY);
+    File::create(&path).map_err(io_error(&path))?;
+    sync_dir(dir)
+}
+
+/// Whether the segments hold every operation since the queue began ([`mark_whole_history`]).
+pub fn holds_whole_history(dir: &Path) -> bool {
+    dir.join(WHOLE_HISTORY).exists()
+}
+
 /// Retires segments a checkpoint covers: up to two are kept as spares for recycling, the
-/// rest are removed.
+/// rest are removed. The first retirement ends the journal's whole history, durably before
+/// any segment goes.
 pub fn retire(dir: &Path, covered: &[Segment]) -> Result<(), JournalError> {
+    let whole = dir.join(WHOLE_HISTORY);
+    if !covered.is_empty() && whole.exists() {
+        std::fs::remove_file(&whole).map_err(io_error(&whole))?;
+        sync_dir(dir)?;
+    }
     let mut spares = files(dir, SPARE_SUFFIX)?.len();
     for segment in covered {
         if spares < SPARES_KEPT {
@@ -692,6 +716,21 @@ mod tests {
         retire(dir.path(), &segments(dir.path()).expect("list")).expect("retire");
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(left.len(), SPARES_KEPT, "{left:?}");
+    }
+
+    #[test]
+    fn the_whole_history_ends_with_the_first_retired_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!holds_whole_history(dir.path()), "an old journal is not known whole");
+        mark_whole_history(dir.path()).expect("mark");
+        let mut j = Journal::start(dir.path(), 1, 0).expect("start");
+        j.append(&mut batch(&records())).expect("append");
+        j.finish().expect("finish");
+        assert_eq!(segments(dir.path()).expect("list").len(), 1, "the mark is no segment");
+        retire(dir.path(), &[]).expect("retire nothing");
+        assert!(holds_whole_history(dir.path()));
+        retire(dir.path(), &segments(dir.path()).expect("list")).expect("retire");
+        assert!(!holds_whole_history(dir.path()));
     }
 
     #[test]

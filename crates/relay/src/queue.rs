@@ -11,7 +11,11 @@
 //! itself once there is room. After a crash the segments left are replayed into redb at
 //! startup; if the queue does not open for want of room (`ENOSPC`, `EDQUOT`, `EFBIG`), the
 //! journal's spare segments (room held in reserve) are given back and it is tried once more.
-//! Any other failure ([`OpenError`]) keeps them.
+//! Any other failure ([`OpenError`]) keeps them. A disk that failed under a checkpoint can
+//! leave the index shorter than its header says (it is made longer, so that redb rolls back)
+//! or damaged beyond redb's repair (it is made again from the journal while the journal
+//! holds the queue's whole history). After a failed write the index is opened again only
+//! once the disk takes a probe write.
 //!
 //! Removals after delivery and schedule updates are journaled without their own sync, within
 //! moments, and become durable with the next group commit of new mail: a crash of the
@@ -73,6 +77,9 @@ pub enum OpenError {
     /// An envelope in the index does not parse.
     #[error("corrupt envelope: {0}")]
     CorruptEnvelope(serde_json::Error),
+    /// The index file's length could not be restored (see `restore_index_length`).
+    #[error("restoring the index file's length: {0}")]
+    IndexLength(std::io::Error),
     /// One of the queue's threads could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
@@ -83,7 +90,7 @@ impl OpenError {
     /// room held in reserve may let the queue open.
     fn out_of_room(&self) -> bool {
         let io = match self {
-            OpenError::Directory(e) | OpenError::Index(redb::Error::Io(e)) => Some(e),
+            OpenError::Directory(e) | OpenError::IndexLength(e) | OpenError::Index(redb::Error::Io(e)) => Some(e),
             OpenError::Journal(journal::JournalError::Io { source, .. }) => Some(source),
             OpenError::Index(_) | OpenError::Journal(_) | OpenError::CorruptEnvelope(_) | OpenError::Thread(_) => None,
         };
@@ -291,12 +298,26 @@ impl Index {
     /// Closes the handle and opens the file again. redb locks its file, so the old handle
     /// goes first; no transaction outlives [`Index::with`], so none holds it.
     fn reopen(&self) -> Result<(), String> {
+        // Not while the disk loses writes: opening again runs redb's repair, which commits,
+        // and on a disk that fails under it (storage run out below the filesystem) repeated
+        // repairs left both of redb's commit slots pointing at pages that never landed. A
+        // small write and sync that succeed say the disk takes writes again.
+        probe_writes(&self.path).map_err(|e| format!("the queue's disk does not take writes yet: {e}"))?;
         let mut slot = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         *slot = None;
         *slot = Some(open_index(&self.path).map_err(|e| e.to_string())?);
         tracing::info!("queue index opened again after a write error");
         Ok(())
     }
+}
+
+/// Writes a block to a new file next to `index` and syncs it: whether the disk takes writes.
+fn probe_writes(index: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let probe = index.with_file_name("write-probe");
+    let written = std::fs::File::create(&probe).and_then(|f| f.write_all_at(&[0; 4096], 0).and_then(|()| f.sync_data()));
+    let _ = std::fs::remove_file(&probe);
+    written
 }
 
 /// redb's page cache, in bytes. Its default (1 GiB) keeps every page written since the start
@@ -307,6 +328,61 @@ const INDEX_CACHE_BYTES: usize = 8 << 20;
 
 fn open_index(path: &Path) -> Result<Database, redb::DatabaseError> {
     redb::Builder::new().set_cache_size(INDEX_CACHE_BYTES).create(path)
+}
+
+/// The start of redb's file header (file format 3): its magic number, then, after the god
+/// byte and two bytes of padding, the little-endian `u32` layout fields the file's length
+/// follows from.
+const INDEX_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+const INDEX_HEADER_BYTES: usize = 32;
+
+/// How long redb's header says its file is (one page of header, then the full regions and
+/// a trailing partial one), if `header` is a redb header; `None` for anything else, which
+/// redb itself then judges.
+fn index_length_in_header(header: &[u8; INDEX_HEADER_BYTES]) -> Option<u64> {
+    if header[..INDEX_MAGIC.len()] != INDEX_MAGIC {
+        return None;
+    }
+    let field = |at: usize| header[at..at + 4].try_into().ok().map(|b| u64::from(u32::from_le_bytes(b)));
+    let (page, region_header_pages, region_data_pages) = (field(12)?, field(16)?, field(20)?);
+    let (full_regions, trailing_data_pages) = (field(24)?, field(28)?);
+    let region = region_header_pages.checked_add(region_data_pages)?.checked_mul(page)?;
+    let (regions, last) = match trailing_data_pages {
+        0 => (full_regions, region),
+        pages => (full_regions + 1, region_header_pages.checked_add(pages)?.checked_mul(page)?),
+    };
+    page.checked_add(regions.checked_sub(1)?.checked_mul(region)?)?.checked_add(last)
+}
+
+/// Makes the index file longer than its header says if it is shorter; returns the length it
+/// had then. A disk that fails in a checkpoint (thin storage running out: `EIO`, and ext4
+/// aborting its journal) can keep redb's header, a block overwritten in place, and lose the
+/// file's growth, a metadata change that was not committed. redb then fails an assertion
+/// (the relay could not start) instead of rolling back. With the file long enough its
+/// recovery runs: the failed commit's pages, zeros now, fail their checksums, and it goes
+/// back to the commit before; the journal, which that failed checkpoint did not retire, has
+/// the rest. One page more than the header says makes the two lengths differ, which is what
+/// starts redb's recovery.
+fn restore_index_length(path: &Path) -> std::io::Result<Option<u64>> {
+    use std::io::Read;
+    let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        opened => opened?,
+    };
+    let mut header = [0u8; INDEX_HEADER_BYTES];
+    if file.read_exact(&mut header).is_err() {
+        return Ok(None);
+    }
+    let len = file.metadata()?.len();
+    match index_length_in_header(&header) {
+        Some(claimed) if claimed > len => {
+            let page = u64::from(u32::from_le_bytes([header[12], header[13], header[14], header[15]]));
+            file.set_len(claimed + page)?;
+            file.sync_all()?;
+            Ok(Some(len))
+        }
+        Some(_) | None => Ok(None),
+    }
 }
 
 /// Handle to the queue; cheap to clone.
@@ -441,7 +517,28 @@ impl Queue {
         let journal_dir = dir.join("journal");
         std::fs::create_dir_all(&journal_dir).map_err(OpenError::Directory)?;
         let db_path = dir.join("queue.redb");
-        let db = open_index(&db_path).map_err(redb::Error::from)?;
+        let new_queue = !db_path.exists() && journal::segments(&journal_dir)?.is_empty();
+        if let Some(was) = restore_index_length(&db_path).map_err(OpenError::IndexLength)? {
+            tracing::warn!(index = %db_path.display(), was, "the queue index was shorter than its header says (a disk failed during a checkpoint); extended, so that it rolls back to its last whole commit and the journal replays the rest");
+        }
+        let db = match open_index(&db_path) {
+            Ok(db) => db,
+            // A disk that failed under a run of checkpoints can leave both of redb's commit
+            // slots pointing at pages it never wrote. Nothing is lost while the journal still
+            // holds every operation since the queue began: the index is made again from it.
+            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)))
+                if journal::holds_whole_history(&journal_dir) =>
+            {
+                let aside = dir.join(format!("queue.redb.damaged-{}", now_ms()));
+                std::fs::rename(&db_path, &aside).map_err(OpenError::Directory)?;
+                tracing::warn!(why, damaged = %aside.display(), "the queue index is damaged beyond repair; set aside, and made again from the journal, which holds every operation since the queue began");
+                open_index(&db_path).map_err(redb::Error::from)?
+            }
+            Err(e) => return Err(redb::Error::from(e).into()),
+        };
+        if new_queue {
+            journal::mark_whole_history(&journal_dir)?;
+        }
         let last_seq = replay(&db, &journal_dir)?;
         let journal = Journal::start(&journal_dir, last_seq + 1, 0)?;
         let mut envelopes = Vec::new();
@@ -867,6 +964,16 @@ impl Writer {
         }
         let result = self.journal.append(&mut self.batch).and_then(|()| if sync { self.journal.sync() } else { Ok(()) });
         self.rotate_first = result.is_err();
+        if result.is_err() {
+            // Tried now, not when the next message comes: a disk that took no write may take
+            // no new segment either (a failing disk turns read-only), and then new mail is
+            // refused at `MAIL`, and `/healthz` says so, before anyone sends a whole message
+            // only to have it refused.
+            match self.rotate() {
+                Ok(()) => self.ask_checkpoint(None),
+                Err(e) => tracing::error!(error = %e, "journal rotation failed"),
+            }
+        }
         result.map_err(|e| e.to_string())
     }
 
@@ -1122,6 +1229,62 @@ mod tests {
         }
     }
 
+    fn index_header(path: &Path) -> [u8; INDEX_HEADER_BYTES] {
+        let bytes = std::fs::read(path).expect("index file");
+        bytes[..INDEX_HEADER_BYTES].try_into().expect("header")
+    }
+
+    fn put(db: &Database, key: u64, value: &[u8]) {
+        let tx = db.begin_write().expect("write");
+        tx.open_table(DATA).expect("table").insert(key, value).expect("insert");
+        tx.commit().expect("commit");
+    }
+
+    /// The header's layout read as redb writes it (this fails first if an upgrade of redb
+    /// changes its file format): a whole index file is exactly as long as its header says.
+    #[test]
+    fn an_index_file_is_as_long_as_its_header_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("queue.redb");
+        for size in [0, 100 << 10, 3 << 20] {
+            let db = open_index(&path).expect("open");
+            put(&db, size as u64, &vec![7; size]);
+            drop(db);
+            let len = std::fs::metadata(&path).expect("metadata").len();
+            assert_eq!(index_length_in_header(&index_header(&path)), Some(len), "after {size} bytes");
+        }
+        assert_eq!(index_length_in_header(&[0; INDEX_HEADER_BYTES]), None);
+        assert_eq!(restore_index_length(&dir.path().join("none.redb")).expect("no file"), None);
+    }
+
+    /// A disk that failed in a checkpoint kept redb's header and lost the file's last growth
+    /// (found on a loop-mounted ext4 on thin storage that ran out). Given its length back, the
+    /// index rolls back to the commit before the lost one, and opens.
+    #[test]
+    fn an_index_that_lost_its_last_growth_opens_at_the_commit_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("queue.redb");
+        let db = open_index(&path).expect("open");
+        put(&db, 1, b"kept");
+        let before = std::fs::metadata(&path).expect("metadata").len();
+        put(&db, 2, &vec![9; 4 << 20]);
+        // The relay was killed: no clean close. The file as the disk left it is a copy (the
+        // lost handle keeps its lock on the original).
+        std::mem::forget(db);
+        let path = dir.path().join("after-the-failure.redb");
+        std::fs::copy(dir.path().join("queue.redb"), &path).expect("copy");
+        assert!(std::fs::metadata(&path).expect("metadata").len() > before, "the second commit did not grow the file");
+        std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(before)).expect("cut the growth");
+
+        assert_eq!(restore_index_length(&path).expect("restore"), Some(before));
+        let db = open_index(&path).expect("the index opens");
+        let rx = db.begin_read().expect("read");
+        let table = rx.open_table(DATA).expect("table");
+        assert_eq!(table.get(1).expect("get").map(|v| v.value().to_vec()), Some(b"kept".to_vec()));
+        assert!(table.get(2).expect("get").is_none(), "the lost commit is not there");
+        assert_eq!(restore_index_length(&path).expect("whole again"), None);
+    }
+
     /// Only a queue that did not open for want of room gives back the journal's spares: they
     /// are what lets the next segments start without writing 16 MiB while mail waits.
     #[test]
@@ -1167,6 +1330,58 @@ mod tests {
         let held = Envelope { held: true, ..env };
         let back: Envelope = serde_json::from_slice(&envelope_json(&held)).expect("round trip");
         assert!(back.held, "a hold survives a restart");
+    }
+
+    /// What a crash leaves of a queue: its journal and index as they are on disk now.
+    fn crash_image(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to.join("journal")).expect("journal directory");
+        for entry in std::fs::read_dir(from.join("journal")).expect("journal").flatten() {
+            std::fs::copy(entry.path(), to.join("journal").join(entry.file_name())).expect("copy");
+        }
+        std::fs::copy(from.join("queue.redb"), to.join("queue.redb")).expect("copy the index");
+    }
+
+    /// An index damaged beyond redb's repair (both commit slots lost, as a disk that failed
+    /// under a run of checkpoints left it) is made again from the journal while the journal
+    /// holds every operation since the queue began; once a segment was retired, it is not,
+    /// and the queue does not open rather than lose what was in the index alone.
+    #[tokio::test]
+    async fn a_damaged_index_is_made_again_from_a_journal_that_holds_its_whole_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open(&dir.path().join("live")).expect("open");
+        assert!(journal::holds_whole_history(&dir.path().join("live/journal")), "a new queue's journal holds it all");
+        let (a, b) = (envelope(&q, "a@customer.test"), envelope(&q, "b@customer.test"));
+        q.insert(vec![(a.clone(), Arc::new(b"hello".to_vec())), (b.clone(), Arc::new(b"world".to_vec()))]).await.expect("insert");
+        let damaged = |name: &str| {
+            let image = dir.path().join(name);
+            crash_image(&dir.path().join("live"), &image);
+            let index = image.join("queue.redb");
+            let mut bytes = std::fs::read(&index).expect("index");
+            bytes[64..320].fill(0); // both commit slots
+            std::fs::write(&index, bytes).expect("damage");
+            image
+        };
+
+        let image = damaged("whole");
+        let (rebuilt, envelopes) = Queue::open(&image).expect("made again from the journal");
+        let ids: HashSet<u64> = envelopes.iter().map(|e| e.id).collect();
+        assert_eq!(ids, HashSet::from([a.id, b.id]));
+        assert_eq!(rebuilt.read_data(b.id).expect("data"), b"world");
+        let aside = std::fs::read_dir(&image)
+            .expect("list")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("queue.redb.damaged-"));
+        assert_eq!(aside.count(), 1, "the damaged index is kept aside");
+        rebuilt.close();
+
+        let image = damaged("retired");
+        std::fs::remove_file(image.join("journal/whole-history")).expect("as after a retired segment");
+        let opened = Queue::open(&image);
+        let Err(QueueError::Open { source, .. }) = &opened else { panic!("opened without its history: {opened:?}") };
+        assert!(matches!(**source, OpenError::Index(redb::Error::Corrupted(_))), "{source}");
+
+        q.close();
+        assert!(!journal::holds_whole_history(&dir.path().join("live/journal")), "the last checkpoint retired a segment");
     }
 
     #[tokio::test]
