@@ -8,7 +8,8 @@
 //! * [`postfix::Postfix`]: a test-owned Postfix instance (interop, TLS peer).
 //! * [`certs::TestCa`]: certificates made in the test.
 //! * [`disk::FreezableDisk`]: a small filesystem a test freezes, so that the relay's disk
-//!   hangs, or fills to the last block (`ENOSPC`).
+//!   hangs, or fills to the last block (`ENOSPC`); [`disk::ThinDisk`]: one whose storage
+//!   runs out below it, so that writes fail with `EIO` and it turns read-only.
 //! * [`strace::Strace`]: the relay's system calls, for what only a power cut would show.
 //! * [`send`]: a sending tier that tags message `n` with `X-Seq: n` and a trailer, and
 //!   returns the sequence numbers that got a `250`; [`transaction`] returns each reply of

@@ -671,7 +671,6 @@ async fn a_queue_disk_that_fails_under_it_loses_no_acknowledged_mail() {
     let sink = Sink::start_at(&format!("127.0.1.169:{sink_port}"), &[]);
     relay.restart();
     relay.eventually("every acknowledged message delivered", || acked.iter().all(|s| sink.received().contains_key(s))).await;
-    assert!(refused.0 >= 20, "refused before the disk failed");
 }
 
 /// The journal alone on a disk out of room for real: a spare or a segment that does not fit

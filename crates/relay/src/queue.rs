@@ -337,9 +337,9 @@ const INDEX_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x
 const INDEX_HEADER_BYTES: usize = 32;
 
 /// How long redb's header says its file is (one page of header, then the full regions and
-/// a trailing partial one), if `header` is a redb header; `None` for anything else, which
-/// redb itself then judges.
-fn index_length_in_header(header: &[u8; INDEX_HEADER_BYTES]) -> Option<u64> {
+/// a trailing partial one), and its page size, if `header` is a redb header; `None` for
+/// anything else, which redb itself then judges.
+fn index_length_in_header(header: &[u8; INDEX_HEADER_BYTES]) -> Option<(u64, u64)> {
     if header[..INDEX_MAGIC.len()] != INDEX_MAGIC {
         return None;
     }
@@ -351,7 +351,8 @@ fn index_length_in_header(header: &[u8; INDEX_HEADER_BYTES]) -> Option<u64> {
         0 => (full_regions, region),
         pages => (full_regions + 1, region_header_pages.checked_add(pages)?.checked_mul(page)?),
     };
-    page.checked_add(regions.checked_sub(1)?.checked_mul(region)?)?.checked_add(last)
+    let length = page.checked_add(regions.checked_sub(1)?.checked_mul(region)?)?.checked_add(last)?;
+    Some((length, page))
 }
 
 /// Makes the index file longer than its header says if it is shorter; returns the length it
@@ -375,8 +376,7 @@ fn restore_index_length(path: &Path) -> std::io::Result<Option<u64>> {
     }
     let len = file.metadata()?.len();
     match index_length_in_header(&header) {
-        Some(claimed) if claimed > len => {
-            let page = u64::from(u32::from_le_bytes([header[12], header[13], header[14], header[15]]));
+        Some((claimed, page)) if claimed > len => {
             file.set_len(claimed + page)?;
             file.sync_all()?;
             Ok(Some(len))
@@ -1251,7 +1251,7 @@ mod tests {
             put(&db, size as u64, &vec![7; size]);
             drop(db);
             let len = std::fs::metadata(&path).expect("metadata").len();
-            assert_eq!(index_length_in_header(&index_header(&path)), Some(len), "after {size} bytes");
+            assert_eq!(index_length_in_header(&index_header(&path)).map(|(length, _)| length), Some(len), "after {size} bytes");
         }
         assert_eq!(index_length_in_header(&[0; INDEX_HEADER_BYTES]), None);
         assert_eq!(restore_index_length(&dir.path().join("none.redb")).expect("no file"), None);
