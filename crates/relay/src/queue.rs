@@ -65,7 +65,7 @@ pub enum QueueError {
 /// Why the queue did not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// The queue's directories could not be made.
+    /// The queue's directories could not be made, or a damaged index not moved aside.
     #[error("{0}")]
     Directory(std::io::Error),
     /// The index (redb) could not be opened, read, or brought up to date from the journal.
