@@ -44,17 +44,7 @@ impl FreezableDisk {
     /// Writes zeros to a file `ballast` on it until the filesystem has no room left
     /// (`ENOSPC`); returns the file's path, to remove for room again.
     pub fn take_all_room(&self) -> PathBuf {
-        use std::io::Write;
-        let path = self.mount.join("ballast");
-        let mut file = std::fs::File::create(&path).expect("ballast");
-        let chunk = vec![0u8; 1 << 20];
-        let full = loop {
-            if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
-                break e;
-            }
-        };
-        assert_eq!(full.raw_os_error(), Some(28), "not ENOSPC: {full}");
-        path
+        fill_with_ballast(&self.mount)
     }
 
     /// From now on, writes and syncs block until the returned guard is dropped. Declared
@@ -141,15 +131,7 @@ impl ThinDisk {
 
     /// Takes the rest of the storage, so that writes to new blocks of the filesystem fail.
     pub fn exhaust(&self) {
-        use std::io::Write;
-        let mut file = std::fs::File::create(self.backing.join("ballast")).expect("ballast");
-        let chunk = vec![0u8; 1 << 20];
-        let full = loop {
-            if let Err(e) = file.write_all(&chunk) {
-                break e;
-            }
-        };
-        assert_eq!(full.raw_os_error(), Some(28), "not ENOSPC: {full}");
+        fill_with_ballast(&self.backing);
     }
 
     /// Gives the storage back, checks the filesystem and mounts it again. Stop every process
@@ -169,6 +151,22 @@ impl Drop for ThinDisk {
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
         let _ = Command::new("umount").arg("-l").arg(&self.backing).status();
     }
+}
+
+/// Writes (and syncs) zeros to a file `ballast` in `dir` until its filesystem has no room
+/// left (`ENOSPC`); returns the file's path.
+fn fill_with_ballast(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut file = std::fs::File::create(&path).expect("ballast");
+    let chunk = vec![0u8; 1 << 20];
+    let full = loop {
+        if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
+            break e;
+        }
+    };
+    assert_eq!(full.raw_os_error(), Some(28), "not ENOSPC: {full}");
+    path
 }
 
 fn run(program: &str, args: &[&std::ffi::OsStr]) {

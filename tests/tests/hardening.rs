@@ -526,6 +526,22 @@ async fn send_quarter_mebibyte(relay: &Relay, seq: u64) -> String {
     Raw::try_send_message(&relay.addr, "user@customer.test", &text).await
 }
 
+/// Sends quarter-MiB messages numbered on from `acked`, each `250` added to it, until one is
+/// not taken (within 400 messages); returns its number and reply, which must start with
+/// `refusal`.
+async fn send_until_refused(relay: &Relay, acked: &mut Vec<u64>, refusal: &str) -> (u64, String) {
+    loop {
+        let seq = acked.len() as u64;
+        assert!(seq < 400, "400 messages taken, none refused; the relay's log:\n{}", relay.log_text());
+        let answer = send_quarter_mebibyte(relay, seq).await;
+        if !answer.starts_with("250") {
+            assert!(answer.starts_with(refusal), "message {seq}: {answer:?}; the relay's log:\n{}", relay.log_text());
+            return (seq, answer);
+        }
+        acked.push(seq);
+    }
+}
+
 /// Polls a new session's `MAIL` until its reply starts with `wanted` or [`PATIENCE`] passes;
 /// returns the last reply.
 async fn mail_until(relay: &Relay, wanted: &str) -> String {
@@ -585,16 +601,7 @@ async fn a_queue_disk_out_of_room_refuses_mail_until_it_has_room_and_loses_nothi
     let ballast = disk.take_all_room();
 
     let mut acked = Vec::new();
-    let refused = loop {
-        let seq = acked.len() as u64;
-        assert!(seq < 400, "the disk never filled up");
-        let answer = send_quarter_mebibyte(&relay, seq).await;
-        if !answer.starts_with("250") {
-            assert!(answer.starts_with("452 4.3.1"), "message {seq}: {answer:?}; the relay's log:\n{}", relay.log_text());
-            break seq;
-        }
-        acked.push(seq);
-    };
+    let (refused, _) = send_until_refused(&relay, &mut acked, "452 4.3.1").await;
     let (status, body) = health(&relay);
     assert!(status == 503 && body.contains("\"refusing\"") && body.contains("cannot start a new segment"), "{status} {body}");
     let mail = mail_until(&relay, "452").await;
@@ -653,16 +660,7 @@ async fn a_queue_disk_that_fails_under_it_loses_no_acknowledged_mail() {
     // Mail is taken until the failure reaches the queue: at the latest, the next checkpoint
     // writes new blocks.
     disk.exhaust();
-    let refused = loop {
-        let seq = acked.len() as u64;
-        assert!(seq < 400, "the failing disk never reached the queue; the relay's log:\n{}", relay.log_text());
-        let answer = send_quarter_mebibyte(&relay, seq).await;
-        if !answer.starts_with("250") {
-            assert!(answer.starts_with('4'), "message {seq}: {answer:?}; the relay's log:\n{}", relay.log_text());
-            break (seq, answer);
-        }
-        acked.push(seq);
-    };
+    let refused = send_until_refused(&relay, &mut acked, "4").await;
     let (status, body) = http_request(&relay.admin_addr(), "GET", "/healthz", None, "");
     assert_eq!(status, 503, "{body} after {refused:?}; the relay's log:\n{}", relay.log_text());
     relay.kill9();

@@ -403,6 +403,11 @@ pub fn retire(dir: &Path, covered: &[Segment]) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// Where a spare is made before it is renamed: a name `segments` and `Journal::start` ignore.
+fn prepared_spare_path(dir: &Path) -> PathBuf {
+    dir.join(format!("prepared{SPARE_SUFFIX}.tmp"))
+}
+
 /// Removes every spare segment (and one being made): they are only room set aside, which
 /// a full disk may need more. Returns how many were removed.
 pub fn release_spares(dir: &Path) -> Result<usize, JournalError> {
@@ -410,7 +415,7 @@ pub fn release_spares(dir: &Path) -> Result<usize, JournalError> {
     for spare in &spares {
         std::fs::remove_file(&spare.path).map_err(io_error(&spare.path))?;
     }
-    let tmp = dir.join(format!("prepared{SPARE_SUFFIX}.tmp"));
+    let tmp = prepared_spare_path(dir);
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(io_error(&tmp)(e)),
         Ok(()) | Err(_) => {}
@@ -440,7 +445,7 @@ pub fn prepare_spare(dir: &Path) -> Result<bool, JournalError> {
     }
     // Written under a name `segments` and `Journal::start` ignore, then renamed: a spare is
     // never taken half made.
-    let tmp = dir.join(format!("prepared{SPARE_SUFFIX}.tmp"));
+    let tmp = prepared_spare_path(dir);
     let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_error(&tmp))?;
     // On a full disk the zeros written so far are given back.
     fill_with_zeros(&file, 0, SEGMENT_BYTES).and_then(|()| file.sync_all()).map_err(|e| {
