@@ -1357,6 +1357,20 @@ mod tests {
         (verdict, transport.take_idle(&pool_key(&target, &settings)).is_some())
     }
 
+    /// A server that names this relay in its EHLO or HELO reply (the greeting is checked by
+    /// the e2e test) is passed over: nothing is sent, and the next server is tried.
+    #[tokio::test]
+    async fn a_server_answering_ehlo_or_helo_with_this_relays_name_is_passed_over() {
+        for (ehlo, script) in
+            [("250-relay.test Hello\r\n250 PIPELINING", &[][..]), ("502 no EHLO here", &["250 RELAY.TEST."][..])]
+        {
+            let (verdict, kept) = verdict_for(ehlo, script).await;
+            let ServerVerdict::SessionFailed(why) = &verdict else { panic!("{ehlo:?}: {verdict:?}") };
+            assert!(why.contains("loop back"), "{ehlo:?}: {why}");
+            assert!(!kept, "{ehlo:?}: the connection was kept");
+        }
+    }
+
     /// A server that refuses MAIL with `4xx` and then never answers the RSET does not hold
     /// the message: the verdict comes at once, and the next server can be tried.
     #[tokio::test]
