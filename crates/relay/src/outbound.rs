@@ -891,7 +891,11 @@ impl Transport {
         if let Some(r) = replies.iter().find(|r| r.code == 421) {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: {}", reply_text(r))));
         }
-        let mut s = match self.go_on(key, s, "MAIL", &replies[0], ReplyKind::Positive) {
+        // A server out of step can refuse MAIL and still answer the pipelined DATA with `354`.
+        // It then reads whatever comes next as the message, an RSET too: such a connection is
+        // closed, not reset and kept.
+        let awaits_data = replies.get(msg.recipients.len() + 1).is_some_and(|r| reply_kind(r.code) == ReplyKind::Intermediate);
+        let mut s = match self.go_on(key, s, "MAIL", &replies[0], ReplyKind::Positive, !awaits_data) {
             Ok(s) => s,
             Err(verdict) => return Ok(verdict),
         };
@@ -926,7 +930,7 @@ impl Transport {
             return Ok(ServerVerdict::SessionFailed(format!("{addr}: no reply to DATA")));
         };
         // 354, or any 3xx as Postfix takes it: send the data.
-        let mut s = match self.go_on(key, s, "DATA", data_reply, ReplyKind::Intermediate) {
+        let mut s = match self.go_on(key, s, "DATA", data_reply, ReplyKind::Intermediate, true) {
             Ok(s) => s,
             Err(verdict) => return Ok(verdict),
         };
@@ -979,9 +983,9 @@ impl Transport {
 
     /// Whether the transaction goes on after `reply` to `command` (MAIL or DATA): it does when
     /// the reply is of the kind `expected`. A `4xx` or `5xx` refuses the transaction as a
-    /// whole, and the connection is reset and kept for the next one. Any other kind is a server out of
-    /// step: not an answer about the message, and the connection's state is unknown, so it is
-    /// closed and the next server gets the message.
+    /// whole, and the connection is reset and kept for the next one, when `resettable`. Any
+    /// other kind is a server out of step: not an answer about the message, and the
+    /// connection's state is unknown, so it is closed and the next server gets the message.
     fn go_on(
         &self,
         key: &PoolKey,
@@ -989,21 +993,19 @@ impl Transport {
         command: &str,
         reply: &Response<String>,
         expected: ReplyKind,
+        resettable: bool,
     ) -> Result<Session, ServerVerdict> {
         let kind = reply_kind(reply.code);
         if kind == expected {
             return Ok(s);
         }
         let text = format!("{}: {command}: {}", s.addr, reply_text(reply));
+        if resettable && matches!(kind, ReplyKind::Transient | ReplyKind::Permanent) {
+            self.reset(key, s);
+        }
         Err(match kind {
-            ReplyKind::Transient => {
-                self.reset(key, s);
-                ServerVerdict::TempFailed(text)
-            }
-            ReplyKind::Permanent => {
-                self.reset(key, s);
-                ServerVerdict::PermFailed(text)
-            }
+            ReplyKind::Transient => ServerVerdict::TempFailed(text),
+            ReplyKind::Permanent => ServerVerdict::PermFailed(text),
             ReplyKind::Positive | ReplyKind::Intermediate | ReplyKind::OutOfRange => ServerVerdict::SessionFailed(text),
         })
     }
@@ -1310,15 +1312,22 @@ mod tests {
     const NO_EXTENSIONS: &str = "250 fake";
     const PIPELINING: &str = "250-fake\r\n250 PIPELINING";
 
+    /// A [`scripted_server`] reply that is no reply: the server closes the connection.
+    const HANG_UP: &str = "(hangs up)";
+
     /// A one-connection server that greets, answers EHLO with `ehlo`, then answers each
     /// command, and the data once its final dot arrives, with the next reply of `script`.
     /// After the script it answers `250` to anything.
-    async fn scripted_server(ehlo: &'static str, script: &'static [&'static str]) -> SocketAddr {
+    async fn scripted_server(ehlo: &'static str, script: &[&'static str]) -> SocketAddr {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let script = script.to_vec();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
+            // It answers pipelined commands one write each: without this, each reply after the
+            // first waits for the client's delayed ACK.
+            stream.set_nodelay(true).expect("nodelay");
             let mut stream = BufReader::new(stream);
             stream.get_mut().write_all(b"220 fake ESMTP\r\n").await.expect("greeting");
             let (mut line, mut replies, mut in_data) = (String::new(), script.iter(), false);
@@ -1335,6 +1344,9 @@ mod tests {
                 } else {
                     replies.next().map_or(b"250 ok".as_slice(), |r| r.as_bytes())
                 };
+                if reply == HANG_UP.as_bytes() {
+                    return;
+                }
                 in_data = line.starts_with("DATA") && reply.starts_with(b"3");
                 // One write: a second small one would wait for the client's delayed ACK.
                 stream.get_mut().write_all(&[reply, b"\r\n"].concat()).await.expect("reply");
@@ -1345,7 +1357,7 @@ mod tests {
 
     /// What a server answering with `script` makes of a message to two recipients, and
     /// whether its connection was kept for the next message.
-    async fn verdict_for(ehlo: &'static str, script: &'static [&'static str]) -> (ServerVerdict, bool) {
+    async fn verdict_for(ehlo: &'static str, script: &[&'static str]) -> (ServerVerdict, bool) {
         let addr = scripted_server(ehlo, script).await;
         let transport = Transport::new("relay.test", &config("").delivery);
         let settings = OutboundTls::for_domain(&domain(TlsMode::None, None), &ClientTls::anonymous()).expect("tls settings");
@@ -1454,6 +1466,118 @@ mod tests {
             );
             assert!(kept, "{v:?}");
         }
+    }
+
+    /// A server out of step that refuses MAIL yet answers the pipelined DATA with `354` would
+    /// read an RSET as the message's first line and never answer it: the connection is
+    /// closed instead of reset, so no RSET waits out the command timeout holding it.
+    #[tokio::test]
+    async fn a_server_that_refuses_mail_but_takes_the_pipelined_data_is_not_reset() {
+        for (refusal, temporary) in [("550 5.7.1 no", false), ("451 4.3.0 later", true)] {
+            let script = [refusal, "250 ok", "250 ok", "354 go"];
+            let (verdict, kept) = tokio::time::timeout(Duration::from_secs(10), verdict_for(PIPELINING, &script))
+                .await
+                .unwrap_or_else(|_| panic!("{refusal}: an RSET waits on a server that reads it as data"));
+            let refused = match &verdict {
+                ServerVerdict::TempFailed(t) => temporary && t.contains(refusal),
+                ServerVerdict::PermFailed(t) => !temporary && t.contains(refusal),
+                ServerVerdict::Completed { .. }
+                | ServerVerdict::Unreachable(_)
+                | ServerVerdict::SessionFailed(_)
+                | ServerVerdict::Stalled(_)
+                | ServerVerdict::StalledAfterDot(_)
+                | ServerVerdict::Unknown(_) => false,
+            };
+            assert!(refused, "{refusal}: {verdict:?}");
+            assert!(!kept, "{refusal}: a connection that awaits data was kept");
+        }
+    }
+
+    /// The taxonomy's promises for any sequence of replies, not only the ones listed above:
+    /// mail fails for good only on a `5xx` the server gave it, a recipient counts as delivered
+    /// only after a `2xx` to the final dot, and a server that answers everything gets a
+    /// verdict at once, with no RSET left waiting.
+    #[tokio::test]
+    async fn any_sequence_of_replies_keeps_the_taxonomys_promises() {
+        use mxrelay_policy_core::mix64;
+        const REPLIES: &[&str] = &[
+            "250 ok",
+            "251 2.1.5 will forward",
+            "252 ok",
+            "354 go",
+            "300 go on",
+            "421 4.7.0 closing",
+            "450 4.2.0 busy",
+            "451 later",
+            "452 4.5.3 too many",
+            "500 what",
+            "503 5.5.1 bad sequence",
+            "550 5.1.1 no such user",
+            "554 5.7.1 no",
+            "600 what",
+            "199 odd",
+            "250-first\r\n250 2.0.0 second",
+            "550-first\r\n550 5.7.1 second",
+            HANG_UP,
+        ];
+        /// The code of the reply a verdict quotes last (`...: 550 5.1.1 no such user`).
+        fn quoted(text: &str) -> u16 {
+            let reply = text.rsplit(": ").next().unwrap_or_default();
+            reply.get(..3).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("no reply quoted in {text:?}"))
+        }
+        let mut draws = 0;
+        let mut pick = |n: usize| {
+            draws += 1;
+            usize::try_from(mix64(draws) % n as u64).expect("small")
+        };
+        let mut seen = HashMap::new();
+        for case in 0..400 {
+            let ehlo = if case % 2 == 0 { NO_EXTENSIONS } else { PIPELINING };
+            // Mostly the replies that move a transaction on (MAIL, two RCPTs, DATA and the data),
+            // so that the later steps are reached too; sometimes a shorter script, which leaves
+            // the rest to the server's `250`.
+            let mut script: Vec<&'static str> = ["250 ok", "250 ok", "250 ok", "354 go", "250 ok"]
+                .into_iter()
+                .map(|usual| if pick(3) == 0 { REPLIES[pick(REPLIES.len())] } else { usual })
+                .collect();
+            if pick(4) == 0 {
+                script.truncate(pick(5));
+            }
+            let (verdict, _) = tokio::time::timeout(Duration::from_secs(10), verdict_for(ehlo, &script))
+                .await
+                .unwrap_or_else(|_| panic!("{ehlo:?} {script:?}: no verdict, or an RSET left waiting"));
+            let kind = match &verdict {
+                ServerVerdict::Completed { rcpts, reply, .. } => {
+                    for rcpt in rcpts {
+                        if let RcptVerdict::PermRejected(t) = rcpt {
+                            assert!((500..600).contains(&quoted(t)), "{script:?}: {verdict:?}");
+                        }
+                    }
+                    if !rcpts.contains(&RcptVerdict::Delivered) {
+                        "completed, none delivered"
+                    } else {
+                        assert!((200..300).contains(&quoted(reply)), "{script:?}: {verdict:?}");
+                        "delivered"
+                    }
+                }
+                ServerVerdict::PermFailed(t) => {
+                    assert!((500..600).contains(&quoted(t)), "{script:?}: {verdict:?}");
+                    "failed"
+                }
+                ServerVerdict::TempFailed(t) => {
+                    assert!((400..500).contains(&quoted(t)), "{script:?}: {verdict:?}");
+                    "deferred"
+                }
+                ServerVerdict::SessionFailed(_) => "next server",
+                ServerVerdict::Unknown(_) => "unknown",
+                ServerVerdict::Unreachable(_) | ServerVerdict::Stalled(_) | ServerVerdict::StalledAfterDot(_) => {
+                    panic!("{script:?}: a server that greets and answers everything: {verdict:?}")
+                }
+            };
+            *seen.entry(kind).or_insert(0) += 1;
+        }
+        // The scripts reach every verdict, or the promises above were not put to the test.
+        assert_eq!(seen.len(), 6, "{seen:?}");
     }
 
     #[tokio::test]
