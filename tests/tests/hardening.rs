@@ -870,9 +870,12 @@ async fn queued_mail_waits_on_disk_not_in_memory() {
         rss.push(rss_mib(relay.pid()));
     }
     eprintln!("RSS in MiB: idle, then after each 100 MiB (2 held, 2 for the silent server): {rss:.1?}");
+    // Kept in memory, a burst's data would add its 100 MiB. What a burst leaves in memory for
+    // a while adds up to some 32 MiB: the journal's operations waiting for redb (at most two
+    // 16 MiB segments) are in one reading and already gone at the next, or the other way round.
     let (held, backlog) = (rss[2] - rss[1], rss[4] - rss[3]);
-    assert!(held < 32.0, "100 MiB more of held mail took {held:.1} MiB more memory");
-    assert!(backlog < 32.0, "100 MiB more of mail waiting for a server took {backlog:.1} MiB more memory");
+    assert!(held < 48.0, "100 MiB more of held mail took {held:.1} MiB more memory");
+    assert!(backlog < 48.0, "100 MiB more of mail waiting for a server took {backlog:.1} MiB more memory");
     assert!(rss[4] - rss[0] < 128.0, "400 MiB of waiting mail took {:.1} MiB of memory", rss[4] - rss[0]);
 }
 
