@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mxrelay_e2e::strace::{Strace, thread};
-use mxrelay_e2e::{Relay, Sink, domain_block, mxrelay, send, send_one};
+use mxrelay_e2e::{
+    Relay, Sink, domain_block, eventually, http_get, listens_on, mxrelay, relay_binary, send, send_one, spawn_until_ready,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_new_config_and_refuses_a_broken_one() {
@@ -892,4 +894,52 @@ async fn test_servers_asks_each_server_about_the_recipient_and_sends_nothing() {
     }
     let saved = std::fs::read_to_string(relay.config_path()).expect("config");
     assert!(saved.contains("127.0.1.147"), "testing a list does not save it");
+}
+
+/// The relay of the README's first command, `mxrelay run examples/relay.toml`, ended when
+/// the test ends.
+struct ExampleRelay(std::process::Child);
+
+impl Drop for ExampleRelay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The example configuration as shipped, run as the README's first command runs it: both
+/// example files check clean, the relay listens where the file says and serves the widget,
+/// and mail goes to the first server, then, with that one gone, to its backup at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_example_runs_and_fails_over_to_its_backup() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for file in ["relay.toml", "seed.toml"] {
+        let (ok, out, err) = mxrelay(&["check", examples.join(file).to_str().expect("utf-8 path")]);
+        assert!(ok, "examples/{file} does not check clean:\n{out}{err}");
+    }
+    // A copy, so that its queue (`../var/queue`) is the test's; the widget is the checkout's.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("examples")).expect("mkdir");
+    let config = dir.path().join("examples/relay.toml");
+    std::fs::copy(examples.join("relay.toml"), &config).expect("copy");
+    std::os::unix::fs::symlink(examples.join("../web"), dir.path().join("web")).expect("symlink");
+    // The file's own addresses: its comment says to start sinks on these two ports.
+    let mut primary = Sink::start_at("127.0.0.1:2526", &[]);
+    let backup = Sink::start_at("127.0.0.1:2527", &[]);
+    let mut run = std::process::Command::new(relay_binary());
+    run.arg("run").arg(&config).env("MXRELAY_LOG", "info").stdout(std::process::Stdio::null());
+    let child = spawn_until_ready(&mut run, &dir.path().join("stderr"), |pid| listens_on(pid, "127.0.0.1:2525"))
+        .unwrap_or_else(|why| panic!("mxrelay run examples/relay.toml: {why}"));
+    let _relay = ExampleRelay(child);
+
+    assert!(send_one("127.0.0.1:2525", "user@example.test", 1).await, "the example's domain takes mail");
+    eventually("the message at the preferred server", || primary.count() == 1).await;
+    primary.kill();
+    assert!(send_one("127.0.0.1:2525", "user@example.test", 2).await);
+    eventually("the message at the backup", || backup.received().contains_key(&2)).await;
+    assert_eq!(backup.count(), 1, "the backup got only what the first server could not take");
+    assert!(dir.path().join("var/queue").is_dir(), "the queue is where the file says, next to examples/");
+
+    let page = http_get("127.0.0.1:8025", "/");
+    assert!(page.contains("<title>Inbound servers · mxrelay</title>"), "the widget at the admin address: {page}");
 }
