@@ -205,6 +205,38 @@ async fn replaced_modules_reload_and_broken_ones_are_refused() {
     assert!(a.count() > a0 + 15 && b.count() > b0 + 15, "after reload: {} / {}", a.count() - a0, b.count() - b0);
 }
 
+/// Domains that share an instance keep their own fate: when one domain's call traps, the
+/// instance is dropped, and the other domain's next call makes its router again in a new
+/// one and is planned by the component, not the fail-safe.
+#[test]
+fn a_trap_in_a_shared_instance_fails_only_the_domain_that_trapped() {
+    use mxrelay_policy_core::Server;
+    use mxrelay_policy_host::{DomainPolicy, Limits, PlanRequest, PlanSource, PolicyEngine, PolicyError};
+    let engine = PolicyEngine::new(Limits::default()).expect("engine");
+    let bytes = std::fs::read(policy_module!(HOSTILE)).expect("module");
+    let component = engine.load("hostile", &bytes).expect("load");
+    assert_eq!(component.domains_per_instance(), 1, "a custom module's domains each have an instance of their own");
+    let shared = component.with_domains_per_instance(2);
+    let servers = vec![Server::new("a.example.com", 10), Server::new("b.example.com", 20)];
+    let failing =
+        DomainPolicy::new(shared.clone(), "failing.test", servers.clone(), r#"{"mode":"panic"}"#.into()).expect("policy");
+    let fine = DomainPolicy::new(shared.clone(), "fine.test", servers, r#"{"mode":"fine"}"#.into()).expect("policy");
+    assert_eq!(shared.instances_in_use(), 1, "both domains in one instance");
+    let msg = PlanRequest { seed: 1, attempt: 1, now_ms: 0, down: &[0], recipients: &[], sender: "", size: 0 };
+    for round in 0..3 {
+        let plan = fine.plan(&msg);
+        assert!(matches!(plan.source, PlanSource::Component), "round {round}: {:?}", plan.source);
+        assert_eq!(plan.order, vec![1, 0]);
+        let plan = failing.plan(&msg);
+        assert!(matches!(plan.source, PlanSource::Fallback(PolicyError::Trap { .. })), "round {round}: {:?}", plan.source);
+        assert_eq!(plan.order, vec![1, 0], "the fail-safe plan");
+    }
+    assert!(failing.is_cooling_down() && !fine.is_cooling_down());
+    drop(failing);
+    drop(fine);
+    assert_eq!(shared.instances_in_use(), 0);
+}
+
 /// A module that keeps failing is set aside: after three failures in a row the built-in core
 /// plans without calling it, until the cool-down ends.
 #[test]

@@ -1,12 +1,13 @@
 //! Plan latency for the seed page's 8-server list, native core and built-in component side
-//! by side in one run, plus component compile and instantiation times.
+//! by side in one run, the same through a domain's policy as the relay calls it, plus
+//! component compile and instantiation times.
 //! Run: `cargo bench -p mxrelay-policy-host --bench component`.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mxrelay_policy_core::{PlanInput, Router, seed_page_example};
-use mxrelay_policy_host::{Limits, Message, PolicyEngine};
+use mxrelay_policy_host::{BUILTIN_DOMAINS_PER_INSTANCE, DomainPolicy, Limits, Message, PlanRequest, PolicyEngine};
 
 fn bench(c: &mut Criterion) {
     let servers = seed_page_example();
@@ -33,6 +34,20 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             msg.seed += 1;
             black_box(instance.plan(&handle, &msg).expect("plan"));
+        })
+    });
+    // As the relay calls it: a domain's router in an instance shared with other domains,
+    // the plan checked, the domain's and the instance's locks taken.
+    let domains: Vec<DomainPolicy> = (0..BUILTIN_DOMAINS_PER_INSTANCE)
+        .map(|i| DomainPolicy::new(component.clone(), &format!("d{i}.test"), servers.clone(), "{}".into()).expect("domain"))
+        .collect();
+    let mut seed = 0u64;
+    group.bench_function("domain policy (shared instance, checked plan)", |b| {
+        b.iter(|| {
+            seed += 1;
+            let request =
+                PlanRequest { seed: black_box(seed), attempt: 1, now_ms: 0, down: &[], recipients: &[], sender: "", size: 0 };
+            black_box(domains[(seed % 64) as usize].plan(&request));
         })
     });
     group.finish();

@@ -1,13 +1,14 @@
 //! One domain's policy as the relay uses it: a live component instance with the domain's
 //! router, checked on every call, with the native core as the fail-safe.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mxrelay_policy_core::{self as core, PlanInput};
 
-use crate::engine::{PolicyComponent, PolicyInstance, RouterHandle};
+use crate::engine::PolicyComponent;
 use crate::error::PolicyError;
+use crate::shared::{DomainRouter, RouterSpec, SharedInstance};
 use crate::{Envelope, Message};
 
 /// Consecutive failures after which a component is set aside for [`COOL_DOWN`].
@@ -70,25 +71,24 @@ pub struct Plan {
     pub source: PlanSource,
 }
 
-struct Live {
-    instance: PolicyInstance,
-    router: RouterHandle,
-}
-
 #[derive(Default)]
 struct State {
-    live: Option<Live>,
+    /// The domain's router in its shared instance; none until the first call after a
+    /// failure dropped the instance.
+    router: Option<DomainRouter>,
     consecutive_failures: u32,
     cooling_until: Option<Instant>,
     last_error: Option<PolicyError>,
 }
 
-/// A domain's server list bound to its policy component.
+/// A domain's server list bound to its policy component, with its router in an instance it
+/// may share with other domains of the same component (see [`PolicyComponent`]).
 pub struct DomainPolicy {
     component: PolicyComponent,
     domain: String,
     settings_json: String,
     fallback: core::Router,
+    instance: Arc<SharedInstance>,
     state: Mutex<State>,
 }
 
@@ -102,8 +102,9 @@ impl std::fmt::Debug for DomainPolicy {
 }
 
 impl DomainPolicy {
-    /// Instantiates the component and builds its router; fails if either fails (e.g. the
-    /// policy refuses the settings), so a bad configuration is refused at load time.
+    /// Builds the domain's router in an instance of the component (started if need be);
+    /// fails if either fails (e.g. the policy refuses the settings), so a bad configuration
+    /// is refused at load time.
     pub fn new(
         component: PolicyComponent,
         domain: &str,
@@ -111,14 +112,26 @@ impl DomainPolicy {
         settings_json: String,
     ) -> Result<Self, PolicyError> {
         let fallback = core::Router::new(servers);
-        let live = start(&component, domain, fallback.servers(), &settings_json)?;
+        let instance = component.pool.join();
+        let spec = RouterSpec { component: &component, domain, servers: fallback.servers(), settings_json: &settings_json };
+        let router = instance.make_router(&spec)?;
         Ok(DomainPolicy {
             component,
             domain: domain.to_string(),
             settings_json,
             fallback,
-            state: Mutex::new(State { live: Some(live), ..State::default() }),
+            instance,
+            state: Mutex::new(State { router: Some(router), ..State::default() }),
         })
+    }
+
+    fn spec(&self) -> RouterSpec<'_> {
+        RouterSpec {
+            component: &self.component,
+            domain: &self.domain,
+            servers: self.fallback.servers(),
+            settings_json: &self.settings_json,
+        }
     }
 
     /// The domain this policy routes.
@@ -178,13 +191,11 @@ impl DomainPolicy {
             }
             state.cooling_until = None;
         }
-        // After a failure the instance was dropped: start a fresh one for this call.
-        let result = match &mut state.live {
-            Some(live) => Ok(live),
-            None => start(&self.component, &self.domain, self.fallback.servers(), &self.settings_json)
-                .map(|live| state.live.insert(live)),
-        }
-        .and_then(|live| live.instance.plan(&live.router, &request.message(live.router.wants_envelope())));
+        // After a failure the instance was dropped: the call starts a fresh one, and makes
+        // the router again in it.
+        let result = self.instance.with_router(&self.spec(), &mut state.router, |instance, router| {
+            instance.plan(router, &request.message(router.wants_envelope()))
+        });
         match result {
             Ok(plan) => {
                 state.consecutive_failures = 0;
@@ -192,8 +203,8 @@ impl DomainPolicy {
             }
             Err(e) => {
                 tracing::warn!(policy = self.component.name(), error = %e, "policy call failed; planned by the built-in core");
-                // A trapped instance is unusable; an invalid plan makes the instance suspect.
-                state.live = None;
+                // The instance was dropped (`with_router`): a trapped one is unusable, and an
+                // invalid plan makes it suspect.
                 state.consecutive_failures += 1;
                 if state.consecutive_failures >= FAILURES_BEFORE_COOL_DOWN {
                     state.cooling_until = Some(Instant::now() + COOL_DOWN);
@@ -205,8 +216,12 @@ impl DomainPolicy {
     }
 }
 
-fn start(component: &PolicyComponent, domain: &str, servers: &[core::Server], settings_json: &str) -> Result<Live, PolicyError> {
-    let mut instance = component.instantiate()?;
-    let router = instance.router(domain, servers, settings_json)?;
-    Ok(Live { instance, router })
+impl Drop for DomainPolicy {
+    fn drop(&mut self) {
+        // The router's memory in a shared instance is freed with it, not with the instance.
+        let state = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(router) = state.router.take() {
+            self.instance.release(router);
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! a compiled and pre-instantiated policy ([`PolicyComponent`]), a live instance with its
 //! store ([`PolicyInstance`]), and the per-domain wrapper the relay calls per message
 //! ([`DomainPolicy`]), which checks every plan and falls back to the native core when a
-//! component fails, so a policy can never stop delivery.
+//! component fails, so a policy can never stop delivery. Domains of the built-in policy
+//! share instances, each domain with its own router resource in one (`shared`).
 //!
 //! The built-in policy (`crates/policy-guest`) is built and encoded by this crate's build
 //! script and embedded as [`BUILTIN_COMPONENT`].
@@ -15,10 +16,11 @@ mod convert;
 mod domain;
 mod engine;
 mod error;
+mod shared;
 mod ticker;
 
 pub use domain::{DomainPolicy, Plan, PlanRequest, PlanSource};
-pub use engine::{Limits, PolicyComponent, PolicyEngine, PolicyInstance, RouterHandle};
+pub use engine::{BUILTIN_DOMAINS_PER_INSTANCE, Limits, PolicyComponent, PolicyEngine, PolicyInstance, RouterHandle};
 pub use error::{InvalidPlan, PolicyError, check_plan};
 
 /// Host bindings for `wit/policy.wit`, generated once here (documented in the WIT file).
