@@ -1,5 +1,6 @@
-//! One domain's policy as the relay uses it: a live component instance with the domain's
-//! router, checked on every call, with the native core as the fail-safe.
+//! One domain's policy as the relay uses it: the domain's router in a live component
+//! instance (shared with other domains of a built-in policy), checked on every call, with the
+//! native core as the fail-safe.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -220,8 +221,6 @@ impl Drop for DomainPolicy {
     fn drop(&mut self) {
         // The router's memory in a shared instance is freed with it, not with the instance.
         let state = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(router) = state.router.take() {
-            self.instance.release(router);
-        }
+        self.instance.release(state.router.take());
     }
 }

@@ -123,16 +123,14 @@ impl SharedInstance {
 
     /// Releases the router of a domain that is dropped, if its instance still lives, and the
     /// instance with it when no other domain is left in it.
-    pub(crate) fn release(self: &Arc<Self>, router: DomainRouter) {
+    pub(crate) fn release(self: &Arc<Self>, router: Option<DomainRouter>) {
         let mut slot = self.lock();
         // Held by the pool and by the domain being dropped, and by no other domain.
         if Arc::strong_count(self) <= 2 {
             slot.instance = None;
             return;
         }
-        if router.generation != slot.generation {
-            return;
-        }
+        let Some(router) = router.filter(|r| r.generation == slot.generation) else { return };
         if let Some(instance) = slot.instance.as_mut()
             && instance.drop_router(router.handle).is_err()
         {
