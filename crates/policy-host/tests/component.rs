@@ -114,3 +114,39 @@ fn built_in_domains_share_instances() {
     assert!(more.is_ok());
     assert_eq!(component.instances_in_use(), 2, "the first instance is full, the others' domains are gone");
 }
+
+/// Domains sharing an instance are planned from several threads at once, as the relay's
+/// delivery workers do, while other domains of the same instances come and go (reloads and
+/// saved server lists): every plan comes from the component and is the native core's.
+#[test]
+fn shared_instances_serve_threads_while_domains_come_and_go() {
+    let engine = PolicyEngine::new(Limits::default()).expect("engine");
+    let component = engine.builtin().expect("builtin");
+    let make = |i: usize| {
+        let servers: Vec<Server> = (0..=i % 4).map(|s| Server::new(format!("mx{s}.d{i}.test"), 10 * (s as u16 % 2))).collect();
+        let policy = DomainPolicy::new(component.clone(), &format!("d{i}.test"), servers.clone(), "{}".into()).expect("domain");
+        (policy, Router::new(servers))
+    };
+    let steady: Vec<(DomainPolicy, Router)> = (0..100).map(make).collect();
+    std::thread::scope(|scope| {
+        for worker in 0..4u64 {
+            let steady = &steady;
+            scope.spawn(move || {
+                for seed in (worker * 1000)..(worker * 1000 + 500) {
+                    let (policy, native) = &steady[(seed % 100) as usize];
+                    let request = PlanRequest { seed, attempt: 1, now_ms: 0, down: &[], recipients: &[], sender: "", size: 0 };
+                    let plan = policy.plan(&request);
+                    assert!(matches!(plan.source, PlanSource::Component), "{:?}", plan.source);
+                    let input = mxrelay_policy_core::PlanInput { seed, attempt: 1, now_ms: 0, down: &[] };
+                    assert_eq!(plan.order, native.plan(&input), "{}", policy.domain());
+                }
+            });
+        }
+        // Meanwhile, domains join the instances and leave them again.
+        for round in 0..50 {
+            let passing: Vec<_> = (0..20).map(|i| make(1000 + round * 20 + i)).collect();
+            drop(passing);
+        }
+    });
+    assert_eq!(component.instances_in_use(), 2, "the 100 steady domains keep their two instances, and only those");
+}
