@@ -201,7 +201,7 @@ impl wasmtime::ResourceLimiter for StoreState {
 }
 
 /// How many domains' routers share one instance of the built-in policy. Each instance costs
-/// some 48 KiB of memory and 4 GiB of address space, so one per domain made a relay with
+/// some 44 KB of memory and 4 GiB of address space, so one per domain made a relay with
 /// 10 000 domains take 465 MB. A built-in router of 8 servers takes some 600 bytes of the
 /// instance's memory, so 64 of them use a small part of its 16 MiB.
 pub const BUILTIN_DOMAINS_PER_INSTANCE: usize = 64;

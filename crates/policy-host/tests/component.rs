@@ -81,7 +81,7 @@ fn the_built_in_policy_asks_for_no_envelope() {
 
 /// Domains of the built-in policy share instances, each with its own router in one, and a
 /// domain's plans are the same as with an instance of its own (the native core's). Without
-/// the sharing, each domain took an instance: 48 KiB and 4 GiB of address space each.
+/// the sharing, each domain took an instance: 44 KB and 4 GiB of address space each.
 #[test]
 fn built_in_domains_share_instances() {
     let engine = PolicyEngine::new(Limits::default()).expect("engine");
