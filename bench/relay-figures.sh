@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Acceptance latency (p50/p99) and memory: RSS idle and with 10k queued messages.
+# Acceptance latency (p50/p99) and memory: RSS idle, with 10k queued messages, and after a
+# restart with them.
 #   usage: bench/relay-figures.sh          env: N=5000 SESS=20 QUEUED=10000 BIN=(this checkout)
 # Latency: mxrelay-loadgen -> mxrelay -> two smtp-sinks (fsync on).
 # Memory: the domain's only server refuses connections, so accepted mail stays queued.
@@ -27,3 +28,9 @@ sleep 1; echo "RSS idle: $(rss "$P")"
 "$GEN" 127.0.0.1:2710 user@customer.test "$QUEUED" "$SESS" > "$W/fill.txt"
 echo "queued: $(cat "$W/fill.txt")"
 echo "RSS with $QUEUED queued: $(rss "$P")"
+
+# The same queue after a restart: every message is read back and retried at once (its server
+# still refuses), from several threads.
+kill "$P"; wait "$P" || true
+relay_launch "$W/mem.toml" "$W/mem-again.log" "$BIN" MXRELAY_LOG=warn,mxrelay=info; PIDS+=("$P")
+sleep 3; echo "RSS 3 s after a restart with $QUEUED queued: $(rss "$P")"

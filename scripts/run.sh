@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked -p mxrelay
+# As the systemd unit does (contrib/systemd): two malloc arenas, which keep a large queue's
+# memory down.
+export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
 exec target/release/mxrelay run "${1:-examples/relay.toml}"
