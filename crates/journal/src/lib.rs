@@ -76,7 +76,9 @@ pub enum JournalError {
     Malformed(String),
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+/// Turns an I/O error on `path` into a [`JournalError`] (for `map_err`), also for callers
+/// that handle the journal's files themselves (replay, setting a damaged segment aside).
+pub fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
     move |source| JournalError::Io { path: path.to_path_buf(), source }
 }
 

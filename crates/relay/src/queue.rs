@@ -708,8 +708,7 @@ fn replay(db: &Database, dir: &Path) -> Result<u64, OpenError> {
             let mut reader = SegmentReader::open(segment)?;
             let mut records = 0u64;
             let end = loop {
-                let read = reader.next_record();
-                match read.map_err(|source| journal::JournalError::Io { path: segment.path.clone(), source })? {
+                match reader.next_record().map_err(journal::io_error(&segment.path))? {
                     Next::Record(record) => {
                         tables.apply(record)?;
                         records += 1;
@@ -733,8 +732,7 @@ fn replay(db: &Database, dir: &Path) -> Result<u64, OpenError> {
     }
     tx.commit().map_err(redb::Error::from)?;
     for path in &damaged {
-        let set_aside = std::fs::rename(path, path.with_extension("wal.damaged"));
-        set_aside.map_err(|source| journal::JournalError::Io { path: path.clone(), source })?;
+        std::fs::rename(path, path.with_extension("wal.damaged")).map_err(journal::io_error(path))?;
     }
     let replayed: Vec<_> = segments.iter().filter(|s| !damaged.contains(&s.path)).cloned().collect();
     journal::retire(dir, &replayed)?;
