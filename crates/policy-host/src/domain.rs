@@ -112,18 +112,19 @@ impl DomainPolicy {
         servers: Vec<core::Server>,
         settings_json: String,
     ) -> Result<Self, PolicyError> {
-        let fallback = core::Router::new(servers);
         let instance = component.pool.join();
-        let spec = RouterSpec { component: &component, domain, servers: fallback.servers(), settings_json: &settings_json };
-        let router = instance.make_router(&spec)?;
-        Ok(DomainPolicy {
+        let mut policy = DomainPolicy {
             component,
             domain: domain.to_string(),
             settings_json,
-            fallback,
+            fallback: core::Router::new(servers),
             instance,
-            state: Mutex::new(State { router: Some(router), ..State::default() }),
-        })
+            state: Mutex::default(),
+        };
+        // On an error the policy is dropped, and with it its place in the instance.
+        let router = policy.instance.make_router(&policy.spec())?;
+        policy.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).router = Some(router);
+        Ok(policy)
     }
 
     fn spec(&self) -> RouterSpec<'_> {

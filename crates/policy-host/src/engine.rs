@@ -239,7 +239,7 @@ impl PolicyComponent {
         self.pool.per_instance()
     }
 
-    /// How many instances the domains made with this component (and its clones) hold.
+    /// How many instances the domains made with this component (and its clones) hold live.
     pub fn instances_in_use(&self) -> usize {
         self.pool.in_use()
     }

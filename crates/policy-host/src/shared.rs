@@ -43,10 +43,11 @@ impl InstancePool {
         slot
     }
 
-    /// How many instances have domains in them.
+    /// How many instances are live: started, and not yet dropped after a failure or with the
+    /// last of their domains.
     pub(crate) fn in_use(&self) -> usize {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        slots.iter().filter(|slot| Arc::strong_count(slot) > 1).count()
+        slots.iter().filter(|slot| slot.lock().instance.is_some()).count()
     }
 }
 

@@ -110,6 +110,7 @@ fn built_in_domains_share_instances() {
     // Domains dropped (a reload) leave their instance once the last of them is gone.
     let mut domains = domains;
     domains.truncate(per_instance);
+    assert_eq!(component.instances_in_use(), 1, "the instances whose domains are all gone are dropped with the last");
     let more = DomainPolicy::new(component.clone(), "late.test", vec![Server::new("mx.late.test", 10)], "{}".into());
     assert!(more.is_ok());
     assert_eq!(component.instances_in_use(), 2, "the first instance is full, the others' domains are gone");
