@@ -86,7 +86,7 @@ two_sink_scene() {
 relay_launch() {
   local config=$1 log=$2 bin=$3; shift 3
   env "$@" "$bin" run "$config" 2> "$log" & P=$!
-  until grep -q "mxrelay ready" "$log"; do sleep 0.05; done
+  until grep -q "mxrelay ready" "$log"; do sleep 0.01; done
 }
 
 # mx_start BINARY [VAR=VALUE...]: starts BINARY on $WORK/relay.toml with an empty queue and

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start-up time and idle RSS of a relay with many customer domains (two servers each, the
-# built-in policy), for two builds side by side in alternating rounds; prints the medians.
+# Start-up time (to within the 10 ms the launcher polls its log at) and idle RSS of a relay
+# with many customer domains (two servers each, the built-in policy), for two builds side by
+# side in alternating rounds; prints the medians.
 #   usage: bench/many-domains.sh     env: DOMAINS="1000 10000" ROUNDS=3 BIN_A=... BIN_B=(this checkout)
 # Nothing is delivered: the servers are documentation addresses and names no DNS answers.
 set -euo pipefail
