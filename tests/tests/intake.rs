@@ -49,6 +49,51 @@ fn a_mailbox_named_twice_gets_the_message_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_local_parts_go_on_quoted() {
+    let sink = Sink::start("127.0.1.171", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
+    // The parser unquotes local parts; written back bare, `<john doe@...>` would be a syntax
+    // error at the server, or another mailbox.
+    let to = r#""john doe"@customer.test,"a..b"@customer.test,"say \"hi\""@customer.test,plain@customer.test"#;
+    let (ok, out) = swaks(&[
+        "--server",
+        &relay.addr,
+        "--from",
+        r#""jane roe"@src.test"#,
+        "--to",
+        to,
+        "--header",
+        "X-Seq: 1",
+        "--body",
+        "END-OF-MESSAGE 1",
+    ]);
+    assert!(ok && out.matches("250 2.1.5").count() == 4, "{out}");
+    assert!(wait_until(PATIENCE, || sink.count() == 1), "the message was not delivered");
+    let dump = &sink.dumps()[0];
+    assert!(dump.contains("X-Mail-Args: <\"jane roe\"@src.test>\n"), "{dump}");
+    let rcpts: Vec<&str> = dump.lines().filter_map(|l| l.strip_prefix("X-Rcpt-Args: ")).collect();
+    let quoted = [
+        r#"<"john doe"@customer.test>"#,
+        r#"<"a..b"@customer.test>"#,
+        r#"<"say \"hi\""@customer.test>"#,
+        "<plain@customer.test>",
+    ];
+    assert_eq!(rcpts, quoted, "{dump}");
+    let (ok, out) = swaks_tagged(&relay.addr, r#""john doe"@customer.test"#, 2, &[]);
+    assert!(ok, "{out}");
+    assert!(wait_until(PATIENCE, || sink.count() == 2), "the second message was not delivered");
+    let dump = sink.dumps().into_iter().find(|d| d.contains("X-Seq: 2")).expect("the second message's dump");
+    assert!(dump.contains("\tfor <\"john doe\"@customer.test>;"), "{dump}");
+    // A control character cannot be written even quoted (RFC 5321 qtextSMTP): refused, not
+    // queued to fail later.
+    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<\"a\tb\"@src.test>"], 3).await;
+    assert!(replies[1].0 == 501 && replies[1].1.starts_with("5.1.7 a control character"), "{replies:?}");
+    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<a@src.test>", "RCPT TO:<\"a\tb\"@customer.test>"], 4).await;
+    assert!(replies[2].0 == 501 && replies[2].1.starts_with("5.1.3 a control character"), "{replies:?}");
+    assert_eq!(sink.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_postmaster_goes_to_the_configured_mailbox() {
     let sink = Sink::start("127.0.1.159", &[]);
     let domains = domain_block("customer.test", &[(&sink, 10)]);

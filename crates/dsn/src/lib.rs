@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use mxrelay_message_data::address::smtp_path;
 use mxrelay_message_data::rfc5322_date;
 
 /// Longest original returned whole with `RET=FULL` (Postfix's `bounce_size_limit`); a larger
@@ -336,7 +337,7 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
     };
     let mut m = String::new();
     let _ = write!(m, "From: Mail Delivery System <MAILER-DAEMON@{}>\r\n", report.reporting_mta);
-    let _ = write!(m, "To: <{}>\r\n", report.sender);
+    let _ = write!(m, "To: <{}>\r\n", smtp_path(report.sender));
     let _ = write!(m, "Subject: {subject}\r\n");
     let _ = write!(m, "Date: {}\r\n", rfc5322_date(report.now_secs));
     let _ = write!(m, "Message-ID: <{}.{}.dsn@{}>\r\n", report.queue_id, report.now_secs, report.reporting_mta);
@@ -345,7 +346,7 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
     let _ = write!(m, "--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n");
     let _ = write!(m, "This is the mail system at {}.\r\n\r\n{intro}\r\n\r\n", report.reporting_mta);
     for r in report.recipients {
-        let _ = write!(m, "<{}>: {}\r\n", r.recipient, r.diagnostic.replace(['\r', '\n'], " "));
+        let _ = write!(m, "<{}>: {}\r\n", smtp_path(&r.recipient), r.diagnostic.replace(['\r', '\n'], " "));
     }
     if asked_full && !full {
         let _ = write!(m, "\r\nThe message is larger than {FULL_RETURN_LIMIT} bytes; only its headers are returned.\r\n");
@@ -362,7 +363,7 @@ pub fn build(report: &Report<'_>, original: &[u8]) -> Vec<u8> {
         if let Some(orcpt) = report.request.and_then(|q| q.recipients.get(&r.recipient)).and_then(|d| d.orcpt.as_deref()) {
             let _ = write!(m, "Original-Recipient: rfc822; {orcpt}\r\n");
         }
-        let _ = write!(m, "Final-Recipient: rfc822; {}\r\n", r.recipient);
+        let _ = write!(m, "Final-Recipient: rfc822; {}\r\n", smtp_path(&r.recipient));
         let status = r.status.map_or_else(|| status_of(&r.diagnostic, fallback), str::to_string);
         let _ = write!(m, "Action: {action}\r\nStatus: {status}\r\n");
         if let Some(mta) = remote_mta(&r.diagnostic) {
@@ -461,6 +462,31 @@ mod tests {
         );
         assert!(!text.contains("body"), "only the headers of the original are returned");
         assert!(text.ends_with("--\r\n"));
+    }
+
+    #[test]
+    fn quoted_local_parts_are_reported_quoted() {
+        let rcpts = [RecipientStatus { recipient: "john doe@customer.test".into(), diagnostic: "550 no".into(), status: None }];
+        let report = Report {
+            action: Action::Failed,
+            reporting_mta: "relay.test",
+            queue_id: "0000000000000ABC",
+            arrival_secs: 1_795_891_700,
+            now_secs: 1_795_891_800,
+            retry_until_secs: None,
+            sender: "jane roe@src.test",
+            recipients: &rcpts,
+            request: None,
+        };
+        let text = String::from_utf8(build(&report, b"Subject: hello\r\n\r\n")).expect("utf8");
+        assert_contains_all(
+            &text,
+            &[
+                "To: <\"jane roe\"@src.test>\r\n",
+                "<\"john doe\"@customer.test>: 550 no",
+                "Final-Recipient: rfc822; \"john doe\"@customer.test\r\n",
+            ],
+        );
     }
 
     fn request() -> DsnRequest {

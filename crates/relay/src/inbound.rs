@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
+use crate::data::address::{is_representable, smtp_path};
 use crate::data::{DataEnd, header_summary, read_data, rfc5322_date};
 use crate::data_memory::DataMemory;
 use crate::dsn::{DsnRequest, RcptDsn};
@@ -474,6 +475,10 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     reply(writer, no_room(peer, settings, &inbound.data_memory)).await?;
                 } else if let Some(param) = unoffered_mail_parameter(&from) {
                     reply(writer, &format!("555 5.5.4 {param} is not supported")).await?;
+                } else if !is_representable(&from.address) {
+                    // A quoted local part may not hold one either (RFC 5321 `qtextSMTP`); it
+                    // could not be sent on.
+                    reply(writer, "501 5.1.7 a control character in the sender address").await?;
                 } else {
                     match DsnRequest::from_mail(from.flags, from.env_id.as_deref()) {
                         Ok(dsn) => {
@@ -494,6 +499,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     reply(writer, &format!("452 4.5.3 too many recipients (limit {})", settings.max_recipients)).await?;
                 } else if to.flags & !RCPT_DSN_FLAGS != 0 || to.rrvs != 0 {
                     reply(writer, "555 5.5.4 only the NOTIFY and ORCPT parameters are supported").await?;
+                } else if !is_representable(&address) {
+                    reply(writer, "501 5.1.3 a control character in the recipient address").await?;
                 } else {
                     let dsn = RcptDsn::from_rcpt(to.flags, to.orcpt.as_deref());
                     match (mailbox, dsn) {
@@ -636,7 +643,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     let received_ms = now_ms();
     let first_id = inbound.queue.next_id();
     let for_clause = match &txn.first_addressed {
-        Some(one) if txn.recipients.len() == 1 => format!("\r\n\tfor <{one}>"),
+        Some(one) if txn.recipients.len() == 1 => format!("\r\n\tfor <{}>", smtp_path(one)),
         _ => String::new(),
     };
     let header = format!(

@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{DeliveryConfig, TlsMode};
+use crate::data::address::smtp_path;
 use crate::data::dot_stuff_window;
 use crate::dsn::DsnRequest;
 use crate::tls::OutboundTls;
@@ -820,7 +821,7 @@ impl Transport {
 
     async fn transaction_inner(&self, key: &PoolKey, mut s: Session, msg: &Outgoing<'_>) -> Result<ServerVerdict, NoReply> {
         let addr = s.addr;
-        let mut mail = format!("MAIL FROM:<{}>", msg.sender);
+        let mut mail = format!("MAIL FROM:<{}>", smtp_path(msg.sender));
         if s.capabilities & EXT_SIZE != 0 {
             mail.push_str(&format!(" SIZE={}", msg.data.len()));
         }
@@ -846,8 +847,8 @@ impl Transport {
         mail.push_str("\r\n");
         let mut commands = vec![mail];
         commands.extend(msg.recipients.iter().map(|r| match dsn {
-            Some(d) => format!("RCPT TO:<{r}>{}\r\n", d.rcpt_params(r)),
-            None => format!("RCPT TO:<{r}>\r\n"),
+            Some(d) => format!("RCPT TO:<{}>{}\r\n", smtp_path(r), d.rcpt_params(r)),
+            None => format!("RCPT TO:<{}>\r\n", smtp_path(r)),
         }));
         commands.push("DATA\r\n".into());
 

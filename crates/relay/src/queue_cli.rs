@@ -10,6 +10,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
 
 use crate::config::Config;
+use crate::data::address::smtp_path;
 
 /// How long the relay may take to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -128,13 +129,14 @@ pub fn render_show(json: &str) -> String {
     let Ok(shown) = serde_json::from_str::<serde_json::Value>(json) else { return json.to_string() };
     let e = &shown["envelope"];
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
-    let recipients: Vec<String> = e["recipients"].as_array().map(|r| r.iter().map(text).collect()).unwrap_or_default();
+    let recipients: Vec<String> =
+        e["recipients"].as_array().map(|r| r.iter().map(|r| smtp_path(&text(r)).into_owned()).collect()).unwrap_or_default();
     let next = if e["held"].as_bool() == Some(true) { "held".into() } else { format!("in {}s", e["next_attempt_in_seconds"]) };
     format!(
         "id: {}\ndomain: {}\nsender: <{}>\nrecipients: {}\nsize: {} bytes\nage: {}s\nattempts: {}\nnext attempt: {next}\nlast error: {}\n\n{}",
         text(&e["id"]),
         text(&e["domain"]),
-        e["sender"].as_str().unwrap_or(""),
+        smtp_path(e["sender"].as_str().unwrap_or("")),
         recipients.join(", "),
         e["size"],
         e["age_seconds"],
