@@ -49,7 +49,7 @@ fn a_mailbox_named_twice_gets_the_message_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quoted_local_parts_go_on_quoted() {
+async fn addresses_go_on_as_they_came() {
     let sink = Sink::start("127.0.1.171", &[]);
     let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
     // The parser unquotes local parts; written back bare, `<john doe@...>` would be a syntax
@@ -84,13 +84,31 @@ async fn quoted_local_parts_go_on_quoted() {
     assert!(wait_until(PATIENCE, || sink.count() == 2), "the second message was not delivered");
     let dump = sink.dumps().into_iter().find(|d| d.contains("X-Seq: 2")).expect("the second message's dump");
     assert!(dump.contains("\tfor <\"john doe\"@customer.test>;"), "{dump}");
-    // A control character cannot be written even quoted (RFC 5321 qtextSMTP): refused, not
-    // queued to fail later.
+    // A control character cannot be written even quoted (RFC 5321 qtextSMTP), nor a quoted
+    // domain: refused, not queued to fail later.
     let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<\"a\tb\"@src.test>"], 3).await;
-    assert!(replies[1].0 == 501 && replies[1].1.starts_with("5.1.7 a control character"), "{replies:?}");
-    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<a@src.test>", "RCPT TO:<\"a\tb\"@customer.test>"], 4).await;
-    assert!(replies[2].0 == 501 && replies[2].1.starts_with("5.1.3 a control character"), "{replies:?}");
+    assert!(replies[1].0 == 501 && replies[1].1.starts_with("5.1.7 sender address: a control character"), "{replies:?}");
+    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<a@\"src test\">"], 4).await;
+    assert!(replies[1].0 == 501 && replies[1].1.starts_with("5.1.7 sender address: the domain is not a domain"), "{replies:?}");
+    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<a@src.test>", "RCPT TO:<\"a\tb\"@customer.test>"], 5).await;
+    assert!(replies[2].0 == 501 && replies[2].1.starts_with("5.1.3 recipient address: a control character"), "{replies:?}");
     assert_eq!(sink.count(), 2);
+
+    // Address literals (RFC 5321 4.1.3), which the parser refuses: a sender at one is taken
+    // and goes on as it came; a recipient at one is in no customer domain.
+    for (seq, sender) in [(6, "u@[192.0.2.1]"), (7, "u@[IPv6:2001:db8::1]")] {
+        let mail = format!("MAIL FROM:<{sender}> SIZE=2000");
+        let replies = mxrelay_e2e::transaction(&relay.addr, &[&mail, "RCPT TO:<plain@customer.test>"], seq).await;
+        assert!(replies[1..].iter().all(|r| r.0 == 250), "{replies:?}");
+        assert!(wait_until(PATIENCE, || sink.count() == seq as usize - 3), "the message from {sender} was not delivered");
+        let dump = sink.dumps().into_iter().find(|d| d.contains(&format!("X-Seq: {seq}\n"))).expect("dump");
+        assert!(dump.contains(&format!("X-Mail-Args: <{sender}>\n")), "{dump}");
+    }
+    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<a@src.test>", "RCPT TO:<postmaster@[127.0.0.1]>"], 8).await;
+    assert!(replies[2].0 == 550 && replies[2].1.starts_with("5.7.1 relaying denied"), "{replies:?}");
+    let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<a@[300.0.0.1]>"], 9).await;
+    assert!(replies[1].0 == 501 && replies[1].1.starts_with("5.1.7 bad sender address syntax"), "{replies:?}");
+    assert_eq!(sink.count(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,9 @@
 //! Envelope addresses in their RFC 5321 wire form.
 //!
+//! [`parse_command`] reads a command line with smtp-proto, and also takes the address
+//! literals that smtp-proto refuses (`<user@[192.0.2.1]>`), as RFC 5321 §4.1.2 allows and
+//! Postfix does.
+//!
 //! The SMTP parser hands over a mailbox with its local part unquoted (`"john doe"@example.com`
 //! arrives as `john doe@example.com`), and the queue keeps it that way, so equal mailboxes
 //! compare equal. Whatever writes a mailbox back onto the wire, or into a report that a program
@@ -8,6 +12,83 @@
 //! different address.
 
 use std::borrow::Cow;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use smtp_proto::Request;
+
+/// Stands in for an address literal while the parser reads the line: it takes only domain
+/// names. `.invalid` (RFC 2606) is never a real domain.
+const LITERAL_STAND_IN: &str = "address-literal.invalid";
+
+/// RFC 5321 §4.1.3 `address-literal` as this relay takes it: `[192.0.2.1]` or
+/// `[IPv6:2001:db8::1]` (the general form has no registered tags).
+pub fn is_address_literal(domain: &str) -> bool {
+    let Some(inner) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) else {
+        return false;
+    };
+    match inner.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => inner[5..].parse::<Ipv6Addr>().is_ok(),
+        Some(_) | None => inner.parse::<Ipv4Addr>().is_ok(),
+    }
+}
+
+/// Parses one command line as smtp-proto does, and also takes a `MAIL` or `RCPT` path whose
+/// domain is an address literal (`<user@[192.0.2.1]>`), which smtp-proto refuses as bad
+/// syntax. The literal is read with a stand-in domain in its place (written to `scratch`)
+/// and put back in the address, so the rest of the line is parsed as usual.
+pub fn parse_command<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<Request<Cow<'a, str>>, smtp_proto::Error> {
+    let Some((at, end)) = literal_span(line) else {
+        return Request::parse(&mut line.iter());
+    };
+    let literal = String::from_utf8_lossy(&line[at + 1..end]).into_owned();
+    scratch.clear();
+    scratch.extend_from_slice(&line[..=at]);
+    scratch.extend_from_slice(LITERAL_STAND_IN.as_bytes());
+    scratch.extend_from_slice(&line[end..]);
+    let restore = |address: &mut Cow<'a, str>| {
+        if let Some(local) = address.strip_suffix(LITERAL_STAND_IN)
+            && local.ends_with('@')
+        {
+            *address = Cow::Owned(format!("{local}{literal}"));
+        }
+    };
+    let mut request = Request::parse(&mut scratch.iter())?;
+    match &mut request {
+        Request::Mail { from } => restore(&mut from.address),
+        Request::Rcpt { to } => restore(&mut to.address),
+        // Only MAIL and RCPT lines are rewritten (`literal_span`).
+        Request::Ehlo { .. }
+        | Request::Lhlo { .. }
+        | Request::Helo { .. }
+        | Request::Bdat { .. }
+        | Request::Auth { .. }
+        | Request::Noop { .. }
+        | Request::Vrfy { .. }
+        | Request::Expn { .. }
+        | Request::Help { .. }
+        | Request::Etrn { .. }
+        | Request::Atrn { .. }
+        | Request::Burl { .. }
+        | Request::StartTls
+        | Request::Data
+        | Request::Rset
+        | Request::Quit => {}
+    }
+    Ok(request)
+}
+
+/// Where a `MAIL`/`RCPT` line's path ends in `@[literal]>`: the index of the `@` and of the
+/// `>`, when the literal is one [`is_address_literal`] takes.
+fn literal_span(line: &[u8]) -> Option<(usize, usize)> {
+    let verb = line.get(..4)?;
+    if !verb.eq_ignore_ascii_case(b"MAIL") && !verb.eq_ignore_ascii_case(b"RCPT") {
+        return None;
+    }
+    let at = line.windows(2).position(|w| w == b"@[")?;
+    let end = at + line[at..].windows(2).position(|w| w == b"]>")? + 1;
+    std::str::from_utf8(&line[at + 1..end]).ok().filter(|l| is_address_literal(l))?;
+    Some((at, end))
+}
 
 /// RFC 5322 `atext`, and with SMTPUTF8 any non-ASCII character (RFC 6531 §3.3).
 fn is_atext(c: char) -> bool {
@@ -19,10 +100,23 @@ fn is_dot_string(local: &str) -> bool {
     local.split('.').all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
 }
 
-/// Whether `mailbox` can be written in an SMTP command at all: a quoted local part may hold
-/// any printable character or space (`qtextSMTP`, `quoted-pairSMTP`), but no control character.
-pub fn is_representable(mailbox: &str) -> bool {
-    !mailbox.chars().any(char::is_control)
+/// Why `mailbox` cannot be written in an SMTP command as [`smtp_path`] writes it, if it
+/// cannot: a quoted local part may hold any printable character or space (`qtextSMTP`,
+/// `quoted-pairSMTP`) but no control character, and a domain is never quoted, so it must be
+/// dot-atoms (one trailing dot allowed). The parser takes `a@"b c"` and gives `a@b c`, which
+/// would go on as `<a@b c>`: a parameter `c` to the next server. The null path can be written.
+pub fn unwritable(mailbox: &str) -> Option<&'static str> {
+    let domain_ok = match mailbox.rsplit_once('@') {
+        Some((_, domain)) => is_dot_string(domain.strip_suffix('.').unwrap_or(domain)) || is_address_literal(domain),
+        None => mailbox.is_empty(),
+    };
+    if mailbox.chars().any(char::is_control) {
+        Some("a control character, which no quoting can carry")
+    } else if !domain_ok {
+        Some("the domain is not a domain name")
+    } else {
+        None
+    }
 }
 
 /// `mailbox` as it is written between `<` and `>`: the local part quoted, with `"` and `\`
@@ -93,10 +187,48 @@ mod tests {
     }
 
     #[test]
-    fn control_characters_cannot_be_written() {
-        assert!(is_representable("john doe@example.test"));
-        assert!(!is_representable("a\tb@example.test"));
-        assert!(!is_representable("a\u{0}b@example.test"));
-        assert!(!is_representable("a\u{7f}b@example.test"));
+    fn address_literals_are_read_and_written_back() {
+        let mut scratch = Vec::new();
+        for (line, address) in [
+            ("MAIL FROM:<user@[192.0.2.1]> SIZE=10\r\n", "user@[192.0.2.1]"),
+            ("mail from:<\"a b\"@[IPv6:2001:db8::1]>\r\n", "a b@[IPv6:2001:db8::1]"),
+            ("RCPT TO:<user@[127.0.0.1]> NOTIFY=NEVER\r\n", "user@[127.0.0.1]"),
+        ] {
+            let (written, size) = match parse_command(line.as_bytes(), &mut scratch) {
+                Ok(Request::Mail { from }) => (from.address.to_string(), from.size),
+                Ok(Request::Rcpt { to }) => (to.address.to_string(), 0),
+                other => panic!("{line:?} parsed as {other:?}"),
+            };
+            assert_eq!(written, address, "{line:?}");
+            assert_eq!(size, if line.contains("SIZE") { 10 } else { 0 }, "the parameters are read as usual: {line:?}");
+            assert_eq!(unwritable(&written), None);
+            let again = format!("RCPT TO:<{}>\r\n", smtp_path(&written));
+            assert!(matches!(parse_command(again.as_bytes(), &mut scratch), Ok(Request::Rcpt { to }) if to.address == address));
+        }
+        // Not literals this relay takes: refused as smtp-proto refuses them.
+        for line in ["MAIL FROM:<user@[300.1.1.1]>\r\n", "MAIL FROM:<user@[IPv6:nope]>\r\n", "MAIL FROM:<user@[x]>\r\n"] {
+            assert!(
+                matches!(parse_command(line.as_bytes(), &mut scratch), Err(smtp_proto::Error::InvalidSenderAddress)),
+                "{line}"
+            );
+        }
+        // The stand-in is put back only where the literal was.
+        let line = "MAIL FROM:<user@address-literal.invalid>\r\n";
+        assert!(
+            matches!(parse_command(line.as_bytes(), &mut scratch), Ok(Request::Mail { from }) if from.address == "user@address-literal.invalid")
+        );
+    }
+
+    #[test]
+    fn control_characters_and_odd_domains_cannot_be_written() {
+        for ok in ["john doe@example.test", "user@example.test.", "用户@例子.test", "", "a@[192.0.2.1]", "a@[IPv6:::1]"] {
+            assert_eq!(unwritable(ok), None, "{ok}");
+        }
+        for bad in ["a\tb@example.test", "a\u{0}b@example.test", "a\u{7f}b@example.test"] {
+            assert_eq!(unwritable(bad), Some("a control character, which no quoting can carry"), "{bad:?}");
+        }
+        for bad in ["a@b c", "a@b..test", "a@", "a@.", "a@\"b\"", "nodomain", "a@[x]", "a@[1.2.3]"] {
+            assert_eq!(unwritable(bad), Some("the domain is not a domain name"), "{bad}");
+        }
     }
 }

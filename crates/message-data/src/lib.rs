@@ -13,8 +13,8 @@
 //! [`header_summary`] reads what intake needs from the header section in one pass: the
 //! `Received:` count that detects mail loops, and the `Message-ID` for the log.
 //!
-//! [`address`] writes envelope addresses back in their wire form, quoting local parts that
-//! the parser unquoted.
+//! [`address`] reads envelope addresses the SMTP parser does not (address literals) and writes
+//! them back in their wire form, quoting local parts that the parser unquoted.
 #![forbid(unsafe_code)]
 
 pub mod address;

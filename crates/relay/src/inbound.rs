@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
-use crate::data::address::{is_representable, smtp_path};
+use crate::data::address::{parse_command, smtp_path, unwritable};
 use crate::data::{DataEnd, header_summary, read_data, rfc5322_date};
 use crate::data_memory::DataMemory;
 use crate::dsn::{DsnRequest, RcptDsn};
@@ -432,7 +432,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             writer.flush().await?;
             return Ok(SessionEnd::Closed);
         }
-        let parsed = Request::parse(&mut line.iter());
+        let mut scratch = Vec::new();
+        let parsed = parse_command(&line, &mut scratch);
         let mut quit = false;
         match parsed {
             Ok(Request::Ehlo { host }) => {
@@ -475,10 +476,9 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     reply(writer, no_room(peer, settings, &inbound.data_memory)).await?;
                 } else if let Some(param) = unoffered_mail_parameter(&from) {
                     reply(writer, &format!("555 5.5.4 {param} is not supported")).await?;
-                } else if !is_representable(&from.address) {
-                    // A quoted local part may not hold one either (RFC 5321 `qtextSMTP`); it
-                    // could not be sent on.
-                    reply(writer, "501 5.1.7 a control character in the sender address").await?;
+                } else if let Some(why) = unwritable(&from.address) {
+                    // Taken, it could not be sent on as it came.
+                    reply(writer, &format!("501 5.1.7 sender address: {why}")).await?;
                 } else {
                     match DsnRequest::from_mail(from.flags, from.env_id.as_deref()) {
                         Ok(dsn) => {
@@ -499,8 +499,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     reply(writer, &format!("452 4.5.3 too many recipients (limit {})", settings.max_recipients)).await?;
                 } else if to.flags & !RCPT_DSN_FLAGS != 0 || to.rrvs != 0 {
                     reply(writer, "555 5.5.4 only the NOTIFY and ORCPT parameters are supported").await?;
-                } else if !is_representable(&address) {
-                    reply(writer, "501 5.1.3 a control character in the recipient address").await?;
+                } else if let Some(why) = unwritable(&address) {
+                    reply(writer, &format!("501 5.1.3 recipient address: {why}")).await?;
                 } else {
                     let dsn = RcptDsn::from_rcpt(to.flags, to.orcpt.as_deref());
                     match (mailbox, dsn) {
