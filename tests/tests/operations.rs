@@ -812,8 +812,37 @@ fn test_servers_does_not_need_the_domains_policy() {
     let config = mxrelay_e2e::write_config(dir.path(), &domain);
     let (ok, _, err) = mxrelay(&["check", &config]);
     assert!(!ok && err.contains("broken.wasm"), "check refuses the module: {err}");
-    let (ok, out, err) = mxrelay(&["test-servers", &config, "--domain", "customer.test"]);
-    assert!(ok && out.contains("accepts"), "{out}{err}");
+    // With one domain configured, it needs no --domain.
+    for args in [&["test-servers", &config, "--domain", "customer.test"][..], &["test-servers", &config]] {
+        let (ok, out, err) = mxrelay(args);
+        assert!(ok && out.contains("accepts"), "{args:?}: {out}{err}");
+    }
+}
+
+/// `plan` and `test-servers` take the only domain when --domain is left out; with several,
+/// they name some of them rather than guess, and so does a domain that is not configured.
+#[test]
+fn commands_about_one_domain_take_the_only_one_or_name_the_choices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = mxrelay_e2e::domain_with("customer.test", "", &[("mx.customer.test", 25, 10)]);
+    let config = mxrelay_e2e::write_config(dir.path(), &one);
+    let (ok, out, err) = mxrelay(&["plan", &config, "--json"]);
+    assert!(ok, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(plan["domain"], "customer.test", "{plan}");
+
+    let servers = [("mx1.customer.test", 25, 10), ("mx2.customer.test", 25, 20)];
+    let many: String = (0..12).map(|n| mxrelay_e2e::domain_with(&format!("d{n}.test"), "", &servers)).collect();
+    let config = mxrelay_e2e::write_config(dir.path(), &many);
+    for command in ["plan", "test-servers"] {
+        let (ok, _, err) = mxrelay(&[command, &config]);
+        assert!(!ok && err.contains("--domain is needed") && err.contains("configures 12 domains: d0.test, d1.test"), "{err}");
+        assert!(err.contains("d9.test and 2 more") && !err.contains("d10.test"), "{err}");
+        let (ok, _, err) = mxrelay(&[command, &config, "--domain", "nope.test"]);
+        assert!(!ok && err.contains("\"nope.test\" is not configured") && err.contains("and 2 more"), "{err}");
+    }
+    let (ok, out, err) = mxrelay(&["plan", &config, "--domain", "d11.test", "--json"]);
+    assert!(ok && out.contains("\"d11.test\""), "{out}{err}");
 }
 
 /// `test-servers` asks each of a domain's servers, as a delivery reaches it, whether it would

@@ -37,9 +37,9 @@ enum Command {
     Plan {
         /// The configuration file.
         config: PathBuf,
-        /// The domain to plan for.
+        /// The domain to plan for (may be left out when the config has only one).
         #[arg(long)]
-        domain: String,
+        domain: Option<String>,
         /// How many messages to simulate (seeds 0..N).
         #[arg(long, default_value_t = 1000)]
         messages: u64,
@@ -62,9 +62,9 @@ enum Command {
     TestServers {
         /// The configuration file.
         config: PathBuf,
-        /// The domain whose servers to test.
+        /// The domain whose servers to test (may be left out when the config has only one).
         #[arg(long)]
-        domain: String,
+        domain: Option<String>,
         /// The recipient to offer (default postmaster@DOMAIN, which every server must accept).
         #[arg(long)]
         rcpt: Option<String>,
@@ -199,9 +199,11 @@ fn main() -> ExitCode {
         Command::Run { config, log_format } => run(&config, log_format),
         Command::Check { config } => check(&config),
         Command::Plan { config, domain, messages, down, now_ms, rcpt, json } => {
-            plan(&config, &domain, PlanOptions { messages, down: &down, now_ms, rcpt, json })
+            plan(&config, domain.as_deref(), PlanOptions { messages, down: &down, now_ms, rcpt, json })
         }
-        Command::TestServers { config, domain, rcpt, sender, json } => test_servers(&config, &domain, rcpt, sender, json),
+        Command::TestServers { config, domain, rcpt, sender, json } => {
+            test_servers(&config, domain.as_deref(), rcpt, sender, json)
+        }
         Command::Queue { command } => queue(command),
         Command::Policy { command: PolicyCommand::Check { module, settings } } => {
             let report = mxrelay::policy_check::check(&module, &settings);
@@ -573,23 +575,45 @@ struct PlanOptions<'a> {
 
 /// Loads the config for a command about one domain, and finds the domain (its index in
 /// `config.domains`).
-fn load_for_domain(path: &Path, domain: &str) -> Option<(Loaded, usize)> {
+fn load_for_domain(path: &Path, domain: Option<&str>) -> Option<(Loaded, usize)> {
     let loaded = load(path, Say::Lines)?;
     let index = find_domain(&loaded.config, path, domain)?;
     Some((loaded, index))
 }
 
-/// The index of `domain` in `config.domains`; reports a domain that is not configured.
-fn find_domain(config: &Config, path: &Path, domain: &str) -> Option<usize> {
-    let index = config.domain_index(domain);
-    if index.is_none() {
-        let known: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
-        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), known.join(", "));
+/// The index of `domain` in `config.domains`, or of the only domain when none is given;
+/// reports a domain that is not configured, or a choice left open.
+fn find_domain(config: &Config, path: &Path, domain: Option<&str>) -> Option<usize> {
+    const NAMED: usize = 10;
+    let configured = || {
+        let mut names: Vec<&str> = config.domains.iter().take(NAMED).map(|d| d.name.as_str()).collect();
+        let more = config.domains.len().saturating_sub(NAMED);
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        if names.is_empty() {
+            names.push("none");
+        }
+        format!("{}{more}", names.join(", "))
+    };
+    let index = match domain {
+        Some(domain) => config.domain_index(domain),
+        None if config.domains.len() == 1 => Some(0),
+        None => {
+            eprintln!(
+                "error: --domain is needed: {} configures {} domains: {}",
+                path.display(),
+                config.domains.len(),
+                configured()
+            );
+            return None;
+        }
+    };
+    if let (None, Some(domain)) = (index, domain) {
+        eprintln!("error: --domain {domain:?} is not configured in {}; configured: {}", path.display(), configured());
     }
     index
 }
 
-fn test_servers(path: &Path, domain: &str, rcpt: Option<String>, sender: String, json: bool) -> ExitCode {
+fn test_servers(path: &Path, domain: Option<&str>, rcpt: Option<String>, sender: String, json: bool) -> ExitCode {
     use mxrelay::outbound::{TestEnvelope, Transport, render_server_tests, server_tests_json, test_servers};
     use mxrelay::tls::{ClientTls, OutboundTls};
     // The servers are reached as a delivery would, which needs the domain's TLS settings but
@@ -631,7 +655,7 @@ fn test_servers(path: &Path, domain: &str, rcpt: Option<String>, sender: String,
     if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-fn plan(path: &Path, domain: &str, opts: PlanOptions<'_>) -> ExitCode {
+fn plan(path: &Path, domain: Option<&str>, opts: PlanOptions<'_>) -> ExitCode {
     let PlanOptions { messages, down, now_ms, rcpt, json } = opts;
     let Some((Loaded { config, policies, .. }, index)) = load_for_domain(path, domain) else {
         return ExitCode::FAILURE;
