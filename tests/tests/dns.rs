@@ -2,9 +2,9 @@
 //! dnsmasq on loopback, as the Postfix reference setup uses), failover included, and a name
 //! that does not resolve is passed over like an unreachable server. A reused connection
 //! needs no lookup. A name's IPv6 addresses are tried after its IPv4 ones, and a resolver
-//! that drops AAAA queries holds up only those.
+//! that drops one family's queries holds up only that family's tries.
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use mxrelay_e2e::{Relay, Sink, domain_with, on_a_free_port, send_one, spawn_until_ready};
@@ -144,23 +144,25 @@ async fn a_name_whose_ipv4_address_refuses_is_reached_over_ipv6() {
     assert!(relay.log_lines(&["server marked down"]).is_empty(), "{}", relay.log_text());
 }
 
-/// A DNS server on loopback that answers A queries for one name and never answers AAAA
-/// queries, as a middlebox that drops them would; it counts the AAAA queries it drops.
-struct DropsAaaa {
+/// A DNS server on loopback that answers one name's queries of one family and never answers
+/// those of the other, as a middlebox that drops them would; it counts the queries it drops.
+struct DropsOneFamily {
     /// `IP:port` it answers on.
     addr: String,
-    aaaa_queries: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
-impl DropsAaaa {
-    fn start(ip: &str, name: &str, v4: Ipv4Addr) -> DropsAaaa {
+impl DropsOneFamily {
+    /// Answers `name`'s queries of `answer`'s type with it; drops those of the other family.
+    fn start(ip: &str, name: &str, answer: RData) -> DropsOneFamily {
         let socket = UdpSocket::bind(format!("{ip}:0")).expect("bind the stub resolver");
         socket.set_read_timeout(Some(Duration::from_millis(50))).expect("read timeout");
         let addr = socket.local_addr().expect("local address").to_string();
-        let (aaaa_queries, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (dropped, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
         let served = Name::from_ascii(format!("{name}.")).expect("name");
-        let (count, stopped) = (aaaa_queries.clone(), stop.clone());
+        let answered = answer.record_type();
+        let (count, stopped) = (dropped.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 512];
             while !stopped.load(Ordering::Relaxed) {
@@ -170,31 +172,29 @@ impl DropsAaaa {
                 let mut reply = Message::new();
                 reply.set_id(query.id()).set_message_type(MessageType::Response).set_op_code(OpCode::Query);
                 reply.set_recursion_desired(query.recursion_desired()).set_recursion_available(true).set_authoritative(true);
-                match (question.query_type(), question.name().eq_case(&served)) {
-                    (RecordType::AAAA, _) => {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        continue;
-                    }
-                    (RecordType::A, true) => {
-                        reply.add_answer(Record::from_rdata(served.clone(), 0, RData::A(A(v4))));
-                    }
-                    _ => {
-                        reply.set_response_code(ResponseCode::NXDomain);
-                    }
+                let kind = question.query_type();
+                if (kind == RecordType::A || kind == RecordType::AAAA) && kind != answered {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                if kind == answered && question.name().eq_case(&served) {
+                    reply.add_answer(Record::from_rdata(served.clone(), 0, answer.clone()));
+                } else {
+                    reply.set_response_code(ResponseCode::NXDomain);
                 }
                 reply.add_query(question);
                 let _ = socket.send_to(&reply.to_vec().expect("encode the reply"), from);
             }
         });
-        DropsAaaa { addr, aaaa_queries, stop }
+        DropsOneFamily { addr, dropped, stop }
     }
 
-    fn aaaa_queries(&self) -> usize {
-        self.aaaa_queries.load(Ordering::SeqCst)
+    fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::SeqCst)
     }
 }
 
-impl Drop for DropsAaaa {
+impl Drop for DropsOneFamily {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -208,13 +208,32 @@ impl Drop for DropsAaaa {
 async fn a_resolver_that_drops_aaaa_queries_does_not_hold_up_delivery_over_ipv4() {
     let mx = Sink::start("127.0.1.167", &[]);
     let (_, port) = mx.host_port();
-    let dns = DropsAaaa::start("127.0.53.96", "mx.customer.test", Ipv4Addr::new(127, 0, 1, 167));
+    let dns = DropsOneFamily::start("127.0.53.96", "mx.customer.test", RData::A(A(Ipv4Addr::new(127, 0, 1, 167))));
     let domain = domain_with("customer.test", "", &[("mx.customer.test", port, 10)]);
     let relay = Relay::start(&domain, &format!("resolver = \"{}\"", dns.addr));
     assert!(send_one(&relay.addr, "user@customer.test", 0).await);
     relay.eventually("delivered over IPv4", || mx.count() == 1).await;
-    let asked = dns.aaaa_queries();
+    let asked = dns.dropped();
     assert!(asked <= 1, "the AAAA query was sent {asked} times before the delivery: {}", relay.log_text());
+    relay.eventually("the delivery logged", || relay.log_lines(&["outcome=\"delivered\""]).len() == 1).await;
+    assert!(relay.log_lines(&["server marked down"]).is_empty(), "{}", relay.log_text());
+}
+
+/// Nor does a resolver that drops A queries hold up mail to a server with IPv6 addresses:
+/// the AAAA answer waits 50 ms for the A answer (RFC 8305's resolution delay), then its
+/// addresses are tried. Before, the A answer was awaited first, so each message waited for
+/// the resolver's timeout (5 s) and its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_drops_a_queries_does_not_hold_up_delivery_over_ipv6() {
+    let mx = Sink::start("::1", &[]);
+    let (_, port) = mx.host_port();
+    let dns = DropsOneFamily::start("127.0.53.97", "mx.customer.test", RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)));
+    let domain = domain_with("customer.test", "", &[("mx.customer.test", port, 10)]);
+    let relay = Relay::start(&domain, &format!("resolver = \"{}\"", dns.addr));
+    assert!(send_one(&relay.addr, "user@customer.test", 0).await);
+    relay.eventually("delivered over IPv6", || mx.count() == 1).await;
+    let asked = dns.dropped();
+    assert!(asked <= 1, "the A query was sent {asked} times before the delivery: {}", relay.log_text());
     relay.eventually("the delivery logged", || relay.log_lines(&["outcome=\"delivered\""]).len() == 1).await;
     assert!(relay.log_lines(&["server marked down"]).is_empty(), "{}", relay.log_text());
 }

@@ -79,25 +79,60 @@ fn ipv4_lead(v4: usize, limit: usize) -> usize {
     v4.min(limit - limit / 2)
 }
 
+/// How many of `v6` IPv6 addresses [`address_order`] keeps whatever the A answer: at least
+/// half the limit (rounded down) is IPv6's when it has that many.
+fn ipv6_kept(v6: usize, limit: usize) -> usize {
+    v6.min(limit / 2)
+}
+
+/// How long an AAAA answer that came first waits for the A answer before its addresses are
+/// tried (RFC 8305 §3, "Resolution Delay").
+const RESOLUTION_DELAY: Duration = Duration::from_millis(50);
+
+/// One family's lookup, on a task of its own.
+type Lookup = tokio::task::JoinHandle<Result<Vec<IpAddr>, ResolveError>>;
+
+fn lookup(resolver: &TokioResolver, name: &str, v6: bool) -> Lookup {
+    let (resolver, name) = (resolver.clone(), name.to_string());
+    tokio::spawn(async move {
+        Ok(if v6 {
+            resolver.ipv6_lookup(name).await?.iter().map(|aaaa| IpAddr::V6(aaaa.0)).collect()
+        } else {
+            resolver.ipv4_lookup(name).await?.iter().map(|a| IpAddr::V4(a.0)).collect()
+        })
+    })
+}
+
+/// A lookup's answer; a task that failed is a failed lookup.
+fn answer(joined: Result<Result<Vec<IpAddr>, ResolveError>, tokio::task::JoinError>) -> Result<Vec<IpAddr>, ResolveError> {
+    joined.unwrap_or_else(|e| Err(ResolveError::from(format!("lookup task: {e}"))))
+}
+
 /// A server's addresses (IPv4 first, as `address_order` puts them), handed out as they
-/// become known. The A answer is awaited first while the AAAA lookup runs alongside; the AAAA
-/// answer is awaited only once the IPv4 addresses that lead the order whatever it says are
-/// used up. So a resolver that drops AAAA queries (some middleboxes do) holds up only the
-/// IPv6 tries: a delivery over IPv4 does not wait for the resolver's timeout.
+/// become known. Both lookups run at once, and neither family waits for the other's answer
+/// longer than it must: when the A answer comes first, its IPv4 addresses that lead the
+/// order whatever the AAAA answer holds are tried before that answer is awaited; when the
+/// AAAA answer comes first, it waits [`RESOLUTION_DELAY`] for the A answer, then its IPv6
+/// addresses that every order keeps are tried. So a resolver that drops one family's queries
+/// (some middleboxes drop AAAA) holds up only that family's tries, not the resolver's
+/// timeout per message.
 #[derive(Debug)]
 pub struct Addresses {
     port: u16,
-    /// The order known so far: all of it, or its IPv4 lead while `pending` is set.
+    /// The order known so far: all of it, or while `pending` is set, the addresses tried
+    /// whatever the late answer holds.
     order: Vec<IpAddr>,
     given: usize,
-    pending: Option<PendingAaaa>,
+    pending: Option<Pending>,
 }
 
-/// The AAAA lookup not yet awaited, with the A answer the full order is made from.
+/// The lookup not yet awaited, with the other family's answer the full order is made from.
 #[derive(Debug)]
-struct PendingAaaa {
-    v4: Vec<IpAddr>,
-    lookup: tokio::task::JoinHandle<Result<Vec<IpAddr>, ResolveError>>,
+struct Pending {
+    known: Vec<IpAddr>,
+    lookup: Lookup,
+    /// `A` or `AAAA`, for the log.
+    kind: &'static str,
 }
 
 impl Addresses {
@@ -105,30 +140,44 @@ impl Addresses {
         Addresses { port: addr.port(), order: vec![addr.ip()], given: 0, pending: None }
     }
 
-    /// Looks `host` up: returns once the A answer is in and has an address, or once both
-    /// answers are in.
+    fn known(port: u16, ips: impl Iterator<Item = IpAddr>) -> Addresses {
+        Addresses { port, order: address_order(ips, MAX_ADDRESSES), given: 0, pending: None }
+    }
+
+    /// Looks `host` up: returns once one family's answer has an address to try first (see
+    /// [`Addresses`]), or once both answers are in.
     async fn resolve(resolver: &TokioResolver, host: &str, port: u16) -> Result<Addresses, String> {
         let name = format!("{host}.");
-        let aaaa = {
-            let (resolver, name) = (resolver.clone(), name.clone());
-            tokio::spawn(async move {
-                let found = resolver.ipv6_lookup(name).await?;
-                Ok::<_, ResolveError>(found.iter().map(|aaaa| IpAddr::V6(aaaa.0)).collect::<Vec<_>>())
-            })
-        };
-        let a = resolver.ipv4_lookup(name).await.map(|found| found.iter().map(|a| IpAddr::V4(a.0)).collect::<Vec<_>>());
-        let v4 = match &a {
-            Ok(v4) if !v4.is_empty() => {
-                let order = v4[..ipv4_lead(v4.len(), MAX_ADDRESSES)].to_vec();
-                return Ok(Addresses { port, order, given: 0, pending: Some(PendingAaaa { v4: v4.clone(), lookup: aaaa }) });
+        let (mut a, mut aaaa) = (lookup(resolver, &name, false), lookup(resolver, &name, true));
+        let (v4, v6) = tokio::select! {
+            joined = &mut a => {
+                let v4 = answer(joined);
+                if let Ok(v4) = &v4 && !v4.is_empty() {
+                    let order = v4[..ipv4_lead(v4.len(), MAX_ADDRESSES)].to_vec();
+                    let pending = Pending { known: v4.clone(), lookup: aaaa, kind: "AAAA" };
+                    return Ok(Addresses { port, order, given: 0, pending: Some(pending) });
+                }
+                (v4, answer(aaaa.await))
             }
-            Ok(_) | Err(_) => Vec::new(),
-        };
-        let v6 = aaaa.await.map_err(|e| format!("DNS lookup of {host}: {e}"))?;
-        match (a, v6) {
-            (_, Ok(v6)) if !v6.is_empty() => {
-                Ok(Addresses { port, order: address_order(v4.into_iter().chain(v6), MAX_ADDRESSES), given: 0, pending: None })
+            joined = &mut aaaa => {
+                let v6 = answer(joined);
+                match &v6 {
+                    Ok(v6) if !v6.is_empty() => match tokio::time::timeout(RESOLUTION_DELAY, &mut a).await {
+                        Ok(joined) => (answer(joined), Ok(v6.clone())),
+                        Err(_) => {
+                            let order = v6[..ipv6_kept(v6.len(), MAX_ADDRESSES)].to_vec();
+                            let pending = Pending { known: v6.clone(), lookup: a, kind: "A" };
+                            return Ok(Addresses { port, order, given: 0, pending: Some(pending) });
+                        }
+                    },
+                    Ok(_) | Err(_) => (answer(a.await), v6),
+                }
             }
+        };
+        match (v4, v6) {
+            (Ok(v4), Ok(v6)) if !v4.is_empty() || !v6.is_empty() => Ok(Addresses::known(port, v4.into_iter().chain(v6))),
+            // As hickory's own two-family lookup: one family's failure leaves the other's.
+            (Ok(found), Err(_)) | (Err(_), Ok(found)) if !found.is_empty() => Ok(Addresses::known(port, found.into_iter())),
             (Err(e), _) | (_, Err(e)) if !e.is_no_records_found() => Err(format!("DNS lookup of {host} failed: {e}")),
             (Ok(_) | Err(_), Ok(_) | Err(_)) => Err(format!("{host} has no A or AAAA record")),
         }
@@ -137,21 +186,19 @@ impl Addresses {
     /// The next address to try, if any is left.
     pub async fn next(&mut self) -> Option<SocketAddr> {
         if self.given == self.order.len()
-            && let Some(PendingAaaa { v4, lookup }) = self.pending.take()
+            && let Some(Pending { known, lookup, kind }) = self.pending.take()
         {
-            let v6 = match lookup.await {
-                Ok(Ok(v6)) => v6,
-                // As hickory's own two-family lookup: one family's failure leaves the other's.
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "AAAA lookup failed; IPv4 addresses only");
-                    Vec::new()
-                }
+            let found = match answer(lookup.await) {
+                Ok(found) => found,
                 Err(e) => {
-                    tracing::debug!(error = %e, "AAAA lookup task failed; IPv4 addresses only");
+                    tracing::debug!(error = %e, "{kind} lookup failed; the other family's addresses only");
                     Vec::new()
                 }
             };
-            self.order = address_order(v4.into_iter().chain(v6), MAX_ADDRESSES);
+            // Those tried stay tried; the rest follow in the full order.
+            let full = address_order(known.into_iter().chain(found), MAX_ADDRESSES);
+            let rest: Vec<IpAddr> = full.into_iter().filter(|ip| !self.order.contains(ip)).collect();
+            self.order.extend(rest);
         }
         let ip = *self.order.get(self.given)?;
         self.given += 1;
@@ -161,8 +208,9 @@ impl Addresses {
 
 impl Drop for Addresses {
     fn drop(&mut self) {
-        // Delivered over IPv4: the AAAA answer is not needed, and a dropped query would keep
-        // its task (and its retries) alive until the resolver's timeout.
+        // Delivered over the family that answered first: the other answer is not needed,
+        // and a dropped query would keep its task (and its retries) alive until the
+        // resolver's timeout.
         if let Some(pending) = &self.pending {
             pending.lookup.abort();
         }
@@ -1124,6 +1172,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The IPv6 addresses tried before a late A answer is in are in every order, whatever
+    /// that answer holds, so a late answer never takes the count past the limit.
+    #[test]
+    fn the_ipv6_addresses_tried_first_are_kept_whatever_the_a_answer() {
+        for limit in 1..=12 {
+            for v6_count in 0..=14u16 {
+                let v6: Vec<IpAddr> = (0..v6_count).map(|n| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n))).collect();
+                let kept = ipv6_kept(v6.len(), limit);
+                assert!(kept >= v6.len().min(limit / 2), "{v6_count} AAAA records, limit {limit}: {kept}");
+                for v4_count in 0..=14u8 {
+                    let v4 = (0..v4_count).map(|n| IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)));
+                    let order = address_order(v4.chain(v6.iter().copied()), limit);
+                    assert!(v6[..kept].iter().all(|ip| order.contains(ip)), "{v4_count} A and {v6_count} AAAA, limit {limit}");
+                }
+            }
+        }
+    }
+
+    /// What `Addresses` hands out when one family answered first and the other `late`.
+    async fn handed_out(first: Vec<IpAddr>, late: Vec<IpAddr>) -> Vec<IpAddr> {
+        let v6_first = first.first().is_some_and(IpAddr::is_ipv6);
+        let lead = if v6_first { ipv6_kept(first.len(), MAX_ADDRESSES) } else { ipv4_lead(first.len(), MAX_ADDRESSES) };
+        let lookup = tokio::spawn(async move { Ok(late) });
+        let pending = Pending { known: first.clone(), lookup, kind: if v6_first { "A" } else { "AAAA" } };
+        let mut addresses = Addresses { port: 25, order: first[..lead].to_vec(), given: 0, pending: Some(pending) };
+        let mut out = Vec::new();
+        while let Some(addr) = addresses.next().await {
+            out.push(addr.ip());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_adds_its_addresses_after_those_tried() {
+        let v4: Vec<IpAddr> = (1..=12).map(|n| IpAddr::V4(Ipv4Addr::new(192, 0, 2, n))).collect();
+        let v6: Vec<IpAddr> = (1..=12).map(|n| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n))).collect();
+        // A first: the order is the full one, as if both answers had come together.
+        assert_eq!(
+            handed_out(v4[..2].to_vec(), v6[..2].to_vec()).await,
+            address_order(v4[..2].iter().chain(&v6[..2]).copied(), 10)
+        );
+        assert_eq!(handed_out(v4.clone(), v6.clone()).await, address_order(v4.iter().chain(&v6).copied(), 10));
+        // AAAA first: its addresses, then the IPv4 ones; never more than the limit.
+        assert_eq!(handed_out(v6[..2].to_vec(), v4[..2].to_vec()).await, [&v6[..2], &v4[..2]].concat());
+        assert_eq!(handed_out(v6.clone(), v4.clone()).await, [&v6[..5], &v4[..5]].concat());
+        assert_eq!(handed_out(v6.clone(), Vec::new()).await, v6[..10].to_vec());
+        assert_eq!(handed_out(v6[..3].to_vec(), v4.clone()).await, [&v6[..3], &v4[..7]].concat());
     }
 
     /// A minimal config, with `relay_extra` lines under `[relay]`.
