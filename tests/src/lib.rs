@@ -386,11 +386,14 @@ impl Relay {
                 .collect();
         // The queue in the relay's directory, unless the test puts it elsewhere.
         let queue = if relay.lines().any(|l| l.trim_start().starts_with("queue ")) { "" } else { "queue = \"queue\"\n" };
+        // Named relay.test, unless the test names it (a second relay as a customer's server).
+        let hostname =
+            if relay.lines().any(|l| l.trim_start().starts_with("hostname ")) { "" } else { "hostname = \"relay.test\"\n" };
         on_a_free_port("127.0.0.1", |port| {
             let dir = tempfile::tempdir().expect("tempdir");
             let addr = format!("127.0.0.1:{port}");
             let config = format!(
-                "[relay]\nhostname = \"relay.test\"\nlisten = [\"{addr}\"]\n{queue}{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
+                "[relay]\n{hostname}listen = [\"{addr}\"]\n{queue}{relay}\n\n[delivery]\n{defaults}{delivery}\n\n{domains}\n"
             );
             std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
             let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

@@ -1,8 +1,8 @@
 //! The delivery outcome taxonomy against a sink that answers chosen codes: which failures
 //! move on to the next server, which fail the message, which defer it; and a server that is
-//! the relay itself, passed over.
+//! the relay itself, passed over; and a server's limit on recipients per transaction.
 
-use mxrelay_e2e::{Relay, Sink, domain_block, domain_with, eventually, send_one};
+use mxrelay_e2e::{PATIENCE, Relay, Sink, domain_block, domain_with, eventually, send_one, swaks_tagged, wait_until};
 
 /// What must happen to a message whose primary server misbehaves in one way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,4 +106,32 @@ async fn a_server_that_is_the_relay_itself_is_passed_over() {
     let dump = backup.dumps().pop().expect("the message");
     assert_eq!(dump.matches("by relay.test (mxrelay)").count(), 1, "the message went through the relay more than once:\n{dump}");
     relay.logged(&["a server is this relay itself"]).await;
+}
+
+/// A server that takes only so many recipients per transaction answers the rest `452 4.5.3`
+/// (RFC 5321 §4.5.3.1.10): they go to the same server in another transaction at once, not to
+/// the backup and not after a retry interval. The server here is a second mxrelay with
+/// `max_recipients = 2`, which delivers each transaction it takes to a sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_past_a_servers_limit_go_to_it_in_another_transaction_at_once() {
+    let behind = Sink::start("127.0.1.172", &[]);
+    let backup = Sink::start("127.0.1.173", &[]);
+    let limited = Relay::start_with(
+        "hostname = \"mx.customer.test\"\nmax_recipients = 2",
+        &domain_block("customer.test", &[(&behind, 10)]),
+        "",
+    );
+    let port: u16 = limited.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("port");
+    let (bh, bp) = backup.host_port();
+    let relay = Relay::start(&domain_with("customer.test", "", &[("127.0.0.1", port, 10), (bh, bp, 20)]), "retry = [\"1h\"]");
+    let to = "u1@customer.test,u2@customer.test,u3@customer.test,u4@customer.test,u5@customer.test";
+    let (ok, out) = swaks_tagged(&relay.addr, to, 1, &[]);
+    assert!(ok, "{out}");
+    assert!(wait_until(PATIENCE, || behind.count() == 3), "three transactions of 2, 2 and 1: {}", relay.log_text());
+    let rcpts: usize = behind.dumps().iter().map(|d| d.lines().filter(|l| l.starts_with("X-Rcpt-Args: ")).count()).sum();
+    assert_eq!(rcpts, 5, "every recipient once");
+    relay.eventually("five deliveries logged", || relay.log_lines(&["outcome=\"delivered\""]).len() == 5).await;
+    assert_eq!(relay.log_lines(&["outcome=\"next-transaction\""]).len(), 4, "u3-u5, then u5: {}", relay.log_text());
+    assert!(relay.log_lines(&["deferred"]).is_empty(), "{}", relay.log_text());
+    assert_eq!(backup.count(), 0, "the backup got mail the primary would take");
 }

@@ -198,77 +198,96 @@ impl Deliverer {
                 Admission::Trial(trial) => Some(trial),
                 Admission::Down => continue,
             };
-            let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data, dsn: env.dsn.as_deref() };
-            let verdict = self.transport.send(server, &outgoing, &tls).await;
-            if verdict.answered()
-                && let Some(trial) = trial.take()
-            {
-                trial.passed();
-            }
-            let stalled_after_dot = matches!(verdict, ServerVerdict::StalledAfterDot(_));
-            match verdict {
-                ServerVerdict::Completed { rcpts, reply, dsn_offered } => {
-                    let mut still = Vec::new();
-                    for (rcpt, v) in pending.drain(..).zip(rcpts) {
-                        match v {
-                            RcptVerdict::Delivered => {
-                                tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "delivered", reply = %reply, "delivery attempt");
-                                metrics::counter!("mxrelay_delivered_total", "server" => server_key.clone()).increment(1);
-                                // From acceptance to delivery, retries included (Postfix's `delay=`).
-                                let delay_ms = now_ms().saturating_sub(env.received_ms);
-                                metrics::histogram!("mxrelay_delivery_delay_seconds").record(delay_ms as f64 / 1000.0);
-                                // Only recipients that asked for a success report: the
-                                // list stays empty for nearly every message.
-                                if !dsn_offered && dsn::wanted(env.dsn.as_deref(), &rcpt, Action::Relayed) {
-                                    relayed.push((rcpt.clone(), reply.clone()));
+            // Recipients this server deferred: they go on to the next server.
+            let mut elsewhere = Vec::new();
+            // Until the server takes no more in a transaction: past its recipient limit, the
+            // rest go in another transaction, at once (RFC 5321 §4.5.3.1.10).
+            loop {
+                let outgoing = Outgoing { sender: &env.sender, recipients: &pending, data, dsn: env.dsn.as_deref() };
+                let verdict = self.transport.send(server, &outgoing, &tls).await;
+                if verdict.answered()
+                    && let Some(trial) = trial.take()
+                {
+                    trial.passed();
+                }
+                let stalled_after_dot = matches!(verdict, ServerVerdict::StalledAfterDot(_));
+                match verdict {
+                    ServerVerdict::Completed { rcpts, reply, dsn_offered } => {
+                        let mut over_limit = Vec::new();
+                        for (rcpt, v) in pending.drain(..).zip(rcpts) {
+                            match v {
+                                RcptVerdict::Delivered => {
+                                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "delivered", reply = %reply, "delivery attempt");
+                                    metrics::counter!("mxrelay_delivered_total", "server" => server_key.clone()).increment(1);
+                                    // From acceptance to delivery, retries included (Postfix's `delay=`).
+                                    let delay_ms = now_ms().saturating_sub(env.received_ms);
+                                    metrics::histogram!("mxrelay_delivery_delay_seconds").record(delay_ms as f64 / 1000.0);
+                                    // Only recipients that asked for a success report: the
+                                    // list stays empty for nearly every message.
+                                    if !dsn_offered && dsn::wanted(env.dsn.as_deref(), &rcpt, Action::Relayed) {
+                                        relayed.push((rcpt.clone(), reply.clone()));
+                                    }
+                                    delivered.push((rcpt, server_key.clone()));
                                 }
-                                delivered.push((rcpt, server_key.clone()));
-                            }
-                            RcptVerdict::PermRejected(why) => {
-                                tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "rejected", reply = %why, "delivery attempt");
-                                failed.push((rcpt, why));
-                            }
-                            RcptVerdict::TempRejected(why) => {
-                                tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "rcpt-deferred", reply = %why, "delivery attempt");
-                                last_reason = DeferReason::Failed(why);
-                                still.push(rcpt);
+                                RcptVerdict::PermRejected(why) => {
+                                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "rejected", reply = %why, "delivery attempt");
+                                    failed.push((rcpt, why));
+                                }
+                                RcptVerdict::TempRejected(why) => {
+                                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "rcpt-deferred", reply = %why, "delivery attempt");
+                                    last_reason = DeferReason::Failed(why);
+                                    elsewhere.push(rcpt);
+                                }
+                                RcptVerdict::OverLimit(why) => {
+                                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, rcpt, outcome = "next-transaction", reply = %why, "delivery attempt");
+                                    last_reason = DeferReason::Failed(why);
+                                    over_limit.push(rcpt);
+                                }
                             }
                         }
+                        // A recipient is over the limit only after one was taken (see
+                        // `RcptVerdict::OverLimit`), so each round delivers some: it ends.
+                        pending = over_limit;
+                        if !pending.is_empty() {
+                            continue;
+                        }
                     }
-                    pending = still;
-                }
-                ServerVerdict::Unreachable(why) => {
-                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
-                    self.health.mark_down(server, Fault::Unreachable, &why, &self.transport);
-                    last_reason = DeferReason::Failed(why);
-                }
-                ServerVerdict::Stalled(why) => {
-                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "stalled", reply = %why, "delivery attempt");
-                    self.health.mark_down(server, Fault::Stalled, &why, &self.transport);
-                    last_reason = DeferReason::Failed(why);
-                }
-                ServerVerdict::SessionFailed(why) | ServerVerdict::TempFailed(why) => {
-                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "next-server", reply = %why, "delivery attempt");
-                    last_reason = DeferReason::Failed(why);
-                }
-                ServerVerdict::PermFailed(why) => {
-                    tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "failed", reply = %why, "delivery attempt");
-                    failed.extend(pending.drain(..).map(|r| (r, why.clone())));
-                }
-                ServerVerdict::StalledAfterDot(why) | ServerVerdict::Unknown(why) => {
-                    tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no usable reply to the final dot; deferring, the message may be delivered twice");
-                    if stalled_after_dot {
+                    ServerVerdict::Unreachable(why) => {
+                        tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "unreachable", reply = %why, "delivery attempt");
+                        self.health.mark_down(server, Fault::Unreachable, &why, &self.transport);
+                        last_reason = DeferReason::Failed(why);
+                    }
+                    ServerVerdict::Stalled(why) => {
+                        tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "stalled", reply = %why, "delivery attempt");
                         self.health.mark_down(server, Fault::Stalled, &why, &self.transport);
+                        last_reason = DeferReason::Failed(why);
                     }
-                    return Outcome::Deferred {
-                        delivered,
-                        failed,
-                        relayed,
-                        remaining: pending,
-                        reason: DeferReason::MaybeDelivered(why),
-                    };
+                    ServerVerdict::SessionFailed(why) | ServerVerdict::TempFailed(why) => {
+                        tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "next-server", reply = %why, "delivery attempt");
+                        last_reason = DeferReason::Failed(why);
+                    }
+                    ServerVerdict::PermFailed(why) => {
+                        tracing::info!(queue_id = %env.queue_id(), server = %server_key, outcome = "failed", reply = %why, "delivery attempt");
+                        failed.extend(pending.drain(..).map(|r| (r, why.clone())));
+                    }
+                    ServerVerdict::StalledAfterDot(why) | ServerVerdict::Unknown(why) => {
+                        tracing::warn!(queue_id = %env.queue_id(), server = %server_key, outcome = "unknown", reply = %why, "no usable reply to the final dot; deferring, the message may be delivered twice");
+                        if stalled_after_dot {
+                            self.health.mark_down(server, Fault::Stalled, &why, &self.transport);
+                        }
+                        pending.extend(elsewhere);
+                        return Outcome::Deferred {
+                            delivered,
+                            failed,
+                            relayed,
+                            remaining: pending,
+                            reason: DeferReason::MaybeDelivered(why),
+                        };
+                    }
                 }
+                break;
             }
+            pending.extend(elsewhere);
         }
         if pending.is_empty() {
             Outcome::Done { delivered, failed, relayed }

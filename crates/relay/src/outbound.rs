@@ -224,8 +224,20 @@ pub enum RcptVerdict {
     Delivered,
     /// `4xx`: try again, elsewhere or later.
     TempRejected(String),
+    /// `452`, or `552 5.5.3`, after another recipient was accepted: the server's limit on
+    /// recipients per transaction (RFC 5321 §4.5.3.1.10, which also asks a client to take a
+    /// `552` for it as temporary). The recipient goes to the same server in another
+    /// transaction, at once.
+    OverLimit(String),
     /// `5xx`: this recipient fails.
     PermRejected(String),
+}
+
+/// Whether a RCPT reply is the server's recipient limit (see [`RcptVerdict::OverLimit`]).
+/// `552` alone is also "exceeded storage allocation", which fails for good; its enhanced
+/// code tells them apart (RFC 3463: `5.5.3` too many recipients).
+fn over_limit(r: &Response<String>) -> bool {
+    r.code == 452 || (r.code == 552 && r.esc == [5, 5, 3])
 }
 
 /// What one server did with one message.
@@ -948,13 +960,20 @@ impl Transport {
             Ok(s) => s,
             Err(verdict) => return Ok(verdict),
         };
+        let mut accepted = false;
         let rcpts: Vec<RcptVerdict> = msg
             .recipients
             .iter()
             .enumerate()
             .map(|(i, _)| match replies.get(i + 1) {
+                // Only a limit once one is in: a first recipient refused so is a server short
+                // of room, as the code says.
+                Some(r) if accepted && over_limit(r) => RcptVerdict::OverLimit(format!("{addr}: RCPT: {}", reply_text(r))),
                 Some(r) => match reply_kind(r.code) {
-                    ReplyKind::Positive => RcptVerdict::Delivered,
+                    ReplyKind::Positive => {
+                        accepted = true;
+                        RcptVerdict::Delivered
+                    }
                     ReplyKind::Permanent => RcptVerdict::PermRejected(format!("{addr}: RCPT: {}", reply_text(r))),
                     ReplyKind::Transient | ReplyKind::Intermediate | ReplyKind::OutOfRange => {
                         RcptVerdict::TempRejected(format!("{addr}: RCPT: {}", reply_text(r)))
@@ -1609,6 +1628,8 @@ mod tests {
             "451 later",
             "452 4.5.3 too many",
             "500 what",
+            "552 5.5.3 too many",
+            "552 5.2.2 mailbox full",
             "503 5.5.1 bad sequence",
             "550 5.1.1 no such user",
             "554 5.7.1 no",
@@ -1647,8 +1668,16 @@ mod tests {
             let kind = match &verdict {
                 ServerVerdict::Completed { rcpts, reply, .. } => {
                     for rcpt in rcpts {
-                        if let RcptVerdict::PermRejected(t) = rcpt {
-                            assert!((500..600).contains(&quoted(t)), "{script:?}: {verdict:?}");
+                        match rcpt {
+                            RcptVerdict::PermRejected(t) => assert!((500..600).contains(&quoted(t)), "{script:?}: {verdict:?}"),
+                            // The delivery loop's next transaction ends because each one
+                            // delivers something.
+                            RcptVerdict::OverLimit(t) => {
+                                assert!(matches!(quoted(t), 452 | 552), "{script:?}: {verdict:?}");
+                                assert!(rcpts.contains(&RcptVerdict::Delivered), "{script:?}: {verdict:?}");
+                                *seen.entry("a recipient over the limit").or_insert(0) += 1;
+                            }
+                            RcptVerdict::Delivered | RcptVerdict::TempRejected(_) => {}
                         }
                     }
                     if !rcpts.contains(&RcptVerdict::Delivered) {
@@ -1675,7 +1704,32 @@ mod tests {
             *seen.entry(kind).or_insert(0) += 1;
         }
         // The scripts reach every verdict, or the promises above were not put to the test.
-        assert_eq!(seen.len(), 6, "{seen:?}");
+        assert_eq!(seen.len(), 7, "{seen:?}");
+    }
+
+    /// `452`, or `552 5.5.3`, after a recipient was taken is the server's recipient limit:
+    /// another transaction, not another server. To the first recipient, it is what its code
+    /// says: a server short of room, or a failure.
+    #[tokio::test]
+    async fn a_recipient_past_the_servers_limit_is_told_apart() {
+        for limit in ["452 4.5.3 too many recipients", "552 5.5.3 too many"] {
+            let (v, _) = verdict_for(PIPELINING, &["250 ok", "250 ok", limit, "354 go", "250 queued"]).await;
+            let ServerVerdict::Completed { rcpts, .. } = &v else { panic!("{v:?}") };
+            assert!(
+                matches!(rcpts.as_slice(), [RcptVerdict::Delivered, RcptVerdict::OverLimit(t)] if t.ends_with(limit)),
+                "{v:?}"
+            );
+        }
+        let (v, _) = verdict_for(PIPELINING, &["250 ok", "452 4.3.1 no room", "250 ok", "354 go", "250 queued"]).await;
+        assert!(
+            matches!(&v, ServerVerdict::Completed { rcpts, .. } if matches!(rcpts.as_slice(), [RcptVerdict::TempRejected(_), RcptVerdict::Delivered])),
+            "{v:?}"
+        );
+        let (v, _) = verdict_for(PIPELINING, &["250 ok", "250 ok", "552 5.2.2 mailbox full", "354 go", "250 queued"]).await;
+        assert!(
+            matches!(&v, ServerVerdict::Completed { rcpts, .. } if matches!(rcpts.as_slice(), [RcptVerdict::Delivered, RcptVerdict::PermRejected(_)])),
+            "{v:?}"
+        );
     }
 
     #[tokio::test]
