@@ -298,6 +298,42 @@ async fn idle_and_slowloris_clients_are_cut_off() {
         }
     }
     assert!(cut, "a client dripping one byte per 300 ms kept the session for {:?}", started.elapsed());
+
+    // In the data: quiet for the idle timeout, or slower than 500 bytes/s in all (a byte per
+    // 100 ms is never quiet for 1 s), the client is told and closed, and nothing is queued.
+    for gap in [None, Some(Duration::from_millis(100))] {
+        let mut client = Raw::connect(&relay.addr).await;
+        assert!(client.reply().await.starts_with("220"));
+        for command in ["EHLO slow.example", "MAIL FROM:<a@src.test>", "RCPT TO:<user@customer.test>", "DATA"] {
+            assert!(!client.cmd(command).await.is_empty(), "{command}");
+        }
+        let started = std::time::Instant::now();
+        let late = async {
+            loop {
+                let mut buf = [0u8; 512];
+                let read = match gap {
+                    Some(gap) => {
+                        if client.writer.write_all(b"x").await.is_err() {
+                            return String::new();
+                        }
+                        tokio::time::timeout(gap, client.reader.read(&mut buf)).await
+                    }
+                    None => Ok(client.reader.read(&mut buf).await),
+                };
+                if let Ok(read) = read {
+                    return String::from_utf8_lossy(&buf[..read.unwrap_or(0)]).to_string();
+                }
+            }
+        };
+        let text = tokio::time::timeout(Duration::from_secs(20), late).await.unwrap_or_default();
+        assert!(
+            text.starts_with("421 4.4.2 relay.test the message data was late"),
+            "{gap:?}: {text:?} after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(sink.count(), 0);
+    assert!(relay.log_lines(&["accepted"]).is_empty(), "{}", relay.log_text());
 }
 
 /// A primary that accepts connections, writes `greeting` (if any) and then says nothing, with

@@ -25,6 +25,9 @@ use crate::dsn::{DsnRequest, RcptDsn};
 use crate::queue::{Envelope, Queue, format_id, now_ms};
 use crate::scheduler::Event;
 
+mod data_deadline;
+use data_deadline::{Counted, MIN_DATA_RATE, in_time};
+
 /// The queue's disk hangs ([`Queue::stalled_for`]): a new transaction is refused at MAIL, so
 /// its sender takes the mail elsewhere or later instead of waiting on the disk too. Mail whose
 /// data is in waits for its `250`: refusing it then could have it delivered twice.
@@ -546,8 +549,14 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     let answer = receive_message(reader, session, helo.as_deref().unwrap_or(""), &txn).await?;
                     txn = Transaction::default();
                     match answer {
-                        Some(text) => reply(writer, &text).await?,
-                        None => return Ok(SessionEnd::Closed),
+                        DataAnswer::Reply(text) => reply(writer, &text).await?,
+                        DataAnswer::Gone => return Ok(SessionEnd::Closed),
+                        DataAnswer::Late => {
+                            let limit = format!("{}s quiet or {MIN_DATA_RATE} bytes/s", settings.idle_timeout.as_secs());
+                            reply(writer, &format!("421 4.4.2 {hostname} the message data was late ({limit}), closing")).await?;
+                            writer.flush().await?;
+                            return Ok(SessionEnd::Closed);
+                        }
                     }
                 }
             }
@@ -625,14 +634,23 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-/// Reads the data, queues one envelope per recipient domain, and returns the reply (or
-/// `None` when the client went away mid-data).
+/// How receiving a message's data ended.
+enum DataAnswer {
+    /// The reply to the final dot (or to data that could not be taken).
+    Reply(String),
+    /// The client went away mid-data.
+    Gone,
+    /// The data was late ([`in_time`]).
+    Late,
+}
+
+/// Reads the data, queues one envelope per recipient domain, and returns the reply.
 async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
     session: &Session<'_>,
     helo: &str,
     txn: &Transaction,
-) -> std::io::Result<Option<String>> {
+) -> std::io::Result<DataAnswer> {
     let Session { inbound, settings, peer, tls } = session;
     let peer = *peer;
     // RFC 3848: ESMTPS for mail received over TLS.
@@ -662,19 +680,22 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     let mut data = Vec::with_capacity(if admitted { first } else { header.len() });
     data.extend_from_slice(header.as_bytes());
     let room = |capacity| (admitted || capacity == 0) && share.resize(capacity);
-    let timeout = settings.idle_timeout.max(Duration::from_secs(60));
     let limit = settings.max_message_size + header.len() as u64;
-    let read = tokio::time::timeout(timeout, read_data(reader, &mut data, limit, room)).await;
-    let (end, fixed) = match read {
-        Err(_) => return Ok(None),
-        Ok(r) => r?,
+    let received = std::sync::atomic::AtomicU64::new(0);
+    let mut counted = Counted::new(reader, &received);
+    let (end, fixed) = match in_time(read_data(&mut counted, &mut data, limit, room), &received, settings.idle_timeout).await {
+        None => {
+            tracing::info!(%peer, "the message data was late; closing");
+            return Ok(DataAnswer::Late);
+        }
+        Some(r) => r?,
     };
     match end {
-        DataEnd::Eof => return Ok(None),
+        DataEnd::Eof => return Ok(DataAnswer::Gone),
         DataEnd::TooLarge => {
-            return Ok(Some(format!("552 5.3.4 message exceeds the limit of {} bytes", settings.max_message_size)));
+            return Ok(DataAnswer::Reply(format!("552 5.3.4 message exceeds the limit of {} bytes", settings.max_message_size)));
         }
-        DataEnd::NoRoom => return Ok(Some(no_room(peer, settings, &inbound.data_memory).into())),
+        DataEnd::NoRoom => return Ok(DataAnswer::Reply(no_room(peer, settings, &inbound.data_memory).into())),
         DataEnd::Complete => {}
     }
     // RFC 5321 §6.3: a message that has been through this many MTAs is going round in circles
@@ -684,7 +705,10 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     let hops = headers.received;
     if hops > settings.max_hops as usize {
         tracing::warn!(%peer, hops, limit = settings.max_hops, "refused: too many Received: fields, a mail loop");
-        return Ok(Some(format!("554 5.4.6 too many hops: {hops} Received: fields (limit {}); a mail loop?", settings.max_hops)));
+        return Ok(DataAnswer::Reply(format!(
+            "554 5.4.6 too many hops: {hops} Received: fields (limit {}); a mail loop?",
+            settings.max_hops
+        )));
     }
     if fixed.bare_lf > 0 || fixed.stray_cr > 0 {
         tracing::info!(%peer, bare_lf = fixed.bare_lf, stray_cr = fixed.stray_cr, "normalised non-CRLF line ends");
@@ -732,11 +756,11 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
             let message_id = headers.message_id.as_deref().unwrap_or_default();
             tracing::info!(queue_id = %format_id(first_id), %peer, sender, message_id, rcpts = txn.recipients.len(), size = data.len(), "accepted");
             let _ = inbound.events.send(Event::Accepted(envelopes, data.clone()));
-            Ok(Some(format!("250 2.0.0 queued as {}", format_id(first_id))))
+            Ok(DataAnswer::Reply(format!("250 2.0.0 queued as {}", format_id(first_id))))
         }
         Err(e) => {
             tracing::error!(%peer, error = %e, "could not queue message; answered 452");
-            Ok(Some("452 4.3.1 insufficient system storage, try again later".into()))
+            Ok(DataAnswer::Reply("452 4.3.1 insufficient system storage, try again later".into()))
         }
     }
 }
