@@ -2,7 +2,8 @@
 //!
 //! [`parse_command`] reads a command line with smtp-proto, and also takes the address
 //! literals that smtp-proto refuses (`<user@[192.0.2.1]>`), as RFC 5321 §4.1.2 allows and
-//! Postfix does.
+//! Postfix does, and refuses an address that is not UTF-8, which smtp-proto would read with
+//! U+FFFD in it.
 //!
 //! The SMTP parser hands over a mailbox with its local part unquoted (`"john doe"@example.com`
 //! arrives as `john doe@example.com`), and the queue keeps it that way, so equal mailboxes
@@ -32,11 +33,23 @@ pub fn is_address_literal(domain: &str) -> bool {
     }
 }
 
-/// Parses one command line as smtp-proto does, and also takes a `MAIL` or `RCPT` path whose
-/// domain is an address literal (`<user@[192.0.2.1]>`), which smtp-proto refuses as bad
-/// syntax. The literal is read with a stand-in domain in its place (written to `scratch`)
-/// and put back in the address, so the rest of the line is parsed as usual.
+/// Parses one command line as smtp-proto does, but refuses a `MAIL` or `RCPT` line that is
+/// not UTF-8, and takes a path whose domain is an address literal (`<user@[192.0.2.1]>`),
+/// which smtp-proto refuses as bad syntax. The literal is read with a stand-in domain in its
+/// place (written to `scratch`) and put back in the address, so the rest of the line is
+/// parsed as usual.
 pub fn parse_command<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<Request<Cow<'a, str>>, smtp_proto::Error> {
+    // smtp-proto reads bytes that are not UTF-8 as U+FFFD: `j\xf6rg@` (Latin-1) would become
+    // another mailbox. An address is ASCII, or UTF-8 with SMTPUTF8 (RFC 6531).
+    if let Some(verb) = line.get(..4)
+        && std::str::from_utf8(line).is_err()
+    {
+        if verb.eq_ignore_ascii_case(b"MAIL") {
+            return Err(smtp_proto::Error::InvalidSenderAddress);
+        } else if verb.eq_ignore_ascii_case(b"RCPT") {
+            return Err(smtp_proto::Error::InvalidRecipientAddress);
+        }
+    }
     let Some((at, end)) = literal_span(line) else {
         return Request::parse(&mut line.iter());
     };
@@ -212,7 +225,25 @@ mod tests {
                 "{line}"
             );
         }
-        // The stand-in is put back only where the literal was.
+    }
+
+    /// Bytes that are not UTF-8 are refused, not read as U+FFFD, a mailbox nobody named.
+    #[test]
+    fn an_address_that_is_not_utf8_is_refused() {
+        let mut scratch = Vec::new();
+        let mail = b"MAIL FROM:<j\xf6rg@src.test>\r\n";
+        assert!(matches!(parse_command(mail, &mut scratch), Err(smtp_proto::Error::InvalidSenderAddress)));
+        let rcpt = b"RCPT TO:<j\xf6rg@customer.test>\r\n";
+        assert!(matches!(parse_command(rcpt, &mut scratch), Err(smtp_proto::Error::InvalidRecipientAddress)));
+        let utf8 = "RCPT TO:<jörg@customer.test>\r\n";
+        assert!(
+            matches!(parse_command(utf8.as_bytes(), &mut scratch), Ok(Request::Rcpt { to }) if to.address == "jörg@customer.test")
+        );
+    }
+
+    #[test]
+    fn the_stand_in_is_put_back_only_where_the_literal_was() {
+        let mut scratch = Vec::new();
         let line = "MAIL FROM:<user@address-literal.invalid>\r\n";
         assert!(
             matches!(parse_command(line.as_bytes(), &mut scratch), Ok(Request::Mail { from }) if from.address == "user@address-literal.invalid")
