@@ -1,5 +1,5 @@
 //! What a durable write costs on a disk, made the way the queue journal makes it and in two
-//! other ways the README weighs: `COUNT` records of `SIZE` bytes (6000: about one group commit) into a
+//! other ways docs/benchmarks.md weighs: `COUNT` records of `SIZE` bytes (6000: about one group commit) into a
 //! zero-filled file, as a recycled journal segment is, each durable before the next.
 //!
 //! usage: mxrelay-synccost DIR [COUNT=2000] [RUNS=3] [SIZE=6000]   (DIR on the disk the queue uses)
