@@ -71,6 +71,20 @@ pub enum OpenError {
     /// The index (redb) could not be opened, read, or brought up to date from the journal.
     #[error("index: {0}")]
     Index(#[from] redb::Error),
+    /// The index is damaged beyond redb's repair, and the journal no longer holds all of its
+    /// mail (a segment was retired), so it cannot be made again without loss.
+    #[error(
+        "the index {} is damaged beyond repair ({why}), and the journal no longer holds all the mail it held. \
+         Restore it from a backup; or, to start with what the journal holds and give up the mail only the index held, \
+         move it aside",
+        path.display()
+    )]
+    IndexDamaged {
+        /// `queue.redb`.
+        path: PathBuf,
+        /// redb's words.
+        why: String,
+    },
     /// A journal segment could not be listed, read, retired or started.
     #[error("journal: {0}")]
     Journal(#[from] journal::JournalError),
@@ -92,7 +106,11 @@ impl OpenError {
         let io = match self {
             OpenError::Directory(e) | OpenError::IndexLength(e) | OpenError::Index(redb::Error::Io(e)) => Some(e),
             OpenError::Journal(journal::JournalError::Io { source, .. }) => Some(source),
-            OpenError::Index(_) | OpenError::Journal(_) | OpenError::CorruptEnvelope(_) | OpenError::Thread(_) => None,
+            OpenError::Index(_)
+            | OpenError::IndexDamaged { .. }
+            | OpenError::Journal(_)
+            | OpenError::CorruptEnvelope(_)
+            | OpenError::Thread(_) => None,
         };
         io.is_some_and(|e| {
             matches!(
@@ -533,6 +551,9 @@ impl Queue {
                 std::fs::rename(&db_path, &aside).map_err(OpenError::Directory)?;
                 tracing::warn!(why, damaged = %aside.display(), "the queue index is damaged beyond repair; set aside, and made again from the journal, which holds every operation since the queue began");
                 open_index(&db_path).map_err(redb::Error::from)?
+            }
+            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why))) => {
+                return Err(OpenError::IndexDamaged { path: db_path, why });
             }
             Err(e) => return Err(redb::Error::from(e).into()),
         };
@@ -1376,7 +1397,15 @@ mod tests {
         std::fs::remove_file(image.join("journal/whole-history")).expect("as after a retired segment");
         let opened = Queue::open(&image);
         let Err(QueueError::Open { source, .. }) = &opened else { panic!("opened without its history: {opened:?}") };
-        assert!(matches!(**source, OpenError::Index(redb::Error::Corrupted(_))), "{source}");
+        assert!(matches!(**source, OpenError::IndexDamaged { .. }), "{source}");
+        // The operator is told what to do, and doing it starts the queue with what the
+        // journal holds (here all of it: the image was taken before any checkpoint).
+        let told = source.to_string();
+        assert!(told.contains("queue.redb") && told.contains("move it aside"), "{told}");
+        std::fs::rename(image.join("queue.redb"), image.join("queue.redb.bad")).expect("move aside");
+        let (started, envelopes) = Queue::open(&image).expect("started with what the journal holds");
+        assert_eq!(envelopes.iter().map(|e| e.id).collect::<HashSet<_>>(), HashSet::from([a.id, b.id]));
+        started.close();
 
         q.close();
         assert!(!journal::holds_whole_history(&dir.path().join("live/journal")), "the last checkpoint retired a segment");
