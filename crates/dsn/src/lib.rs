@@ -435,18 +435,11 @@ mod tests {
             diagnostic: "127.0.1.1:25: RCPT: 550 5.1.1 no such user".into(),
             status: None,
         }];
-        let report = Report {
-            action: Action::Failed,
-            reporting_mta: "relay.test",
-            queue_id: "0000000000000ABC",
-            arrival_secs: 1_795_891_700,
-            now_secs: 1_795_891_800,
-            retry_until_secs: None,
-            sender: "a@src.test",
-            recipients: &rcpts,
-            request: None,
-        };
-        let text = String::from_utf8(build(&report, b"Subject: hello\r\nFrom: a@src.test\r\n\r\nbody\r\n")).expect("utf8");
+        let text = String::from_utf8(build(
+            &Report { sender: "a@src.test", ..report_for(Action::Failed, &rcpts, None) },
+            b"Subject: hello\r\nFrom: a@src.test\r\n\r\nbody\r\n",
+        ))
+        .expect("utf8");
         assert_contains_all(
             &text,
             &[
@@ -467,18 +460,11 @@ mod tests {
     #[test]
     fn quoted_local_parts_are_reported_quoted() {
         let rcpts = [RecipientStatus { recipient: "john doe@customer.test".into(), diagnostic: "550 no".into(), status: None }];
-        let report = Report {
-            action: Action::Failed,
-            reporting_mta: "relay.test",
-            queue_id: "0000000000000ABC",
-            arrival_secs: 1_795_891_700,
-            now_secs: 1_795_891_800,
-            retry_until_secs: None,
-            sender: "jane roe@src.test",
-            recipients: &rcpts,
-            request: None,
-        };
-        let text = String::from_utf8(build(&report, b"Subject: hello\r\n\r\n")).expect("utf8");
+        let text = String::from_utf8(build(
+            &Report { sender: "jane roe@src.test", ..report_for(Action::Failed, &rcpts, None) },
+            b"Subject: hello\r\n\r\n",
+        ))
+        .expect("utf8");
         assert_contains_all(
             &text,
             &[
