@@ -82,11 +82,17 @@ two_sink_scene() {
 }
 
 # relay_launch CONFIG LOG BINARY [VAR=VALUE...]: starts BINARY on CONFIG with the environment
-# given and its log in LOG; sets P to its PID and returns once it is ready.
+# given and its log in LOG; sets P to its PID and returns once it is ready. A relay that exits
+# instead (its port taken, say) ends the script with the log's last lines.
 relay_launch() {
   local config=$1 log=$2 bin=$3; shift 3
   env "$@" "$bin" run "$config" 2> "$log" & P=$!
-  until grep -q "mxrelay ready" "$log"; do sleep 0.01; done
+  until grep -q "mxrelay ready" "$log"; do
+    if ! kill -0 "$P" 2>/dev/null; then
+      echo "mxrelay exited before it was ready:" >&2; tail -3 "$log" >&2; P=; exit 1
+    fi
+    sleep 0.01
+  done
 }
 
 # mx_start BINARY [VAR=VALUE...]: starts BINARY on $WORK/relay.toml with an empty queue and
