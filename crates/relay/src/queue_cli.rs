@@ -199,6 +199,15 @@ mod tests {
         (addr, server)
     }
 
+    #[test]
+    fn a_message_is_shown_with_its_addresses_as_they_go_on_the_wire() {
+        let json = r#"{"envelope": {"id": "1", "domain": "customer.test", "sender": "jane roe@src.test",
+            "recipients": ["john doe@customer.test", "a@customer.test"], "held": false}, "headers": "Subject: x\r\n"}"#;
+        let shown = render_show(json);
+        assert!(shown.contains("sender: <\"jane roe\"@src.test>\n"), "{shown}");
+        assert!(shown.contains("recipients: \"john doe\"@customer.test, a@customer.test\n"), "{shown}");
+    }
+
     /// Latin-1 "é", then UTF-8 "ü".
     const MESSAGE: &[u8] = b"Subject: caf\xe9\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n";
 
