@@ -26,6 +26,14 @@ pub(crate) enum HostError {
     NumericTld(String),
     BadIpv4,
     BadIpv6,
+    /// `mail.example.com:2525` or `[2001:db8::1]:2525`: the port belongs in its own field.
+    PortInHost {
+        host: String,
+        port: String,
+    },
+    /// `[mail.example.com]` (Postfix's way to skip the MX lookup, which servers here never
+    /// have): brackets hold an IP address only.
+    BracketedName(String),
 }
 
 impl HostError {
@@ -41,6 +49,12 @@ impl HostError {
             HostError::NumericTld(l) => format!("\"{host}\" ends in the all-numeric label \"{l}\", so it is neither a host name nor an IP address"),
             HostError::BadIpv4 => format!("\"{host}\" looks like an IPv4 address but is not one: four numbers 0-255 separated by dots, like 192.0.2.10"),
             HostError::BadIpv6 => format!("\"{host}\" is not a valid IPv6 address; write it like 2001:db8::25"),
+            HostError::PortInHost { host: h, port } => {
+                format!("\"{host}\" has a port in it; give the host as \"{h}\" and the port ({port}) on its own")
+            }
+            HostError::BracketedName(name) => format!(
+                "brackets hold an IP address; write the host name without them: \"{name}\" (a server's name is looked up for its A and AAAA records, never MX)"
+            ),
         }
     }
 }
@@ -59,9 +73,31 @@ pub(crate) fn parse(raw: &str) -> Result<(HostKind, String), HostError> {
     if host == "." {
         return Err(HostError::NullMx);
     }
+    // `name:port`, `v4:port` or `[v6]:port`: one colon after the host, and digits after it.
+    if let Some((before, port)) = host.rsplit_once(':')
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && (!before.contains(':') || (before.starts_with('[') && before.ends_with(']')))
+        && matches!(parse(before), Ok(_) | Err(HostError::BracketedName(_)))
+    {
+        let bare = before.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(before);
+        let bare = bare.strip_prefix("IPv6:").unwrap_or(bare);
+        return Err(HostError::PortInHost { host: bare.to_string(), port: port.to_string() });
+    }
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        let inner = inner.strip_prefix("IPv6:").unwrap_or(inner);
-        return inner.parse::<Ipv6Addr>().map(|ip| (HostKind::Ipv6, ip.to_string())).map_err(|_| HostError::BadIpv6);
+        // RFC 5321 address literals: `[192.0.2.1]` and `[IPv6:2001:db8::1]` (or `[2001:db8::1]`).
+        if let Ok(ip) = inner.parse::<Ipv4Addr>() {
+            return Ok((HostKind::Ipv4, ip.to_string()));
+        }
+        let v6 = inner.strip_prefix("IPv6:").unwrap_or(inner);
+        return match v6.parse::<Ipv6Addr>() {
+            Ok(ip) => Ok((HostKind::Ipv6, ip.to_string())),
+            Err(_) if !inner.contains(':') => match parse(inner) {
+                Ok(_) => Err(HostError::BracketedName(inner.to_string())),
+                Err(e) => Err(e),
+            },
+            Err(_) => Err(HostError::BadIpv6),
+        };
     }
     if host.contains(':') {
         return host.parse::<Ipv6Addr>().map(|ip| (HostKind::Ipv6, ip.to_string())).map_err(|_| HostError::BadIpv6);
@@ -113,6 +149,7 @@ mod tests {
             ("2001:DB8::1", HostKind::Ipv6, "2001:db8::1"),
             ("[2001:db8::1]", HostKind::Ipv6, "2001:db8::1"),
             ("[IPv6:2001:db8::1]", HostKind::Ipv6, "2001:db8::1"),
+            ("[192.0.2.1]", HostKind::Ipv4, "192.0.2.1"),
         ];
         for (input, kind, norm) in ok {
             assert_eq!(parse(input), Ok((kind, norm.to_string())), "{input}");
@@ -123,7 +160,8 @@ mod tests {
     fn rejects_each_kind_of_bad_host() {
         let long_label = "a".repeat(64);
         let long_name = format!("{}.com", ["abcdefghij"; 25].join("."));
-        let bad: [(&str, HostError); 14] = [
+        let port = |host: &str, port: &str| HostError::PortInHost { host: host.into(), port: port.into() };
+        let bad: [(&str, HostError); 20] = [
             ("", HostError::Empty),
             ("   ", HostError::Empty),
             (".", HostError::NullMx),
@@ -137,7 +175,13 @@ mod tests {
             ("mail-.example.com", HostError::HyphenEdge("mail-".into())),
             ("mail.123", HostError::NumericTld("123".into())),
             ("2001:db8::g", HostError::BadIpv6),
-            ("[192.0.2.1]", HostError::BadIpv6),
+            ("[2001:db8::g]", HostError::BadIpv6),
+            ("[192.0.2.300]", HostError::BadIpv4),
+            ("mail.example.com:2525", port("mail.example.com", "2525")),
+            ("192.0.2.1:25", port("192.0.2.1", "25")),
+            ("[2001:db8::1]:25", port("2001:db8::1", "25")),
+            ("[mail.example.com]", HostError::BracketedName("mail.example.com".into())),
+            ("[mail.example.com]:25", port("mail.example.com", "25")),
         ];
         for (input, err) in bad {
             assert_eq!(parse(input), Err(err), "{input:?}");

@@ -189,7 +189,9 @@ pub fn validate_servers(raw: &[RawServer]) -> Result<(Vec<Server>, Vec<Problem>)
                     | host::HostError::LabelTooLong(_)
                     | host::HostError::BadCharacter(_)
                     | host::HostError::HyphenEdge(_)
-                    | host::HostError::NumericTld(_) => ProblemCode::HostSyntax,
+                    | host::HostError::NumericTld(_)
+                    | host::HostError::PortInHost { .. }
+                    | host::HostError::BracketedName(_) => ProblemCode::HostSyntax,
                 };
                 report(Field::Host, code, e.message(entry.host.trim()));
                 None
