@@ -52,9 +52,7 @@ impl HostError {
             HostError::PortInHost { host: h, port } => {
                 format!("\"{host}\" has a port in it; give the host as \"{h}\" and the port ({port}) on its own")
             }
-            HostError::BracketedName(name) => format!(
-                "brackets hold an IP address; write the host name without them: \"{name}\" (a server's name is looked up for its A and AAAA records, never MX)"
-            ),
+            HostError::BracketedName(name) => format!("brackets are for IP addresses; write the name without them: \"{name}\""),
         }
     }
 }
@@ -74,7 +72,8 @@ pub(crate) fn parse(raw: &str) -> Result<(HostKind, String), HostError> {
         return Err(HostError::NullMx);
     }
     // `name:port`, `v4:port` or `[v6]:port`: one colon after the host, and digits after it.
-    if let Some((before, port)) = host.rsplit_once(':')
+    if let Some(colon) = host.bytes().rposition(|b| b == b':')
+        && let (before, port) = (&host[..colon], &host[colon + 1..])
         && !port.is_empty()
         && port.bytes().all(|b| b.is_ascii_digit())
         && (!before.contains(':') || (before.starts_with('[') && before.ends_with(']')))
@@ -85,6 +84,10 @@ pub(crate) fn parse(raw: &str) -> Result<(HostKind, String), HostError> {
         return Err(HostError::PortInHost { host: bare.to_string(), port: port.to_string() });
     }
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        // One pair of brackets: the checks below look inside them once, never deeper.
+        if inner.bytes().any(|b| b == b'[' || b == b']') {
+            return Err(HostError::BadCharacter('['));
+        }
         // RFC 5321 address literals: `[192.0.2.1]` and `[IPv6:2001:db8::1]` (or `[2001:db8::1]`).
         if let Ok(ip) = inner.parse::<Ipv4Addr>() {
             return Ok((HostKind::Ipv4, ip.to_string()));
@@ -161,7 +164,7 @@ mod tests {
         let long_label = "a".repeat(64);
         let long_name = format!("{}.com", ["abcdefghij"; 25].join("."));
         let port = |host: &str, port: &str| HostError::PortInHost { host: host.into(), port: port.into() };
-        let bad: [(&str, HostError); 20] = [
+        let bad: [(&str, HostError); 21] = [
             ("", HostError::Empty),
             ("   ", HostError::Empty),
             (".", HostError::NullMx),
@@ -182,11 +185,16 @@ mod tests {
             ("[2001:db8::1]:25", port("2001:db8::1", "25")),
             ("[mail.example.com]", HostError::BracketedName("mail.example.com".into())),
             ("[mail.example.com]:25", port("mail.example.com", "25")),
+            ("[[mail.example.com]]", HostError::BadCharacter('[')),
         ];
         for (input, err) in bad {
             assert_eq!(parse(input), Err(err), "{input:?}");
         }
         assert_eq!(parse(&format!("{long_label}.com")), Err(HostError::LabelTooLong(long_label.clone())));
+        // Deeply nested brackets are refused at once, not looked into level by level.
+        let nested = format!("{}x{}:25", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(parse(&nested), Err(HostError::BadIpv6));
+        assert_eq!(parse(&nested[..nested.len() - 3]), Err(HostError::BadCharacter('[')));
         assert!(matches!(parse(&long_name), Err(HostError::TooLong(n)) if n > 253), "{}", long_name.len());
     }
 
