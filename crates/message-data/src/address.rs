@@ -41,14 +41,15 @@ pub fn is_address_literal(domain: &str) -> bool {
 pub fn parse_command<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<Request<Cow<'a, str>>, smtp_proto::Error> {
     // smtp-proto reads bytes that are not UTF-8 as U+FFFD: `j\xf6rg@` (Latin-1) would become
     // another mailbox. An address is ASCII, or UTF-8 with SMTPUTF8 (RFC 6531).
-    if let Some(verb) = line.get(..4)
+    let not_utf8 = match line.get(..4) {
+        Some(verb) if verb.eq_ignore_ascii_case(b"MAIL") => Some(smtp_proto::Error::InvalidSenderAddress),
+        Some(verb) if verb.eq_ignore_ascii_case(b"RCPT") => Some(smtp_proto::Error::InvalidRecipientAddress),
+        Some(_) | None => None,
+    };
+    if let Some(error) = not_utf8
         && std::str::from_utf8(line).is_err()
     {
-        if verb.eq_ignore_ascii_case(b"MAIL") {
-            return Err(smtp_proto::Error::InvalidSenderAddress);
-        } else if verb.eq_ignore_ascii_case(b"RCPT") {
-            return Err(smtp_proto::Error::InvalidRecipientAddress);
-        }
+        return Err(error);
     }
     let Some((at, end)) = literal_span(line) else {
         return Request::parse(&mut line.iter());
@@ -97,8 +98,10 @@ fn literal_span(line: &[u8]) -> Option<(usize, usize)> {
     if !verb.eq_ignore_ascii_case(b"MAIL") && !verb.eq_ignore_ascii_case(b"RCPT") {
         return None;
     }
-    let at = line.windows(2).position(|w| w == b"@[")?;
-    let end = at + line[at..].windows(2).position(|w| w == b"]>")? + 1;
+    // The path ends at the first `]>`; its domain starts at the last `@[` before that (a
+    // quoted local part may hold `@[` too).
+    let end = line.windows(2).position(|w| w == b"]>")? + 1;
+    let at = line[..end].windows(2).rposition(|w| w == b"@[")?;
     std::str::from_utf8(&line[at + 1..end]).ok().filter(|l| is_address_literal(l))?;
     Some((at, end))
 }
@@ -206,6 +209,7 @@ mod tests {
             ("MAIL FROM:<user@[192.0.2.1]> SIZE=10\r\n", "user@[192.0.2.1]"),
             ("mail from:<\"a b\"@[IPv6:2001:db8::1]>\r\n", "a b@[IPv6:2001:db8::1]"),
             ("RCPT TO:<user@[127.0.0.1]> NOTIFY=NEVER\r\n", "user@[127.0.0.1]"),
+            ("MAIL FROM:<\"a@[b\"@[192.0.2.1]>\r\n", "a@[b@[192.0.2.1]"),
         ] {
             let (written, size) = match parse_command(line.as_bytes(), &mut scratch) {
                 Ok(Request::Mail { from }) => (from.address.to_string(), from.size),
