@@ -90,7 +90,7 @@ mod tests {
     use crate::data::{DataEnd, read_data};
     use tokio::io::{AsyncWriteExt, BufReader, DuplexStream};
 
-    /// Reads a message's data through a [`DataDeadline`] of `idle` while `client` writes.
+    /// Reads a message's data through [`Counted`] and [`in_time`] with `idle` while `client` writes.
     async fn read_while<F>(idle: Duration, client: impl FnOnce(DuplexStream) -> F) -> (Option<io::Result<DataEnd>>, Duration)
     where
         F: Future<Output = ()> + Send + 'static,
