@@ -107,7 +107,7 @@ impl SharedInstance {
     /// load time. A refusal of the settings leaves the instance to the others.
     pub(crate) fn make_router(&self, spec: &RouterSpec<'_>) -> Result<DomainRouter, PolicyError> {
         let mut slot = self.lock();
-        let made = slot.make_router(spec);
+        let made = slot.make_router(spec).map(|(_, router)| router);
         if let Err(e) = &made {
             match e {
                 PolicyError::Settings { .. } => {}
@@ -147,27 +147,30 @@ impl Slot {
         router: &mut Option<DomainRouter>,
         call: impl FnOnce(&mut PolicyInstance, &RouterHandle) -> Result<T, PolicyError>,
     ) -> Result<T, PolicyError> {
-        let current = router.as_ref().is_some_and(|r| r.generation == self.generation && self.instance.is_some());
-        if !current {
-            *router = Some(self.make_router(spec)?);
+        let generation = self.generation;
+        if let (Some(instance), Some(current)) = (self.instance.as_mut(), router.as_ref())
+            && current.generation == generation
+        {
+            return call(instance, &current.handle);
         }
-        match (self.instance.as_mut(), router.as_ref()) {
-            (Some(instance), Some(router)) => call(instance, &router.handle),
-            // Not reached: a router is made in a live instance, or the call failed above.
-            (None, _) | (_, None) => Err(PolicyError::Poisoned { name: spec.component.name().into() }),
-        }
+        let (instance, made) = self.make_router(spec)?;
+        call(instance, &router.insert(made).handle)
     }
 
-    fn make_router(&mut self, spec: &RouterSpec<'_>) -> Result<DomainRouter, PolicyError> {
-        let instance = match &mut self.instance {
+    /// Makes the domain's router, in the live instance or in a new one; returns the instance
+    /// with it.
+    fn make_router(&mut self, spec: &RouterSpec<'_>) -> Result<(&mut PolicyInstance, DomainRouter), PolicyError> {
+        let instance = match self.instance.take() {
             Some(instance) => instance,
             None => {
                 let started = spec.component.instantiate()?;
                 self.generation += 1;
-                self.instance.insert(started)
+                started
             }
         };
+        let generation = self.generation;
+        let instance = self.instance.insert(instance);
         let handle = instance.router(spec.domain, spec.servers, spec.settings_json)?;
-        Ok(DomainRouter { generation: self.generation, handle })
+        Ok((instance, DomainRouter { generation, handle }))
     }
 }
