@@ -144,6 +144,16 @@ impl Addresses {
         Addresses { port, order: address_order(ips, MAX_ADDRESSES), given: 0, pending: None }
     }
 
+    /// One family answered first with `first` (not empty); the other's answer is `late`. The
+    /// addresses every full order tries, whatever `late` holds, are handed out meanwhile.
+    fn first_answer(port: u16, first: Vec<IpAddr>, late: Lookup) -> Addresses {
+        let v6_first = first.first().is_some_and(IpAddr::is_ipv6);
+        let (lead, kind) =
+            if v6_first { (ipv6_kept(first.len(), MAX_ADDRESSES), "A") } else { (ipv4_lead(first.len(), MAX_ADDRESSES), "AAAA") };
+        let order = first[..lead].to_vec();
+        Addresses { port, order, given: 0, pending: Some(Pending { known: first, lookup: late, kind }) }
+    }
+
     /// Looks `host` up: returns once one family's answer has an address to try first (see
     /// [`Addresses`]), or once both answers are in.
     async fn resolve(resolver: &TokioResolver, host: &str, port: u16) -> Result<Addresses, String> {
@@ -152,25 +162,18 @@ impl Addresses {
         let (v4, v6) = tokio::select! {
             joined = &mut a => {
                 let v4 = answer(joined);
-                if let Ok(v4) = &v4 && !v4.is_empty() {
-                    let order = v4[..ipv4_lead(v4.len(), MAX_ADDRESSES)].to_vec();
-                    let pending = Pending { known: v4.clone(), lookup: aaaa, kind: "AAAA" };
-                    return Ok(Addresses { port, order, given: 0, pending: Some(pending) });
+                match v4 {
+                    Ok(v4) if !v4.is_empty() => return Ok(Addresses::first_answer(port, v4, aaaa)),
+                    v4 => (v4, answer(aaaa.await)),
                 }
-                (v4, answer(aaaa.await))
             }
             joined = &mut aaaa => {
-                let v6 = answer(joined);
-                match &v6 {
+                match answer(joined) {
                     Ok(v6) if !v6.is_empty() => match tokio::time::timeout(RESOLUTION_DELAY, &mut a).await {
-                        Ok(joined) => (answer(joined), Ok(v6.clone())),
-                        Err(_) => {
-                            let order = v6[..ipv6_kept(v6.len(), MAX_ADDRESSES)].to_vec();
-                            let pending = Pending { known: v6.clone(), lookup: a, kind: "A" };
-                            return Ok(Addresses { port, order, given: 0, pending: Some(pending) });
-                        }
+                        Ok(joined) => (answer(joined), Ok(v6)),
+                        Err(_) => return Ok(Addresses::first_answer(port, v6, a)),
                     },
-                    Ok(_) | Err(_) => (answer(a.await), v6),
+                    v6 => (answer(a.await), v6),
                 }
             }
         };
@@ -1213,11 +1216,7 @@ mod tests {
 
     /// What `Addresses` hands out when one family answered first and the other `late`.
     async fn handed_out(first: Vec<IpAddr>, late: Vec<IpAddr>) -> Vec<IpAddr> {
-        let v6_first = first.first().is_some_and(IpAddr::is_ipv6);
-        let lead = if v6_first { ipv6_kept(first.len(), MAX_ADDRESSES) } else { ipv4_lead(first.len(), MAX_ADDRESSES) };
-        let lookup = tokio::spawn(async move { Ok(late) });
-        let pending = Pending { known: first.clone(), lookup, kind: if v6_first { "A" } else { "AAAA" } };
-        let mut addresses = Addresses { port: 25, order: first[..lead].to_vec(), given: 0, pending: Some(pending) };
+        let mut addresses = Addresses::first_answer(25, first, tokio::spawn(async move { Ok(late) }));
         let mut out = Vec::new();
         while let Some(addr) = addresses.next().await {
             out.push(addr.ip());
