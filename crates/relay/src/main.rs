@@ -586,12 +586,10 @@ fn load_for_domain(path: &Path, domain: Option<&str>) -> Option<(Loaded, usize)>
 fn find_domain(config: &Config, path: &Path, domain: Option<&str>) -> Option<usize> {
     const NAMED: usize = 10;
     let configured = || {
-        let mut names: Vec<&str> = config.domains.iter().take(NAMED).map(|d| d.name.as_str()).collect();
+        // A config that loaded has at least one domain.
+        let names: Vec<&str> = config.domains.iter().take(NAMED).map(|d| d.name.as_str()).collect();
         let more = config.domains.len().saturating_sub(NAMED);
         let more = if more > 0 { format!(" and {more} more") } else { String::new() };
-        if names.is_empty() {
-            names.push("none");
-        }
         format!("{}{more}", names.join(", "))
     };
     let index = match domain {

@@ -544,16 +544,15 @@ impl Queue {
             // A disk that failed under a run of checkpoints can leave both of redb's commit
             // slots pointing at pages it never wrote. Nothing is lost while the journal still
             // holds every operation since the queue began: the index is made again from it.
-            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)))
-                if journal::holds_whole_history(&journal_dir) =>
-            {
+            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why))) => {
+                // Once a segment was retired, mail the index alone held would be lost.
+                if !journal::holds_whole_history(&journal_dir) {
+                    return Err(OpenError::IndexDamaged { path: db_path, why });
+                }
                 let aside = dir.join(format!("queue.redb.damaged-{}", now_ms()));
                 std::fs::rename(&db_path, &aside).map_err(OpenError::Directory)?;
                 tracing::warn!(why, damaged = %aside.display(), "the queue index is damaged beyond repair; set aside, and made again from the journal, which holds every operation since the queue began");
                 open_index(&db_path).map_err(redb::Error::from)?
-            }
-            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why))) => {
-                return Err(OpenError::IndexDamaged { path: db_path, why });
             }
             Err(e) => return Err(redb::Error::from(e).into()),
         };
