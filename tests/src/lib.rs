@@ -384,11 +384,12 @@ impl Relay {
                 .filter(|(key, _)| !delivery.contains(key))
                 .map(|(key, value)| format!("{key} = \"{value}\"\n"))
                 .collect();
-        // The queue in the relay's directory, unless the test puts it elsewhere.
-        let queue = if relay.lines().any(|l| l.trim_start().starts_with("queue ")) { "" } else { "queue = \"queue\"\n" };
-        // Named relay.test, unless the test names it (a second relay as a customer's server).
-        let hostname =
-            if relay.lines().any(|l| l.trim_start().starts_with("hostname ")) { "" } else { "hostname = \"relay.test\"\n" };
+        // The queue in the relay's directory, and the name relay.test, unless the test sets
+        // them (a second relay as a customer's server has a name of its own).
+        let default = |key: &str, line: &'static str| {
+            if relay.lines().any(|l| l.trim_start().starts_with(&format!("{key} "))) { "" } else { line }
+        };
+        let (queue, hostname) = (default("queue", "queue = \"queue\"\n"), default("hostname", "hostname = \"relay.test\"\n"));
         on_a_free_port("127.0.0.1", |port| {
             let dir = tempfile::tempdir().expect("tempdir");
             let addr = format!("127.0.0.1:{port}");
