@@ -67,26 +67,11 @@ pub fn parse_command<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<Req
         }
     };
     let mut request = Request::parse(&mut scratch.iter())?;
-    match &mut request {
-        Request::Mail { from } => restore(&mut from.address),
-        Request::Rcpt { to } => restore(&mut to.address),
-        // Only MAIL and RCPT lines are rewritten (`literal_span`).
-        Request::Ehlo { .. }
-        | Request::Lhlo { .. }
-        | Request::Helo { .. }
-        | Request::Bdat { .. }
-        | Request::Auth { .. }
-        | Request::Noop { .. }
-        | Request::Vrfy { .. }
-        | Request::Expn { .. }
-        | Request::Help { .. }
-        | Request::Etrn { .. }
-        | Request::Atrn { .. }
-        | Request::Burl { .. }
-        | Request::StartTls
-        | Request::Data
-        | Request::Rset
-        | Request::Quit => {}
+    // Only MAIL and RCPT lines are rewritten (`literal_span`).
+    if let Request::Mail { from } = &mut request {
+        restore(&mut from.address);
+    } else if let Request::Rcpt { to } = &mut request {
+        restore(&mut to.address);
     }
     Ok(request)
 }
