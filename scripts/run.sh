@@ -8,4 +8,4 @@ cargo build --release --locked -p mxrelay
 # As the systemd unit does (contrib/systemd): two malloc arenas, which keep a large queue's
 # memory down.
 export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
-exec target/release/mxrelay run "${1:-examples/relay.toml}"
+exec "${CARGO_TARGET_DIR:-target}/release/mxrelay" run "${1:-examples/relay.toml}"

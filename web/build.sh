@@ -9,7 +9,7 @@ if [ "$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2)" != "$version" ]; th
   cargo install wasm-bindgen-cli --version "$version"   # --locked fails on this registry mirror
 fi
 cargo build --locked -p mxrelay-policy-web --target wasm32-unknown-unknown --profile wasm
-wasm-bindgen --target web --no-typescript --out-dir web/pkg target/wasm32-unknown-unknown/wasm/mxrelay_policy_web.wasm
+wasm-bindgen --target web --no-typescript --out-dir web/pkg "${CARGO_TARGET_DIR:-target}"/wasm32-unknown-unknown/wasm/mxrelay_policy_web.wasm
 raw=$(stat -c %s web/pkg/mxrelay_policy_web_bg.wasm)
 gz=$(gzip -9c web/pkg/mxrelay_policy_web_bg.wasm | wc -c)
 echo "web/pkg: wasm ${raw} bytes, ${gz} bytes gzipped (target <= 61440)"

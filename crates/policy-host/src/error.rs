@@ -2,6 +2,20 @@
 
 use mxrelay_policy_core::Problem;
 
+/// Where a problem a policy reported about its settings is in the config file:
+/// `policy_config.percent` for the setting `percent`, `policy_config` for the table as a whole.
+/// A name given with the prefix already (as earlier SDKs did) keeps it once.
+pub fn setting_path(problem: &Problem) -> String {
+    let name = problem.host.trim();
+    let name = if name == "policy_config" { "" } else { name.strip_prefix("policy_config.").unwrap_or(name) };
+    if name.is_empty() { "policy_config".into() } else { format!("policy_config.{name}") }
+}
+
+/// A problem a policy reported about its settings, as `policy_config.percent: what is wrong`.
+pub fn setting_problem_text(problem: &Problem) -> String {
+    format!("{}: {}", setting_path(problem), problem.message)
+}
+
 /// Why a policy call produced no usable answer.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -39,7 +53,7 @@ pub enum PolicyError {
         reason: String,
     },
     /// The policy refused the domain's settings.
-    #[error("policy {name}: settings refused: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    #[error("policy {name}: settings refused: {}", problems.iter().map(setting_problem_text).collect::<Vec<_>>().join("; "))]
     Settings {
         /// The policy's name.
         name: String,
@@ -127,5 +141,30 @@ mod tests {
         let big: Vec<u32> = (0..300).rev().collect();
         assert_eq!(check_plan(&big, 300), Ok(()));
         assert_eq!(check_plan(&big[1..], 300), Err(InvalidPlan::Missing { missing: 1, servers: 300 }));
+    }
+
+    #[test]
+    fn a_setting_problem_names_its_place_in_policy_config_once() {
+        use mxrelay_policy_core::{Field, ProblemCode, Severity};
+        let problem = |host: &str| Problem {
+            index: None,
+            host: host.into(),
+            field: Field::Servers,
+            severity: Severity::Error,
+            code: ProblemCode::Policy,
+            message: "out of range".into(),
+        };
+        for (host, path) in [
+            ("percent", "policy_config.percent"),
+            ("windows[0].end", "policy_config.windows[0].end"),
+            ("", "policy_config"),
+            ("policy_config.percent", "policy_config.percent"),
+            ("policy_config.", "policy_config"),
+            ("policy_config", "policy_config"),
+            ("policy_configs", "policy_config.policy_configs"),
+        ] {
+            assert_eq!(setting_path(&problem(host)), path, "{host:?}");
+        }
+        assert_eq!(setting_problem_text(&problem("percent")), "policy_config.percent: out of range");
     }
 }

@@ -21,7 +21,7 @@ mod ticker;
 
 pub use domain::{DomainPolicy, Plan, PlanRequest, PlanSource};
 pub use engine::{BUILTIN_DOMAINS_PER_INSTANCE, Limits, PolicyComponent, PolicyEngine, PolicyInstance, RouterHandle};
-pub use error::{InvalidPlan, PolicyError, check_plan};
+pub use error::{InvalidPlan, PolicyError, check_plan, setting_path, setting_problem_text};
 
 /// Host bindings for `wit/policy.wit`, generated once here (documented in the WIT file).
 #[allow(missing_docs)]

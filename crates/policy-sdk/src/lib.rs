@@ -114,11 +114,13 @@ pub trait Policy: Sized + 'static {
     }
 }
 
-/// A problem with one setting, for [`Policy::new`].
+/// A problem with one setting, for [`Policy::new`]. `setting` is its name in the domain's
+/// `[domain.policy_config]` table, such as `percent` or `windows[0].end`; the relay shows it
+/// as `policy_config.percent`. An empty name means the table as a whole.
 pub fn setting_problem(setting: &str, message: impl Into<String>) -> Problem {
     Problem {
         index: None,
-        host: format!("policy_config.{setting}"),
+        host: setting.to_string(),
         field: Field::Servers,
         severity: Severity::Error,
         code: ProblemCode::Policy,
@@ -126,12 +128,22 @@ pub fn setting_problem(setting: &str, message: impl Into<String>) -> Problem {
     }
 }
 
-/// Parses the settings JSON, turning serde's error into a problem that names the setting.
+/// Parses the settings JSON. A setting of the wrong type is named (`percent: invalid type:
+/// string "ten", expected f64`); the JSON is the relay's rendering of the TOML table, so its
+/// line and column would point at nothing the operator wrote and are left out.
 pub fn parse_settings<S: serde::de::DeserializeOwned + Default>(json: &str) -> Result<S, Vec<Problem>> {
     if json.trim().is_empty() || json.trim() == "{}" {
         return serde_json::from_str::<S>("{}").or_else(|_| Ok(S::default()));
     }
-    serde_json::from_str(json).map_err(|e| vec![setting_problem("", format!("{e}"))])
+    let mut reader = serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let text = inner.to_string();
+        let position = format!(" at line {} column {}", inner.line(), inner.column());
+        let message = text.strip_suffix(&position).unwrap_or(&text);
+        vec![setting_problem(if path == "." { "" } else { &path }, message)]
+    })
 }
 
 /// Glue between the WIT types and the trait; used by [`export_policy!`].
@@ -246,4 +258,56 @@ macro_rules! export_policy {
     $crate::bindings::export!(__MxrelayPolicyExport with_types_in $crate::bindings);
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Settings {
+        #[serde(default)]
+        percent: f64,
+        #[serde(default)]
+        windows: Vec<Window>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Window {
+        #[allow(dead_code, reason = "only its type matters here")]
+        end: String,
+    }
+
+    fn refused(json: &str) -> (String, String) {
+        let problems = parse_settings::<Settings>(json).expect_err("refused");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        (problems[0].host.clone(), problems[0].message.clone())
+    }
+
+    #[test]
+    fn a_setting_of_the_wrong_type_is_named_without_json_positions() {
+        let (setting, message) = refused(r#"{"percent":"ten"}"#);
+        assert_eq!(setting, "percent");
+        assert_eq!(message, r#"invalid type: string "ten", expected f64"#);
+        let (setting, message) = refused(r#"{"windows":[{"end":5}]}"#);
+        assert_eq!(setting, "windows[0].end");
+        assert!(message.starts_with("invalid type: integer `5`"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_setting_is_named() {
+        let (setting, message) = refused(r#"{"percnt":10}"#);
+        assert_eq!(setting, "percnt");
+        assert_eq!(message, "unknown field `percnt`, expected `percent` or `windows`");
+    }
+
+    #[test]
+    fn no_settings_are_the_defaults() {
+        for json in ["", "{}", " {} "] {
+            let s = parse_settings::<Settings>(json).expect("defaults");
+            assert!(s.percent == 0.0 && s.windows.is_empty(), "{json:?}");
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mxrelay_policy_core::Severity;
-use mxrelay_policy_host::{DomainPolicy, Limits, PolicyComponent, PolicyEngine, PolicyError};
+use mxrelay_policy_host::{DomainPolicy, Limits, PolicyComponent, PolicyEngine, PolicyError, setting_path};
 
 use crate::config::{Config, ConfigProblem, PolicySource};
 use crate::tls::{ClientTls, OutboundTls};
@@ -79,9 +79,9 @@ impl Policies {
                     domains.insert(domain.name.clone(), Arc::new(p));
                 }
                 Err(PolicyError::Settings { problems: found, .. }) => problems.extend(found.into_iter().map(|p| ConfigProblem {
-                    location: format!("domain {}: policy_config", domain.name),
+                    location: format!("domain {}: {}", domain.name, setting_path(&p)),
                     severity: p.severity,
-                    message: format!("{}: {}", p.host, p.message),
+                    message: p.message,
                 })),
                 Err(err) => problems.push(ConfigProblem { location, severity: Severity::Error, message: err.to_string() }),
             }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use mxrelay_policy_core::golden;
 use mxrelay_policy_core::{Router, Server};
-use mxrelay_policy_host::{Envelope, Limits, Message, PolicyEngine, PolicyError, PolicyInstance, RouterHandle};
+use mxrelay_policy_host::{
+    Envelope, Limits, Message, PolicyEngine, PolicyError, PolicyInstance, RouterHandle, setting_problem_text,
+};
 
 const VECTORS: &str = include_str!("../../../tests/golden/vectors.json");
 
@@ -198,7 +200,7 @@ fn create(run: &mut Run, servers: &[Server], settings_json: &str, case: &str) ->
     match run.instance.router("example.com", servers, settings_json) {
         Ok(h) => Ok(Some(h)),
         Err(PolicyError::Settings { problems, .. }) => {
-            let why = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            let why = problems.iter().map(setting_problem_text).collect::<Vec<_>>().join("; ");
             run.skipped.push(format!("\"{case}\": settings refused for this server list ({why})"));
             Ok(None)
         }

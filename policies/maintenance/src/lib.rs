@@ -170,9 +170,8 @@ mod tests {
             start: "tomorrow".into(),
             end: "2026-12-06T04:00:00Z".into(),
         }];
-        let text: Vec<String> =
-            Maintenance::new(servers, Settings { windows }).expect_err("invalid").iter().map(ToString::to_string).collect();
-        assert!(text.iter().any(|t| t.contains("policy_config.windows[0].server")), "{text:?}");
-        assert!(text.iter().any(|t| t.contains("policy_config.windows[0].start") && t.contains("tomorrow")), "{text:?}");
+        let err = Maintenance::new(servers, Settings { windows }).expect_err("invalid");
+        assert!(err.iter().any(|p| p.host == "windows[0].server" && p.message.contains("mx9.example.com")), "{err:?}");
+        assert!(err.iter().any(|p| p.host == "windows[0].start" && p.message.contains("tomorrow")), "{err:?}");
     }
 }
