@@ -1,7 +1,6 @@
 // The inbound-servers widget: validation and preview run in WebAssembly (the same policy
 // core as the relay), on every keystroke. Saving sends the list to the relay's admin API;
 // testing asks the relay to try each server as a delivery would, without saving or sending.
-import init, { validate, preview } from './pkg/mxrelay_policy_web.js';
 
 const PRESETS = {
   one: [['mail.mailroutedemo.com', 10]],
@@ -230,7 +229,20 @@ async function testServers() {
   status.textContent = body.passed ? 'Tested: every server accepts.' : 'Tested: see below.';
 }
 
-await init();
+// The policy core in WebAssembly. Without it nothing can be checked or previewed, so the page
+// says what is missing instead of showing a form that does nothing.
+let validate, preview;
+try {
+  const core = await import('./pkg/mxrelay_policy_web.js');
+  await core.default();
+  ({ validate, preview } = core);
+} catch (e) {
+  const failed = document.getElementById('load-error');
+  failed.textContent = `This page cannot check server lists: its WebAssembly module (pkg/mxrelay_policy_web_bg.wasm) did not load (${e.message}). Whoever runs this page: build it with web/build.sh.`;
+  failed.hidden = false;
+  for (const el of root.querySelectorAll('form, .presets, .preview')) el.hidden = true;
+  throw e;
+}
 rows.addEventListener('input', (e) => {
   if (e.target.name === 'host') delete e.target.closest('[data-testid="server-row"]').dataset.fresh;
   refresh();

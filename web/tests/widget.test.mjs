@@ -267,3 +267,24 @@ test('saving through the relay changes where mail goes', async () => {
   await waitFor('mail at the saved server', () => sinks[1].count() === 1);
   assert.equal(sinks[0].count(), 0);
 });
+
+test('a page whose WebAssembly module is missing says so and offers no form', async () => {
+  const broken = await browser.newPage({ viewport: { width: 1000, height: 700 } });
+  const errors = [];
+  broken.on('pageerror', (e) => errors.push(e.message));
+  await broken.route('**/pkg/**', (route) => route.fulfill({ status: 404, body: 'no such file' }));
+  try {
+    await broken.goto(`http://${relayAdmin}/?domain=customer.test#token=${TOKEN}`);
+    const failed = broken.getByTestId('load-error');
+    await failed.waitFor({ state: 'visible' });
+    const text = await failed.textContent();
+    assert.match(text, /WebAssembly module \(pkg\/mxrelay_policy_web_bg\.wasm\) did not load/);
+    assert.match(text, /build it with web\/build\.sh/);
+    assert.equal(await broken.locator('#servers-form').isVisible(), false, 'no form that cannot check what is typed');
+    assert.equal(await broken.locator('.presets').isVisible(), false);
+    assert.equal(errors.length, 1, `the failed import is reported once: ${errors}`);
+    await broken.screenshot({ path: join(shots, 'widget-module-missing.png'), fullPage: true });
+  } finally {
+    await broken.close();
+  }
+});

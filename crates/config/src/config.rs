@@ -503,6 +503,27 @@ fn servers_that_are_this_relay(relay: &RelayConfig, domains: &[DomainConfig]) ->
     found
 }
 
+/// What would keep the widget in `relay.web_root` from working. Warnings: mail flows without it.
+fn widget_problems(root: &Path, served: bool) -> Vec<ConfigProblem> {
+    let warning = |message: String| ConfigProblem { location: "relay.web_root".into(), severity: Severity::Warning, message };
+    if !served {
+        return vec![warning("the widget is served on relay.admin_listen, which is not set".into())];
+    }
+    if !root.join("index.html").is_file() {
+        return vec![warning(format!(
+            "{} has no index.html: the widget is not served; name the repository's web/ directory",
+            root.display()
+        ))];
+    }
+    if !root.join("pkg/mxrelay_policy_web_bg.wasm").is_file() {
+        return vec![warning(format!(
+            "{} has no pkg/mxrelay_policy_web_bg.wasm: the widget cannot check or preview server lists until web/build.sh builds it",
+            root.display()
+        ))];
+    }
+    Vec::new()
+}
+
 fn error(location: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
     ConfigProblem { location: location.into(), severity: Severity::Error, message: message.into() }
 }
@@ -648,7 +669,11 @@ fn relay_config(file: FileRelay, base: &Path, problems: &mut Vec<ConfigProblem>)
         greet_pause: duration_field("relay.greet_pause", file.greet_pause, Duration::ZERO, problems),
         admin_listen,
         admin_token,
-        web_root: file.web_root.map(|p| base.join(p)),
+        web_root: file.web_root.map(|root| {
+            let root = base.join(root);
+            problems.extend(widget_problems(&root, admin_listen.is_some()));
+            root
+        }),
         tls_cert,
         tls_key,
         require_tls,
@@ -928,6 +953,33 @@ preference = 20
             Err(ConfigError::Invalid { problems }) => problems.iter().map(ToString::to_string).collect(),
             Err(e) => vec![e.to_string()],
         }
+    }
+
+    /// The widget's directory is checked at load, so an operator learns why the page would
+    /// be empty or inert from `mxrelay check`, not from a customer.
+    #[test]
+    fn a_widget_directory_that_cannot_serve_the_widget_is_a_warning() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = |admin: &str| {
+            let text = SEED.replacen("[[domain]]", &format!("{admin}web_root = \"web\"\n\n[[domain]]"), 1);
+            let path = dir.path().join("relay.toml");
+            let c = Config::parse(&path, &text).expect("warnings only");
+            c.warnings.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        let admin = "admin_listen = \"127.0.0.1:8025\"\n";
+        let web = dir.path().join("web");
+        assert_eq!(config(""), ["relay.web_root: the widget is served on relay.admin_listen, which is not set"]);
+        let only = config(admin);
+        assert!(only.len() == 1 && only[0].contains("web has no index.html: the widget is not served"), "{only:?}");
+        std::fs::create_dir_all(web.join("pkg")).expect("mkdir");
+        std::fs::write(web.join("index.html"), "<!doctype html>").expect("write");
+        let only = config(admin);
+        assert!(
+            only.len() == 1 && only[0].contains("has no pkg/mxrelay_policy_web_bg.wasm") && only[0].contains("web/build.sh"),
+            "{only:?}"
+        );
+        std::fs::write(web.join("pkg/mxrelay_policy_web_bg.wasm"), b"\0asm").expect("write");
+        assert!(config(admin).is_empty(), "{:?}", config(admin));
     }
 
     #[test]
