@@ -691,6 +691,43 @@ async fn the_queue_gauge_of_a_removed_domain_falls_to_zero_when_its_mail_is_gone
     );
 }
 
+/// A second relay started by mistake on a queue in use (a copy of the config with another
+/// port, say) stops at once and says why, before it touches the queue's files; the first goes
+/// on taking and delivering mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_a_queue_in_use_stops_and_the_first_goes_on() {
+    let sink = Sink::start("127.0.1.174", &[]);
+    let relay = Relay::start(&domain_block("customer.test", &[(&sink, 10)]), "");
+    assert!(send_one(&relay.addr, "user@customer.test", 1).await);
+    eventually("the first message delivered", || sink.count() == 1).await;
+    let path = relay.config_path();
+    let other = format!("127.0.0.1:{}", mxrelay_e2e::free_port("127.0.0.1"));
+    let text = std::fs::read_to_string(&path).expect("config");
+    assert!(text.contains(&relay.addr), "the listen address is in the file");
+    let second = path.with_file_name("second.toml");
+    std::fs::write(&second, text.replace(&relay.addr, &other)).expect("write");
+
+    let mut child = std::process::Command::new(relay_binary())
+        .arg("run")
+        .arg(&second)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let exited = mxrelay_e2e::wait_until(mxrelay_e2e::PATIENCE, || child.try_wait().is_ok_and(|s| s.is_some()));
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(exited && !out.status.success(), "a second relay ran on the queue in use: {err}");
+    assert!(err.contains("is in use by another process") && err.contains("a queue directory of its own"), "{err}");
+
+    assert!(send_one(&relay.addr, "user@customer.test", 2).await, "the first relay still takes mail");
+    eventually("the second message delivered", || sink.count() == 2).await;
+    assert_eq!(relay.log_lines(&["ERROR"]), Vec::<String>::new(), "the first relay saw nothing wrong");
+}
+
 /// Customers often let in only the filtering service's addresses: deliveries and health
 /// probes leave from `bind_address`, and an address the machine does not have stops the
 /// start instead of marking every server down.

@@ -97,6 +97,9 @@ pub enum OpenError {
     /// One of the queue's threads could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    /// Another process holds the queue's lock.
+    #[error("{} is in use by another process (another mxrelay?): each relay needs a queue directory of its own", .0.display())]
+    InUse(PathBuf),
 }
 
 impl OpenError {
@@ -110,7 +113,8 @@ impl OpenError {
             | OpenError::IndexDamaged { .. }
             | OpenError::Journal(_)
             | OpenError::CorruptEnvelope(_)
-            | OpenError::Thread(_) => None,
+            | OpenError::Thread(_)
+            | OpenError::InUse(_) => None,
         };
         io.is_some_and(|e| {
             matches!(
@@ -298,11 +302,13 @@ type Unapplied = Arc<Mutex<HashMap<u64, Arc<Vec<u8>>>>>;
 struct Index {
     path: PathBuf,
     db: RwLock<Option<Database>>,
+    /// The queue's lock, held as long as the index is (see [`lock_queue`]).
+    _lock: Arc<std::fs::File>,
 }
 
 impl Index {
-    fn new(path: PathBuf, db: Database) -> Index {
-        Index { path, db: RwLock::new(Some(db)) }
+    fn new(path: PathBuf, db: Database, lock: Arc<std::fs::File>) -> Index {
+        Index { path, db: RwLock::new(Some(db)), _lock: lock }
     }
 
     /// Runs `f` on the database; its transactions end inside `f`.
@@ -382,6 +388,24 @@ fn index_length_in_header(header: &[u8; INDEX_HEADER_BYTES]) -> Option<(u64, u64
 /// back to the commit before; the journal, which that failed checkpoint did not retire, has
 /// the rest. One page more than the header says makes the two lengths differ, which is what
 /// starts redb's recovery.
+/// Takes the queue's lock, an `flock` on `DIR/lock`. The index and the journal writer hold it
+/// until the last of them ends. Without it, a second relay started on the same directory
+/// would replay, extend and append to files the first is writing; redb's own lock comes too
+/// late for that.
+fn lock_queue(dir: &Path) -> Result<std::fs::File, OpenError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(OpenError::Directory)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(OpenError::Directory(e)),
+    }
+}
+
 fn restore_index_length(path: &Path) -> std::io::Result<Option<u64>> {
     use std::io::Read;
     let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
@@ -534,6 +558,7 @@ impl Queue {
     fn open_once(dir: &Path, timing: Timing) -> Result<(Queue, Vec<Envelope>), OpenError> {
         let journal_dir = dir.join("journal");
         std::fs::create_dir_all(&journal_dir).map_err(OpenError::Directory)?;
+        let lock = Arc::new(lock_queue(dir)?);
         let db_path = dir.join("queue.redb");
         let new_queue = !db_path.exists() && journal::segments(&journal_dir)?.is_empty();
         if let Some(was) = restore_index_length(&db_path).map_err(OpenError::IndexLength)? {
@@ -572,7 +597,7 @@ impl Queue {
             }
         }
         let last = envelopes.iter().map(|e| e.id).max().unwrap_or(0);
-        let db = Arc::new(Index::new(db_path, db));
+        let db = Arc::new(Index::new(db_path, db, lock.clone()));
         let unapplied = Unapplied::default();
         let deferred = Deferred::default();
         let (tx, rx) = mpsc::channel();
@@ -590,6 +615,7 @@ impl Queue {
             thread::Builder::new().name("queue-index".into()).spawn(move || indexer.run(&index_rx)).map_err(OpenError::Thread)?;
         let status = Arc::new(WriterStatus::new(timing.stalled_after));
         let writer = Writer {
+            _lock: lock,
             status: status.clone(),
             journal,
             timing,
@@ -795,6 +821,8 @@ impl<'t> Tables<'t> {
 /// The queue's journal writer: journals each group commit, acknowledges it, and hands the
 /// operations on to the [`Indexer`].
 struct Writer {
+    /// The queue's lock: held until the last journal write is done.
+    _lock: Arc<std::fs::File>,
     status: Arc<WriterStatus>,
     journal: Journal,
     timing: Timing,
@@ -1410,6 +1438,36 @@ mod tests {
         assert!(!journal::holds_whole_history(&dir.path().join("live/journal")), "the last checkpoint retired a segment");
     }
 
+    /// A second relay started on a queue in use is refused before it touches a file, and the
+    /// queue opens again once the first has closed it.
+    #[tokio::test]
+    async fn a_queue_in_use_is_refused_before_anything_is_touched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (q, _) = Queue::open(dir.path()).expect("open");
+        let a = envelope(&q, "a@customer.test");
+        q.insert(vec![(a.clone(), Arc::new(b"hello".to_vec()))]).await.expect("insert");
+        let files = |dir: &Path| {
+            let mut all = Vec::new();
+            for sub in [dir.to_path_buf(), dir.join("journal")] {
+                for e in std::fs::read_dir(sub).expect("list").flatten() {
+                    let m = e.metadata().expect("metadata");
+                    all.push((e.path(), m.len(), m.modified().expect("mtime")));
+                }
+            }
+            all.sort();
+            all
+        };
+        let before = files(dir.path());
+        let second = Queue::open(dir.path());
+        let Err(QueueError::Open { source, .. }) = &second else { panic!("a second open of a queue in use: {second:?}") };
+        assert!(matches!(**source, OpenError::InUse(_)), "{source}");
+        assert!(source.to_string().contains("in use by another process"), "{source}");
+        assert_eq!(files(dir.path()), before, "the refused open changed nothing");
+        q.close();
+        let (_reopened, existing) = Queue::open(dir.path()).expect("open once the first is closed");
+        assert_eq!(existing.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a.id]);
+    }
+
     #[tokio::test]
     async fn insert_survives_reopen_and_remove_is_applied() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1444,7 +1502,7 @@ mod tests {
         let tx = db.begin_write().expect("write");
         drop(Tables::open(&tx).expect("tables"));
         tx.commit().expect("commit");
-        let db = Arc::new(Index::new(path, db));
+        let db = Arc::new(Index::new(path, db, Arc::new(lock_queue(dir.path()).expect("lock"))));
         let unapplied = Unapplied::default();
         let mut indexer = Indexer {
             db: db.clone(),

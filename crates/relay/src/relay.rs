@@ -23,7 +23,7 @@ pub enum StartError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     /// The admin address could not be bound.
-    #[error("cannot serve the admin API on {addr}: {source}")]
+    #[error("cannot serve the admin API on {addr}: {source}{}", bind_hint(*addr, source))]
     Admin {
         /// The address.
         addr: std::net::SocketAddr,
@@ -41,13 +41,28 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// A listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", bind_hint(*addr, source))]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// What the operator can do about a listen address that could not be bound.
+fn bind_hint(addr: std::net::SocketAddr, error: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    let kind = error.kind();
+    if kind == ErrorKind::PermissionDenied && addr.port() < 1024 {
+        " (ports below 1024 need root or CAP_NET_BIND_SERVICE, which contrib/systemd/mxrelay.service grants)"
+    } else if kind == ErrorKind::AddrInUse {
+        " (another process listens there: another mxrelay, or the system's MTA on port 25?)"
+    } else if kind == ErrorKind::AddrNotAvailable {
+        " (the address is not one of this machine's)"
+    } else {
+        ""
+    }
 }
 
 /// Refuses to start with a source address this machine does not have: every connection
@@ -357,5 +372,26 @@ mod tests {
         let (events, _inbox) = mpsc::unbounded_channel();
         assert_eq!(check_alive(&queue, &events, Duration::from_millis(50)).await, Err(Unresponsive::Scheduler));
         queue.close();
+    }
+
+    #[test]
+    fn a_listen_address_that_cannot_be_bound_says_what_to_do() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let listen = |addr: std::net::SocketAddr| match std::net::TcpListener::bind(addr) {
+            Ok(_) => panic!("{addr} was bound"),
+            Err(source) => StartError::Listen { addr, source }.to_string(),
+        };
+        let in_use = listen(addr);
+        assert!(in_use.starts_with(&format!("cannot listen on {addr}: ")) && in_use.contains("another mxrelay"), "{in_use}");
+        let foreign = listen("192.0.2.1:2525".parse().expect("addr"));
+        assert!(foreign.ends_with("(the address is not one of this machine's)"), "{foreign}");
+        // The tests may run as root, which may bind port 25: the OS's answer to anyone else.
+        let low: std::net::SocketAddr = "0.0.0.0:25".parse().expect("addr");
+        let denied = StartError::Admin { addr: low, source: std::io::ErrorKind::PermissionDenied.into() }.to_string();
+        assert!(denied.contains("CAP_NET_BIND_SERVICE"), "{denied}");
+        let high: std::net::SocketAddr = "0.0.0.0:2525".parse().expect("addr");
+        let plain = StartError::Listen { addr: high, source: std::io::ErrorKind::PermissionDenied.into() }.to_string();
+        assert!(!plain.contains('('), "no hint that does not apply: {plain}");
     }
 }
