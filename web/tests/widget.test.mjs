@@ -288,3 +288,25 @@ test('a page whose WebAssembly module is missing says so and offers no form', as
     await broken.close();
   }
 });
+
+test('on a phone the rows and the preview fit the screen, with room to type a name', async () => {
+  const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  try {
+    await phone.goto(`http://${relayAdmin}/?domain=customer.test#token=${TOKEN}`);
+    await phone.waitForFunction(() => window.mxrelayWidget?.ready === true);
+    await phone.click('[data-preset="eight"]');
+    await phone.getByTestId('preview-tier').first().waitFor();
+    const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.equal(overflow, 0, 'nothing wider than the screen');
+    const host = await phone.getByTestId('server-host').first().boundingBox();
+    assert.ok(host.width >= 300, `the name field is ${host.width}px wide`);
+    // Every control of every row and of the preview is on the screen.
+    for (const selector of ['[data-testid="remove-server"]', '[data-testid="server-preference"]', '.flow-row button']) {
+      const right = await phone.locator(selector).evaluateAll((els) => Math.max(...els.map((e) => e.getBoundingClientRect().right)));
+      assert.ok(right <= 390, `${selector} reaches ${right}px`);
+    }
+    await phone.screenshot({ path: join(shots, 'widget-phone.png'), fullPage: true });
+  } finally {
+    await phone.close();
+  }
+});
