@@ -209,6 +209,30 @@ fn server_lists_saved_at_once_are_all_kept() {
     }
 }
 
+/// A misspelt key in a server list sent to the API is refused, naming the entry and the key,
+/// and nothing changes. Read as the default, `prefrence = 20` would have made the backup a
+/// primary.
+#[test]
+fn a_server_list_with_an_unknown_key_is_refused_and_nothing_changes() {
+    const TOKEN: &str = "unknown-key-token-0123456789";
+    let block = domain_with("customer.test", "", &[("127.0.1.155", 25, 10), ("127.0.1.156", 25, 20)]);
+    let relay = Relay::start_with(&format!("admin_listen = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\""), &block, "");
+    let admin = relay.admin_addr();
+    let state =
+        || (server_list_in_force(&admin, TOKEN, "customer.test"), std::fs::read_to_string(relay.config_path()).expect("config"));
+    let before = state();
+    let list = r#"[{"host":"mx1.customer.test","preference":10},{"host":"backup.customer.test","prefrence":20}]"#;
+    let unknown = "prefrence: unknown field `prefrence`, expected one of `host`, `port`, `preference`, `weight`";
+    let (status, reply) = mxrelay_e2e::http_request(&admin, "PUT", "/api/domains/customer.test/servers", Some(TOKEN), list);
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains(&format!("the body must be a JSON list of servers: [1].{unknown}\"")), "{reply}");
+    let test = format!(r#"{{"servers":{list}}}"#);
+    let (status, reply) = mxrelay_e2e::http_request(&admin, "POST", "/api/domains/customer.test/test", Some(TOKEN), &test);
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains(&format!("servers[1].{unknown}\"")), "{reply}");
+    assert_eq!(state(), before, "nothing changed, in force or in the file");
+}
+
 /// A `200` to a `PUT` of a server list means the new file is on disk and stays there
 /// through a power cut: it is written whole under another name and synced, then renamed over
 /// the config file, and the directory is synced before the answer. No test here can cut the

@@ -58,9 +58,10 @@ impl fmt::Display for RawNumber {
     }
 }
 
-/// One inbound server entry as the user typed it.
+/// One inbound server entry as the user typed it. A key it does not know is refused, so that
+/// a misspelt `prefrence` is not read as the default preference.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(deny_unknown_fields))]
 pub struct RawServer {
     /// Host name, IPv4 literal or IPv6 literal (brackets allowed).
     pub host: String,

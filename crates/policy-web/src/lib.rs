@@ -124,6 +124,14 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_key_is_refused_not_read_as_a_default() {
+        let v: serde_json::Value = serde_json::from_str(&validate(r#"[{"host":"a.example.com","prefrence":20}]"#)).expect("json");
+        let message = v[0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("unknown field `prefrence`"), "{v}");
+        assert_eq!(plan(r#"[{"host":"a.example.com","prefrence":20}]"#, 0, 1, 0, "[]"), "null");
+    }
+
+    #[test]
     fn form_text_is_validated_like_the_config() {
         let v: serde_json::Value = serde_json::from_str(&validate(r#"[{"host":"999.1.1.1","preference":"ten"}]"#)).expect("json");
         let codes: Vec<&str> = v.as_array().expect("list").iter().filter_map(|p| p["code"].as_str()).collect();

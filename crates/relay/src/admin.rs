@@ -414,7 +414,7 @@ async fn get_servers(_: Authorized, State(state): State<AdminState>, UrlPath(dom
 }
 
 async fn put_servers(_: Authorized, State(state): State<AdminState>, UrlPath(domain): UrlPath<String>, body: Bytes) -> Response {
-    let raw: Vec<RawServer> = match serde_json::from_slice(&body) {
+    let raw: Vec<RawServer> = match read_json(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be a JSON list of servers: {e}")),
     };
@@ -461,6 +461,23 @@ fn validated(raw: &[RawServer], done: &str) -> Result<Vec<Server>, Box<Response>
     })
 }
 
+/// Reads a JSON body. A problem inside it is named by its path (`[1].prefrence: unknown field
+/// ...`, as `index` 1 in the API's problems), without the line and column a one-line body
+/// makes useless; a body that is not JSON keeps its position.
+fn read_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            return inner.to_string();
+        }
+        let text = inner.to_string();
+        let position = format!(" at line {} column {}", inner.line(), inner.column());
+        format!("{path}: {}", text.strip_suffix(&position).unwrap_or(&text))
+    })
+}
+
 /// The body of `POST /api/domains/{domain}/test`; every field is optional.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -486,7 +503,7 @@ async fn test_domain_servers(
     let request: TestRequest = if body.iter().all(u8::is_ascii_whitespace) {
         TestRequest::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match read_json(&body) {
             Ok(r) => r,
             Err(e) => {
                 return error(
