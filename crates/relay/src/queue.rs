@@ -379,15 +379,6 @@ fn index_length_in_header(header: &[u8; INDEX_HEADER_BYTES]) -> Option<(u64, u64
     Some((length, page))
 }
 
-/// Makes the index file longer than its header says if it is shorter; returns the length it
-/// had then. A disk that fails in a checkpoint (thin storage running out: `EIO`, and ext4
-/// aborting its journal) can keep redb's header, a block overwritten in place, and lose the
-/// file's growth, a metadata change that was not committed. redb then fails an assertion
-/// (the relay could not start) instead of rolling back. With the file long enough its
-/// recovery runs: the failed commit's pages, zeros now, fail their checksums, and it goes
-/// back to the commit before; the journal, which that failed checkpoint did not retire, has
-/// the rest. One page more than the header says makes the two lengths differ, which is what
-/// starts redb's recovery.
 /// Takes the queue's lock, an `flock` on `DIR/lock`. The index and the journal writer hold it
 /// until the last of them ends. Without it, a second relay started on the same directory
 /// would replay, extend and append to files the first is writing; redb's own lock comes too
@@ -406,6 +397,15 @@ fn lock_queue(dir: &Path) -> Result<std::fs::File, OpenError> {
     }
 }
 
+/// Makes the index file longer than its header says if it is shorter; returns the length it
+/// had then. A disk that fails in a checkpoint (thin storage running out: `EIO`, and ext4
+/// aborting its journal) can keep redb's header, a block overwritten in place, and lose the
+/// file's growth, a metadata change that was not committed. redb then fails an assertion
+/// (the relay could not start) instead of rolling back. With the file long enough its
+/// recovery runs: the failed commit's pages, zeros now, fail their checksums, and it goes
+/// back to the commit before; the journal, which that failed checkpoint did not retire, has
+/// the rest. One page more than the header says makes the two lengths differ, which is what
+/// starts redb's recovery.
 fn restore_index_length(path: &Path) -> std::io::Result<Option<u64>> {
     use std::io::Read;
     let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
@@ -1439,13 +1439,14 @@ mod tests {
     }
 
     /// A second relay started on a queue in use is refused before it touches a file, and the
-    /// queue opens again once the first has closed it.
+    /// queue opens again once the lock is free.
     #[tokio::test]
     async fn a_queue_in_use_is_refused_before_anything_is_touched() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (q, _) = Queue::open(dir.path()).expect("open");
         let a = envelope(&q, "a@customer.test");
         q.insert(vec![(a.clone(), Arc::new(b"hello".to_vec()))]).await.expect("insert");
+        q.close();
         let files = |dir: &Path| {
             let mut all = Vec::new();
             for sub in [dir.to_path_buf(), dir.join("journal")] {
@@ -1457,15 +1458,21 @@ mod tests {
             all.sort();
             all
         };
+        // The lock as a running relay holds it, on a queue that nothing else writes meanwhile.
+        let held = lock_queue(dir.path()).expect("lock");
         let before = files(dir.path());
         let second = Queue::open(dir.path());
         let Err(QueueError::Open { source, .. }) = &second else { panic!("a second open of a queue in use: {second:?}") };
         assert!(matches!(**source, OpenError::InUse(_)), "{source}");
         assert!(source.to_string().contains("in use by another process"), "{source}");
         assert_eq!(files(dir.path()), before, "the refused open changed nothing");
-        q.close();
-        let (_reopened, existing) = Queue::open(dir.path()).expect("open once the first is closed");
+        drop(held);
+        let (reopened, existing) = Queue::open(dir.path()).expect("open once the lock is free");
         assert_eq!(existing.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a.id]);
+        // A queue's handles hold the lock until the last of them is closed.
+        assert!(matches!(lock_queue(dir.path()), Err(OpenError::InUse(_))), "the open queue holds its lock");
+        reopened.close();
+        assert!(lock_queue(dir.path()).is_ok(), "closed, the queue holds no lock");
     }
 
     #[tokio::test]
