@@ -210,10 +210,26 @@ fn policy_check_passes_the_examples_and_names_what_is_wrong_with_hostile_modules
         let (ok, _, err) = mxrelay(&["policy", "check", policy_module!(HOSTILE), "--settings", &settings]);
         assert!(!ok && err.contains("is unusable") && err.contains(reason), "{mode}: {err}");
     }
+    // Files that are not components are named for what they are.
     let junk = tempfile::NamedTempFile::new().expect("tmp");
-    std::fs::write(junk.path(), b"\0asm\x01\0\0\0").expect("write");
-    let (ok, _, err) = mxrelay(&["policy", "check", &junk.path().display().to_string()]);
-    assert!(!ok && err.contains("cannot load"), "{err}");
+    for (bytes, what) in [
+        (
+            &b"\0asm\x01\0\0\0"[..],
+            "cannot load: a core WebAssembly module, not a component: encode it as one with mxrelay-componentize",
+        ),
+        (&b"# a README\n"[..], "cannot load: not a WebAssembly file (it does not begin with \\0asm)\n"),
+    ] {
+        std::fs::write(junk.path(), bytes).expect("write");
+        let (ok, _, err) = mxrelay(&["policy", "check", &junk.path().display().to_string()]);
+        assert!(!ok && err.contains(what), "{err}");
+    }
+    // Settings are a JSON object, as the relay hands a module its table.
+    for (settings, what) in
+        [("not json", "--settings is not JSON: expected ident at line 1 column 2"), ("[1]", "--settings must be a JSON object")]
+    {
+        let (ok, _, err) = mxrelay(&["policy", "check", policy_module!(STICKY), "--settings", settings]);
+        assert!(!ok && err.contains(what), "{settings}: {err}");
+    }
 }
 
 /// Hostile modules never stop delivery: every message is planned by the built-in fail-safe,

@@ -111,14 +111,35 @@ impl PolicyEngine {
     }
 
     fn compile(&self, name: &str, bytes: &[u8]) -> Result<PolicyPre<StoreState>, PolicyError> {
+        if let Some(reason) = not_a_component(bytes) {
+            return Err(PolicyError::Load { name: name.into(), reason: reason.into() });
+        }
         let component = Component::new(&self.inner.engine, bytes).map_err(|e| load_error(name, &e))?;
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| load_error(name, &e))?;
         PolicyPre::new(instance_pre).map_err(|e| load_error(name, &e))
     }
 }
 
+/// Why `bytes` cannot be a component, when their first eight bytes say so already. Wasmtime's
+/// words for these are about parsers and magic numbers.
+fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
+    if !bytes.starts_with(b"\0asm") {
+        Some("not a WebAssembly file (it does not begin with \\0asm)")
+    } else if bytes.get(4..8) == Some(&[1, 0, 0, 0][..]) {
+        Some(
+            "a core WebAssembly module, not a component: encode it as one with mxrelay-componentize \
+             (scripts/build-policy.sh does)",
+        )
+    } else {
+        None
+    }
+}
+
 fn load_error(name: &str, e: &wasmtime::Error) -> PolicyError {
-    PolicyError::Load { name: name.into(), reason: format!("{e:#}") }
+    PolicyError::Load {
+        name: name.into(),
+        reason: format!("{e:#} (is it a component implementing mxrelay:policy/policy from wit/policy.wit?)"),
+    }
 }
 
 /// Per-store data: the resource limiter, which also records the largest memory asked for,

@@ -140,9 +140,12 @@ pub fn parse_settings<S: serde::de::DeserializeOwned + Default>(json: &str) -> R
         let path = e.path().to_string();
         let inner = e.into_inner();
         let text = inner.to_string();
+        if path == "." {
+            // Not a table at all: where the JSON went wrong is all there is to say.
+            return vec![setting_problem("", text)];
+        }
         let position = format!(" at line {} column {}", inner.line(), inner.column());
-        let message = text.strip_suffix(&position).unwrap_or(&text);
-        vec![setting_problem(if path == "." { "" } else { &path }, message)]
+        vec![setting_problem(&path, text.strip_suffix(&position).unwrap_or(&text))]
     })
 }
 
@@ -301,6 +304,13 @@ mod tests {
         let (setting, message) = refused(r#"{"percnt":10}"#);
         assert_eq!(setting, "percnt");
         assert_eq!(message, "unknown field `percnt`, expected `percent` or `windows`");
+    }
+
+    #[test]
+    fn settings_that_are_not_a_json_object_say_where_the_json_goes_wrong() {
+        let (setting, message) = refused("not json");
+        assert_eq!(setting, "");
+        assert_eq!(message, "expected ident at line 1 column 2");
     }
 
     #[test]

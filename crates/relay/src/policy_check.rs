@@ -81,6 +81,14 @@ fn message(seed: u64, down: Vec<u32>) -> Probe {
 pub fn check(path: &std::path::Path, settings_json: &str) -> Report {
     let mut text = String::new();
     let fail = |text: String, why: String| Report { text, unusable: Some(why) };
+    // The relay hands a module its `[domain.policy_config]` table as a JSON object.
+    match serde_json::from_str::<serde_json::Value>(settings_json) {
+        Ok(serde_json::Value::Object(_)) => {}
+        Ok(other) => {
+            return fail(text, format!("--settings must be a JSON object, like the [domain.policy_config] table; got {other}"));
+        }
+        Err(e) => return fail(text, format!("--settings is not JSON: {e}")),
+    }
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) => return fail(text, format!("cannot read {}: {e}", path.display())),
@@ -92,7 +100,7 @@ pub fn check(path: &std::path::Path, settings_json: &str) -> Report {
     let t0 = Instant::now();
     let component = match engine.load(&path.display().to_string(), &bytes) {
         Ok(c) => c,
-        Err(e) => return fail(text, format!("{e} (is it a component implementing mxrelay:policy/policy from wit/policy.wit?)")),
+        Err(e) => return fail(text, e.to_string()),
     };
     let _ = writeln!(
         text,
