@@ -174,7 +174,8 @@ async function save(event) {
   const status = document.getElementById('save-status');
   if (!domain) { status.className = 'bad'; status.textContent = 'No domain given (?domain=...): nothing to save to.'; return; }
   status.className = ''; status.textContent = 'Saving…';
-  const res = await api('/servers', { method: 'PUT', body: JSON.stringify(entries()) });
+  const res = await api('/servers', { method: 'PUT', body: JSON.stringify(entries()) }).catch(() => null);
+  if (!res) { status.className = 'bad'; status.textContent = 'The relay could not be reached: nothing was saved. Try again.'; return; }
   if (res.ok) { status.className = 'ok'; status.textContent = 'Saved. New mail follows this list.'; return; }
   const body = await res.json().catch(() => ({}));
   if (res.status === 422 && Array.isArray(body.problems)) showProblems(body.problems);

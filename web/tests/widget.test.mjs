@@ -310,3 +310,24 @@ test('on a phone the rows and the preview fit the screen, with room to type a na
     await phone.close();
   }
 });
+
+test('a save that cannot reach the relay says so and nothing is saved', async () => {
+  const cut = await browser.newPage({ viewport: { width: 1000, height: 900 } });
+  const errors = [];
+  cut.on('pageerror', (e) => errors.push(e.message));
+  try {
+    await cut.goto(`http://${relayAdmin}/?domain=customer.test#token=${TOKEN}`);
+    await cut.waitForFunction(() => window.mxrelayWidget?.ready === true);
+    const before = readFileSync(join(work, 'relay.toml'), 'utf8');
+    await cut.route('**/api/domains/*/servers', (route) => (route.request().method() === 'PUT' ? route.abort('connectionrefused') : route.continue()));
+    await cut.getByTestId('server-host').first().fill('mail.customer.test');
+    await cut.getByTestId('save').click();
+    await waitFor('the failed save reported', async () => /could not be reached/.test(await cut.locator('#save-status').textContent()));
+    assert.match(await cut.locator('#save-status').textContent(), /nothing was saved/);
+    assert.equal(await cut.locator('#save-status').getAttribute('class'), 'bad');
+    assert.deepEqual(errors, [], 'no unhandled error in the page');
+    assert.equal(readFileSync(join(work, 'relay.toml'), 'utf8'), before);
+  } finally {
+    await cut.close();
+  }
+});
