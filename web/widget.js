@@ -270,10 +270,23 @@ document.getElementById('test').addEventListener('click', testServers);
 for (const b of document.querySelectorAll('[data-preset]')) b.addEventListener('click', () => load(PRESETS[b.dataset.preset]));
 
 // Start from the domain's current list when the relay serves the page, else one empty row.
+// When it cannot be read, the page says so: an empty form would look like a domain without servers.
 let initial = null;
+let notLoaded = '';
 if (domain && location.protocol.startsWith('http')) {
   const res = await api('/servers').catch(() => null);
-  if (res?.ok) initial = (await res.json()).map((s) => [s.host, s.preference, s.port === 25 ? '' : String(s.port), s.weight === 1 ? '' : String(s.weight)]);
+  if (res?.ok) {
+    initial = (await res.json()).map((s) => [s.host, s.preference, s.port === 25 ? '' : String(s.port), s.weight === 1 ? '' : String(s.weight)]);
+  } else {
+    const body = res ? await res.json().catch(() => ({})) : {};
+    const why = body.error || (res ? `HTTP ${res.status}` : 'the relay could not be reached');
+    notLoaded = `The current servers of ${domain} could not be loaded (${why}); saving would replace them.`;
+  }
 }
 load(initial ?? [['', DEFAULT_PREFERENCE]]);
+if (notLoaded) {
+  const status = document.getElementById('save-status');
+  status.className = 'bad';
+  status.textContent = notLoaded;
+}
 window.mxrelayWidget = { ready: true, validate, preview };

@@ -331,3 +331,16 @@ test('a save that cannot reach the relay says so and nothing is saved', async ()
     await cut.close();
   }
 });
+
+test('a page that cannot load the current list says why instead of showing an empty domain', async () => {
+  const stranger = await browser.newPage({ viewport: { width: 1000, height: 700 } });
+  try {
+    await stranger.goto(`http://${relayAdmin}/?domain=customer.test#token=not-the-token-0123456789`);
+    await stranger.waitForFunction(() => window.mxrelayWidget?.ready === true);
+    const status = await stranger.locator('#save-status').textContent();
+    assert.match(status, /current servers of customer\.test could not be loaded \(missing or wrong bearer token\)/);
+    assert.equal(await stranger.locator('#save-status').getAttribute('class'), 'bad');
+  } finally {
+    await stranger.close();
+  }
+});
