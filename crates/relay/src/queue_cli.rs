@@ -156,15 +156,21 @@ pub fn render_list(json: &str) -> String {
         "{:<16}  {:<24}  {:>5}  {:>8}  {:>8}  {:>9}  last error\n",
         "ID", "DOMAIN", "RCPTS", "ATTEMPTS", "AGE", "NEXT IN"
     );
+    // Numbers as text: a JSON value's `Display` ignores the column widths.
+    let number = |v: &serde_json::Value| v.as_u64().map_or_else(|| v.to_string(), |n| n.to_string());
     for e in &items {
         out.push_str(&format!(
-            "{:<16}  {:<24}  {:>5}  {:>8}  {:>7}s  {:>9}  {}\n",
+            "{:<16}  {:<24}  {:>5}  {:>8}  {:>8}  {:>9}  {}\n",
             e["id"].as_str().unwrap_or(""),
             e["domain"].as_str().unwrap_or(""),
             e["recipients"].as_array().map_or(0, Vec::len),
-            e["attempts"],
-            e["age_seconds"],
-            if e["held"].as_bool() == Some(true) { "held".to_string() } else { format!("{}s", e["next_attempt_in_seconds"]) },
+            number(&e["attempts"]),
+            format!("{}s", number(&e["age_seconds"])),
+            if e["held"].as_bool() == Some(true) {
+                "held".to_string()
+            } else {
+                format!("{}s", number(&e["next_attempt_in_seconds"]))
+            },
             e["last_error"].as_str().unwrap_or("-")
         ));
     }
@@ -197,6 +203,30 @@ mod tests {
             String::from_utf8_lossy(&head).into_owned()
         });
         (addr, server)
+    }
+
+    #[test]
+    fn the_list_is_a_table_whose_columns_line_up() {
+        let json = r#"[{"id":"001A22E6934B3001","domain":"customer.test","recipients":["a@customer.test"],"attempts":1,
+            "age_seconds":5,"next_attempt_in_seconds":55,"held":false,"last_error":"connect to 192.0.2.1:25: refused"},
+            {"id":"001A22E6934B3002","domain":"customer.test","recipients":["a@customer.test","b@customer.test"],"attempts":12,
+            "age_seconds":86400,"next_attempt_in_seconds":3600,"held":true,"last_error":null}]"#;
+        let table = render_list(json);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        // Right-aligned columns end where their headings end; the last one starts with its heading.
+        for heading in ["RCPTS", "ATTEMPTS", "AGE", "NEXT IN"] {
+            let end = lines[0].find(heading).expect("heading") + heading.len();
+            for row in &lines[1..3] {
+                let cell = row[..end].rsplit(' ').next().unwrap_or_default();
+                assert!(!cell.is_empty() && row[end..].starts_with("  "), "{heading} in {row:?}\n{table}");
+            }
+        }
+        let last = lines[0].find("last error").expect("heading");
+        assert_eq!(&lines[1][last..], "connect to 192.0.2.1:25: refused");
+        assert_eq!(&lines[2][last..], "-");
+        assert!(lines[2].contains("   12  ") && lines[2].contains("86400s") && lines[2].contains("held"), "{table}");
+        assert_eq!(lines[3], "2 queued, 1 held");
     }
 
     #[test]
