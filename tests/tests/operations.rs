@@ -456,9 +456,15 @@ async fn queue_list_retry_and_remove_against_a_running_relay() {
     let domain_age = mxrelay_e2e::metric(&metrics, "mxrelay_domain_queue_oldest_seconds{domain=\"customer.test\"} ");
     assert_eq!(domain_age, Some(age), "one domain: its oldest is the queue's oldest");
 
+    // A retry of what is not queued says so.
+    let (ok, _, err) = mxrelay_e2e::mxrelay(&["queue", "retry", &config, &first]);
+    assert!(!ok && err.contains("404") && err.contains("is not in the queue"), "retrying a removed message: {err}");
+    let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "retry", &config, "--domain", "other.test"]);
+    assert!(ok && out == "no message for other.test is queued\n", "{out}{err}");
+
     let sink = Sink::start_at(&sink_addr, &[]);
     let (ok, out, err) = mxrelay_e2e::mxrelay(&["queue", "retry", &config, "--domain", "customer.test"]);
-    assert!(ok && out.contains("retrying every message for customer.test"), "{out}{err}");
+    assert!(ok && out == "retrying 2 messages for customer.test now\n", "{out}{err}");
     relay.eventually("the two left delivered", || sink.count() == 2).await;
     relay.eventually("queue empty", || mxrelay_e2e::mxrelay(&["queue", "list", &config]).1.contains("the queue is empty")).await;
     let metrics = mxrelay_e2e::http_get(&admin, "/metrics");
@@ -569,7 +575,10 @@ async fn held_mail_waits_through_retries_and_restarts_until_released() {
     // The server comes back (the probe sees it), and the operator retries everything: only
     // mail that arrives now is delivered.
     let sink = Sink::start_at(&sink_addr, &[]);
-    queue(&["retry", &config]);
+    assert_eq!(
+        queue(&["retry", &config]),
+        "retrying 0 queued messages now; 3 queued messages stay held (`queue release` delivers them)\n"
+    );
     assert!(send_one(&relay.addr, "user@customer.test", 10).await);
     relay.eventually("new mail delivered", || sink.received().contains_key(&10)).await;
     // After a crash the hold is still there, and start-up's retry of everything skips it.

@@ -345,8 +345,19 @@ async fn retry_queue(_: Authorized, State(state): State<AdminState>, body: Bytes
         Ok(scope) => scope,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    let _ = state.events.send(crate::scheduler::Event::RetryNow(scope));
-    (StatusCode::ACCEPTED, Json(serde_json::json!({"retrying": true}))).into_response()
+    let one = match &scope {
+        Scope::Id(id) => Some(*id),
+        Scope::Domain(_) | Scope::All => None,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = state.events.send(crate::scheduler::Event::RetryNow(scope, tx));
+    match rx.await {
+        Ok(retried) if one.is_some() && retried.retrying + retried.held == 0 => {
+            error(StatusCode::NOT_FOUND, format!("{} is not in the queue", one.map(crate::queue::format_id).unwrap_or_default()))
+        }
+        Ok(retried) => (StatusCode::ACCEPTED, Json(retried)).into_response(),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running"),
+    }
 }
 
 /// `POST /api/queue/hold` and `/api/queue/release`: answers how many messages changed.

@@ -453,7 +453,7 @@ fn counted(body: &str, field: &str) -> String {
 }
 
 fn queue(command: QueueCommand) -> ExitCode {
-    use mxrelay::queue_cli::{QueueCliError, render_list, request, request_bytes};
+    use mxrelay::queue_cli::{QueueCliError, render_list, render_retried, request, request_bytes};
     use std::io::Write;
     let path = match &command {
         QueueCommand::List { config, .. }
@@ -483,16 +483,14 @@ fn queue(command: QueueCommand) -> ExitCode {
             };
             text(if *json { listed.map(|b| b + "\n") } else { listed.map(|b| render_list(&b)) })
         }
-        QueueCommand::Retry { id: Some(id), .. } => text(
-            request(&config, "POST", "/api/queue/retry", &serde_json::json!({ "id": id }).to_string())
-                .map(|_| format!("retrying {id} now\n")),
-        ),
-        QueueCommand::Retry { domain: Some(d), .. } => text(
-            request(&config, "POST", "/api/queue/retry", &serde_json::json!({ "domain": d }).to_string())
-                .map(|_| format!("retrying every message for {d} now\n")),
-        ),
-        QueueCommand::Retry { .. } => {
-            text(request(&config, "POST", "/api/queue/retry", "{}").map(|_| "retrying every queued message now\n".into()))
+        QueueCommand::Retry { id, domain, .. } => {
+            let body = match (id, domain) {
+                (Some(id), _) => serde_json::json!({ "id": id }),
+                (None, Some(d)) => serde_json::json!({ "domain": d }),
+                (None, None) => serde_json::json!({}),
+            };
+            let answer = request(&config, "POST", "/api/queue/retry", &body.to_string());
+            text(answer.map(|b| render_retried(&b, id.as_deref(), domain.as_deref())))
         }
         QueueCommand::Remove { id, .. } => {
             text(request(&config, "DELETE", &format!("/api/queue/{id}"), "").map(|_| format!("removed {id}\n")))

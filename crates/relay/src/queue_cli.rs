@@ -146,6 +146,36 @@ pub fn render_show(json: &str) -> String {
     )
 }
 
+/// What a retry did, from the API's `{"retrying": N, "held": M}`, for one message (`id`), a
+/// domain's, or all. Held messages are named, since a retry leaves them be.
+pub fn render_retried(json: &str, id: Option<&str>, domain: Option<&str>) -> String {
+    let Ok(answer) = serde_json::from_str::<serde_json::Value>(json) else { return json.to_string() };
+    let count = |key: &str| answer[key].as_u64().unwrap_or(0);
+    let (retrying, held) = (count("retrying"), count("held"));
+    // "3 messages for customer.test", or "3 queued messages".
+    let messages = |n: u64| {
+        let plural = if n == 1 { "" } else { "s" };
+        domain.map_or_else(|| format!("{n} queued message{plural}"), |d| format!("{n} message{plural} for {d}"))
+    };
+    if let Some(id) = id {
+        return if held > 0 {
+            format!("{id} is held: a retry leaves it be; `queue release` delivers it now\n")
+        } else {
+            format!("retrying {id} now\n")
+        };
+    }
+    let mut out = match (retrying, held) {
+        (0, 0) => domain.map_or_else(|| "the queue is empty".to_string(), |d| format!("no message for {d} is queued")),
+        (n, _) => format!("retrying {} now", messages(n)),
+    };
+    if held > 0 {
+        let verb = if held == 1 { "stays" } else { "stay" };
+        out.push_str(&format!("; {} {verb} held (`queue release` delivers them)", messages(held)));
+    }
+    out.push('\n');
+    out
+}
+
 /// The queue as a table.
 pub fn render_list(json: &str) -> String {
     let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(json) else { return json.to_string() };
@@ -203,6 +233,25 @@ mod tests {
             String::from_utf8_lossy(&head).into_owned()
         });
         (addr, server)
+    }
+
+    #[test]
+    fn a_retry_says_how_many_it_retries_and_names_held_mail() {
+        let said = |json: &str, id: Option<&str>, domain: Option<&str>| render_retried(json, id, domain);
+        assert_eq!(said(r#"{"retrying":3,"held":0}"#, None, None), "retrying 3 queued messages now\n");
+        assert_eq!(
+            said(r#"{"retrying":2,"held":1}"#, None, None),
+            "retrying 2 queued messages now; 1 queued message stays held (`queue release` delivers them)\n"
+        );
+        assert_eq!(said(r#"{"retrying":1,"held":0}"#, None, Some("c.test")), "retrying 1 message for c.test now\n");
+        assert_eq!(
+            said(r#"{"retrying":0,"held":2}"#, None, Some("c.test")),
+            "retrying 0 messages for c.test now; 2 messages for c.test stay held (`queue release` delivers them)\n"
+        );
+        assert_eq!(said(r#"{"retrying":0,"held":0}"#, None, Some("c.test")), "no message for c.test is queued\n");
+        assert_eq!(said(r#"{"retrying":0,"held":0}"#, None, None), "the queue is empty\n");
+        assert_eq!(said(r#"{"retrying":1,"held":0}"#, Some("00000000000000FF"), None), "retrying 00000000000000FF now\n");
+        assert!(said(r#"{"retrying":0,"held":1}"#, Some("00000000000000FF"), None).starts_with("00000000000000FF is held"));
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub enum Event {
     Finished(Box<Envelope>, Outcome),
     /// A server (by health key) answers again.
     Recovered(String),
-    /// Retry now: one envelope, or every envelope of a domain, or everything.
-    RetryNow(Scope),
+    /// Retry now: one envelope, or every envelope of a domain, or everything; answers how many
+    /// are retried, and how many in scope stay held.
+    RetryNow(Scope, oneshot::Sender<Retried>),
     /// Report the queued envelopes in scope (for status and tests).
     Snapshot(Scope, oneshot::Sender<Vec<Envelope>>),
     /// Report how many envelopes are queued, and when the oldest arrived, per domain.
@@ -51,6 +52,15 @@ pub struct QueueStats {
     /// When the oldest arrived, ms since the epoch.
     pub oldest_ms: u64,
     /// How many of them an operator holds.
+    pub held: usize,
+}
+
+/// What an operator's retry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Retried {
+    /// Envelopes to be tried at once.
+    pub retrying: usize,
+    /// Envelopes in scope that an operator holds: a retry leaves them be.
     pub held: usize,
 }
 
@@ -318,9 +328,11 @@ impl Scheduler {
                 tracing::info!(server = %server_key, queued = ids.len(), "server recovered; retrying its domains' queued mail now");
                 self.retry_now(ids);
             }
-            Event::RetryNow(scope) => {
+            Event::RetryNow(scope, reply) => {
                 let ids: Vec<u64> = self.entries.values().filter(|e| scope.covers(e)).map(|e| e.id).collect();
-                self.operator_retry(ids);
+                let held = ids.iter().filter(|id| self.entries.get(id).is_some_and(|e| e.held)).count();
+                let retrying = self.operator_retry(ids);
+                let _ = reply.send(Retried { retrying, held });
             }
             Event::Drain(done) => {
                 self.draining.get_or_insert_with(Vec::new).push(done);
@@ -383,7 +395,9 @@ impl Scheduler {
     /// An operator's retry or release: real attempts now. The down marks of the servers
     /// involved are forgotten, so an attempt is not a deferral for "every server down" (a
     /// failing server is marked down again at once).
-    fn operator_retry(&mut self, ids: Vec<u64>) {
+    /// Retries `ids` now, with their domains' servers' down marks forgotten; returns how many
+    /// are retried (held ones are not).
+    fn operator_retry(&mut self, ids: Vec<u64>) -> usize {
         let policies = self.deliverer.policies();
         let domains: HashSet<&str> = ids.iter().filter_map(|id| self.entries.get(id)).map(|e| e.domain.as_str()).collect();
         for domain in domains {
@@ -391,19 +405,23 @@ impl Scheduler {
                 self.deliverer.health().clear(server);
             }
         }
-        self.retry_now(ids);
+        self.retry_now(ids)
     }
 
-    fn retry_now(&mut self, ids: Vec<u64>) {
+    /// Makes `ids` due now, except held ones; returns how many.
+    fn retry_now(&mut self, ids: Vec<u64>) -> usize {
         let now = now_ms();
+        let mut retried = 0;
         for id in ids {
             if let Some(e) = self.entries.get_mut(&id)
                 && !e.held
             {
                 e.next_attempt_ms = now;
                 self.ready.push_back(id);
+                retried += 1;
             }
         }
+        retried
     }
 
     /// How long mail for `domain` is retried: its own setting, read from the policies in
