@@ -571,6 +571,10 @@ async fn held_mail_waits_through_retries_and_restarts_until_released() {
     assert_eq!(held_gauge(), Some(3.0));
     let (ok, _, err) = mxrelay(&["queue", "hold", &config, "not-an-id"]);
     assert!(!ok && err.contains("400") && err.contains("not a queue ID"), "{err}");
+    let (ok, _, err) = mxrelay(&["queue", "hold", &config, "00000000000000FF"]);
+    assert!(!ok && err.contains("404") && err.contains("00000000000000FF is not in the queue"), "{err}");
+    let (ok, _, err) = mxrelay(&["queue", "release", &config, "00000000000000FF"]);
+    assert!(!ok && err.contains("404"), "{err}");
 
     // The server comes back (the probe sees it), and the operator retries everything: only
     // mail that arrives now is delivered.

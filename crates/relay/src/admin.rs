@@ -366,9 +366,24 @@ async fn hold_or_release(state: &AdminState, body: &[u8], hold: bool) -> Respons
         Ok(scope) => scope,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
+    let one = match &scope {
+        Scope::Id(id) => Some(*id),
+        Scope::Domain(_) | Scope::All => None,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let _ = state.events.send(crate::scheduler::Event::Hold(scope, hold, tx));
-    match rx.await {
+    let answer = rx.await;
+    // None changed: an ID already held (or released) is fine, one not queued is not.
+    if let (Some(id), Ok(Ok(0))) = (one, &answer) {
+        match snapshot(state, Scope::Id(id)).await {
+            Ok(found) if found.is_empty() => {
+                return error(StatusCode::NOT_FOUND, format!("{} is not in the queue", crate::queue::format_id(id)));
+            }
+            Ok(_) => {}
+            Err(response) => return response,
+        }
+    }
+    match answer {
         Ok(Ok(n)) => {
             let field = if hold { "held" } else { "released" };
             Json(serde_json::Value::Object([(field.to_string(), n.into())].into_iter().collect())).into_response()
