@@ -268,13 +268,25 @@ test('saving through the relay changes where mail goes', async () => {
   assert.equal(sinks[0].count(), 0);
 });
 
-test('a page whose WebAssembly module is missing says so and offers no form', async () => {
-  const broken = await browser.newPage({ viewport: { width: 1000, height: 700 } });
+// A page of its own for one test: `prepare` runs before the page loads (routes), `use` after;
+// `errors` collects what the page throws.
+async function onPage({ width = 1000, height = 900, token = TOKEN, prepare = async () => {}, ready = true }, use) {
+  const p = await browser.newPage({ viewport: { width, height } });
   const errors = [];
-  broken.on('pageerror', (e) => errors.push(e.message));
-  await broken.route('**/pkg/**', (route) => route.fulfill({ status: 404, body: 'no such file' }));
+  p.on('pageerror', (e) => errors.push(e.message));
   try {
-    await broken.goto(`http://${relayAdmin}/?domain=customer.test#token=${TOKEN}`);
+    await prepare(p);
+    await p.goto(`http://${relayAdmin}/?domain=customer.test#token=${token}`);
+    if (ready) await p.waitForFunction(() => window.mxrelayWidget?.ready === true);
+    await use(p, errors);
+  } finally {
+    await p.close();
+  }
+}
+
+test('a page whose WebAssembly module is missing says so and offers no form', async () => {
+  const missing = (p) => p.route('**/pkg/**', (route) => route.fulfill({ status: 404, body: 'no such file' }));
+  await onPage({ height: 700, prepare: missing, ready: false }, async (broken, errors) => {
     const failed = broken.getByTestId('load-error');
     await failed.waitFor({ state: 'visible' });
     const text = await failed.textContent();
@@ -284,16 +296,11 @@ test('a page whose WebAssembly module is missing says so and offers no form', as
     assert.equal(await broken.locator('.presets').isVisible(), false);
     assert.equal(errors.length, 1, `the failed import is reported once: ${errors}`);
     await broken.screenshot({ path: join(shots, 'widget-module-missing.png'), fullPage: true });
-  } finally {
-    await broken.close();
-  }
+  });
 });
 
 test('on a phone the rows and the preview fit the screen, with room to type a name', async () => {
-  const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
-  try {
-    await phone.goto(`http://${relayAdmin}/?domain=customer.test#token=${TOKEN}`);
-    await phone.waitForFunction(() => window.mxrelayWidget?.ready === true);
+  await onPage({ width: 390, height: 844 }, async (phone) => {
     await phone.click('[data-preset="eight"]');
     await phone.getByTestId('preview-tier').first().waitFor();
     const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
@@ -306,18 +313,11 @@ test('on a phone the rows and the preview fit the screen, with room to type a na
       assert.ok(right <= 390, `${selector} reaches ${right}px`);
     }
     await phone.screenshot({ path: join(shots, 'widget-phone.png'), fullPage: true });
-  } finally {
-    await phone.close();
-  }
+  });
 });
 
 test('a save that cannot reach the relay says so and nothing is saved', async () => {
-  const cut = await browser.newPage({ viewport: { width: 1000, height: 900 } });
-  const errors = [];
-  cut.on('pageerror', (e) => errors.push(e.message));
-  try {
-    await cut.goto(`http://${relayAdmin}/?domain=customer.test#token=${TOKEN}`);
-    await cut.waitForFunction(() => window.mxrelayWidget?.ready === true);
+  await onPage({}, async (cut, errors) => {
     const before = readFileSync(join(work, 'relay.toml'), 'utf8');
     await cut.route('**/api/domains/*/servers', (route) => (route.request().method() === 'PUT' ? route.abort('connectionrefused') : route.continue()));
     await cut.getByTestId('server-host').first().fill('mail.customer.test');
@@ -327,20 +327,13 @@ test('a save that cannot reach the relay says so and nothing is saved', async ()
     assert.equal(await cut.locator('#save-status').getAttribute('class'), 'bad');
     assert.deepEqual(errors, [], 'no unhandled error in the page');
     assert.equal(readFileSync(join(work, 'relay.toml'), 'utf8'), before);
-  } finally {
-    await cut.close();
-  }
+  });
 });
 
 test('a page that cannot load the current list says why instead of showing an empty domain', async () => {
-  const stranger = await browser.newPage({ viewport: { width: 1000, height: 700 } });
-  try {
-    await stranger.goto(`http://${relayAdmin}/?domain=customer.test#token=not-the-token-0123456789`);
-    await stranger.waitForFunction(() => window.mxrelayWidget?.ready === true);
+  await onPage({ height: 700, token: 'not-the-token-0123456789' }, async (stranger) => {
     const status = await stranger.locator('#save-status').textContent();
     assert.match(status, /current servers of customer\.test could not be loaded \(missing or wrong bearer token\)/);
     assert.equal(await stranger.locator('#save-status').getAttribute('class'), 'bad');
-  } finally {
-    await stranger.close();
-  }
+  });
 });
