@@ -393,6 +393,11 @@ fn lock_queue(dir: &Path) -> Result<std::fs::File, OpenError> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse(dir.to_path_buf())),
+        // A filesystem without locks (some FUSE ones) should not keep the relay from starting.
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!(queue = %dir.display(), error = %e, "the queue's filesystem has no file locks: nothing stops a second relay from using this queue too");
+            Ok(file)
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(OpenError::Directory(e)),
     }
 }
