@@ -280,10 +280,7 @@ async fn list_queue(_: Authorized, State(state): State<AdminState>, RawQuery(que
 async fn queued(state: &AdminState, id: &str) -> Result<(crate::queue::Envelope, Vec<u8>), Response> {
     let parsed =
         parse_id(id).ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("{id:?} is not a queue ID (16 hex digits)")))?;
-    let envelope = snapshot(state, Scope::Id(parsed))
-        .await?
-        .pop()
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("{id} is not in the queue")))?;
+    let envelope = snapshot(state, Scope::Id(parsed)).await?.pop().ok_or_else(|| not_queued(id))?;
     let data = (state.queue.load_data(parsed).await)
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {id}: {e}")))?;
     Ok((envelope, data))
@@ -345,19 +342,21 @@ async fn retry_queue(_: Authorized, State(state): State<AdminState>, body: Bytes
         Ok(scope) => scope,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    let one = match &scope {
-        Scope::Id(id) => Some(*id),
-        Scope::Domain(_) | Scope::All => None,
-    };
+    let one = scope.id();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let _ = state.events.send(crate::scheduler::Event::RetryNow(scope, tx));
     match rx.await {
         Ok(retried) if one.is_some() && retried.retrying + retried.held == 0 => {
-            error(StatusCode::NOT_FOUND, format!("{} is not in the queue", one.map(crate::queue::format_id).unwrap_or_default()))
+            not_queued(one.map(crate::queue::format_id).unwrap_or_default())
         }
         Ok(retried) => (StatusCode::ACCEPTED, Json(retried)).into_response(),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running"),
     }
+}
+
+/// The answer about a queue ID that is not queued.
+fn not_queued(id: impl std::fmt::Display) -> Response {
+    error(StatusCode::NOT_FOUND, format!("{id} is not in the queue"))
 }
 
 /// `POST /api/queue/hold` and `/api/queue/release`: answers how many messages changed.
@@ -366,10 +365,7 @@ async fn hold_or_release(state: &AdminState, body: &[u8], hold: bool) -> Respons
         Ok(scope) => scope,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    let one = match &scope {
-        Scope::Id(id) => Some(*id),
-        Scope::Domain(_) | Scope::All => None,
-    };
+    let one = scope.id();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let _ = state.events.send(crate::scheduler::Event::Hold(scope, hold, tx));
     let answer = rx.await;
@@ -377,7 +373,7 @@ async fn hold_or_release(state: &AdminState, body: &[u8], hold: bool) -> Respons
     if let (Some(id), Ok(Ok(0))) = (one, &answer) {
         match snapshot(state, Scope::Id(id)).await {
             Ok(found) if found.is_empty() => {
-                return error(StatusCode::NOT_FOUND, format!("{} is not in the queue", crate::queue::format_id(id)));
+                return not_queued(crate::queue::format_id(id));
             }
             Ok(_) => {}
             Err(response) => return response,
@@ -409,7 +405,7 @@ async fn remove_queued(_: Authorized, State(state): State<AdminState>, UrlPath(i
     let _ = state.events.send(crate::scheduler::Event::Remove(parsed, tx));
     match rx.await {
         Ok(true) => Json(serde_json::json!({"removed": id})).into_response(),
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("{id} is not in the queue")),
+        Ok(false) => not_queued(&id),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not running"),
     }
 }

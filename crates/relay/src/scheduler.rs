@@ -76,6 +76,14 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// The one envelope's ID, for a scope of one.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Scope::Id(id) => Some(*id),
+            Scope::Domain(_) | Scope::All => None,
+        }
+    }
+
     /// Whether `env` is in the scope.
     fn covers(&self, env: &Envelope) -> bool {
         match self {
