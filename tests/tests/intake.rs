@@ -84,6 +84,11 @@ async fn addresses_go_on_as_they_came() {
     assert!(wait_until(PATIENCE, || sink.count() == 2), "the second message was not delivered");
     let dump = sink.dumps().into_iter().find(|d| d.contains("X-Seq: 2")).expect("the second message's dump");
     assert!(dump.contains("\tfor <\"john doe\"@customer.test>;"), "{dump}");
+    // The client's address in the trace field is an address literal (RFC 5321 §4.4), where
+    // trace parsers such as SpamAssassin's look for it.
+    let lines: Vec<&str> = dump.lines().collect();
+    let by_relay = lines.iter().position(|l| l.contains("(mxrelay) with ESMTP")).expect("the relay's Received field");
+    assert!(lines[by_relay - 1].starts_with("Received: from ") && lines[by_relay - 1].ends_with(" ([127.0.0.1])"), "{dump}");
     // A control character cannot be written even quoted (RFC 5321 qtextSMTP), nor a quoted
     // domain: refused, not queued to fail later.
     let replies = mxrelay_e2e::transaction(&relay.addr, &["MAIL FROM:<\"a\tb\"@src.test>"], 3).await;

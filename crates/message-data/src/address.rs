@@ -120,6 +120,16 @@ pub fn unwritable(mailbox: &str) -> Option<&'static str> {
     }
 }
 
+/// `ip` as an address literal (RFC 5321 §4.1.3): `[192.0.2.1]`, `[IPv6:2001:db8::1]`; an
+/// IPv4 address seen through an IPv6 socket (`::ffff:192.0.2.1`) as the IPv4 one. This is
+/// the TCP-info of a `Received:` field's `from` clause, where trace parsers look for it.
+pub fn address_literal(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+        std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+    }
+}
+
 /// `mailbox` as it is written between `<` and `>`: the local part quoted, with `"` and `\`
 /// escaped, unless it is a Dot-string. The null path stays empty.
 pub fn smtp_path(mailbox: &str) -> Cow<'_, str> {
@@ -145,6 +155,18 @@ pub fn smtp_path(mailbox: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ip_is_written_as_an_address_literal() {
+        let literal = |text: &str| address_literal(text.parse().expect("ip"));
+        assert_eq!(literal("192.0.2.1"), "[192.0.2.1]");
+        assert_eq!(literal("2001:db8::1"), "[IPv6:2001:db8::1]");
+        assert_eq!(literal("::ffff:127.0.0.1"), "[127.0.0.1]");
+        for ip in ["192.0.2.1", "2001:db8::1"] {
+            let written = literal(ip);
+            assert!(is_address_literal(&written), "{written} reads back as an address literal");
+        }
+    }
 
     #[test]
     fn dot_strings_stay_bare() {

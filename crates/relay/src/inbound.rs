@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, RelayConfig};
-use crate::data::address::{parse_command, smtp_path, unwritable};
+use crate::data::address::{address_literal, parse_command, smtp_path, unwritable};
 use crate::data::{DataEnd, header_summary, read_data, rfc5322_date};
 use crate::data_memory::DataMemory;
 use crate::dsn::{DsnRequest, RcptDsn};
@@ -666,7 +666,7 @@ async fn receive_message<R: tokio::io::AsyncBufRead + Unpin>(
     };
     let header = format!(
         "Received: from {helo} ({ip})\r\n\tby {host} (mxrelay) with {with}{tls_clause} id {id}{for_clause};\r\n\t{date}\r\n",
-        ip = peer.ip(),
+        ip = address_literal(peer.ip()),
         host = settings.hostname,
         id = format_id(first_id),
         date = rfc5322_date(received_ms / 1000),
