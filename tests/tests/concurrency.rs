@@ -112,3 +112,28 @@ async fn deliveries_waiting_for_a_slot_skip_a_server_found_dead() {
     let attempts = relay.logged(&["outcome=\"unreachable\"", &dead]).await;
     assert_eq!(attempts, 1, "connection attempts to the dead primary: {}", relay.log_text());
 }
+
+/// A backlog for one domain's slow server does not hold up other domains' mail: ready mail is
+/// taken in turn by domain. Ten messages for a server that takes one at a time, each for
+/// 150 ms, then one for another domain: in arrival order it would wait for all ten, since the
+/// backlog's deliveries also hold the workers while they wait for the server's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_for_one_domain_does_not_hold_up_another() {
+    let listener = TcpListener::bind("127.0.1.113:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (slow_received, _) = counting_server(listener).await;
+    let other = Sink::start("127.0.1.114", &[]);
+    let (oh, op) = other.host_port();
+    let domains = format!(
+        "{}{}",
+        domain_with("slow.test", "", &[("127.0.1.113", port, 10)]),
+        domain_with("other.test", "", &[(oh, op, 10)])
+    );
+    let relay = Relay::start(&domains, "concurrency_per_server = 1\nworkers = 2");
+    assert_eq!(send(&relay.addr, "user@slow.test", 0..10, 1).await.len(), 10);
+    assert_eq!(send(&relay.addr, "user@other.test", 100..101, 1).await.len(), 1);
+    relay.eventually("the other domain's message delivered", || other.count() == 1).await;
+    let ahead = slow_received.load(Ordering::SeqCst);
+    assert!(ahead <= 4, "the other domain's message waited for {ahead} of the backlog's 10");
+    relay.eventually("the backlog delivered too", || slow_received.load(Ordering::SeqCst) == 10).await;
+}

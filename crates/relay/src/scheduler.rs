@@ -2,7 +2,7 @@
 //!
 //! One task owns the schedule. Accepted mail is ready at once; a deferred envelope waits for
 //! its retry delay, unless one of its domain's servers comes back up, which makes every
-//! waiting envelope of that domain ready at once.
+//! waiting envelope of that domain ready at once. Ready mail is taken in turn by domain.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -115,6 +115,47 @@ impl RetryPolicy {
     }
 }
 
+/// Envelopes due now, taken in turn by domain. In one queue in arrival order, a domain with a
+/// large backlog (its server back after hours, or everything after a restart) would hold up
+/// the mail of every other domain until the backlog was through, since its deliveries also
+/// wait for the server's connection slots while they hold workers. Postfix's queue manager
+/// takes destinations in turn for the same reason. Within a domain the order is arrival.
+#[derive(Debug, Default)]
+struct Ready {
+    by_domain: HashMap<String, VecDeque<u64>>,
+    /// The domains with envelopes due, in turn order; each appears once.
+    turns: VecDeque<String>,
+}
+
+impl Ready {
+    fn push(&mut self, domain: &str, id: u64) {
+        match self.by_domain.get_mut(domain) {
+            Some(due) => due.push_back(id),
+            None => {
+                self.by_domain.insert(domain.to_string(), VecDeque::from([id]));
+                self.turns.push_back(domain.to_string());
+            }
+        }
+    }
+
+    /// The envelope whose turn it is, left in place.
+    fn next(&self) -> Option<u64> {
+        self.by_domain.get(self.turns.front()?)?.front().copied()
+    }
+
+    /// Takes the envelope [`Ready::next`] names, and gives the turn to the next domain.
+    fn take(&mut self) {
+        let Some(domain) = self.turns.pop_front() else { return };
+        let Some(due) = self.by_domain.get_mut(&domain) else { return };
+        due.pop_front();
+        if due.is_empty() {
+            self.by_domain.remove(&domain);
+        } else {
+            self.turns.push_back(domain);
+        }
+    }
+}
+
 /// How much accepted data the scheduler keeps in memory for first deliveries (32 MiB). Past
 /// it, as when intake outruns a slow server, a delivery reads its data back from the queue:
 /// memory stays bounded however much mail waits.
@@ -183,7 +224,7 @@ pub struct Scheduler {
     fresh: FreshData,
     in_flight: HashSet<u64>,
     timers: BinaryHeap<Reverse<(u64, u64)>>,
-    ready: VecDeque<u64>,
+    ready: Ready,
     workers: Arc<Semaphore>,
     deliverer: Arc<Deliverer>,
     queue: Queue,
@@ -214,7 +255,7 @@ impl Scheduler {
             fresh: FreshData::new(FRESH_DATA_BUDGET),
             in_flight: HashSet::new(),
             timers: BinaryHeap::new(),
-            ready: VecDeque::new(),
+            ready: Ready::default(),
             workers: Arc::new(Semaphore::new(workers as usize)),
             deliverer,
             queue,
@@ -229,7 +270,7 @@ impl Scheduler {
 
     fn accept(&mut self, envelopes: Vec<Envelope>) {
         for env in envelopes {
-            self.ready.push_back(env.id);
+            self.ready.push(&env.domain, env.id);
             self.entries.insert(env.id, env);
         }
     }
@@ -259,15 +300,15 @@ impl Scheduler {
         if self.draining.is_some() {
             return;
         }
-        while let Some(&id) = self.ready.front() {
+        while let Some(id) = self.ready.next() {
             if self.in_flight.contains(&id) || self.entries.get(&id).is_none_or(|e| e.held) {
-                self.ready.pop_front();
+                self.ready.take();
                 continue;
             }
             let Ok(permit) = self.workers.clone().try_acquire_owned() else {
                 return;
             };
-            self.ready.pop_front();
+            self.ready.take();
             let Some(env) = self.entries.get(&id).cloned() else {
                 continue;
             };
@@ -302,8 +343,10 @@ impl Scheduler {
                 break;
             }
             self.timers.pop();
-            if self.entries.get(&id).is_some_and(|e| e.next_attempt_ms <= now) {
-                self.ready.push_back(id);
+            if let Some(e) = self.entries.get(&id)
+                && e.next_attempt_ms <= now
+            {
+                self.ready.push(&e.domain, id);
             }
         }
     }
@@ -425,7 +468,7 @@ impl Scheduler {
                 && !e.held
             {
                 e.next_attempt_ms = now;
-                self.ready.push_back(id);
+                self.ready.push(&e.domain, id);
                 retried += 1;
             }
         }
@@ -513,7 +556,7 @@ impl Scheduler {
             self.queue.update(env.clone());
             self.timers.push(Reverse((env.next_attempt_ms, env.id)));
             if recovered {
-                self.ready.push_back(env.id);
+                self.ready.push(&env.domain, env.id);
             }
             self.entries.insert(env.id, env);
         }
@@ -614,6 +657,38 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backlog of one domain does not hold up another's mail: domains take turns, and each
+    /// domain's mail goes in arrival order.
+    #[test]
+    fn ready_mail_is_taken_in_turn_by_domain() {
+        let mut ready = Ready::default();
+        for id in 1..=5 {
+            ready.push("backlog.test", id);
+        }
+        ready.push("fresh.test", 100);
+        ready.push("other.test", 200);
+        ready.push("fresh.test", 101);
+        let mut order = Vec::new();
+        while let Some(id) = ready.next() {
+            ready.take();
+            order.push(id);
+        }
+        assert_eq!(order, [1, 100, 200, 2, 101, 3, 4, 5]);
+        assert!(ready.by_domain.is_empty() && ready.turns.is_empty(), "nothing left behind");
+        // A domain whose mail arrives while another's is being taken gets the next turn but one.
+        for id in 6..=8 {
+            ready.push("backlog.test", id);
+        }
+        ready.take();
+        ready.push("fresh.test", 102);
+        let mut order = Vec::new();
+        while let Some(id) = ready.next() {
+            ready.take();
+            order.push(id);
+        }
+        assert_eq!(order, [7, 102, 8]);
+    }
 
     #[test]
     fn fresh_data_stays_within_its_budget_and_counts_what_it_hands_over() {
