@@ -380,9 +380,9 @@ fn index_length_in_header(header: &[u8; INDEX_HEADER_BYTES]) -> Option<(u64, u64
 }
 
 /// Takes the queue's lock, an `flock` on `DIR/lock`. The index and the journal writer hold it
-/// until the last of them ends. Without it, a second relay started on the same directory
-/// would replay, extend and append to files the first is writing; redb's own lock comes too
-/// late for that.
+/// until the last of them ends. redb's own lock is taken only when the index opens, after
+/// the repair of the index file's length (`restore_index_length`), which may extend the file
+/// the first relay is writing; this lock keeps a second relay from touching anything.
 fn lock_queue(dir: &Path) -> Result<std::fs::File, OpenError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
