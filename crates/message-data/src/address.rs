@@ -77,16 +77,35 @@ pub fn parse_command<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<Req
 }
 
 /// Where a `MAIL`/`RCPT` line's path ends in `@[literal]>`: the index of the `@` and of the
-/// `>`, when the literal is one [`is_address_literal`] takes.
+/// `>`, when the literal is one [`is_address_literal`] takes. The path ends at its first `>`
+/// outside a quoted string, and its domain starts after its last `@` outside one: a quoted
+/// local part may hold `@[192.0.2.1]>` and stays as it is.
 fn literal_span(line: &[u8]) -> Option<(usize, usize)> {
-    let verb = line.get(..4)?;
+    // smtp-proto reads a command after leading blanks too.
+    let start = line.iter().position(|b| !b.is_ascii_whitespace())?;
+    let verb = line.get(start..start + 4)?;
     if !verb.eq_ignore_ascii_case(b"MAIL") && !verb.eq_ignore_ascii_case(b"RCPT") {
         return None;
     }
-    // The path ends at the first `]>`; its domain starts at the last `@[` before that (a
-    // quoted local part may hold `@[` too).
-    let end = line.windows(2).position(|w| w == b"]>")? + 1;
-    let at = line[..end].windows(2).rposition(|w| w == b"@[")?;
+    let open = start + line[start..].iter().position(|&b| b == b'<')?;
+    let (mut quoted, mut escaped, mut at, mut close) = (false, false, None, None);
+    for (i, &b) in line.iter().enumerate().skip(open + 1) {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match b {
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'@' if !quoted => at = Some(i),
+            b'>' if !quoted => {
+                close = Some(i);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let (at, end) = (at?, close?);
     std::str::from_utf8(&line[at + 1..end]).ok().filter(|l| is_address_literal(l))?;
     Some((at, end))
 }
@@ -217,6 +236,10 @@ mod tests {
             ("mail from:<\"a b\"@[IPv6:2001:db8::1]>\r\n", "a b@[IPv6:2001:db8::1]"),
             ("RCPT TO:<user@[127.0.0.1]> NOTIFY=NEVER\r\n", "user@[127.0.0.1]"),
             ("MAIL FROM:<\"a@[b\"@[192.0.2.1]>\r\n", "a@[b@[192.0.2.1]"),
+            // A quoted local part that holds a whole literal path is the local part.
+            ("MAIL FROM:<\"a@[192.0.2.9]> x\"@[192.0.2.1]>\r\n", "a@[192.0.2.9]> x@[192.0.2.1]"),
+            ("MAIL FROM:<\"a\\\"@[192.0.2.9]>\"@[192.0.2.1]>\r\n", "a\"@[192.0.2.9]>@[192.0.2.1]"),
+            (" RCPT TO:<user@[192.0.2.1]>\r\n", "user@[192.0.2.1]"),
         ] {
             let (written, size) = match parse_command(line.as_bytes(), &mut scratch) {
                 Ok(Request::Mail { from }) => (from.address.to_string(), from.size),
@@ -250,6 +273,18 @@ mod tests {
         assert!(
             matches!(parse_command(utf8.as_bytes(), &mut scratch), Ok(Request::Rcpt { to }) if to.address == "jörg@customer.test")
         );
+    }
+
+    /// Found by the `smtp_command` fuzz target: a quoted local part holding `@[192.0.2.1]>`,
+    /// at a domain name, was read with the stand-in in the local part, another mailbox.
+    #[test]
+    fn a_literal_inside_a_quoted_local_part_is_left_as_it_is() {
+        let mut scratch = Vec::new();
+        for address in ["a@[192.0.2.1]>@customer.test", "sMAIL FROM:<u@[192.0.2.1]> SIZE=10\"  @cugst"] {
+            let line = format!("RCPT TO:<{}>\r\n", smtp_path(address));
+            let read = parse_command(line.as_bytes(), &mut scratch);
+            assert!(matches!(&read, Ok(Request::Rcpt { to }) if to.address == address), "{line:?}: {read:?}");
+        }
     }
 
     #[test]
