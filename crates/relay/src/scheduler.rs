@@ -122,9 +122,10 @@ impl RetryPolicy {
 /// takes destinations in turn for the same reason. Within a domain the order is arrival.
 #[derive(Debug, Default)]
 struct Ready {
-    by_domain: HashMap<String, VecDeque<u64>>,
-    /// The domains with envelopes due, in turn order; each appears once.
-    turns: VecDeque<String>,
+    by_domain: HashMap<Arc<str>, VecDeque<u64>>,
+    /// The domains with envelopes due, in turn order; each appears once. The names are
+    /// shared with `by_domain`: one allocation when a domain comes due.
+    turns: VecDeque<Arc<str>>,
 }
 
 impl Ready {
@@ -132,8 +133,9 @@ impl Ready {
         match self.by_domain.get_mut(domain) {
             Some(due) => due.push_back(id),
             None => {
-                self.by_domain.insert(domain.to_string(), VecDeque::from([id]));
-                self.turns.push_back(domain.to_string());
+                let name: Arc<str> = domain.into();
+                self.by_domain.insert(name.clone(), VecDeque::from([id]));
+                self.turns.push_back(name);
             }
         }
     }
@@ -381,9 +383,10 @@ impl Scheduler {
             }
             Event::RetryNow(scope, reply) => {
                 let ids: Vec<u64> = self.entries.values().filter(|e| scope.covers(e)).map(|e| e.id).collect();
-                let held = ids.iter().filter(|id| self.entries.get(id).is_some_and(|e| e.held)).count();
+                // Every ID in scope is queued: those not retried are held.
+                let in_scope = ids.len();
                 let retrying = self.operator_retry(ids);
-                let _ = reply.send(Retried { retrying, held });
+                let _ = reply.send(Retried { retrying, held: in_scope - retrying });
             }
             Event::Drain(done) => {
                 self.draining.get_or_insert_with(Vec::new).push(done);
